@@ -1,0 +1,50 @@
+# clipdecomp -- `make test` sets up .venv, builds the C core and runs every test.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+CC      ?= gcc
+CSRC    := $(filter-out csrc/module.c,$(wildcard csrc/*.c))
+CFLAGS_CORE := -O2 -g -std=c11 -fopenmp -Wall -Wextra -Icsrc
+
+.PHONY: venv build test test-c test-py demo bench clean
+
+$(VENV)/.stamp: pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	$(VPY) -m pip install -q "torch==2.13.0"
+	$(VPY) -m pip install -q numpy pillow tokenizers tqdm pandas matplotlib huggingface_hub \
+	    pytest transformers safetensors scikit-learn h5py nbformat nbclient ipykernel
+	touch $@
+
+venv: $(VENV)/.stamp
+
+build: venv
+	$(VPY) setup.py -q build_ext --inplace
+
+# C-only test program: the core without Python, plain and under ASan + UBSan.
+build/test_core: $(CSRC) csrc/tests/test_core.c
+	mkdir -p build
+	$(CC) $(CFLAGS_CORE) -o $@ $(CSRC) csrc/tests/test_core.c -lm
+build/test_core_san: $(CSRC) csrc/tests/test_core.c
+	mkdir -p build
+	$(CC) $(CFLAGS_CORE) -O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined \
+	    -o $@ $(CSRC) csrc/tests/test_core.c -lm
+
+test-c: build/test_core build/test_core_san venv
+	$(VPY) csrc/tests/make_fixture.py build/fixture
+	./build/test_core build/fixture
+	ASAN_OPTIONS=detect_leaks=1 ./build/test_core_san build/fixture
+
+test-py: build
+	$(VPY) -m pytest -q tests
+
+test: test-c test-py
+
+demo: build
+	$(VPY) -m clipdecomp demo
+
+bench: build
+	$(VPY) benchmarks/run.py
+
+clean:
+	rm -rf build clipdecomp/*.so

@@ -1,0 +1,127 @@
+/* clipdecomp.h -- the public C API of the clipdecomp core.
+ *
+ * A CLIP ViT image tower (and text tower) forward pass that also returns the exact
+ * decomposition of the image embedding into heads, tokens and MLPs ("Interpreting CLIP's
+ * Image Representation via Text-Based Decomposition", Gandelsman et al., ICLR 2024).
+ * Pure C99 + OpenMP: no Python needed. Every function returns a cd_status and, on failure,
+ * fills cd_error.msg with a sentence naming the file / tensor / shape at fault. Nothing here
+ * calls exit() or abort().
+ *
+ * Shapes (used in every comment of the core):
+ *   B = images in a batch        S = image side in pixels (e.g. 224)
+ *   P = patch side (e.g. 16)     G = S / P patches per side, N = 1 + G*G tokens
+ *   W = width (e.g. 768)         L = layers, H = heads, d = W / H (head width)
+ *   F = MLP hidden width         D = embedding dim (e.g. 512)
+ *   T = texts (or probe directions), C = context length (e.g. 77), V = vocabulary size
+ */
+#ifndef CLIPDECOMP_H
+#define CLIPDECOMP_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    CD_OK = 0,
+    CD_ERR_IO = 1,          /* file cannot be opened / read / mapped */
+    CD_ERR_FORMAT = 2,      /* not a valid safetensors file, bad header, offsets outside file */
+    CD_ERR_MISSING = 3,     /* a required tensor is absent */
+    CD_ERR_SHAPE = 4,       /* a tensor or input has the wrong shape / dtype */
+    CD_ERR_VALUE = 5,       /* bad argument value (NaN input, bad config, ...) */
+    CD_ERR_NOMEM = 6,       /* allocation failed or a size overflowed */
+    CD_ERR_INTERRUPTED = 7  /* the cancel callback asked to stop */
+} cd_status;
+
+typedef struct { char msg[1024]; } cd_error;
+
+typedef enum { CD_ACT_GELU = 0, CD_ACT_QUICK_GELU = 1 } cd_act;          /* GELU = exact erf form */
+typedef enum { CD_LAYOUT_AUTO = 0, CD_LAYOUT_OPEN_CLIP = 1, CD_LAYOUT_HF = 2 } cd_layout;
+
+typedef struct {
+    /* vision tower */
+    int image_size;      /* S, e.g. 224 */
+    int patch_size;      /* P, e.g. 16 */
+    int width;           /* W, e.g. 768 */
+    int layers;          /* L, e.g. 12 */
+    int heads;           /* H, e.g. 12 */
+    int mlp_dim;         /* F, e.g. 3072 */
+    int embed_dim;       /* D, e.g. 512 */
+    int act;             /* cd_act of the vision tower */
+    float ln_eps;        /* e.g. 1e-5 */
+    /* text tower: text_layers == 0 means "no text tower" (encode_text then fails cleanly) */
+    int context_length;  /* C, e.g. 77 */
+    int vocab_size;      /* V, e.g. 49408 */
+    int text_width;      /* e.g. 512 */
+    int text_layers;     /* e.g. 12 */
+    int text_heads;      /* e.g. 8 */
+    int text_mlp_dim;    /* e.g. 2048 */
+    int text_act;        /* cd_act of the text tower */
+} cd_config;
+
+typedef struct cd_model cd_model;
+
+/* Load a .safetensors checkpoint (open_clip or HF transformers key layout; F32/F16/BF16).
+ * The file is memory-mapped; every tensor is checked against cfg before use. */
+cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg,
+                        cd_layout layout, cd_error *err);
+void cd_model_free(cd_model *m);
+const cd_config *cd_model_config(const cd_model *m);
+cd_layout cd_model_layout(const cd_model *m);            /* the layout actually found */
+
+/* Called (from the calling thread only, never inside a parallel region) between layers;
+ * a non-zero return stops the computation with CD_ERR_INTERRUPTED. */
+typedef int (*cd_cancel_fn)(void *ctx);
+
+typedef struct {
+    int heads;        /* fill heads      (B, L, H, D) */
+    int mlps;         /* fill mlps       (B, L+1, D)  row 0 = the ln_pre term */
+    int cls_to_cls;   /* fill cls_to_cls (B, L, D) */
+    int tokens;       /* fill tokens     (B, L, N, H, D) */
+    const float *probe; int n_probe; /* optional (T, D) directions: fill probe_out (B, L, N, H, T) */
+    int attn;         /* fill attn_cls (B, L, H, N) and attn_mean (B, L, N, N) */
+    int threads;      /* <= 0: OpenMP default */
+    cd_cancel_fn cancel; void *cancel_ctx;   /* may be NULL */
+} cd_vision_opts;
+
+/* Everything one cd_encode_image call produced. One allocation (`block`) holds all arrays;
+ * arrays not requested are NULL. All decomposition terms follow the reference convention of
+ * the paper's code and are divided by ||embedding||, so for every image b:
+ *   heads[b].sum(L, H) + mlps[b].sum(L+1) == embedding[b] / ||embedding[b]||            */
+typedef struct {
+    int B, L, H, N, D, T, W;
+    float *embedding;   /* (B, D)  ln_post(x_L[0]) @ proj, NOT normalised */
+    float *ln_stats;    /* (B, 3)  mu, sigma = sqrt(var + eps) of x_L[0], ||embedding|| */
+    float *heads;       /* (B, L, H, D) */
+    float *mlps;        /* (B, L+1, D) */
+    float *cls_to_cls;  /* (B, L, D) */
+    float *tokens;      /* (B, L, N, H, D) */
+    float *probe_out;   /* (B, L, N, H, T) == tokens @ probe^T */
+    float *attn_cls;    /* (B, L, H, N) softmax attention of the class token */
+    float *attn_mean;   /* (B, L, N, N) attention averaged over heads */
+    void *block;        /* owner of all of the above */
+    size_t block_bytes;
+} cd_vision_result;
+
+/* images: (B, 3, S, S) float32, already normalised. */
+cd_status cd_encode_image(const cd_model *m, const float *images, int B,
+                          const cd_vision_opts *opts, cd_vision_result **out, cd_error *err);
+void cd_vision_result_free(cd_vision_result *r);
+
+/* tokens: (T, C) int32 token ids; features at argmax(ids) (the end-of-text token).
+ * out: (T, D) float32, caller-allocated, NOT normalised. */
+cd_status cd_encode_text(const cd_model *m, const int32_t *tokens, int T, float *out,
+                         int threads, cd_cancel_fn cancel, void *cancel_ctx, cd_error *err);
+
+/* Instruction-set path in use: "avx512", "avx2" or "generic". Chosen at first use from the
+ * CPU, or forced with the environment variable CLIPDECOMP_ISA (avx512 | avx2 | generic). */
+const char *cd_isa_name(void);
+/* Force a path (for tests); returns 0 on success, -1 if the CPU lacks it or the name is unknown. */
+int cd_set_isa(const char *name);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CLIPDECOMP_H */
