@@ -70,6 +70,9 @@ cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg,
 void cd_model_free(cd_model *m);
 const cd_config *cd_model_config(const cd_model *m);
 cd_layout cd_model_layout(const cd_model *m);            /* the layout actually found */
+/* The checkpoint's `logit_scale` as stored (a log: exp() gives CLIP's temperature). Returns 1 and
+ * sets *log_scale when the file has one, else 0. */
+int cd_model_logit_scale(const cd_model *m, float *log_scale);
 
 /* Called (from the calling thread only, never inside a parallel region) between layers;
  * a non-zero return stops the computation with CD_ERR_INTERRUPTED. */

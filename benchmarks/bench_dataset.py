@@ -1,0 +1,158 @@
+"""Throughput and memory of ``run_dataset``: one process against two Dask workers, at two
+collection sizes (peak memory must not grow with the number of images).
+
+Each measurement runs in a fresh subprocess, which reports
+
+* images/s of the run itself (the store's run summary: model loading and cluster start-up
+  excluded, decoding, decomposing, writing and statistics included);
+* ``tracemalloc`` peak of the Python allocations of the process (NumPy arrays included);
+* ``ru_maxrss`` of the process and, for Dask, the largest of its worker processes.
+
+The model is a random-weight CLIP vision tower of ViT-S/16 geometry (width 384, 6 layers,
+6 heads, 224 pixels; made with transformers once, then run by clipdecomp's C core); the images
+are 320x240 JPEGs. Usage::
+
+    python benchmarks/bench_dataset.py [--sizes 48,144] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+GEOMETRY = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                num_attention_heads=6, image_size=224, patch_size=16, projection_dim=256)
+QUICK = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+             num_attention_heads=4, image_size=96, patch_size=16, projection_dim=64)
+
+
+def make_model(root: Path, geometry: dict) -> str:
+    """A random-weight transformers CLIP vision tower saved as safetensors; returns its dir."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_act="quick_gelu", **geometry)
+    model = CLIPVisionModelWithProjection(cfg).eval()
+    out = root / "model"
+    model.save_pretrained(out, safe_serialization=True)
+    return str(out)
+
+
+def make_images(root: Path, n: int, seed: int = 0) -> str:
+    """n JPEG images (320x240, smooth colours plus noise) in one folder."""
+    from PIL import Image
+
+    d = root / f"images_{n}"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:240, 0:320]
+    for i in range(n):
+        c = rng.uniform(size=(3, 3))
+        img = c[:, 0] * yy[..., None] / 240 + c[:, 1] * xx[..., None] / 320 + 0.2 * c[:, 2]
+        img = np.clip(img + rng.normal(scale=0.05, size=img.shape), 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(d / f"{i:05d}.jpg", quality=90)
+    return str(d)
+
+
+def child(job: dict) -> dict:
+    """Run in the measuring subprocess: one run_dataset, its rate and peak memory."""
+    from clipdecomp.dataset import ModelSpec, run_dataset
+
+    tracemalloc.start()
+    spec = ModelSpec(job["model"], {"threads": job["threads"]})
+    t0 = time.perf_counter()
+    store = run_dataset(spec, job["images"], job["out"], chunk_size=job["chunk_size"],
+                        batch_size=job["batch_size"], layers=None, progress=False,
+                        workers=job["workers"] or None)
+    wall = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    run = store.runs[-1]
+    kib = 1 if sys.platform != "darwin" else 1 / 1024
+    return {
+        "images_per_s": run["images_per_s"],
+        "seconds": run["seconds"],
+        "wall_s": round(wall, 2),
+        "tracemalloc_peak_MiB": peak / 2**20,
+        "maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1024,
+        "workers_maxrss_MiB": (resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib
+                               / 1024 if job["workers"] else None),
+    }
+
+
+def measure(job: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(job["threads"]))
+    p = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], env=env,
+                       capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def run(sizes=(48, 144), quick: bool = False, chunk_size: int = 16,
+        batch_size: int = 8) -> list[dict]:
+    """Rows: one per (mode, collection size) with images/s and peak memory."""
+    cpus = os.cpu_count() or 1
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = make_model(tmp, QUICK if quick else GEOMETRY)
+        for n in sizes:
+            images = make_images(tmp, n)
+            for mode, workers in (("1 process", 0), ("2 Dask workers", 2)):
+                threads = cpus if not workers else max(1, cpus // workers)
+                job = dict(model=model, images=images, out=str(tmp / f"{n}_{workers}.zarr"),
+                           chunk_size=chunk_size, batch_size=batch_size, workers=workers,
+                           threads=threads)
+                r = measure(job)
+                rows.append({"mode": mode, "images": n, "chunk_size": chunk_size,
+                             "batch_size": batch_size, "threads": threads, **r})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ["mode", "images", "images_per_s", "seconds", "tracemalloc_peak_MiB", "maxrss_MiB",
+            "workers_maxrss_MiB", "threads", "chunk_size", "batch_size"]
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="48,144")
+    ap.add_argument("--quick", action="store_true", help="a smaller model and images")
+    ap.add_argument("--chunk-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return 0
+    rows = run(tuple(int(s) for s in a.sizes.split(",")), a.quick, a.chunk_size, a.batch_size)
+    print(f"run_dataset on {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs; model {'quick' if a.quick else 'ViT-S/16 geometry'}\n")
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from clipdecomp.cli import main
+
+sys.exit(main())

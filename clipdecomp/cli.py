@@ -1,0 +1,64 @@
+"""The ``clipdecomp`` command line.
+
+    clipdecomp demo      [--out DIR] [--n-images N]        the main job, on the embedded model
+    clipdecomp run       SOURCE --model M --out STORE ...   a whole collection into a Zarr store
+    clipdecomp segeval   --data gtsegs_ijcv.mat --model M   the ImageNet-segmentation benchmark
+    clipdecomp info      [MODEL]                            what a checkpoint holds, the CPU path
+    clipdecomp pretrained                                   the known (model, pretrained) names
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(argv) -> int:
+    ap = argparse.ArgumentParser(prog="clipdecomp info", description="Describe a model.")
+    ap.add_argument("model", nargs="?", default=None, help="path or name (default: embedded)")
+    ap.add_argument("--pretrained", default=None)
+    ap.add_argument("--act", default=None, choices=["gelu", "quick_gelu"])
+    args = ap.parse_args(argv)
+    import clipdecomp
+    from clipdecomp import _core
+
+    model = clipdecomp.load(args.model, pretrained=args.pretrained, act=args.act)
+    print(model)
+    print(f"SIMD path: {_core.isa()}")
+    return 0
+
+
+def _pretrained(argv) -> int:
+    argparse.ArgumentParser(prog="clipdecomp pretrained").parse_args(argv)
+    import clipdecomp
+
+    for name, tag in clipdecomp.list_pretrained():
+        print(f"{name:24s} {tag}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "demo": ("clipdecomp.demo", "demo_main"),
+        "run": ("clipdecomp.dataset", "run_main"),
+        "segeval": ("clipdecomp.imagenet_seg", "segeval_main"),
+    }
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "info":
+        return _info(rest)
+    if cmd == "pretrained":
+        return _pretrained(rest)
+    if cmd not in commands:
+        print(f"clipdecomp: unknown command {cmd!r}\n\n{__doc__.strip()}", file=sys.stderr)
+        return 2
+    import importlib
+
+    module, func = commands[cmd]
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

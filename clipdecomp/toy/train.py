@@ -1,0 +1,439 @@
+"""Train the small CLIP shipped with clipdecomp on the shapes world (needs torch).
+
+The model follows the open_clip architecture (pre-norm ViT with class token, causal text
+transformer read at the end-of-text token) and is exported in open_clip's key layout as F16
+safetensors, so clipdecomp loads it like any other open_clip checkpoint.
+
+Run::
+
+    python -m clipdecomp.toy.train --out /tmp/toy_run --seed 0 --minutes 50
+
+Shapes: B images, N = 65 tokens, W width, D = 128 embedding dim, T texts, C = 20 context.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipdecomp.toy import world
+
+PAD, UNK, SOT, EOT = "[PAD]", "[UNK]", "<start_of_text>", "<end_of_text>"
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+MODEL_CFG = {
+    "embed_dim": 128,
+    "quick_gelu": False,
+    "vision_cfg": {"image_size": 64, "layers": 6, "width": 192, "patch_size": 8,
+                   "head_width": 32, "mlp_ratio": 4.0},
+    "text_cfg": {"context_length": 20, "vocab_size": None, "width": 128, "heads": 4,
+                 "layers": 4, "mlp_ratio": 4.0},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+def build_tokenizer():
+    """A word-level tokenizer over the shapes-world vocabulary.
+
+    Ids: 0 = pad, 1 = unknown, words, then start-of-text (V - 2) and end-of-text (V - 1), so
+    the end-of-text token is the largest id (CLIP reads the text feature at ``argmax(ids)``).
+
+    Returns
+    -------
+    tokenizers.Tokenizer
+
+    Examples
+    --------
+    >>> tok = build_tokenizer()
+    >>> ids = tok.encode("a red star").ids
+    >>> ids[-1] == tok.get_vocab_size() - 1
+    True
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    words = world.vocabulary()
+    vocab = {PAD: 0, UNK: 1}
+    for w in words:
+        vocab[w] = len(vocab)
+    vocab[SOT] = len(vocab)
+    vocab[EOT] = len(vocab)
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{SOT} $A {EOT}", special_tokens=[(SOT, vocab[SOT]), (EOT, vocab[EOT])]
+    )
+    return tok
+
+
+def tokenize(tok, texts: list[str], context_length: int = 20) -> np.ndarray:
+    """Encode texts with start/end tokens, truncate keeping end-of-text last, pad with 0.
+
+    Returns
+    -------
+    int64 [T, C]
+    """
+    eot = tok.get_vocab_size() - 1
+    out = np.zeros((len(texts), context_length), np.int64)
+    for i, enc in enumerate(tok.encode_batch(list(texts))):
+        ids = enc.ids
+        if len(ids) > context_length:
+            ids = ids[: context_length - 1] + [eot]
+        out[i, : len(ids)] = ids
+    return out
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, 64, 64, 3] -> float32 [B, 3, 64, 64], normalised with MEAN / STD."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ---------------------------------------------------------------------------------------------
+# Model (parameter names follow open_clip)
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        b, n, w = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, w))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.resblocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        for blk in self.resblocks:
+            x = blk(x, causal)
+        return x
+
+
+class Visual(nn.Module):
+    def __init__(self, image_size, patch_size, width, layers, head_width, mlp_ratio, embed_dim):
+        super().__init__()
+        grid = image_size // patch_size
+        scale = width**-0.5
+        self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, width // head_width, mlp_ratio)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, G*G, W]
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], 1) + self.positional_embedding
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class CLIP(nn.Module):
+    """open_clip-style CLIP: ``encode_image`` [B, 3, 64, 64] -> [B, D], ``encode_text``
+    int [T, C] -> [T, D] (both unnormalised)."""
+
+    def __init__(self, vocab_size: int, cfg: dict = MODEL_CFG):
+        super().__init__()
+        v, t, d = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
+        self.visual = Visual(v["image_size"], v["patch_size"], v["width"], v["layers"],
+                             v["head_width"], v["mlp_ratio"], d)
+        w = t["width"]
+        self.token_embedding = nn.Embedding(vocab_size, w)
+        self.positional_embedding = nn.Parameter(0.01 * torch.randn(t["context_length"], w))
+        self.transformer = Transformer(w, t["layers"], t["heads"], t["mlp_ratio"])
+        self.ln_final = nn.LayerNorm(w)
+        self.text_projection = nn.Parameter(w**-0.5 * torch.randn(w, d))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual(x)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+        x = self.ln_final(self.transformer(x, causal=True))
+        x = x[torch.arange(ids.shape[0]), ids.argmax(-1)]
+        return x @ self.text_projection
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+def export(model: CLIP, tokenizer, out_dir: str | os.PathLike, info: dict | None = None) -> Path:
+    """Write the model as an open_clip-layout F16 checkpoint folder.
+
+    Files: ``open_clip_model.safetensors``, ``open_clip_config.json``, ``tokenizer.json`` and
+    (if ``info`` is given) ``training_info.json``.
+
+    Parameters
+    ----------
+    model : CLIP
+    tokenizer : tokenizers.Tokenizer
+    out_dir : folder, created if needed
+    info : optional dict written as training_info.json
+
+    Returns
+    -------
+    Path of the folder
+
+    Examples
+    --------
+    >>> tok = build_tokenizer()
+    >>> export(CLIP(tok.get_vocab_size()), tok, "/tmp/toy_export")  # doctest: +SKIP
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, p in model.state_dict().items():
+        tensors[name] = p.detach().cpu().to(torch.float16).numpy().copy()
+    tmp = out / "open_clip_model.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out / "open_clip_model.safetensors")
+    cfg = json.loads(json.dumps(MODEL_CFG))
+    cfg["text_cfg"]["vocab_size"] = tokenizer.get_vocab_size()
+    config = {"model_cfg": cfg,
+              "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)}}
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save(str(out / "tokenizer.json"))
+    if info is not None:
+        (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def load_exported(model_dir: str | os.PathLike) -> tuple[CLIP, object]:
+    """Load an exported folder back into the torch model (F32), in eval mode.
+
+    Returns
+    -------
+    (CLIP, tokenizers.Tokenizer)
+
+    Examples
+    --------
+    >>> from clipdecomp import toy
+    >>> model, tok = load_exported(toy.MODEL_DIR)  # doctest: +SKIP
+    """
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    d = Path(model_dir)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    model = CLIP(tok.get_vocab_size())
+    w = load_file(str(d / "open_clip_model.safetensors"))
+    model.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in w.items()})
+    return model.eval(), tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot evaluation
+
+def eval_sets(seed: int = 12345, n: int = 512) -> dict:
+    """Held-out scenes for the zero-shot check: single objects, and 1-3 objects for counts."""
+    single = world.generate(n, seed=seed, n_objects=1)
+    multi = world.generate(n, seed=seed + 1, n_objects=(1, 3))
+    return {"single": single, "multi": multi}
+
+
+@torch.no_grad()
+def zero_shot(model: CLIP, tok, sets: dict, batch: int = 256) -> dict[str, float]:
+    """Zero-shot accuracy per attribute (prompt-ensembled class embeddings)."""
+    model.eval()
+    feats = {}
+    for k, b in sets.items():
+        fs = [model.encode_image(to_pixels(b.images[i : i + batch]))
+              for i in range(0, len(b), batch)]
+        feats[k] = F.normalize(torch.cat(fs), dim=-1)
+    acc = {}
+    for attr in world.ATTRIBUTES:
+        names, texts = world.prompts(attr)
+        flat = [t for ts in texts for t in ts]
+        e = F.normalize(model.encode_text(torch.from_numpy(tokenize(tok, flat))), dim=-1)
+        e = F.normalize(e.view(len(names), -1, e.shape[-1]).mean(1), dim=-1)
+        if attr == "count":
+            b, f = sets["multi"], feats["multi"]
+            truth = b.labels["n_objects"] - 1
+        elif attr == "background":
+            b, f = sets["single"], feats["single"]
+            truth = b.labels["background"]
+        else:
+            b, f = sets["single"], feats["single"]
+            truth = b.labels[attr][:, 0]
+        pred = (f @ e.T).argmax(-1).numpy()
+        acc[attr] = float((pred == truth).mean())
+    model.train()
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = None,
+          batch: int = 128, lr: float = 1e-3, log_every: int = 100, ckpt_minutes: float = 4.0,
+          threads: int = 1) -> CLIP:
+    """Contrastive training on freshly generated (image, caption) pairs.
+
+    With ``steps=None`` the number of steps is fixed after 10 timed steps so that the run fits
+    in ``minutes``; it is written to training_info.json, and passing it back as ``steps``
+    reproduces the run. The run also stops at the time limit; checkpoints are exported to
+    ``out`` every ``ckpt_minutes``.
+    """
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    log = open(outp / "train.log", "a")  # noqa: SIM115 (closed at the end; lines flushed)
+
+    def say(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    tok = build_tokenizer()
+    model = CLIP(tok.get_vocab_size())
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    sets = eval_sets()
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"seed={seed} batch={batch} lr={lr} params={n_params} vocab={tok.get_vocab_size()}")
+    t0 = time.time()
+    total = steps if steps is not None else 10**9
+    warm = 50 if steps is None else max(1, min(200, steps // 20))
+    step, last_ckpt, ema = 0, t0, None
+    losses = []
+
+    def info() -> dict:
+        return {"seed": seed, "steps": step, "batch": batch, "lr": lr,
+                "minutes": round((time.time() - t0) / 60, 2),
+                "final_loss": None if ema is None else round(ema, 4),
+                "zero_shot": zero_shot(model, tok, sets),
+                "command": f"python -m clipdecomp.toy.train --seed {seed} --steps {step} "
+                           f"--batch {batch} --lr {lr}"}
+
+    while step < total:
+        if steps is None and step == 10:
+            per = (time.time() - t0) / 10
+            total = max(100, int(minutes * 60 / (per * 1.08)))  # room for evals and exports
+            warm = max(50, min(300, total // 20))
+            say(f"{per:.2f} s/step -> total {total} steps, warmup {warm}")
+        if time.time() - t0 > minutes * 60:
+            say("time limit reached")
+            break
+        if step < warm:
+            cur = lr * (step + 1) / warm
+        else:
+            cur = 0.5 * lr * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        for g in opt.param_groups:
+            g["lr"] = cur
+        b = world.generate(batch, seed=seed * 1_000_003 + 7919 * step + 1)
+        x = to_pixels(b.images)
+        ids = torch.from_numpy(tokenize(tok, b.captions))
+        img = F.normalize(model.encode_image(x), dim=-1)
+        txt = F.normalize(model.encode_text(ids), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        target = torch.arange(batch)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        lv = loss.item()
+        losses.append(lv)
+        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+        step += 1
+        if step % log_every == 0:
+            acc = zero_shot(model, tok, sets)
+            accs = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+            say(f"step {step}/{total} lr={cur:.2e} loss={ema:.4f} "
+                f"scale={model.logit_scale.exp().item():.1f} {accs} "
+                f"({(time.time() - t0) / 60:.1f} min)")
+        if time.time() - last_ckpt > ckpt_minutes * 60:
+            export(model, tok, outp / "model", info())
+            torch.save(model.state_dict(), outp / "state.pt")
+            last_ckpt = time.time()
+            say(f"checkpoint at step {step}")
+    final = info()
+    export(model, tok, outp / "model", final)
+    torch.save(model.state_dict(), outp / "state.pt")
+    say(f"done: {json.dumps(final)}")
+    log.close()
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="output folder (log, checkpoints, model/)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=50.0, help="time budget")
+    ap.add_argument("--steps", type=int, default=None, help="fixed step count (reproduces a run)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval", metavar="MODEL_DIR", default=None,
+                    help="only print the zero-shot accuracy of an exported model folder")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.eval is not None:
+        model, tok = load_exported(a.eval)
+        print(json.dumps(zero_shot(model, tok, eval_sets(seed=2024, n=1024)), indent=2))
+        return
+    if a.out is None:
+        ap.error("--out is required for training")
+    train(a.out, a.seed, a.minutes, a.steps, a.batch, a.lr, a.log_every, threads=a.threads)
+
+
+if __name__ == "__main__":
+    main()

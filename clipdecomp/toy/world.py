@@ -1,0 +1,689 @@
+"""A procedurally generated "shapes world": 64x64 scenes of coloured shapes on textured grounds.
+
+Every image comes with a caption, the pixel mask of each object and all its attributes as labels,
+so that what a CLIP trained on it has learned can be checked against ground truth. NumPy and
+Pillow only; everything is drawn with vectorised masks over coordinate grids.
+
+Shapes: B images, K = 3 object slots, S = 64 image side.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+IMAGE_SIZE = 64
+MAX_OBJECTS = 3
+
+SHAPES: list[str] = ["circle", "square", "triangle", "star", "cross", "heart", "diamond", "hexagon"]
+COLORS: list[str] = [
+    "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink",
+]
+COLOR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (40, 180, 50),
+    "blue": (30, 60, 225),
+    "yellow": (245, 225, 30),
+    "purple": (140, 40, 185),
+    "orange": (250, 140, 20),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+    "pink": (250, 135, 195),
+}
+SIZES: list[str] = ["small", "large"]
+POSITIONS: list[str] = [
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+]
+BACKGROUNDS: list[str] = ["water", "grass", "sand", "sky", "brick", "wood"]
+COUNTS: list[str] = ["one", "two", "three"]
+
+ATTRIBUTES: dict[str, list[str]] = {
+    "shape": SHAPES,
+    "color": COLORS,
+    "size": SIZES,
+    "position": POSITIONS,
+    "background": BACKGROUNDS,
+    "count": COUNTS,
+}
+
+# Zero-shot prompt templates per attribute; "{}" is the class name.
+TEMPLATES: dict[str, list[str]] = {
+    "shape": ["a photo of a {}.", "a {}.", "a picture of a {} shape."],
+    "color": ["a photo of a {} object.", "something {}.", "a {} shape."],
+    "size": ["a photo of a {} object.", "a {} shape."],
+    "position": ["a photo of an object in the {}.", "a shape in the {}."],
+    "background": ["a photo of an object on {}.", "a shape on {}.", "something on {}."],
+    "count": ["a photo of {} objects.", "{} shapes."],
+}
+COUNT_PROMPT_NAMES = {"one": "one", "two": "two", "three": "three"}
+
+# Caption vocabulary: phrasing variants used by the caption generator.
+_SIZE_WORDS = {"small": ["small", "little", "tiny"], "large": ["large", "big"]}
+_POSITION_WORDS = {p: [p] for p in POSITIONS}
+_POSITION_WORDS["center"] = ["center", "middle"]
+_POSITION_PREP = ["in the", "at the"]
+_BACKGROUND_WORDS = {
+    "water": ["water", "the water", "the sea"],
+    "grass": ["grass", "the grass", "a lawn"],
+    "sand": ["sand", "the sand", "a beach"],
+    "sky": ["sky", "the sky", "a blue sky"],
+    "brick": ["brick", "a brick wall", "bricks"],
+    "wood": ["wood", "a wooden floor", "wooden planks"],
+}
+_BG_PREP = ["on", "over", "in front of", "against"]
+_BG_SUFFIX = ["with a {} background", "on a {} background"]
+_OPENERS_ONE = ["", "", "a photo of ", "an image of ", "a picture of ", "a drawing of "]
+_OPENERS_MANY = ["", "a photo of ", "an image of ", "a scene with "]
+_COUNT_HEADS = ["{} objects:", "{} shapes:", "a photo of {} objects:"]
+
+_WORD_RE = re.compile(r"\w+|[^\w\s]+")
+
+
+@dataclass
+class ShapesBatch:
+    """A batch of generated scenes.
+
+    Attributes
+    ----------
+    images : uint8 [B, 64, 64, 3]
+    captions : list of B str
+    masks : list of B bool arrays [n_obj, 64, 64]; full silhouette of each object, in drawing
+        order (later objects are drawn over earlier ones)
+    foreground : bool [B, 64, 64]; union of the masks
+    labels : dict of arrays. ``n_objects`` int [B], ``background`` int [B] (index into
+        BACKGROUNDS), ``shape`` / ``color`` / ``size`` / ``position`` int [B, 3] (index into the
+        attribute list, -1 for empty slots), ``center`` float [B, 3, 2] (y, x in pixels) and
+        ``radius`` float [B, 3] (NaN for empty slots), ``mentions_background`` /
+        ``mentions_count`` bool [B] and ``mentions_shape`` / ``mentions_color`` /
+        ``mentions_size`` / ``mentions_position`` bool [B, 3] (what the caption states), and
+        for :func:`spurious_split` also ``y`` (class), ``place`` (0 = first background) and
+        ``group`` (= 2 * y + place).
+    """
+
+    images: np.ndarray
+    captions: list[str]
+    masks: list[np.ndarray]
+    foreground: np.ndarray
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def object_masks(self) -> np.ndarray:
+        """Masks padded to ``MAX_OBJECTS`` slots: bool [B, 3, 64, 64].
+
+        Examples
+        --------
+        >>> generate(2, seed=0).object_masks().shape
+        (2, 3, 64, 64)
+        """
+        out = np.zeros((len(self), MAX_OBJECTS) + self.foreground.shape[1:], bool)
+        for i, m in enumerate(self.masks):
+            out[i, : len(m)] = m
+        return out
+
+
+def n_tokens(text: str) -> int:
+    """Number of word-level tokens of ``text`` (words and punctuation runs), without specials.
+
+    Examples
+    --------
+    >>> n_tokens("a red star, on grass.")
+    7
+    """
+    return len(_WORD_RE.findall(text.lower()))
+
+
+def vocabulary() -> list[str]:
+    """Every word the captions and the zero-shot prompts can contain, sorted.
+
+    Examples
+    --------
+    >>> "star" in vocabulary()
+    True
+    """
+    texts: list[str] = []
+    texts += SHAPES + COLORS + SIZES + POSITIONS + BACKGROUNDS + COUNTS
+    for ws in list(_SIZE_WORDS.values()) + list(_POSITION_WORDS.values()):
+        texts += ws
+    for ws in _BACKGROUND_WORDS.values():
+        texts += ws
+    texts += _POSITION_PREP + _BG_PREP + _BG_SUFFIX + _OPENERS_ONE + _OPENERS_MANY + _COUNT_HEADS
+    texts += [t for ts in TEMPLATES.values() for t in ts]
+    texts += ["and", ",", ".", ":", "a", "an", "the", "object", "objects", "shape", "shapes",
+              "something", "scene", "with", "one", "there", "is", "are", "of", "{}"]
+    words = set()
+    for t in texts:
+        words.update(w for w in _WORD_RE.findall(t.lower()) if w not in ("{", "}", "{}"))
+    return sorted(words)
+
+
+def prompts(attribute: str) -> tuple[list[str], list[list[str]]]:
+    """Zero-shot prompts for one attribute.
+
+    Parameters
+    ----------
+    attribute : one of ``ATTRIBUTES`` ("shape", "color", "size", "position", "background",
+        "count")
+
+    Returns
+    -------
+    classnames : list of C str
+    texts : C lists of prompts (one per template)
+
+    Examples
+    --------
+    >>> names, texts = prompts("shape")
+    >>> texts[0][0]
+    'a photo of a circle.'
+    """
+    names = ATTRIBUTES[attribute]
+    return list(names), [[t.format(c) for t in TEMPLATES[attribute]] for c in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backgrounds: each draws a batch [k, S, S, 3] float in 0..255 from an rng, fully vectorised.
+
+def _grid(s: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:s, 0:s].astype(np.float32)
+    return y, x
+
+
+def _axes(s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row coordinates [S, 1] and column coordinates [1, S] (broadcast to the grid)."""
+    a = np.arange(s, dtype=np.float32)
+    return a[:, None], a[None, :]
+
+
+def _bg_water(rng: np.random.Generator, k: int, s: int) -> np.ndarray:
+    y, x = _axes(s)
+    f = rng.uniform(0.35, 0.6, (k, 1, 1)).astype(np.float32)
+    g = rng.uniform(0.08, 0.2, (k, 1, 1)).astype(np.float32)
+    ph = rng.uniform(0, 2 * np.pi, (k, 2, 1, 1)).astype(np.float32)
+    wave = np.sin(y * f + 2.5 * np.sin(x * g + ph[:, 0]) + ph[:, 1])
+    base = np.array([35, 90, 175], np.float32) + rng.uniform(-15, 15, (k, 1, 1, 3))
+    img = base + (wave[..., None] * np.array([18, 25, 30], np.float32))
+    crest = (wave > 0.85)[..., None] * np.array([60, 60, 50], np.float32)
+    return img + crest
+
+
+def _bg_grass(rng: np.random.Generator, k: int, s: int) -> np.ndarray:
+    noise = rng.uniform(-1, 1, (k, s + 5, s)).astype(np.float32)
+    strokes = sum(noise[:, i : i + s] for i in range(6)) / 6.0  # vertical smear: blades
+    base = np.array([60, 140, 45], np.float32) + rng.uniform(-15, 15, (k, 1, 1, 3))
+    return base + strokes[..., None] * np.array([55, 80, 35], np.float32)
+
+
+def _bg_sand(rng: np.random.Generator, k: int, s: int) -> np.ndarray:
+    base = np.array([220, 198, 150], np.float32) + rng.uniform(-12, 12, (k, 1, 1, 3))
+    speck = rng.uniform(-14, 14, (k, s, s, 1)).astype(np.float32)
+    dots = (rng.random((k, s, s, 1)) < 0.04) * np.float32(-55)
+    return base + speck + dots
+
+
+def _bg_sky(rng: np.random.Generator, k: int, s: int) -> np.ndarray:
+    y, x = _grid(s)
+    t = (y / (s - 1))[None, ..., None]
+    top = np.array([95, 160, 230], np.float32)
+    bottom = np.array([180, 215, 245], np.float32)
+    img = top + (bottom - top) * t + rng.uniform(-10, 10, (k, 1, 1, 3))
+    n_cloud = 4
+    cy = rng.uniform(0, s, (k, n_cloud, 1, 1)).astype(np.float32)
+    cx = rng.uniform(0, s, (k, n_cloud, 1, 1)).astype(np.float32)
+    sy = rng.uniform(3, 6, (k, n_cloud, 1, 1)).astype(np.float32)
+    sx = sy * rng.uniform(1.5, 2.5, (k, n_cloud, 1, 1)).astype(np.float32)
+    on = rng.random((k, n_cloud, 1, 1)) < 0.7
+    cloud = (on * np.exp(-((y - cy) / sy) ** 2 - ((x - cx) / sx) ** 2)).sum(1)
+    cloud = np.minimum(cloud, 1.0)[..., None]
+    return img * (1 - cloud) + np.float32(248) * cloud
+
+
+def _bg_brick(rng: np.random.Generator, k: int, s: int) -> np.ndarray:
+    y, x = _grid(s)
+    oy = rng.integers(0, 8, (k, 1, 1))
+    ox = rng.integers(0, 16, (k, 1, 1))
+    yy = y[None].astype(np.int64) + oy
+    row = yy // 8
+    xx = x[None].astype(np.int64) + ox + (row % 2) * 8
+    mortar = ((yy % 8) == 0) | ((xx % 16) == 0)
+    brick_id = (row * 7 + xx // 16) % 16
+    shade = rng.uniform(-20, 20, (k, 16)).astype(np.float32)
+    tone = np.take_along_axis(shade, brick_id.reshape(k, -1), 1).reshape(k, s, s)
+    base = np.array([155, 62, 42], np.float32) + rng.uniform(-12, 12, (k, 1, 1, 3))
+    img = base + tone[..., None] + rng.uniform(-8, 8, (k, s, s, 1))
+    return np.where(mortar[..., None], np.float32(195) + np.zeros(3, np.float32), img)
+
+
+def _bg_wood(rng: np.random.Generator, k: int, s: int) -> np.ndarray:
+    y, x = _axes(s)
+    freq = rng.uniform(0.5, 0.9, (k, 1, 1)).astype(np.float32)
+    ph = rng.uniform(0, 2 * np.pi, (k, 2, 1, 1)).astype(np.float32)
+    warp = 3.0 * np.sin(y * 0.09 + ph[:, 0]) + 1.5 * np.sin(y * 0.23 + ph[:, 1])
+    grain = np.sin((x + warp) * freq) + 0.5 * np.sin((x + warp) * freq * 2.7)
+    base = np.array([150, 95, 50], np.float32) + rng.uniform(-15, 15, (k, 1, 1, 3))
+    return base + grain[..., None] * np.array([22, 15, 9], np.float32)
+
+
+_BG_DRAW = {
+    "water": _bg_water, "grass": _bg_grass, "sand": _bg_sand,
+    "sky": _bg_sky, "brick": _bg_brick, "wood": _bg_wood,
+}
+
+
+def draw_backgrounds(kinds: np.ndarray, rng: np.random.Generator, size: int = IMAGE_SIZE
+                     ) -> np.ndarray:
+    """Draw textured backgrounds.
+
+    Parameters
+    ----------
+    kinds : int [B], indices into ``BACKGROUNDS``
+    rng : numpy Generator
+    size : image side S
+
+    Returns
+    -------
+    uint8 [B, S, S, 3]
+
+    Examples
+    --------
+    >>> draw_backgrounds(np.array([0, 1]), np.random.default_rng(0)).shape
+    (2, 64, 64, 3)
+    """
+    out = np.empty((len(kinds), size, size, 3), np.uint8)
+    for b, name in enumerate(BACKGROUNDS):
+        idx = np.flatnonzero(kinds == b)
+        if len(idx):
+            img = _BG_DRAW[name](rng, len(idx), size)
+            out[idx] = np.clip(img, 0, 255).astype(np.uint8)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes: boolean masks over a coordinate grid.
+
+def shape_mask(shape: str, cy: float, cx: float, r: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Silhouette of one shape.
+
+    Parameters
+    ----------
+    shape : one of ``SHAPES``
+    cy, cx : centre in pixels
+    r : radius in pixels (half the extent)
+    size : image side S
+
+    Returns
+    -------
+    bool [S, S]
+
+    Examples
+    --------
+    >>> int(shape_mask("square", 32, 32, 10).sum()) > 0
+    True
+    """
+    out = np.zeros((size, size), bool)
+    # every shape lies within radius r of its centre: evaluate on that window only
+    y0, y1 = max(0, int(cy - r) - 2), min(size, int(cy + r) + 3)
+    x0, x1 = max(0, int(cx - r) - 2), min(size, int(cx + r) + 3)
+    if y0 < y1 and x0 < x1:
+        y = np.arange(y0, y1, dtype=np.float32)[:, None]
+        x = np.arange(x0, x1, dtype=np.float32)[None, :]
+        out[y0:y1, x0:x1] = _shape_window(shape, (y + 0.5 - cy) / r, (x + 0.5 - cx) / r)
+    elif shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return out
+
+
+def _shape_window(shape: str, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """Shape test on normalised offsets (broadcasting [h, 1] and [1, w]); shape r = 1."""
+    dy, dx = np.broadcast_arrays(dy, dx)
+    ax, ay = np.abs(dx), np.abs(dy)
+    if shape == "circle":
+        return dx * dx + dy * dy <= 1.0
+    if shape == "square":
+        return np.maximum(ax, ay) <= 0.85
+    if shape == "diamond":
+        return ax + ay <= 1.0
+    if shape == "triangle":  # apex up at dy = -1, base at dy = 0.8
+        return (dy <= 0.8) & (ax <= 1.0 * (dy + 1.0) / 1.8)
+    if shape == "hexagon":  # flat top, circumradius 1
+        h = np.sqrt(3.0) / 2
+        return (ay <= h) & (np.sqrt(3.0) * ax + ay <= np.sqrt(3.0))
+    if shape == "cross":
+        w = 0.34
+        return ((ax <= w) & (ay <= 1.0)) | ((ay <= w) & (ax <= 1.0))
+    if shape == "star":  # five points, one pointing up
+        rho = np.sqrt(dx * dx + dy * dy)
+        theta = np.arctan2(dx, -dy)  # 0 at the top
+        t = (theta * 5 / (2 * np.pi)) % 1.0
+        tri = np.abs(t - 0.5) * 2  # 1 at the points, 0 between them
+        return rho <= 0.42 + 0.58 * tri**1.5
+    if shape == "heart":
+        u = dx * 1.15
+        v = -(dy * 1.15) + 0.15
+        return (u * u + v * v - 1) ** 3 - u * u * v**3 <= 0
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+_RADIUS = {"small": (5.0, 6.5), "large": (8.5, 10.0)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions.
+
+def _choice(rng: np.random.Generator, xs: list[str]) -> str:
+    return xs[int(rng.integers(len(xs)))]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _object_phrase(rng, shape, color, size, pos, with_size, with_pos) -> str:
+    words = []
+    if with_size:
+        words.append(_choice(rng, _SIZE_WORDS[size]))
+    words += [color, shape]
+    text = " ".join(words)
+    text = f"{_article(text)} {text}"
+    if with_pos:
+        text += f" {_choice(rng, _POSITION_PREP)} {_choice(rng, _POSITION_WORDS[pos])}"
+    return text
+
+
+def _background_phrase(rng, bg: str) -> str:
+    if rng.random() < 0.25:
+        return _choice(rng, _BG_SUFFIX).format(bg)
+    return f"{_choice(rng, _BG_PREP)} {_choice(rng, _BACKGROUND_WORDS[bg])}"
+
+
+def _join(parts: list[str]) -> str:
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _partial_caption(rng, objs, bg) -> tuple[str, dict]:
+    """A short caption stating one attribute, in the zero-shot prompt phrasing."""
+    n = len(objs)
+    kind = _choice(rng, ["shape", "color", "position", "background", "count", "size"])
+    if kind in ("position", "size") and n > 1:
+        kind = "count"
+    _, _, size, pos = objs[0]
+    m = {"bg": False, "count": False, "size": [False] * n, "pos": [False] * n,
+         "shape": [False] * n, "color": [False] * n}
+    if kind == "shape":
+        m["shape"] = [True] * n
+        names = _join([f"{_article(o[0])} {o[0]}" for o in objs])
+        return f"a photo of {names}.", m
+    if kind == "color":
+        m["color"] = [True] * n
+        names = _join([f"{_article(o[1])} {o[1]} object" for o in objs])
+        return f"a photo of {names}.", m
+    if kind == "size":
+        m["size"][0] = True
+        return f"a photo of {_article(size)} {size} object.", m
+    if kind == "position":
+        m["pos"][0] = True
+        return f"a photo of an object in the {pos}.", m
+    if kind == "background":
+        m["bg"] = True
+        return f"a photo of {'an object' if n == 1 else COUNTS[n - 1] + ' objects'} on {bg}.", m
+    m["count"] = True
+    return (f"a photo of {COUNTS[n - 1]} object{'s' if n > 1 else ''}.", m)
+
+
+def make_caption(rng: np.random.Generator, objs: list[tuple[str, str, str, str]], bg: str,
+                 max_tokens: int = 18) -> tuple[str, dict]:
+    """Describe a scene in one of several phrasings.
+
+    Parameters
+    ----------
+    rng : numpy Generator
+    objs : list of (shape, color, size, position) names, one per object
+    bg : background name
+    max_tokens : the caption is simplified until it has at most this many word tokens
+
+    Returns
+    -------
+    caption : str; always names every object's colour and shape, except for the short
+        one-attribute captions
+    mentions : dict with ``bg`` and ``count`` (bool) and ``shape`` / ``color`` / ``size`` /
+        ``pos`` (list of bool per object): which attributes the caption states
+
+    Examples
+    --------
+    >>> cap, m = make_caption(np.random.default_rng(0), [("star", "red", "small", "center")],
+    ...                       "grass")
+    >>> "red star" in cap
+    True
+    """
+    if rng.random() < 0.2:
+        return _partial_caption(rng, objs, bg)
+    n = len(objs)
+    p_detail = 0.5 if n == 1 else 0.35
+    with_size = [bool(rng.random() < p_detail) for _ in objs]
+    with_pos = [bool(rng.random() < p_detail) for _ in objs]
+    with_bg = bool(rng.random() < 0.7)
+    with_count = n > 1 and bool(rng.random() < 0.5)
+    while True:
+        obj_texts = [
+            _object_phrase(rng, s, c, z, p, ws, wp)
+            for (s, c, z, p), ws, wp in zip(objs, with_size, with_pos)
+        ]
+        body = _join(obj_texts)
+        if with_count:
+            head = _choice(rng, _COUNT_HEADS).format(COUNTS[n - 1])
+            cap = f"{head} {body}"
+        else:
+            cap = _choice(rng, _OPENERS_ONE if n == 1 else _OPENERS_MANY) + body
+        if with_bg:
+            cap += ("," if n > 1 and rng.random() < 0.5 else "") + " " + _background_phrase(rng, bg)
+        if n_tokens(cap) <= max_tokens:
+            break
+        # simplify: drop positions, then sizes, then the count head, then the background
+        if any(with_pos):
+            with_pos[max(i for i, w in enumerate(with_pos) if w)] = False
+        elif any(with_size):
+            with_size[max(i for i, w in enumerate(with_size) if w)] = False
+        elif with_count:
+            with_count = False
+        elif with_bg:
+            with_bg = False
+        else:
+            break
+    return cap, {"bg": with_bg, "count": with_count, "size": with_size, "pos": with_pos,
+                 "shape": [True] * n, "color": [True] * n}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes.
+
+def _index(names: list[str] | None, full: list[str], what: str) -> np.ndarray:
+    if names is None:
+        return np.arange(len(full))
+    bad = [x for x in names if x not in full]
+    if bad:
+        raise ValueError(f"unknown {what} {bad}; expected names from {full}")
+    return np.array([full.index(x) for x in names])
+
+
+def _render(rng: np.random.Generator, n: int, n_obj: np.ndarray, bg: np.ndarray,
+            shape_idx: np.ndarray, color_idx: np.ndarray, size_idx: np.ndarray,
+            pos_idx: np.ndarray, size: int, draw_objects: bool = True) -> ShapesBatch:
+    """Draw scenes whose attributes are all chosen already ([B] and [B, 3] index arrays)."""
+    images = draw_backgrounds(bg, rng, size)
+    cell = size / 3.0
+    masks: list[np.ndarray] = []
+    fg = np.zeros((n, size, size), bool)
+    captions: list[str] = []
+    m_bg = np.zeros(n, bool)
+    m_count = np.zeros(n, bool)
+    m_size = np.zeros((n, MAX_OBJECTS), bool)
+    m_pos = np.zeros((n, MAX_OBJECTS), bool)
+    m_shape = np.zeros((n, MAX_OBJECTS), bool)
+    m_color = np.zeros((n, MAX_OBJECTS), bool)
+    centers = np.full((n, MAX_OBJECTS, 2), np.nan, np.float32)
+    radii = np.full((n, MAX_OBJECTS), np.nan, np.float32)
+    for i in range(n):
+        k = int(n_obj[i])
+        mi = np.zeros((k, size, size), bool)
+        objs = []
+        for j in range(k):
+            p = int(pos_idx[i, j])
+            lo, hi = _RADIUS[SIZES[size_idx[i, j]]]
+            r = rng.uniform(lo, hi) * size / 64.0
+            jit = rng.uniform(-1.5, 1.5, 2) * size / 64.0
+            cy = (p // 3 + 0.5) * cell + jit[0]
+            cx = (p % 3 + 0.5) * cell + jit[1]
+            sname = SHAPES[shape_idx[i, j]]
+            cname = COLORS[color_idx[i, j]]
+            mi[j] = shape_mask(sname, cy, cx, r, size)
+            if draw_objects:
+                images[i][mi[j]] = COLOR_RGB[cname]
+            centers[i, j] = cy, cx
+            radii[i, j] = r
+            objs.append((sname, cname, SIZES[size_idx[i, j]], POSITIONS[p]))
+        masks.append(mi)
+        fg[i] = mi.any(0)
+        cap, m = make_caption(rng, objs, BACKGROUNDS[bg[i]])
+        captions.append(cap)
+        m_bg[i], m_count[i] = m["bg"], m["count"]
+        m_size[i, :k], m_pos[i, :k] = m["size"], m["pos"]
+        m_shape[i, :k], m_color[i, :k] = m["shape"], m["color"]
+    labels = {
+        "n_objects": n_obj.astype(np.int64), "background": bg.astype(np.int64),
+        "shape": shape_idx, "color": color_idx, "size": size_idx, "position": pos_idx,
+        "mentions_background": m_bg, "mentions_count": m_count,
+        "mentions_size": m_size, "mentions_position": m_pos,
+        "mentions_shape": m_shape, "mentions_color": m_color,
+        "center": centers, "radius": radii,
+    }
+    return ShapesBatch(images, captions, masks, fg, labels)
+
+
+def generate(n: int, seed: int = 0, *, n_objects: int | tuple[int, int] = (1, 3),
+             shapes: list[str] | None = None, colors: list[str] | None = None,
+             backgrounds: list[str] | None = None, sizes: list[str] | None = None,
+             image_size: int = IMAGE_SIZE, draw_objects: bool = True) -> ShapesBatch:
+    """Generate ``n`` random scenes of 1 to 3 objects, deterministically from ``seed``.
+
+    Objects sit in distinct cells of a 3x3 grid; colours within a scene are distinct.
+
+    Parameters
+    ----------
+    n : number of images B
+    seed : random seed; the same seed gives the same batch
+    n_objects : a fixed count or an inclusive (min, max) range, within 1..3
+    shapes, colors, backgrounds, sizes : restrict the attributes to these names
+    image_size : image side S (64 by default; the shipped model expects 64)
+    draw_objects : if False, return the same scenes (labels, masks, captions) with only the
+        background drawn: the object-free counterfactual of each image
+
+    Returns
+    -------
+    ShapesBatch with images uint8 [B, S, S, 3], captions, masks, foreground, labels
+
+    Examples
+    --------
+    >>> batch = generate(4, seed=0)
+    >>> batch.images.shape, len(batch.captions)
+    ((4, 64, 64, 3), 4)
+    """
+    rng = np.random.default_rng(seed)
+    lo, hi = (n_objects, n_objects) if isinstance(n_objects, int) else n_objects
+    if not 1 <= lo <= hi <= MAX_OBJECTS:
+        raise ValueError(f"n_objects must lie within 1..{MAX_OBJECTS}, got {n_objects}")
+    sh = _index(shapes, SHAPES, "shapes")
+    co = _index(colors, COLORS, "colors")
+    bgs = _index(backgrounds, BACKGROUNDS, "backgrounds")
+    sz = _index(sizes, SIZES, "sizes")
+    if len(co) < hi:
+        raise ValueError(f"need at least {hi} colours for {hi} objects per scene")
+    n_obj = rng.integers(lo, hi + 1, n)
+    bg = bgs[rng.integers(0, len(bgs), n)]
+    shape_idx = np.full((n, MAX_OBJECTS), -1, np.int64)
+    color_idx = np.full((n, MAX_OBJECTS), -1, np.int64)
+    size_idx = np.full((n, MAX_OBJECTS), -1, np.int64)
+    pos_idx = np.full((n, MAX_OBJECTS), -1, np.int64)
+    for i in range(n):
+        k = n_obj[i]
+        pos_idx[i, :k] = _spread_cells(rng, k)
+        shape_idx[i, :k] = sh[rng.integers(0, len(sh), k)]
+        color_idx[i, :k] = co[rng.permutation(len(co))[:k]]
+        size_idx[i, :k] = sz[rng.integers(0, len(sz), k)]
+    return _render(rng, n, n_obj, bg, shape_idx, color_idx, size_idx, pos_idx, image_size,
+                   draw_objects)
+
+
+def _spread_cells(rng: np.random.Generator, k: int) -> np.ndarray:
+    """k distinct grid cells, no two sharing an edge, so large objects do not touch."""
+    while True:
+        cells = rng.permutation(9)[:k]
+        ok = True
+        for a in range(k):
+            for b in range(a + 1, k):
+                ya, xa, yb, xb = cells[a] // 3, cells[a] % 3, cells[b] // 3, cells[b] % 3
+                if abs(ya - yb) + abs(xa - xb) == 1:
+                    ok = False
+        if ok:
+            return cells
+
+
+def spurious_split(n: int, seed: int = 0, train: bool = True, p_major: float = 0.93,
+                   classes: tuple[str, str] = ("circle", "square"),
+                   backgrounds: tuple[str, str] = ("water", "grass")) -> ShapesBatch:
+    """A Waterbirds-like split: two shape classes, each mostly on its own background.
+
+    Each image holds one object. Class ``y`` is 0 for ``classes[0]`` and 1 for ``classes[1]``;
+    ``place`` is 0 for ``backgrounds[0]`` and 1 for ``backgrounds[1]``; class y's usual
+    background is ``backgrounds[y]``. ``group = 2 * y + place``.
+
+    Parameters
+    ----------
+    n : number of images B
+    seed : random seed
+    train : if True, each class sits on its usual background with probability ``p_major``;
+        if False, the four (class, background) groups are balanced (n // 4 each, the remainder
+        spread over the first groups)
+    p_major : share of majority-group images in the training split
+    classes : the two shape names
+    backgrounds : the two background names
+
+    Returns
+    -------
+    ShapesBatch whose labels also hold ``y``, ``place`` and ``group`` (int [B])
+
+    Examples
+    --------
+    >>> test = spurious_split(8, seed=0, train=False)
+    >>> np.bincount(test.labels["group"], minlength=4).tolist()
+    [2, 2, 2, 2]
+    """
+    rng = np.random.default_rng(seed)
+    c_idx = _index(list(classes), SHAPES, "classes")
+    b_idx = _index(list(backgrounds), BACKGROUNDS, "backgrounds")
+    if train:
+        y = rng.integers(0, 2, n)
+        major = rng.random(n) < p_major
+        place = np.where(major, y, 1 - y)
+    else:
+        group = rng.permutation(np.arange(n) % 4)
+        y, place = group // 2, group % 2
+    n_obj = np.ones(n, np.int64)
+    shape_idx = np.full((n, MAX_OBJECTS), -1, np.int64)
+    color_idx = np.full((n, MAX_OBJECTS), -1, np.int64)
+    size_idx = np.full((n, MAX_OBJECTS), -1, np.int64)
+    pos_idx = np.full((n, MAX_OBJECTS), -1, np.int64)
+    shape_idx[:, 0] = c_idx[y]
+    color_idx[:, 0] = rng.integers(0, len(COLORS), n)
+    size_idx[:, 0] = rng.integers(0, len(SIZES), n)
+    pos_idx[:, 0] = rng.integers(0, 9, n)
+    batch = _render(rng, n, n_obj, b_idx[place], shape_idx, color_idx, size_idx, pos_idx,
+                    IMAGE_SIZE)
+    batch.labels["y"] = y.astype(np.int64)
+    batch.labels["place"] = place.astype(np.int64)
+    batch.labels["group"] = (2 * y + place).astype(np.int64)
+    return batch

@@ -1,0 +1,97 @@
+/* cpu.c -- CPU feature detection and the choice of instruction-set path (see cpu.h). */
+#include "cpu.h"
+#include "clipdecomp.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define CD_X86 1
+#include <cpuid.h>
+#endif
+
+#if defined(__STDC_NO_ATOMICS__)
+static volatile int g_isa = -1;      /* path in use; -1: not chosen yet */
+static int isa_load(void) { return g_isa; }
+static void isa_store(int v) { g_isa = v; }
+#else
+#include <stdatomic.h>
+static atomic_int g_isa = -1;
+static int isa_load(void) { return atomic_load_explicit(&g_isa, memory_order_acquire); }
+static void isa_store(int v) { atomic_store_explicit(&g_isa, v, memory_order_release); }
+#endif
+
+#ifdef CD_X86
+/* XCR0: which register states the operating system saves and restores */
+static unsigned long long read_xcr0(void) {
+    unsigned int lo, hi;
+    __asm__ __volatile__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+}
+
+static int detect_best(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return CD_ISA_GENERIC;
+    int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1;
+    if (!(osxsave && avx)) return CD_ISA_GENERIC;
+    unsigned long long xcr0 = read_xcr0();
+    if ((xcr0 & 0x6) != 0x6) return CD_ISA_GENERIC;        /* SSE + AVX (YMM) state */
+    if (__get_cpuid_max(0, NULL) < 7) return CD_ISA_GENERIC;
+    __cpuid_count(7, 0, a, b, c, d);
+    int avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1;
+    if (!(avx2 && fma)) return CD_ISA_GENERIC;
+    /* opmask, upper halves of ZMM0-15, ZMM16-31 */
+    if (avx512f && (xcr0 & 0xE6) == 0xE6) return CD_ISA_AVX512;
+    return CD_ISA_AVX2;
+}
+#else
+static int detect_best(void) { return CD_ISA_GENERIC; }
+#endif
+
+int cd_cpu_best_isa(void) {
+    static int best = -1;   /* the CPU does not change: a race here writes the same value */
+    if (best < 0) best = detect_best();
+    return best;
+}
+
+int cd_cpu_has_isa(int isa) {
+    return isa >= CD_ISA_GENERIC && isa <= cd_cpu_best_isa();
+}
+
+const char *cd_cpu_isa_str(int isa) {
+    switch (isa) {
+    case CD_ISA_GENERIC: return "generic";
+    case CD_ISA_AVX2: return "avx2";
+    case CD_ISA_AVX512: return "avx512";
+    default: return NULL;
+    }
+}
+
+int cd_cpu_isa_from_str(const char *name) {
+    if (!name) return -1;
+    for (int i = CD_ISA_GENERIC; i <= CD_ISA_AVX512; i++)
+        if (strcmp(name, cd_cpu_isa_str(i)) == 0) return i;
+    return -1;
+}
+
+int cd_cpu_isa(void) {
+    int v = isa_load();
+    if (v >= 0) return v;
+    v = cd_cpu_best_isa();
+    /* CLIPDECOMP_ISA forces a path; one the CPU lacks (or an unknown name) falls back to the
+     * best path the CPU has below it, so a forced setting can never crash the process */
+    int forced = cd_cpu_isa_from_str(getenv("CLIPDECOMP_ISA"));
+    if (forced >= 0 && forced < v) v = forced;
+    isa_store(v);
+    return v;
+}
+
+int cd_cpu_set_isa(int isa) {
+    if (!cd_cpu_has_isa(isa)) return -1;
+    isa_store(isa);
+    return 0;
+}
+
+const char *cd_isa_name(void) { return cd_cpu_isa_str(cd_cpu_isa()); }
+
+int cd_set_isa(const char *name) { return cd_cpu_set_isa(cd_cpu_isa_from_str(name)); }

@@ -1,0 +1,32 @@
+/* cpu.h -- which instruction-set path the kernels take.
+ *
+ * The core is built once for any x86-64 (no -march=native): the SIMD kernels carry their own
+ * target attributes and are chosen here at run time, from cpuid and from what the operating
+ * system saves on a context switch (xgetbv). The choice is made at first use; the environment
+ * variable CLIPDECOMP_ISA (avx512 | avx2 | generic) forces a path, and cd_set_isa() (declared in
+ * clipdecomp.h) changes it for tests. A path the CPU cannot run is never chosen.
+ * On other architectures only the portable C path exists.
+ */
+#ifndef CLIPDECOMP_CPU_H
+#define CLIPDECOMP_CPU_H
+
+enum {
+    CD_ISA_GENERIC = 0,   /* portable C, auto-vectorised by the compiler for the baseline ISA */
+    CD_ISA_AVX2 = 1,      /* AVX2 + FMA, 256-bit */
+    CD_ISA_AVX512 = 2     /* AVX-512F, 512-bit */
+};
+
+/* the best path this CPU and operating system can run (CD_ISA_*) */
+int cd_cpu_best_isa(void);
+/* 1 if the CPU and operating system can run path `isa`, else 0 */
+int cd_cpu_has_isa(int isa);
+/* the path in use now (CD_ISA_*): chosen at first call, CLIPDECOMP_ISA honoured */
+int cd_cpu_isa(void);
+/* use path `isa` from now on; 0, or -1 (and nothing changes) when the CPU cannot run it */
+int cd_cpu_set_isa(int isa);
+/* "avx512", "avx2", "generic"; NULL for a number that is no path */
+const char *cd_cpu_isa_str(int isa);
+/* the CD_ISA_* number of a name ("avx512", "avx2", "generic"), or -1 */
+int cd_cpu_isa_from_str(const char *name);
+
+#endif /* CLIPDECOMP_CPU_H */

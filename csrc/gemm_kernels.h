@@ -1,0 +1,50 @@
+/* gemm_kernels.h -- the per-instruction-set block kernels behind gemm.c (internal).
+ *
+ * Every path shares one layout for the right-hand operand: K-major panels of CD_GEMM_NR = 16
+ * output columns,
+ *     panel p, element (k, j) at b[p * psb + k * 16 + j],   j = column - 16 p,
+ * zero-padded past the last column. A weight packed under one path therefore runs under any.
+ *
+ * A block kernel computes one (mc, nc) block of C over a depth kc:
+ *     C[i, j] = alpha * sum_k A[i, k] B[k, j]  (+ bias[j])  (+ C[i, j] when load_c)
+ * for i < mc, j < nc. The left-hand operand is read through
+ *     A tile t (rows t*MR .. t*MR+MR-1), element (r, k) at a[t * pa + r * rsa + k * csa]
+ * which covers both a packed A (MR-row K-major panels: pa = MR*kc, rsa = 1, csa = MR, with MR
+ * the kernel's row tile) and a plain strided one (pa = MR*lda, rsa = lda, csa = 1).
+ */
+#ifndef CLIPDECOMP_GEMM_KERNELS_H
+#define CLIPDECOMP_GEMM_KERNELS_H
+#include <stddef.h>
+
+#define CD_GEMM_NR 16          /* columns per packed panel, shared by every path */
+#define CD_GEMM_MR_GENERIC 4   /* row tile of each path's micro-kernel */
+#define CD_GEMM_MR_AVX2 6
+#define CD_GEMM_MR_AVX512 12
+
+typedef struct {
+    int mc, nc, kc;            /* rows, columns (valid ones, <= panels * 16) and depth */
+    const float *a;            /* left operand, see above */
+    ptrdiff_t pa, rsa, csa;    /* tile, row and depth strides of a (csa == 1: strided A) */
+    const float *b;            /* first panel of the right operand (16-column, K-major) */
+    ptrdiff_t psb;             /* floats between consecutive panels */
+    float *c;                  /* (mc, nc) with row stride ldc */
+    ptrdiff_t ldc;
+    const float *bias;         /* (nc) or NULL */
+    float alpha;
+    int load_c;                /* add the values already in C */
+} cd_gemm_block;
+
+void cd_gemm_block_generic(const cd_gemm_block *blk);
+#if defined(__x86_64__) || defined(_M_X64)
+void cd_gemm_block_avx2(const cd_gemm_block *blk);
+void cd_gemm_block_avx512(const cd_gemm_block *blk);
+#endif
+
+/* one panel from rows: panel[k * 16 + j] = src[j * ld + k] for j < nv, k < kc; zero for
+ * nv <= j < 16. Packs a weight (rows = output columns) and the B of the "nt" product. */
+void cd_gemm_pack_t16_generic(float *panel, const float *src, ptrdiff_t ld, int nv, int kc);
+#if defined(__x86_64__) || defined(_M_X64)
+void cd_gemm_pack_t16_avx2(float *panel, const float *src, ptrdiff_t ld, int nv, int kc);
+#endif
+
+#endif /* CLIPDECOMP_GEMM_KERNELS_H */

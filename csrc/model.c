@@ -1,0 +1,1277 @@
+/* model.c -- CLIP towers from a safetensors checkpoint: loading, the image forward with its
+ * decomposition, and the text forward.
+ *
+ * Shapes: B images, N = 1 + G*G tokens, W width, L layers, H heads, d = W / H, F MLP width,
+ * D embedding dim, T probe directions (or texts), C context length, V vocabulary,
+ * K = 2L + 1 layer-level terms of the decomposition.
+ *
+ * The image forward (rows = B*N for every linear layer):
+ *   x = [cls ; patches @ conv^T] + pos; x = ln_pre(x)
+ *   per layer: x += out_proj(MHA(ln_1(x))); x += c_proj(act(c_fc(ln_2(x))))
+ *   emb = ln_post(x[0]) @ proj
+ * The decomposition keeps, at the class token of each layer, the per-head terms
+ *   c[l,h] = W_O[:, h-slice] @ z[l,h] + b_O / H,   z[l,h] = sum_i a[l,h,0,i] v[l,h,i]
+ * (z is row 0 of the attention output of head h), the MLP output and ln_pre's output, and maps
+ * each raw term t through the final LayerNorm and projection with the reference convention
+ *   (gamma * (t - mu / K_t) / sigma + beta / K_t) @ proj / ||emb||
+ * (decomposition.md). Per-token terms are folded: F[l,h] = (W_O[:, h-slice]^T * gamma) @ proj
+ * (d x D) is computed once per model, so the term of token i is
+ *   a[l,h,0,i] v[l,h,i] @ F[l,h] / (sigma ||emb||) + const(l)
+ * and never needs an N x N x H x W intermediate.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "clipdecomp.h"
+#include "gemm.h"
+#include "ops.h"
+#include "safetensors.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* scratch for the activations of one forward chunk: the batch is split so that it stays
+ * below this (at least one image or text per chunk) */
+#define CD_SCRATCH_BUDGET ((size_t)256 << 20)
+#define CD_MAX_DIM (1 << 20)   /* sanity bound on every config entry */
+#define CD_ALIGN 64            /* byte alignment of every array in a planned block */
+
+/* ------------------------------------------------------------------------------------------ */
+/* structs                                                                                     */
+
+typedef struct {
+    const float *ln1_w, *ln1_b;   /* (W) */
+    cd_gemm_weight qkv;           /* (3W, W) packed: [q; k; v] */
+    const float *qkv_b;           /* (3W) */
+    cd_gemm_weight out;           /* (W, W) packed */
+    const float *out_w;           /* (W, W) unpacked (out, in), vision only: the decomposition */
+    const float *out_b;           /* (W) */
+    const float *ln2_w, *ln2_b;   /* (W) */
+    cd_gemm_weight fc;            /* (F, W) packed */
+    const float *fc_b;            /* (F) */
+    cd_gemm_weight proj;          /* (W, F) packed */
+    const float *proj_b;          /* (W) */
+} cd_block;
+
+typedef struct {
+    /* vision */
+    const float *class_emb;       /* (W) */
+    const float *pos;             /* (N, W) */
+    cd_gemm_weight conv;          /* (W, 3*P*P) packed, no bias */
+    const float *ln_pre_w, *ln_pre_b;    /* (W) */
+    cd_block *blocks;             /* (L) */
+    const float *ln_post_w, *ln_post_b;  /* (W) gamma, beta of the decomposition */
+    cd_gemm_weight proj;          /* (D, W) packed: proj^T */
+    /* text (text_layers > 0) */
+    const float *tok_emb;         /* (V, Wt) */
+    const float *tpos;            /* (C, Wt) */
+    cd_block *tblocks;            /* (text_layers) */
+    const float *ln_final_w, *ln_final_b;  /* (Wt) */
+    cd_gemm_weight tproj;         /* (D, Wt) packed: text_projection^T */
+} cd_weights;
+
+struct cd_model {
+    cd_config cfg;
+    cd_layout layout;
+    cd_st_file file;              /* the mapping; F32 tensors are used in place */
+    cd_weights w;
+    float **owned;                /* converted / assembled buffers the weights point into */
+    int n_owned, cap_owned;
+    int has_logit_scale;
+    float logit_scale;            /* as stored (a log) */
+    /* the fold F (L, W, D), built on first use by a call that needs per-token terms; the only
+     * state written after load, behind fold_lock */
+    pthread_mutex_t fold_lock;
+    atomic_int fold_ready;
+    float *fold;
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* small helpers                                                                               */
+
+static void set_err(cd_error *err, const char *fmt, ...) {
+    if (!err) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+    va_end(ap);
+}
+
+/* *r = a * b, 0 on success, -1 on overflow */
+static int mul_sz(size_t *r, size_t a, size_t b) {
+    if (a != 0 && b > SIZE_MAX / a) return -1;
+    *r = a * b;
+    return 0;
+}
+
+static int mul3(size_t *r, size_t a, size_t b, size_t c) {
+    size_t t;
+    return mul_sz(&t, a, b) || mul_sz(r, t, c) ? -1 : 0;
+}
+
+/* A block of float arrays carved from one allocation. */
+typedef struct { float **dst; size_t n; } plan_item;
+
+/* Allocate one block holding every item (n floats each, each CD_ALIGN-aligned) and point
+ * *items[i].dst into it; items with dst == NULL are skipped. Returns the block or NULL when the
+ * size overflows or memory is short. Zero-sized items still get a valid pointer. */
+static void *plan_alloc(plan_item *items, int k, size_t *bytes_out) {
+    size_t total = 0;
+    for (int i = 0; i < k; i++) {
+        if (!items[i].dst) continue;
+        size_t b;
+        if (mul_sz(&b, items[i].n, sizeof(float))) return NULL;
+        size_t padded = (b + CD_ALIGN - 1) / CD_ALIGN * CD_ALIGN;
+        if (padded < b || total > SIZE_MAX - padded) return NULL;
+        total += padded;
+    }
+    if (total == 0) total = CD_ALIGN;
+    void *block = NULL;
+    if (posix_memalign(&block, CD_ALIGN, total) != 0) return NULL;
+    char *p = (char *)block;
+    for (int i = 0; i < k; i++) {
+        if (!items[i].dst) continue;
+        *items[i].dst = (float *)(void *)p;
+        p += (items[i].n * sizeof(float) + CD_ALIGN - 1) / CD_ALIGN * CD_ALIGN;
+    }
+    if (bytes_out) *bytes_out = total;
+    return block;
+}
+
+static int max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* threads > 0: use that many OpenMP threads in this call; returns the previous setting */
+static int push_threads(int threads) {
+    int prev = max_threads();
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+    return prev;
+}
+
+static void pop_threads(int threads, int prev) {
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads(prev);
+#else
+    (void)threads;
+    (void)prev;
+#endif
+}
+
+static void act_forward(float *x, size_t n, int act) {
+    if (act == CD_ACT_QUICK_GELU) quick_gelu_forward(x, n);
+    else gelu_forward(x, n);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* loading                                                                                     */
+
+typedef struct {
+    cd_model *m;
+    const char *prefix;           /* leading key prefix found in the file, e.g. "" or "model." */
+    cd_error *err;
+} loader;
+
+static int own(cd_model *m, float *buf) {
+    if (m->n_owned == m->cap_owned) {
+        int ncap = m->cap_owned ? 2 * m->cap_owned : 64;
+        float **no = (float **)realloc(m->owned, (size_t)ncap * sizeof(float *));
+        if (!no) return -1;
+        m->owned = no;
+        m->cap_owned = ncap;
+    }
+    m->owned[m->n_owned++] = buf;
+    return 0;
+}
+
+static void fmt_shape(char *buf, size_t cap, int ndim, const int64_t *dims) {
+    size_t n = 0;
+    n += (size_t)snprintf(buf + n, cap - n, "[");
+    for (int i = 0; i < ndim && n < cap; i++)
+        n += (size_t)snprintf(buf + n, cap - n, i ? ", %lld" : "%lld", (long long)dims[i]);
+    if (n < cap) snprintf(buf + n, cap - n, "]");
+}
+
+/* Tensor prefix + base + leaf, shape-checked against dims (ndim of them), as float32:
+ * *vals points in place into the mapping, or to a converted copy also returned in *tmp
+ * (the caller frees it or hands it to the model). */
+static cd_status fetch(loader *ld, const char *base, const char *leaf, int ndim,
+                       const int64_t *dims, const float **vals, float **tmp) {
+    char name[512];
+    *vals = NULL;
+    *tmp = NULL;
+    int n = snprintf(name, sizeof name, "%s%s%s", ld->prefix, base, leaf);
+    if (n < 0 || (size_t)n >= sizeof name) {
+        set_err(ld->err, "%s: tensor name too long", ld->m->file.path);
+        return CD_ERR_FORMAT;
+    }
+    const cd_st_tensor *t = cd_st_find(&ld->m->file, name);
+    if (!t) {
+        set_err(ld->err, "%s: tensor '%s' is missing (%s layout)", ld->m->file.path, name,
+                ld->m->layout == CD_LAYOUT_HF ? "HF transformers" : "open_clip");
+        return CD_ERR_MISSING;
+    }
+    int same = t->ndim == ndim;
+    for (int i = 0; same && i < ndim; i++) same = t->shape[i] == dims[i];
+    if (!same) {
+        char want[128], got[128];
+        fmt_shape(want, sizeof want, ndim, dims);
+        fmt_shape(got, sizeof got, t->ndim, t->shape);
+        set_err(ld->err, "%s: tensor '%s' has shape %s, expected %s from the config",
+                ld->m->file.path, name, got, want);
+        return CD_ERR_SHAPE;
+    }
+    return cd_st_read_f32(&ld->m->file, t, vals, tmp, ld->err);
+}
+
+/* fetch() for a tensor the model keeps pointing into */
+static cd_status keep(loader *ld, const float **out, const char *base, const char *leaf,
+                      int ndim, const int64_t *dims) {
+    float *tmp;
+    cd_status st = fetch(ld, base, leaf, ndim, dims, out, &tmp);
+    if (st) return st;
+    if (tmp && own(ld->m, tmp)) {
+        free(tmp);
+        *out = NULL;
+        set_err(ld->err, "%s: out of memory", ld->m->file.path);
+        return CD_ERR_NOMEM;
+    }
+    return CD_OK;
+}
+
+static cd_status pack_err(loader *ld, const char *what) {
+    set_err(ld->err, "%s: out of memory packing '%s%s'", ld->m->file.path, ld->prefix, what);
+    return CD_ERR_NOMEM;
+}
+
+/* fetch() of a linear weight (OC, K) packed for cd_matmul; the float data is not kept */
+static cd_status pack(loader *ld, cd_gemm_weight *pw, const char *base, const char *leaf, int OC,
+                      int K) {
+    const float *v;
+    float *tmp;
+    int64_t dims[2] = {OC, K};
+    cd_status st = fetch(ld, base, leaf, 2, dims, &v, &tmp);
+    if (st) return st;
+    int rc = cd_gemm_pack(pw, v, OC, K);
+    free(tmp);
+    return rc ? pack_err(ld, leaf) : CD_OK;
+}
+
+/* A projection stored (K, OC) (in, out) as in open_clip: transpose, then pack. */
+static cd_status pack_transposed(loader *ld, cd_gemm_weight *pw, const char *key, int K, int OC) {
+    const float *v;
+    float *tmp;
+    int64_t dims[2] = {K, OC};
+    cd_status st = fetch(ld, "", key, 2, dims, &v, &tmp);
+    if (st) return st;
+    float *tr = (float *)malloc((size_t)K * OC * sizeof(float));
+    if (!tr) { free(tmp); return pack_err(ld, key); }
+    for (int k = 0; k < K; k++)
+        for (int o = 0; o < OC; o++) tr[(size_t)o * K + k] = v[(size_t)k * OC + o];
+    free(tmp);
+    int rc = cd_gemm_pack(pw, tr, OC, K);
+    free(tr);
+    return rc ? pack_err(ld, key) : CD_OK;
+}
+
+/* One residual block. base: e.g. "visual.transformer.resblocks.3." (open_clip) or
+ * "vision_model.encoder.layers.3." (HF). keep_out: keep the unpacked out-projection. */
+static cd_status load_block(loader *ld, cd_block *blk, const char *base, int W, int F,
+                            int keep_out) {
+    const int64_t dW[1] = {W}, dF[1] = {F}, d3W[1] = {3 * (int64_t)W}, dWW[2] = {W, W};
+    cd_status st;
+    const int hf = ld->m->layout == CD_LAYOUT_HF;
+#define TRY(x) do { if ((st = (x)) != CD_OK) return st; } while (0)
+    if (!hf) {
+        TRY(keep(ld, &blk->ln1_w, base, "ln_1.weight", 1, dW));
+        TRY(keep(ld, &blk->ln1_b, base, "ln_1.bias", 1, dW));
+        TRY(pack(ld, &blk->qkv, base, "attn.in_proj_weight", 3 * W, W));
+        TRY(keep(ld, &blk->qkv_b, base, "attn.in_proj_bias", 1, d3W));
+        TRY(pack(ld, &blk->out, base, "attn.out_proj.weight", W, W));
+        if (keep_out) TRY(keep(ld, &blk->out_w, base, "attn.out_proj.weight", 2, dWW));
+        TRY(keep(ld, &blk->out_b, base, "attn.out_proj.bias", 1, dW));
+        TRY(keep(ld, &blk->ln2_w, base, "ln_2.weight", 1, dW));
+        TRY(keep(ld, &blk->ln2_b, base, "ln_2.bias", 1, dW));
+        TRY(pack(ld, &blk->fc, base, "mlp.c_fc.weight", F, W));
+        TRY(keep(ld, &blk->fc_b, base, "mlp.c_fc.bias", 1, dF));
+        TRY(pack(ld, &blk->proj, base, "mlp.c_proj.weight", W, F));
+        TRY(keep(ld, &blk->proj_b, base, "mlp.c_proj.bias", 1, dW));
+        return CD_OK;
+    }
+    TRY(keep(ld, &blk->ln1_w, base, "layer_norm1.weight", 1, dW));
+    TRY(keep(ld, &blk->ln1_b, base, "layer_norm1.bias", 1, dW));
+    /* q, k, v projections -> one (3W, W) weight and (3W) bias */
+    {
+        static const char *wn[3] = {"self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                    "self_attn.v_proj.weight"};
+        static const char *bn[3] = {"self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                                    "self_attn.v_proj.bias"};
+        size_t ww = (size_t)W * W;
+        float *cat = (float *)malloc(3 * ww * sizeof(float));
+        float *bias = (float *)malloc(3 * (size_t)W * sizeof(float));
+        if (!cat || !bias || own(ld->m, bias)) {
+            free(cat);
+            free(bias);
+            return pack_err(ld, "self_attn");
+        }
+        for (int i = 0; i < 3; i++) {
+            const float *v;
+            float *tmp;
+            st = fetch(ld, base, wn[i], 2, dWW, &v, &tmp);
+            if (st) { free(cat); return st; }
+            memcpy(cat + i * ww, v, ww * sizeof(float));
+            free(tmp);
+            st = fetch(ld, base, bn[i], 1, dW, &v, &tmp);
+            if (st) { free(cat); return st; }
+            memcpy(bias + (size_t)i * W, v, (size_t)W * sizeof(float));
+            free(tmp);
+        }
+        int rc = cd_gemm_pack(&blk->qkv, cat, 3 * W, W);
+        free(cat);
+        if (rc) return pack_err(ld, "self_attn");
+        blk->qkv_b = bias;
+    }
+    TRY(pack(ld, &blk->out, base, "self_attn.out_proj.weight", W, W));
+    if (keep_out) TRY(keep(ld, &blk->out_w, base, "self_attn.out_proj.weight", 2, dWW));
+    TRY(keep(ld, &blk->out_b, base, "self_attn.out_proj.bias", 1, dW));
+    TRY(keep(ld, &blk->ln2_w, base, "layer_norm2.weight", 1, dW));
+    TRY(keep(ld, &blk->ln2_b, base, "layer_norm2.bias", 1, dW));
+    TRY(pack(ld, &blk->fc, base, "mlp.fc1.weight", F, W));
+    TRY(keep(ld, &blk->fc_b, base, "mlp.fc1.bias", 1, dF));
+    TRY(pack(ld, &blk->proj, base, "mlp.fc2.weight", W, F));
+    TRY(keep(ld, &blk->proj_b, base, "mlp.fc2.bias", 1, dW));
+    return CD_OK;
+}
+
+static cd_status load_vision(loader *ld) {
+    cd_model *m = ld->m;
+    const cd_config *c = &m->cfg;
+    const int W = c->width, P = c->patch_size, G = c->image_size / c->patch_size;
+    const int64_t N = 1 + (int64_t)G * G;
+    const int64_t dW[1] = {W}, dNW[2] = {N, W}, dconv[4] = {W, 3, P, P};
+    const int hf = m->layout == CD_LAYOUT_HF;
+    cd_status st;
+    const float *v;
+    float *tmp;
+    /* patch embedding: conv (W, 3, P, P) viewed as (W, 3*P*P) */
+    st = fetch(ld, "", hf ? "vision_model.embeddings.patch_embedding.weight" : "visual.conv1.weight",
+               4, dconv, &v, &tmp);
+    if (st) return st;
+    int rc = cd_gemm_pack(&m->w.conv, v, W, 3 * P * P);
+    free(tmp);
+    if (rc) return pack_err(ld, "patch embedding");
+    TRY(keep(ld, &m->w.class_emb, "",
+             hf ? "vision_model.embeddings.class_embedding" : "visual.class_embedding", 1, dW));
+    TRY(keep(ld, &m->w.pos, "",
+             hf ? "vision_model.embeddings.position_embedding.weight" : "visual.positional_embedding",
+             2, dNW));
+    TRY(keep(ld, &m->w.ln_pre_w, "", hf ? "vision_model.pre_layrnorm.weight" : "visual.ln_pre.weight",
+             1, dW));
+    TRY(keep(ld, &m->w.ln_pre_b, "", hf ? "vision_model.pre_layrnorm.bias" : "visual.ln_pre.bias",
+             1, dW));
+    m->w.blocks = (cd_block *)calloc((size_t)c->layers, sizeof(cd_block));
+    if (!m->w.blocks) return pack_err(ld, "blocks");
+    for (int l = 0; l < c->layers; l++) {
+        char base[96];
+        snprintf(base, sizeof base,
+                 hf ? "vision_model.encoder.layers.%d." : "visual.transformer.resblocks.%d.", l);
+        TRY(load_block(ld, &m->w.blocks[l], base, W, c->mlp_dim, 1));
+    }
+    TRY(keep(ld, &m->w.ln_post_w, "",
+             hf ? "vision_model.post_layernorm.weight" : "visual.ln_post.weight", 1, dW));
+    TRY(keep(ld, &m->w.ln_post_b, "",
+             hf ? "vision_model.post_layernorm.bias" : "visual.ln_post.bias", 1, dW));
+    if (hf) TRY(pack(ld, &m->w.proj, "", "visual_projection.weight", c->embed_dim, W));
+    else TRY(pack_transposed(ld, &m->w.proj, "visual.proj", W, c->embed_dim));
+    return CD_OK;
+}
+
+static cd_status load_text(loader *ld) {
+    cd_model *m = ld->m;
+    const cd_config *c = &m->cfg;
+    const int W = c->text_width;
+    const int64_t dW[1] = {W}, dVW[2] = {c->vocab_size, W}, dCW[2] = {c->context_length, W};
+    const int hf = m->layout == CD_LAYOUT_HF;
+    cd_status st;
+    const char *tok = hf ? "text_model.embeddings.token_embedding.weight" : "token_embedding.weight";
+    char probe[512];
+    snprintf(probe, sizeof probe, "%s%s", ld->prefix, tok);
+    if (!cd_st_find(&m->file, probe)) {
+        set_err(ld->err, "%s: tensor '%s' is missing: the file has no text tower (%s layout); "
+                "set text_layers to 0 for an image-only model", m->file.path, probe,
+                hf ? "HF transformers" : "open_clip");
+        return CD_ERR_MISSING;
+    }
+    TRY(keep(ld, &m->w.tok_emb, "", tok, 2, dVW));
+    TRY(keep(ld, &m->w.tpos, "",
+             hf ? "text_model.embeddings.position_embedding.weight" : "positional_embedding", 2,
+             dCW));
+    m->w.tblocks = (cd_block *)calloc((size_t)c->text_layers, sizeof(cd_block));
+    if (!m->w.tblocks) return pack_err(ld, "text blocks");
+    for (int l = 0; l < c->text_layers; l++) {
+        char base[96];
+        snprintf(base, sizeof base,
+                 hf ? "text_model.encoder.layers.%d." : "transformer.resblocks.%d.", l);
+        TRY(load_block(ld, &m->w.tblocks[l], base, W, c->text_mlp_dim, 0));
+    }
+    TRY(keep(ld, &m->w.ln_final_w, "",
+             hf ? "text_model.final_layer_norm.weight" : "ln_final.weight", 1, dW));
+    TRY(keep(ld, &m->w.ln_final_b, "",
+             hf ? "text_model.final_layer_norm.bias" : "ln_final.bias", 1, dW));
+    if (hf) TRY(pack(ld, &m->w.tproj, "", "text_projection.weight", c->embed_dim, W));
+    else TRY(pack_transposed(ld, &m->w.tproj, "text_projection", W, c->embed_dim));
+    return CD_OK;
+#undef TRY
+}
+
+static cd_status check_config(const cd_config *c, const char *path, cd_error *err) {
+    struct { const char *name; int v; } vis[] = {
+        {"image_size", c->image_size}, {"patch_size", c->patch_size}, {"width", c->width},
+        {"layers", c->layers}, {"heads", c->heads}, {"mlp_dim", c->mlp_dim},
+        {"embed_dim", c->embed_dim}};
+    for (size_t i = 0; i < sizeof vis / sizeof vis[0]; i++)
+        if (vis[i].v <= 0 || vis[i].v > CD_MAX_DIM) {
+            set_err(err, "%s: config %s = %d must be in [1, %d]", path, vis[i].name, vis[i].v,
+                    CD_MAX_DIM);
+            return CD_ERR_VALUE;
+        }
+    if (c->image_size % c->patch_size) {
+        set_err(err, "%s: config image_size = %d is not a multiple of patch_size = %d", path,
+                c->image_size, c->patch_size);
+        return CD_ERR_VALUE;
+    }
+    int G = c->image_size / c->patch_size;
+    if ((int64_t)G * G + 1 > CD_MAX_DIM) {
+        set_err(err, "%s: config image_size / patch_size = %d gives too many tokens", path, G);
+        return CD_ERR_VALUE;
+    }
+    if ((int64_t)3 * c->patch_size * c->patch_size > CD_MAX_DIM) {
+        set_err(err, "%s: config patch_size = %d is too large", path, c->patch_size);
+        return CD_ERR_VALUE;
+    }
+    if (c->width % c->heads) {
+        set_err(err, "%s: config width = %d is not a multiple of heads = %d", path, c->width,
+                c->heads);
+        return CD_ERR_VALUE;
+    }
+    {
+        /* strides handed to the GEMMs are ints */
+        const int64_t N = 1 + (int64_t)G * G, W = c->width, F = c->mlp_dim;
+        const int64_t big[] = {N * 3 * W, N * F, N * N, (int64_t)c->layers * W * W,
+                               (int64_t)c->layers * N * N, (int64_t)c->heads * c->embed_dim,
+                               (int64_t)c->layers * c->heads * W};
+        for (size_t i = 0; i < sizeof big / sizeof big[0]; i++)
+            if (big[i] > INT32_MAX) {
+                set_err(err, "%s: config too large for this implementation (image_size %d, "
+                        "patch_size %d, width %d, layers %d, heads %d, mlp_dim %d)", path,
+                        c->image_size, c->patch_size, c->width, c->layers, c->heads, c->mlp_dim);
+                return CD_ERR_VALUE;
+            }
+    }
+    if (c->act != CD_ACT_GELU && c->act != CD_ACT_QUICK_GELU) {
+        set_err(err, "%s: config act = %d is neither gelu (0) nor quick_gelu (1)", path, c->act);
+        return CD_ERR_VALUE;
+    }
+    if (!(c->ln_eps > 0.0f) || !isfinite(c->ln_eps)) {
+        set_err(err, "%s: config ln_eps = %g must be positive", path, (double)c->ln_eps);
+        return CD_ERR_VALUE;
+    }
+    if (c->text_layers < 0) {
+        set_err(err, "%s: config text_layers = %d must be >= 0", path, c->text_layers);
+        return CD_ERR_VALUE;
+    }
+    if (c->text_layers == 0) return CD_OK;
+    struct { const char *name; int v; } txt[] = {
+        {"context_length", c->context_length}, {"vocab_size", c->vocab_size},
+        {"text_width", c->text_width}, {"text_layers", c->text_layers},
+        {"text_heads", c->text_heads}, {"text_mlp_dim", c->text_mlp_dim}};
+    for (size_t i = 0; i < sizeof txt / sizeof txt[0]; i++)
+        if (txt[i].v <= 0 || txt[i].v > (i == 1 ? INT32_MAX : CD_MAX_DIM)) {
+            set_err(err, "%s: config %s = %d is out of range", path, txt[i].name, txt[i].v);
+            return CD_ERR_VALUE;
+        }
+    if ((int64_t)c->context_length * 3 * c->text_width > INT32_MAX ||
+        (int64_t)c->context_length * c->text_mlp_dim > INT32_MAX) {
+        set_err(err, "%s: text config too large for this implementation", path);
+        return CD_ERR_VALUE;
+    }
+    if (c->text_width % c->text_heads) {
+        set_err(err, "%s: config text_width = %d is not a multiple of text_heads = %d", path,
+                c->text_width, c->text_heads);
+        return CD_ERR_VALUE;
+    }
+    if (c->text_act != CD_ACT_GELU && c->text_act != CD_ACT_QUICK_GELU) {
+        set_err(err, "%s: config text_act = %d is neither gelu (0) nor quick_gelu (1)", path,
+                c->text_act);
+        return CD_ERR_VALUE;
+    }
+    return CD_OK;
+}
+
+/* The key prefix under which `anchor` appears ("" or ending in '.'), or -1 if absent. */
+static int find_prefix(const cd_st_file *f, const char *anchor, char *prefix, size_t cap) {
+    size_t an = strlen(anchor);
+    for (int i = 0; i < f->n_tensors; i++) {
+        const char *name = f->tensors[i].name;
+        size_t n = strlen(name);
+        if (n < an || strcmp(name + n - an, anchor) != 0) continue;
+        size_t pn = n - an;
+        if (pn > 0 && name[pn - 1] != '.') continue;
+        if (pn >= cap) continue;
+        memcpy(prefix, name, pn);
+        prefix[pn] = '\0';
+        return 0;
+    }
+    return -1;
+}
+
+static void free_block(cd_block *b) {
+    cd_gemm_weight_free(&b->qkv);
+    cd_gemm_weight_free(&b->out);
+    cd_gemm_weight_free(&b->fc);
+    cd_gemm_weight_free(&b->proj);
+}
+
+void cd_model_free(cd_model *m) {
+    if (!m) return;
+    if (m->w.blocks)
+        for (int l = 0; l < m->cfg.layers; l++) free_block(&m->w.blocks[l]);
+    if (m->w.tblocks)
+        for (int l = 0; l < m->cfg.text_layers; l++) free_block(&m->w.tblocks[l]);
+    free(m->w.blocks);
+    free(m->w.tblocks);
+    cd_gemm_weight_free(&m->w.conv);
+    cd_gemm_weight_free(&m->w.proj);
+    cd_gemm_weight_free(&m->w.tproj);
+    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
+    free(m->fold);
+    pthread_mutex_destroy(&m->fold_lock);
+    cd_st_close(&m->file);
+    free(m);
+}
+
+cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, cd_layout layout,
+                        cd_error *err) {
+    if (err) err->msg[0] = '\0';
+    if (!out || !path || !cfg) {
+        set_err(err, "cd_model_load: NULL argument");
+        return CD_ERR_VALUE;
+    }
+    *out = NULL;
+    cd_status st = check_config(cfg, path, err);
+    if (st) return st;
+    if (layout != CD_LAYOUT_AUTO && layout != CD_LAYOUT_OPEN_CLIP && layout != CD_LAYOUT_HF) {
+        set_err(err, "%s: unknown layout %d", path, (int)layout);
+        return CD_ERR_VALUE;
+    }
+    cd_model *m = (cd_model *)calloc(1, sizeof(cd_model));
+    if (!m) {
+        set_err(err, "%s: out of memory", path);
+        return CD_ERR_NOMEM;
+    }
+    if (pthread_mutex_init(&m->fold_lock, NULL) != 0) {
+        free(m);
+        set_err(err, "%s: cannot create a mutex", path);
+        return CD_ERR_NOMEM;
+    }
+    atomic_init(&m->fold_ready, 0);
+    m->cfg = *cfg;
+    st = cd_st_open(&m->file, path, err);
+    if (st) { cd_model_free(m); return st; }
+
+    static const char *OC_ANCHOR = "visual.class_embedding";
+    static const char *HF_ANCHOR = "vision_model.embeddings.class_embedding";
+    char prefix[256];
+    int have_oc = find_prefix(&m->file, OC_ANCHOR, prefix, sizeof prefix) == 0;
+    if (layout == CD_LAYOUT_AUTO) {
+        if (have_oc) {
+            layout = CD_LAYOUT_OPEN_CLIP;
+        } else if (find_prefix(&m->file, HF_ANCHOR, prefix, sizeof prefix) == 0) {
+            layout = CD_LAYOUT_HF;
+        } else {
+            set_err(err, "%s: neither an open_clip nor a HF transformers CLIP checkpoint: no "
+                    "tensor named '%s' or '%s' among its %d tensors", path, OC_ANCHOR, HF_ANCHOR,
+                    m->file.n_tensors);
+            cd_model_free(m);
+            return CD_ERR_MISSING;
+        }
+    } else {
+        const char *anchor = layout == CD_LAYOUT_HF ? HF_ANCHOR : OC_ANCHOR;
+        if (find_prefix(&m->file, anchor, prefix, sizeof prefix) != 0) {
+            set_err(err, "%s: tensor '%s' is missing (%s layout)", path, anchor,
+                    layout == CD_LAYOUT_HF ? "HF transformers" : "open_clip");
+            cd_model_free(m);
+            return CD_ERR_MISSING;
+        }
+    }
+    m->layout = layout;
+    loader ld = {m, prefix, err};
+    st = load_vision(&ld);
+    if (!st && cfg->text_layers > 0) st = load_text(&ld);
+    if (!st) {
+        char name[512];
+        snprintf(name, sizeof name, "%slogit_scale", prefix);
+        const cd_st_tensor *t = cd_st_find(&m->file, name);
+        if (t && t->numel == 1 &&
+            (t->dtype == CD_DT_F32 || t->dtype == CD_DT_F16 || t->dtype == CD_DT_BF16)) {
+            const float *v;
+            float *tmp;
+            st = cd_st_read_f32(&m->file, t, &v, &tmp, err);
+            if (!st) {
+                m->has_logit_scale = 1;
+                m->logit_scale = v[0];
+            }
+            free(tmp);
+        }
+    }
+    if (st) {
+        cd_model_free(m);
+        return st;
+    }
+    *out = m;
+    return CD_OK;
+}
+
+const cd_config *cd_model_config(const cd_model *m) { return &m->cfg; }
+cd_layout cd_model_layout(const cd_model *m) { return m->layout; }
+
+int cd_model_logit_scale(const cd_model *m, float *log_scale) {
+    if (!m->has_logit_scale) return 0;
+    if (log_scale) *log_scale = m->logit_scale;
+    return 1;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the fold F[l] (W, D) = W_O[l]^T diag(gamma) proj (rows h*d .. h*d + d belong to head h)     */
+
+static cd_status compute_fold(cd_model *m, cd_error *err) {
+    const cd_config *c = &m->cfg;
+    const int W = c->width, D = c->embed_dim, L = c->layers;
+    size_t fold_n, ww;
+    if (mul3(&fold_n, (size_t)L, (size_t)W, (size_t)D) || mul_sz(&ww, (size_t)W, (size_t)W) ||
+        fold_n > SIZE_MAX / sizeof(float) || ww > SIZE_MAX / sizeof(float)) {
+        set_err(err, "the per-token fold of %d x %d x %d floats is too large", L, W, D);
+        return CD_ERR_NOMEM;
+    }
+    float *fold = (float *)malloc(fold_n * sizeof(float));
+    float *tmp = (float *)malloc(ww * sizeof(float));  /* (W_in, W_out) = W_O^T * gamma */
+    if (!fold || !tmp) {
+        free(fold);
+        free(tmp);
+        set_err(err, "out of memory for the per-token fold (%zu floats)", fold_n);
+        return CD_ERR_NOMEM;
+    }
+    const float *gamma = m->w.ln_post_w;
+    for (int l = 0; l < L; l++) {
+        const float *wo = m->w.blocks[l].out_w;  /* (W_out, W_in) */
+        #pragma omp parallel for schedule(static)
+        for (int j = 0; j < W; j++)
+            for (int o = 0; o < W; o++) tmp[(size_t)j * W + o] = wo[(size_t)o * W + j] * gamma[o];
+        cd_matmul(fold + (size_t)l * W * D, tmp, &m->w.proj, NULL, W, 0);
+    }
+    free(tmp);
+    m->fold = fold;
+    return CD_OK;
+}
+
+static cd_status ensure_fold(const cd_model *cm, cd_error *err) {
+    /* the model is allocated non-const by cd_model_load: the lazily built fold is the one
+     * field written after load, under the lock, published through fold_ready */
+    cd_model *m = (cd_model *)cm;
+    if (atomic_load_explicit(&m->fold_ready, memory_order_acquire)) return CD_OK;
+    cd_status st = CD_OK;
+    pthread_mutex_lock(&m->fold_lock);
+    if (!atomic_load_explicit(&m->fold_ready, memory_order_relaxed)) {
+        st = compute_fold(m, err);
+        if (!st) atomic_store_explicit(&m->fold_ready, 1, memory_order_release);
+    }
+    pthread_mutex_unlock(&m->fold_lock);
+    return st;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the image forward                                                                           */
+
+/* Scratch of one chunk of Bc images. */
+typedef struct {
+    int Bc;
+    float *x;          /* (Bc*N, W) residual stream */
+    float *ln;         /* (Bc*N, W) LayerNorm output */
+    float *qkv;        /* (Bc*N, 3W) */
+    float *att;        /* (Bc*N, W) attention output; also the patch embeddings (Bc*G*G, W) */
+    float *fc;         /* (Bc*N, max(F, 3*P*P*G*G/N..)) MLP hidden; also the patches */
+    float *mlp;        /* (Bc*N, W) MLP output */
+    float *a0;         /* (Bc, H, N) class-token attention of the current layer */
+    float *rows;       /* (Bc, W) gathered class rows */
+    float *rows2;      /* (Bc, W) */
+    float *stats;      /* (Bc, 3) mu, sigma, ||emb|| */
+    float *heads_raw;  /* (Bc, L, H, W) */
+    float *mlps_raw;   /* (Bc, L+1, W) */
+    float *cls_raw;    /* (Bc, L, W) */
+    float *const_rows; /* (Bc*L, W) the constant of the per-token terms, before the projection */
+    float *tconst;     /* (Bc*L, D) ... after it */
+    float *pconst;     /* (Bc*L, T) ... probed */
+} vision_chunk;
+
+/* Scratch shared by the chunks of one call. */
+typedef struct {
+    int nthreads;
+    float *att_tiles;  /* (nthreads, N, N) */
+    float *av;         /* (nthreads, N, d) attention-weighted values of one head */
+    float *probe_fold; /* (L, W, T) = F[l] @ probe^T */
+} vision_call;
+
+typedef struct {
+    const cd_model *m;
+    const cd_vision_opts *o;
+    cd_vision_result *r;
+    vision_chunk *ch;
+    vision_call *call;
+    int b0;            /* first image of the chunk in the batch */
+} vision_ctx;
+
+/* the decomposition's work while layer l's attention probabilities and values are in hand */
+static void decompose_layer(vision_ctx *vc, int l) {
+    const cd_model *m = vc->m;
+    const cd_config *c = &m->cfg;
+    const cd_vision_opts *o = vc->o;
+    vision_chunk *ch = vc->ch;
+    const int Bc = ch->Bc, W = c->width, H = c->heads, d = W / H, L = c->layers;
+    const int G = c->image_size / c->patch_size, N = 1 + G * G, D = c->embed_dim;
+    const int T = o->n_probe;
+    const cd_block *blk = &m->w.blocks[l];
+    const size_t ldq = (size_t)3 * W;
+
+    if (o->heads) {
+        /* c[b,l,h] = W_O[:, h-slice] @ z[b,l,h] + b_O / H with z = att[b, 0, h-slice] */
+        for (int h = 0; h < H; h++)
+            cd_sgemm_nt(Bc, W, d, 1.0f, ch->att + (size_t)h * d, N * W, blk->out_w + (size_t)h * d,
+                        W, ch->heads_raw + ((size_t)l * H + h) * W, L * H * W, 0);
+        const float inv_h = 1.0f / (float)H;
+        for (int b = 0; b < Bc; b++)
+            for (int h = 0; h < H; h++) {
+                float *row = ch->heads_raw + (((size_t)b * L + l) * H + h) * W;
+                for (int w = 0; w < W; w++) row[w] += blk->out_b[w] * inv_h;
+            }
+    }
+    if (o->cls_to_cls) {
+        /* sum over heads of the class token's own term: W_O @ [a[h,0,0] v[h,0]]_h + b_O / N */
+        for (int b = 0; b < Bc; b++) {
+            const float *v0 = ch->qkv + (size_t)b * N * ldq + 2 * (size_t)W;
+            float *t = ch->rows + (size_t)b * W;
+            for (int h = 0; h < H; h++) {
+                float a = ch->a0[((size_t)b * H + h) * N];
+                for (int j = 0; j < d; j++) t[h * d + j] = a * v0[h * d + j];
+            }
+        }
+        cd_sgemm_nt(Bc, W, W, 1.0f, ch->rows, W, blk->out_w, W, ch->cls_raw + (size_t)l * W,
+                    L * W, 0);
+        const float inv_n = 1.0f / (float)N;
+        for (int b = 0; b < Bc; b++) {
+            float *row = ch->cls_raw + ((size_t)b * L + l) * W;
+            for (int w = 0; w < W; w++) row[w] += blk->out_b[w] * inv_n;
+        }
+    }
+    if (o->tokens || o->probe) {
+        /* per (image, head): av[i] = a[h,0,i] v[h,i]; raw token terms av @ F[l,h] (and the
+         * probe's av @ F[l,h] @ probe^T); scaled and shifted once sigma and ||emb|| are known */
+        const float *fold = m->fold;
+        #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(vc->call->nthreads)
+        for (int b = 0; b < Bc; b++) {
+            for (int h = 0; h < H; h++) {
+#ifdef _OPENMP
+                float *av = vc->call->av + (size_t)omp_get_thread_num() * N * d;
+#else
+                float *av = vc->call->av;
+#endif
+                const float *a = ch->a0 + ((size_t)b * H + h) * N;
+                const float *v = ch->qkv + (size_t)b * N * ldq + 2 * (size_t)W + (size_t)h * d;
+                for (int i = 0; i < N; i++)
+                    for (int j = 0; j < d; j++) av[(size_t)i * d + j] = a[i] * v[i * ldq + j];
+                const size_t img = (size_t)vc->b0 + b;
+                if (o->tokens)
+                    cd_sgemm_nn(N, D, d, 1.0f, av, d, fold + ((size_t)l * W + (size_t)h * d) * D, D,
+                                vc->r->tokens + (((img * L + l) * N) * H + h) * D, H * D, 0);
+                if (o->probe)
+                    cd_sgemm_nn(N, T, d, 1.0f, av, d,
+                                vc->call->probe_fold + ((size_t)l * W + (size_t)h * d) * T, T,
+                                vc->r->probe_out + (((img * L + l) * N) * H + h) * T, H * T, 0);
+            }
+        }
+    }
+    if (o->attn)
+        for (int b = 0; b < Bc; b++)
+            memcpy(vc->r->attn_cls + (((size_t)vc->b0 + b) * L + l) * H * N,
+                   ch->a0 + (size_t)b * H * N, (size_t)H * N * sizeof(float));
+}
+
+/* map the raw terms of the chunk through ln_post and proj, reference convention */
+static void decompose_final(vision_ctx *vc) {
+    const cd_model *m = vc->m;
+    const cd_config *c = &m->cfg;
+    const cd_vision_opts *o = vc->o;
+    vision_chunk *ch = vc->ch;
+    cd_vision_result *r = vc->r;
+    const int Bc = ch->Bc, W = c->width, H = c->heads, L = c->layers, D = c->embed_dim;
+    const int G = c->image_size / c->patch_size, N = 1 + G * G, T = o->n_probe;
+    const float K = (float)(2 * L + 1);
+    const float *gamma = m->w.ln_post_w, *beta = m->w.ln_post_b;
+    const size_t b0 = (size_t)vc->b0;
+
+    struct { int want; float *raw; float *dst; int per_img; float k_inv; } maps[3] = {
+        {o->heads, ch->heads_raw, r->heads, L * H, 1.0f / (K * H)},
+        {o->mlps, ch->mlps_raw, r->mlps, L + 1, 1.0f / K},
+        {o->cls_to_cls, ch->cls_raw, r->cls_to_cls, L, 1.0f / (K * N)},
+    };
+    for (int k = 0; k < 3; k++) {
+        if (!maps[k].want) continue;
+        const int R = maps[k].per_img;
+        for (int b = 0; b < Bc; b++) {
+            const float *s = ch->stats + 3 * (size_t)b;
+            decomp_ln_rows(maps[k].raw + (size_t)b * R * W, (size_t)R, W, s[0], s[1], gamma, beta,
+                           maps[k].k_inv);
+        }
+        float *dst = maps[k].dst + b0 * R * D;
+        cd_matmul(dst, maps[k].raw, &m->w.proj, NULL, Bc * R, 0);
+        for (int b = 0; b < Bc; b++) {
+            const float nrm = ch->stats[3 * (size_t)b + 2];
+            const float inv = nrm > 0.0f ? 1.0f / nrm : 0.0f;
+            float *x = dst + (size_t)b * R * D;
+            for (size_t i = 0; i < (size_t)R * D; i++) x[i] *= inv;
+        }
+    }
+    if (!o->tokens && !o->probe) return;
+    /* const(b, l) = ((b_O / (N H) - mu / (K N H)) gamma / sigma + beta / (K N H)) @ proj / ||emb|| */
+    const float k_inv = 1.0f / (K * N * H), inv_nh = 1.0f / ((float)N * H);
+    for (int b = 0; b < Bc; b++) {
+        const float *s = ch->stats + 3 * (size_t)b;
+        for (int l = 0; l < L; l++) {
+            float *row = ch->const_rows + ((size_t)b * L + l) * W;
+            const float *bo = m->w.blocks[l].out_b;
+            for (int w = 0; w < W; w++) row[w] = bo[w] * inv_nh;
+        }
+        decomp_ln_rows(ch->const_rows + (size_t)b * L * W, (size_t)L, W, s[0], s[1], gamma, beta,
+                       k_inv);
+    }
+    cd_matmul(ch->tconst, ch->const_rows, &m->w.proj, NULL, Bc * L, 0);
+    for (int b = 0; b < Bc; b++) {
+        const float nrm = ch->stats[3 * (size_t)b + 2];
+        const float inv = nrm > 0.0f ? 1.0f / nrm : 0.0f;
+        for (size_t i = 0; i < (size_t)L * D; i++) ch->tconst[(size_t)b * L * D + i] *= inv;
+    }
+    if (o->probe)
+        cd_sgemm_nt(Bc * L, T, D, 1.0f, ch->tconst, D, o->probe, D, ch->pconst, T, 0);
+    for (int b = 0; b < Bc; b++) {
+        const float *s = ch->stats + 3 * (size_t)b;
+        const float den = s[1] * s[2];
+        const float scale = den > 0.0f ? 1.0f / den : 0.0f;
+        for (int l = 0; l < L; l++) {
+            const size_t bl = (b0 + b) * L + l;
+            if (o->tokens)
+                scale_shift_rows(r->tokens + bl * N * H * D, (size_t)N * H, D, D, scale,
+                                 ch->tconst + ((size_t)b * L + l) * D);
+            if (o->probe)
+                scale_shift_rows(r->probe_out + bl * N * H * T, (size_t)N * H, T, T, scale,
+                                 ch->pconst + ((size_t)b * L + l) * T);
+        }
+    }
+}
+
+/* images (Bc, 3, S, S) of the chunk starting at vc->b0 */
+static cd_status vision_forward_chunk(vision_ctx *vc, const float *images) {
+    const cd_model *m = vc->m;
+    const cd_config *c = &m->cfg;
+    const cd_weights *w = &m->w;
+    const cd_vision_opts *o = vc->o;
+    vision_chunk *ch = vc->ch;
+    const int Bc = ch->Bc, W = c->width, H = c->heads, L = c->layers, F = c->mlp_dim;
+    const int S = c->image_size, P = c->patch_size, G = S / P, N = 1 + G * G, D = c->embed_dim;
+    const int R = Bc * N;
+    const size_t RW = (size_t)R * W;
+
+    /* embeddings: x = [cls ; patches @ conv^T] + pos, then ln_pre */
+    patches_forward(ch->fc, images, Bc, S, P);
+    cd_matmul(ch->att, ch->fc, &w->conv, NULL, Bc * G * G, 0);
+    vision_embed_forward(ch->x, ch->att, w->class_emb, w->pos, Bc, N, W);
+    layernorm_forward(ch->x, NULL, NULL, ch->x, w->ln_pre_w, w->ln_pre_b, R, W, c->ln_eps);
+    if (o->mlps)
+        for (int b = 0; b < Bc; b++)
+            memcpy(ch->mlps_raw + (size_t)b * (L + 1) * W, ch->x + (size_t)b * N * W,
+                   (size_t)W * sizeof(float));
+
+    for (int l = 0; l < L; l++) {
+        if (o->cancel && o->cancel(o->cancel_ctx)) return CD_ERR_INTERRUPTED;
+        const cd_block *blk = &w->blocks[l];
+        /* x += out_proj(MHA(ln_1(x))) */
+        layernorm_forward(ch->ln, NULL, NULL, ch->x, blk->ln1_w, blk->ln1_b, R, W, c->ln_eps);
+        cd_matmul(ch->qkv, ch->ln, &blk->qkv, blk->qkv_b, R, 0);
+        attention_forward(ch->att, ch->a0, (size_t)H * N,
+                          o->attn ? vc->r->attn_mean + ((size_t)vc->b0 * L + l) * N * N : NULL,
+                          (size_t)L * N * N, ch->qkv, Bc, N, W, H, 0, vc->call->att_tiles,
+                          vc->call->nthreads);
+        decompose_layer(vc, l);
+        cd_matmul(ch->x, ch->att, &blk->out, blk->out_b, R, 1);
+        /* x += c_proj(act(c_fc(ln_2(x)))) */
+        layernorm_forward(ch->ln, NULL, NULL, ch->x, blk->ln2_w, blk->ln2_b, R, W, c->ln_eps);
+        cd_matmul(ch->fc, ch->ln, &blk->fc, blk->fc_b, R, 0);
+        act_forward(ch->fc, (size_t)R * F, c->act);
+        cd_matmul(ch->mlp, ch->fc, &blk->proj, blk->proj_b, R, 0);
+        if (o->mlps)
+            for (int b = 0; b < Bc; b++)
+                memcpy(ch->mlps_raw + ((size_t)b * (L + 1) + l + 1) * W, ch->mlp + (size_t)b * N * W,
+                       (size_t)W * sizeof(float));
+        residual_forward(ch->x, ch->mlp, RW);
+    }
+
+    /* emb = ln_post(x[0]) @ proj; ln_stats = (mu, sigma, ||emb||) */
+    for (int b = 0; b < Bc; b++)
+        memcpy(ch->rows + (size_t)b * W, ch->x + (size_t)b * N * W, (size_t)W * sizeof(float));
+    cd_vision_result *r = vc->r;
+    float *emb = r->embedding + (size_t)vc->b0 * D;
+    for (int b = 0; b < Bc; b++) {
+        float mean, sigma;
+        layernorm_forward(ch->rows2 + (size_t)b * W, &mean, &sigma, ch->rows + (size_t)b * W,
+                          w->ln_post_w, w->ln_post_b, 1, W, c->ln_eps);
+        ch->stats[3 * (size_t)b] = mean;
+        ch->stats[3 * (size_t)b + 1] = sigma;
+    }
+    cd_matmul(emb, ch->rows2, &w->proj, NULL, Bc, 0);
+    for (int b = 0; b < Bc; b++) {
+        double s = 0.0;
+        for (int j = 0; j < D; j++) s += (double)emb[(size_t)b * D + j] * emb[(size_t)b * D + j];
+        ch->stats[3 * (size_t)b + 2] = (float)sqrt(s);
+        memcpy(r->ln_stats + 3 * ((size_t)vc->b0 + b), ch->stats + 3 * (size_t)b,
+               3 * sizeof(float));
+    }
+    decompose_final(vc);
+    return CD_OK;
+}
+
+void cd_vision_result_free(cd_vision_result *r) {
+    if (!r) return;
+    free(r->block);
+    free(r);
+}
+
+/* The scratch arrays of a chunk of Bc images, as plan items (returns how many, -1 on overflow). */
+static int chunk_plan(vision_chunk *ch, plan_item *it, const cd_config *c, const cd_vision_opts *o,
+                      size_t Bc) {
+    const size_t W = (size_t)c->width, H = (size_t)c->heads, L = (size_t)c->layers;
+    const size_t F = (size_t)c->mlp_dim, D = (size_t)c->embed_dim, T = (size_t)o->n_probe;
+    const size_t S = (size_t)c->image_size, G = S / (size_t)c->patch_size, N = 1 + G * G;
+    const size_t fcw = F * N > 3 * S * S ? F * N : 3 * S * S;  /* MLP hidden, or the patches */
+    const int tok = o->tokens || o->probe;
+    struct { float **dst; size_t a, b, cc; int on; } spec[] = {
+        {&ch->x, Bc, N, W, 1},          {&ch->ln, Bc, N, W, 1},
+        {&ch->qkv, Bc, N, 3 * W, 1},    {&ch->att, Bc, N, W, 1},
+        {&ch->fc, Bc, fcw, 1, 1},       {&ch->mlp, Bc, N, W, 1},
+        {&ch->a0, Bc, H, N, 1},         {&ch->rows, Bc, W, 1, 1},
+        {&ch->rows2, Bc, W, 1, 1},      {&ch->stats, Bc, 3, 1, 1},
+        {&ch->heads_raw, Bc, L * H, W, o->heads},
+        {&ch->mlps_raw, Bc, L + 1, W, o->mlps},
+        {&ch->cls_raw, Bc, L, W, o->cls_to_cls},
+        {&ch->const_rows, Bc, L, W, tok}, {&ch->tconst, Bc, L, D, tok},
+        {&ch->pconst, Bc, L, T, o->probe != NULL},
+    };
+    int k = 0;
+    for (size_t i = 0; i < sizeof spec / sizeof spec[0]; i++) {
+        if (!spec[i].on) continue;
+        if (mul3(&it[k].n, spec[i].a, spec[i].b, spec[i].cc)) return -1;
+        it[k++].dst = spec[i].dst;
+    }
+    return k;
+}
+
+static cd_status encode_image_impl(const cd_model *m, const float *images, int B,
+                                   const cd_vision_opts *opts_in, cd_vision_result **out,
+                                   cd_error *err, size_t budget) {
+    if (err) err->msg[0] = '\0';
+    if (!m || !out) {
+        set_err(err, "cd_encode_image: NULL argument");
+        return CD_ERR_VALUE;
+    }
+    *out = NULL;
+    cd_vision_opts none;
+    memset(&none, 0, sizeof none);
+    const cd_vision_opts *o = opts_in ? opts_in : &none;
+    const cd_config *c = &m->cfg;
+    const int W = c->width, H = c->heads, L = c->layers, D = c->embed_dim, d = W / H;
+    const int S = c->image_size, G = S / c->patch_size, N = 1 + G * G;
+    if (B < 0 || (B > 0 && !images)) {
+        set_err(err, "images: expected (B, 3, %d, %d) float32 values with B >= 0", S, S);
+        return CD_ERR_VALUE;
+    }
+    if ((o->probe && o->n_probe <= 0) || (!o->probe && o->n_probe != 0)) {
+        set_err(err, "probe: expected (T, %d) directions with T >= 1, got T = %d%s", D, o->n_probe,
+                o->probe ? "" : " and no data");
+        return CD_ERR_VALUE;
+    }
+    const int T = o->probe ? o->n_probe : 0;
+    if ((int64_t)H * T > INT32_MAX || (int64_t)W * T > INT32_MAX) {
+        set_err(err, "probe: %d directions are too many", T);
+        return CD_ERR_VALUE;
+    }
+    size_t img_n;
+    if (mul3(&img_n, (size_t)B, 3, (size_t)S * S)) {
+        set_err(err, "images: batch too large");
+        return CD_ERR_NOMEM;
+    }
+    for (size_t i = 0; i < img_n; i++)
+        if (!isfinite(images[i])) {
+            size_t x = i % S, y = i / S % S, ch = i / ((size_t)S * S) % 3, b = i / (3 * (size_t)S * S);
+            set_err(err, "images contains a non-finite value (%s) at index [%zu, %zu, %zu, %zu]",
+                    isnan(images[i]) ? "nan" : "inf", b, ch, y, x);
+            return CD_ERR_VALUE;
+        }
+    if (o->probe) {
+        for (size_t i = 0; i < (size_t)T * D; i++)
+            if (!isfinite(o->probe[i])) {
+                set_err(err, "probe contains a non-finite value at index [%zu, %zu]", i / D, i % D);
+                return CD_ERR_VALUE;
+            }
+    }
+
+    /* the result block */
+    cd_vision_result *r = (cd_vision_result *)calloc(1, sizeof(cd_vision_result));
+    if (!r) {
+        set_err(err, "out of memory");
+        return CD_ERR_NOMEM;
+    }
+    r->B = B; r->L = L; r->H = H; r->N = N; r->D = D; r->T = T; r->W = W;
+    const size_t Bs = (size_t)B, Ls = (size_t)L, Hs = (size_t)H, Ns = (size_t)N, Ds = (size_t)D;
+    struct { float **dst; size_t a, b, cc, e; int on; } rs[] = {
+        {&r->embedding, Bs, Ds, 1, 1, 1},       {&r->ln_stats, Bs, 3, 1, 1, 1},
+        {&r->heads, Bs, Ls, Hs, Ds, o->heads},  {&r->mlps, Bs, Ls + 1, Ds, 1, o->mlps},
+        {&r->cls_to_cls, Bs, Ls, Ds, 1, o->cls_to_cls},
+        {&r->tokens, Bs, Ls, Ns, Hs * Ds, o->tokens},
+        {&r->probe_out, Bs, Ls, Ns, Hs * (size_t)T, o->probe != NULL},
+        {&r->attn_cls, Bs, Ls, Hs, Ns, o->attn}, {&r->attn_mean, Bs, Ls, Ns, Ns, o->attn},
+    };
+    plan_item items[16];
+    int k = 0;
+    for (size_t i = 0; i < sizeof rs / sizeof rs[0]; i++) {
+        if (!rs[i].on) continue;
+        size_t t;
+        if (mul3(&t, rs[i].a, rs[i].b, rs[i].cc) || mul_sz(&items[k].n, t, rs[i].e)) {
+            free(r);
+            set_err(err, "the requested outputs for %d images are too large", B);
+            return CD_ERR_NOMEM;
+        }
+        items[k++].dst = rs[i].dst;
+    }
+    r->block = plan_alloc(items, k, &r->block_bytes);
+    if (!r->block) {
+        free(r);
+        set_err(err, "out of memory for the outputs of %d images", B);
+        return CD_ERR_NOMEM;
+    }
+    if (B == 0) {
+        *out = r;
+        return CD_OK;
+    }
+
+    cd_status st = CD_OK;
+    int prev_threads = push_threads(o->threads);
+    vision_call call;
+    memset(&call, 0, sizeof call);
+    void *call_block = NULL, *chunk_block = NULL;
+    vision_chunk ch;
+    memset(&ch, 0, sizeof ch);
+
+    if (o->tokens || o->probe) {
+        st = ensure_fold(m, err);
+        if (st) goto done;
+    }
+    /* per-call scratch */
+    call.nthreads = max_threads();
+    {
+        plan_item ci[3];
+        int nc = 0;
+        if (mul3(&ci[nc].n, (size_t)call.nthreads, Ns, Ns)) goto nomem;
+        ci[nc++].dst = &call.att_tiles;
+        if (mul3(&ci[nc].n, (size_t)call.nthreads, Ns, (size_t)d)) goto nomem;
+        ci[nc++].dst = &call.av;
+        if (o->probe) {
+            if (mul3(&ci[nc].n, Ls, (size_t)W, (size_t)T)) goto nomem;
+            ci[nc++].dst = &call.probe_fold;
+        }
+        call_block = plan_alloc(ci, nc, NULL);
+        if (!call_block) goto nomem;
+    }
+    if (o->probe)
+        for (int l = 0; l < L; l++)
+            cd_sgemm_nt(W, T, D, 1.0f, m->fold + (size_t)l * W * D, D, o->probe, D,
+                        call.probe_fold + (size_t)l * W * T, T, 0);
+
+    /* chunk size: images whose scratch fits the budget */
+    {
+        plan_item ci[20];
+        int nc = chunk_plan(&ch, ci, c, o, 1);
+        if (nc < 0) goto nomem;
+        size_t per_image = 0;
+        for (int i = 0; i < nc; i++) {
+            if (per_image > SIZE_MAX / 4 - ci[i].n) goto nomem;
+            per_image += ci[i].n + CD_ALIGN / sizeof(float);
+        }
+        size_t Bc = budget / (per_image * sizeof(float));
+        if (Bc < 1) Bc = 1;
+        if (Bc > (size_t)B) Bc = (size_t)B;
+        if (Bc > (size_t)INT32_MAX / Ns) Bc = (size_t)INT32_MAX / Ns;
+        ch.Bc = (int)Bc;
+        nc = chunk_plan(&ch, ci, c, o, Bc);
+        if (nc < 0) goto nomem;
+        chunk_block = plan_alloc(ci, nc, NULL);
+        if (!chunk_block) goto nomem;
+    }
+
+    for (int b0 = 0; b0 < B; b0 += ch.Bc) {
+        const int Bfull = ch.Bc;
+        if (B - b0 < ch.Bc) ch.Bc = B - b0;
+        vision_ctx vc = {m, o, r, &ch, &call, b0};
+        st = vision_forward_chunk(&vc, images + (size_t)b0 * 3 * S * S);
+        ch.Bc = Bfull;
+        if (st) {
+            set_err(err, "interrupted");
+            goto done;
+        }
+    }
+    goto done;
+nomem:
+    st = CD_ERR_NOMEM;
+    set_err(err, "out of memory for the scratch of %d images", B);
+done:
+    free(call_block);
+    free(chunk_block);
+    pop_threads(o->threads, prev_threads);
+    if (st) {
+        cd_vision_result_free(r);
+        return st;
+    }
+    *out = r;
+    return CD_OK;
+}
+
+/* As cd_encode_image with a chosen scratch budget in bytes (tests use it to force chunking). */
+cd_status cd_encode_image_budget(const cd_model *m, const float *images, int B,
+                                 const cd_vision_opts *opts, cd_vision_result **out,
+                                 cd_error *err, size_t budget) {
+    return encode_image_impl(m, images, B, opts, out, err, budget);
+}
+
+cd_status cd_encode_image(const cd_model *m, const float *images, int B,
+                          const cd_vision_opts *opts, cd_vision_result **out, cd_error *err) {
+    return encode_image_impl(m, images, B, opts, out, err, CD_SCRATCH_BUDGET);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the text forward                                                                            */
+
+cd_status cd_encode_text(const cd_model *m, const int32_t *tokens, int T, float *out, int threads,
+                         cd_cancel_fn cancel, void *cancel_ctx, cd_error *err) {
+    if (err) err->msg[0] = '\0';
+    if (!m) {
+        set_err(err, "cd_encode_text: NULL model");
+        return CD_ERR_VALUE;
+    }
+    const cd_config *c = &m->cfg;
+    if (c->text_layers <= 0) {
+        set_err(err, "this model has no text tower (text_layers = 0)");
+        return CD_ERR_VALUE;
+    }
+    const int C = c->context_length, W = c->text_width, H = c->text_heads, F = c->text_mlp_dim;
+    const int D = c->embed_dim, V = c->vocab_size, Lt = c->text_layers;
+    if (T < 0 || (T > 0 && (!tokens || !out))) {
+        set_err(err, "tokens: expected (T, %d) int32 token ids with T >= 0", C);
+        return CD_ERR_VALUE;
+    }
+    for (size_t i = 0; i < (size_t)T * C; i++)
+        if (tokens[i] < 0 || tokens[i] >= V) {
+            set_err(err, "tokens[%zu, %zu] = %d is outside the vocabulary [0, %d)", i / C, i % C,
+                    (int)tokens[i], V);
+            return CD_ERR_VALUE;
+        }
+    if (T == 0) return CD_OK;
+
+    int prev_threads = push_threads(threads);
+    cd_status st = CD_OK;
+    const size_t Cs = (size_t)C, Ws = (size_t)W;
+    const int nthreads = max_threads();
+    size_t per_text = Cs * (Ws * 7 + (size_t)F) + 2 * Ws + 64;
+    size_t Tc = CD_SCRATCH_BUDGET / (per_text * sizeof(float));
+    if (Tc < 1) Tc = 1;
+    if (Tc > (size_t)T) Tc = (size_t)T;
+    float *x, *ln, *qkv, *att, *fc, *mlp, *rows, *rows2, *tiles;
+    plan_item it[9] = {{&x, 0}, {&ln, 0}, {&qkv, 0}, {&att, 0}, {&fc, 0}, {&mlp, 0},
+                       {&rows, 0}, {&rows2, 0}, {&tiles, 0}};
+    void *block = NULL;
+    if (mul3(&it[0].n, Tc, Cs, Ws) || mul3(&it[2].n, Tc, Cs, 3 * Ws) ||
+        mul3(&it[4].n, Tc, Cs, (size_t)F) || mul_sz(&it[6].n, Tc, Ws) ||
+        mul3(&it[8].n, (size_t)nthreads, Cs, Cs)) {
+        st = CD_ERR_NOMEM;
+    } else {
+        it[1].n = it[3].n = it[5].n = it[0].n;
+        it[7].n = it[6].n;
+        block = plan_alloc(it, 9, NULL);
+        if (!block) st = CD_ERR_NOMEM;
+    }
+    if (st) {
+        set_err(err, "out of memory for the scratch of %d texts", T);
+        pop_threads(threads, prev_threads);
+        return st;
+    }
+    const cd_weights *w = &m->w;
+    for (int t0 = 0; t0 < T && !st; t0 += (int)Tc) {
+        const int n = T - t0 < (int)Tc ? T - t0 : (int)Tc;
+        const int R = n * C;
+        const int32_t *ids = tokens + (size_t)t0 * C;
+        text_embed_forward(x, ids, w->tok_emb, w->tpos, n, C, W);
+        for (int l = 0; l < Lt; l++) {
+            if (cancel && cancel(cancel_ctx)) {
+                st = CD_ERR_INTERRUPTED;
+                set_err(err, "interrupted");
+                break;
+            }
+            const cd_block *blk = &w->tblocks[l];
+            layernorm_forward(ln, NULL, NULL, x, blk->ln1_w, blk->ln1_b, R, W, c->ln_eps);
+            cd_matmul(qkv, ln, &blk->qkv, blk->qkv_b, R, 0);
+            attention_forward(att, NULL, 0, NULL, 0, qkv, n, C, W, H, 1, tiles, nthreads);
+            cd_matmul(x, att, &blk->out, blk->out_b, R, 1);
+            layernorm_forward(ln, NULL, NULL, x, blk->ln2_w, blk->ln2_b, R, W, c->ln_eps);
+            cd_matmul(fc, ln, &blk->fc, blk->fc_b, R, 0);
+            act_forward(fc, (size_t)R * F, c->text_act);
+            cd_matmul(mlp, fc, &blk->proj, blk->proj_b, R, 0);
+            residual_forward(x, mlp, (size_t)R * W);
+        }
+        if (st) break;
+        /* the end-of-text token: first position of the largest id */
+        for (int t = 0; t < n; t++) {
+            const int32_t *row = ids + (size_t)t * C;
+            int best = 0;
+            for (int j = 1; j < C; j++)
+                if (row[j] > row[best]) best = j;
+            memcpy(rows + (size_t)t * W, x + ((size_t)t * C + best) * W, Ws * sizeof(float));
+        }
+        layernorm_forward(rows2, NULL, NULL, rows, w->ln_final_w, w->ln_final_b, n, W, c->ln_eps);
+        cd_matmul(out + (size_t)t0 * D, rows2, &w->tproj, NULL, n, 0);
+    }
+    free(block);
+    pop_threads(threads, prev_threads);
+    return st;
+}

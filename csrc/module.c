@@ -1,0 +1,689 @@
+/* module.c -- the CPython extension clipdecomp._core: argument checking and ownership only.
+ *
+ *   Model(path, config, layout="auto")
+ *       .config -> dict, .layout -> "open_clip" | "hf", .path -> str,
+ *       .raw_logit_scale -> float | None (as stored: a log)
+ *       .encode_image(pixels [B, 3, S, S], *, heads=False, mlps=False, cls_to_cls=False,
+ *                     tokens=False, probe=None [T, D], attn=False, threads=0) -> dict
+ *           keys: embedding [B, D], ln_stats [B, 3] and, as requested, heads [B, L, H, D],
+ *           mlps [B, L+1, D], cls_to_cls [B, L, D], tokens [B, L, N, H, D],
+ *           probe [B, L, N, H, T], attn_cls [B, L, H, N], attn_mean [B, L, N, N]
+ *           (float32 views over one block owned by a capsule: zero-copy)
+ *       .encode_text(ids [T, C], *, threads=0) -> [T, D]
+ *   isa(), set_isa(name), _matmul, _sgemm_nt, _sgemm_nn (kernel tests)
+ *
+ * The computation runs with the GIL released; between layers the core asks, from the calling
+ * thread, whether to stop: the GIL is taken back briefly and pending signals are run (Ctrl-C in
+ * Jupyter raises KeyboardInterrupt).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <string.h>
+
+#define NPY_NO_DEPRECATED_API NPY_1_20_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include "clipdecomp.h"
+#include "gemm.h"
+
+typedef struct {
+    PyObject_HEAD
+    cd_model *m;
+    PyObject *path;  /* str */
+    double ln_eps;   /* as given (the core keeps a float) */
+} ModelObject;
+
+static const char *CONFIG_INTS[] = {"image_size", "patch_size", "width", "layers", "heads",
+                                    "mlp_dim", "embed_dim"};
+static const char *TEXT_INTS[] = {"context_length", "vocab_size", "text_width", "text_heads",
+                                  "text_mlp_dim"};
+
+/* ------------------------------------------------------------------------------------------ */
+/* errors                                                                                      */
+
+/* Raise the exception of a failed core call. path (may be NULL) prefixes the message when the
+ * message does not name it already. */
+static PyObject *raise_status(cd_status st, const cd_error *err, const char *path) {
+    const char *msg = err->msg[0] ? err->msg : "clipdecomp core error";
+    PyObject *exc;
+    switch (st) {
+        case CD_ERR_IO:
+            exc = strstr(msg, strerror(ENOENT)) ? PyExc_FileNotFoundError : PyExc_OSError;
+            break;
+        case CD_ERR_NOMEM: exc = PyExc_MemoryError; break;
+        case CD_ERR_INTERRUPTED:
+            if (PyErr_Occurred()) return NULL;  /* raised by a signal handler */
+            exc = PyExc_KeyboardInterrupt;
+            break;
+        default: exc = PyExc_ValueError; break;  /* FORMAT, MISSING, SHAPE, VALUE */
+    }
+    if (path && !strstr(msg, path) && st != CD_ERR_INTERRUPTED)
+        PyErr_Format(exc, "%s: %s", path, msg);
+    else
+        PyErr_SetString(exc, msg);
+    return NULL;
+}
+
+/* the cancel callback: run pending signal handlers with the GIL held */
+static int py_cancel(void *ctx) {
+    (void)ctx;
+    PyGILState_STATE g = PyGILState_Ensure();
+    int stop = PyErr_CheckSignals() != 0;
+    PyGILState_Release(g);
+    return stop;
+}
+
+static PyObject *shape_str(PyArrayObject *a) {
+    PyObject *shape = PyObject_GetAttrString((PyObject *)a, "shape");
+    if (!shape) return NULL;
+    PyObject *s = PyObject_Str(shape);
+    Py_DECREF(shape);
+    return s;
+}
+
+/* a float32 C-contiguous array of `ndim` dimensions from any array-like (cast if needed) */
+static PyArrayObject *as_f32(PyObject *obj, const char *name, int ndim, const char *expect) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(
+        obj, NPY_FLOAT32, 0, 0, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+    if (!a) return NULL;
+    if (PyArray_NDIM(a) != ndim) {
+        PyObject *s = shape_str(a);
+        if (s) PyErr_Format(PyExc_ValueError, "%s must have shape %s, got %U", name, expect, s);
+        Py_XDECREF(s);
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+static int dim_error(PyArrayObject *a, const char *name, const char *expect) {
+    PyObject *s = shape_str(a);
+    if (s) PyErr_Format(PyExc_ValueError, "%s must have shape %s, got %U", name, expect, s);
+    Py_XDECREF(s);
+    return -1;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Model                                                                                       */
+
+static int cfg_get_int(PyObject *d, const char *key, int *out, int required) {
+    PyObject *v = PyDict_GetItemString(d, key);  /* borrowed */
+    if (!v) {
+        if (required) {
+            PyErr_Format(PyExc_ValueError, "config lacks '%s'", key);
+            return -1;
+        }
+        return 0;
+    }
+    PyObject *idx = PyNumber_Index(v);
+    if (!idx) {
+        PyErr_Format(PyExc_TypeError, "config['%s'] must be an integer", key);
+        return -1;
+    }
+    long x = PyLong_AsLong(idx);
+    Py_DECREF(idx);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (x < INT32_MIN || x > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "config['%s'] = %ld is out of range", key, x);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+static int cfg_get_act(PyObject *d, const char *key, int *out, int required) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) {
+        if (required) {
+            PyErr_Format(PyExc_ValueError,
+                         "config lacks '%s' ('gelu' or 'quick_gelu'): nothing in the weights "
+                         "tells which one the model was trained with", key);
+            return -1;
+        }
+        return 0;
+    }
+    const char *s = PyUnicode_Check(v) ? PyUnicode_AsUTF8(v) : NULL;
+    if (s && !strcmp(s, "gelu")) { *out = CD_ACT_GELU; return 0; }
+    if (s && !strcmp(s, "quick_gelu")) { *out = CD_ACT_QUICK_GELU; return 0; }
+    if (PyErr_Occurred()) return -1;
+    PyErr_Format(PyExc_ValueError, "config['%s'] must be 'gelu' or 'quick_gelu', got %R", key, v);
+    return -1;
+}
+
+static int parse_config(PyObject *d, cd_config *c, double *ln_eps) {
+    memset(c, 0, sizeof *c);
+    int *vis[] = {&c->image_size, &c->patch_size, &c->width, &c->layers, &c->heads, &c->mlp_dim,
+                  &c->embed_dim};
+    for (size_t i = 0; i < sizeof vis / sizeof vis[0]; i++)
+        if (cfg_get_int(d, CONFIG_INTS[i], vis[i], 1)) return -1;
+    if (cfg_get_act(d, "act", &c->act, 1)) return -1;
+    *ln_eps = 1e-5;
+    PyObject *eps = PyDict_GetItemString(d, "ln_eps");
+    if (eps) {
+        double e = PyFloat_AsDouble(eps);
+        if (e == -1.0 && PyErr_Occurred()) return -1;
+        *ln_eps = e;
+    }
+    c->ln_eps = (float)*ln_eps;
+    if (cfg_get_int(d, "text_layers", &c->text_layers, 0)) return -1;
+    int *txt[] = {&c->context_length, &c->vocab_size, &c->text_width, &c->text_heads,
+                  &c->text_mlp_dim};
+    const int need = c->text_layers > 0;
+    for (size_t i = 0; i < sizeof txt / sizeof txt[0]; i++)
+        if (cfg_get_int(d, TEXT_INTS[i], txt[i], need)) return -1;
+    if (cfg_get_act(d, "text_act", &c->text_act, need)) return -1;
+    return 0;
+}
+
+static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"path", "config", "layout", NULL};
+    PyObject *path_bytes = NULL, *cfg_dict;
+    const char *layout_s = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&O!|s:Model", kwlist, PyUnicode_FSConverter,
+                                     &path_bytes, &PyDict_Type, &cfg_dict, &layout_s))
+        return NULL;
+    cd_layout layout;
+    if (!strcmp(layout_s, "auto")) layout = CD_LAYOUT_AUTO;
+    else if (!strcmp(layout_s, "open_clip")) layout = CD_LAYOUT_OPEN_CLIP;
+    else if (!strcmp(layout_s, "hf")) layout = CD_LAYOUT_HF;
+    else {
+        Py_DECREF(path_bytes);
+        PyErr_Format(PyExc_ValueError, "layout must be 'auto', 'open_clip' or 'hf', got '%s'",
+                     layout_s);
+        return NULL;
+    }
+    cd_config cfg;
+    double ln_eps;
+    if (parse_config(cfg_dict, &cfg, &ln_eps)) {
+        Py_DECREF(path_bytes);
+        return NULL;
+    }
+    ModelObject *self = (ModelObject *)type->tp_alloc(type, 0);
+    if (!self) {
+        Py_DECREF(path_bytes);
+        return NULL;
+    }
+    self->ln_eps = ln_eps;
+    const char *path = PyBytes_AS_STRING(path_bytes);
+    self->path = PyUnicode_DecodeFSDefault(path);
+    if (!self->path) {
+        Py_DECREF(path_bytes);
+        Py_DECREF(self);
+        return NULL;
+    }
+    cd_error err;
+    cd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = cd_model_load(&self->m, path, &cfg, layout, &err);
+    Py_END_ALLOW_THREADS
+    if (st != CD_OK) {
+        raise_status(st, &err, path);
+        Py_DECREF(path_bytes);
+        Py_DECREF(self);
+        return NULL;
+    }
+    Py_DECREF(path_bytes);
+    return (PyObject *)self;
+}
+
+static void Model_dealloc(ModelObject *self) {
+    cd_model_free(self->m);
+    Py_XDECREF(self->path);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Model_get_config(ModelObject *self, void *closure) {
+    (void)closure;
+    const cd_config *c = cd_model_config(self->m);
+    int vals[] = {c->image_size, c->patch_size, c->width, c->layers, c->heads, c->mlp_dim,
+                  c->embed_dim};
+    int tvals[] = {c->context_length, c->vocab_size, c->text_width, c->text_heads,
+                   c->text_mlp_dim};
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+#define SET(k, expr)                                          \
+    do {                                                      \
+        PyObject *v_ = (expr);                                \
+        if (!v_ || PyDict_SetItemString(d, (k), v_) < 0) {    \
+            Py_XDECREF(v_);                                   \
+            Py_DECREF(d);                                     \
+            return NULL;                                      \
+        }                                                     \
+        Py_DECREF(v_);                                        \
+    } while (0)
+    for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++)
+        SET(CONFIG_INTS[i], PyLong_FromLong(vals[i]));
+    SET("act", PyUnicode_FromString(c->act == CD_ACT_QUICK_GELU ? "quick_gelu" : "gelu"));
+    SET("ln_eps", PyFloat_FromDouble(self->ln_eps));
+    for (size_t i = 0; i < sizeof tvals / sizeof tvals[0]; i++)
+        SET(TEXT_INTS[i], PyLong_FromLong(tvals[i]));
+    SET("text_layers", PyLong_FromLong(c->text_layers));
+    SET("text_act", PyUnicode_FromString(c->text_act == CD_ACT_QUICK_GELU ? "quick_gelu" : "gelu"));
+#undef SET
+    return d;
+}
+
+static PyObject *Model_get_layout(ModelObject *self, void *closure) {
+    (void)closure;
+    return PyUnicode_FromString(cd_model_layout(self->m) == CD_LAYOUT_HF ? "hf" : "open_clip");
+}
+
+static PyObject *Model_get_path(ModelObject *self, void *closure) {
+    (void)closure;
+    Py_INCREF(self->path);
+    return self->path;
+}
+
+static PyObject *Model_get_logit_scale(ModelObject *self, void *closure) {
+    (void)closure;
+    float v;
+    if (!cd_model_logit_scale(self->m, &v)) Py_RETURN_NONE;
+    return PyFloat_FromDouble((double)v);
+}
+
+static void result_capsule_free(PyObject *cap) {
+    cd_vision_result_free((cd_vision_result *)PyCapsule_GetPointer(cap, "clipdecomp._core.result"));
+}
+
+/* a float32 array over `data`, kept alive by `owner` */
+static PyObject *view(PyObject *owner, float *data, int nd, const npy_intp *dims) {
+    PyArray_Descr *descr = PyArray_DescrFromType(NPY_FLOAT32);
+    if (!descr) return NULL;
+    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, (npy_intp *)dims, NULL, data,
+                                         NPY_ARRAY_CARRAY, NULL);
+    if (!arr) return NULL;
+    Py_INCREF(owner);
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, owner) < 0) {  /* steals owner */
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+static PyObject *Model_encode_image(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"pixels", "heads", "mlps", "cls_to_cls", "tokens", "probe", "attn",
+                             "threads", NULL};
+    PyObject *pix_obj, *probe_obj = Py_None;
+    int heads = 0, mlps = 0, cls = 0, tokens = 0, attn = 0, threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$ppppOpi:encode_image", kwlist, &pix_obj,
+                                     &heads, &mlps, &cls, &tokens, &probe_obj, &attn, &threads))
+        return NULL;
+    const cd_config *c = cd_model_config(self->m);
+    const int S = c->image_size, D = c->embed_dim;
+    char expect[96];
+    snprintf(expect, sizeof expect, "[B, 3, %d, %d]", S, S);
+    PyArrayObject *pix = as_f32(pix_obj, "pixels", 4, expect);
+    if (!pix) return NULL;
+    npy_intp *pd = PyArray_DIMS(pix);
+    if (pd[1] != 3 || pd[2] != S || pd[3] != S || pd[0] > INT32_MAX) {
+        dim_error(pix, "pixels", expect);
+        Py_DECREF(pix);
+        return NULL;
+    }
+    PyArrayObject *probe = NULL;
+    char pexpect[64];
+    snprintf(pexpect, sizeof pexpect, "[T, %d]", D);
+    if (probe_obj != Py_None) {
+        probe = as_f32(probe_obj, "probe", 2, pexpect);
+        if (!probe) {
+            Py_DECREF(pix);
+            return NULL;
+        }
+        if (PyArray_DIM(probe, 1) != D || PyArray_DIM(probe, 0) < 1 ||
+            PyArray_DIM(probe, 0) > INT32_MAX) {
+            dim_error(probe, "probe", pexpect);
+            Py_DECREF(pix);
+            Py_DECREF(probe);
+            return NULL;
+        }
+    }
+    cd_vision_opts o;
+    memset(&o, 0, sizeof o);
+    o.heads = heads;
+    o.mlps = mlps;
+    o.cls_to_cls = cls;
+    o.tokens = tokens;
+    o.attn = attn;
+    o.threads = threads > 0 ? threads : 0;
+    if (probe) {
+        o.probe = (const float *)PyArray_DATA(probe);
+        o.n_probe = (int)PyArray_DIM(probe, 0);
+    }
+    o.cancel = py_cancel;
+    const int B = (int)pd[0];
+    const float *images = (const float *)PyArray_DATA(pix);
+    cd_vision_result *r = NULL;
+    cd_error err;
+    cd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = cd_encode_image(self->m, images, B, &o, &r, &err);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(pix);
+    Py_XDECREF(probe);
+    if (st != CD_OK) return raise_status(st, &err, NULL);
+
+    PyObject *cap = PyCapsule_New(r, "clipdecomp._core.result", result_capsule_free);
+    if (!cap) {
+        cd_vision_result_free(r);
+        return NULL;
+    }
+    PyObject *d = PyDict_New();
+    if (!d) {
+        Py_DECREF(cap);
+        return NULL;
+    }
+    const npy_intp Bn = r->B, L = r->L, H = r->H, N = r->N, Dn = r->D, T = r->T;
+    struct { const char *key; float *data; int nd; npy_intp dims[5]; } outs[] = {
+        {"embedding", r->embedding, 2, {Bn, Dn}},
+        {"ln_stats", r->ln_stats, 2, {Bn, 3}},
+        {"heads", r->heads, 4, {Bn, L, H, Dn}},
+        {"mlps", r->mlps, 3, {Bn, L + 1, Dn}},
+        {"cls_to_cls", r->cls_to_cls, 3, {Bn, L, Dn}},
+        {"tokens", r->tokens, 5, {Bn, L, N, H, Dn}},
+        {"probe", r->probe_out, 5, {Bn, L, N, H, T}},
+        {"attn_cls", r->attn_cls, 4, {Bn, L, H, N}},
+        {"attn_mean", r->attn_mean, 4, {Bn, L, N, N}},
+    };
+    for (size_t i = 0; i < sizeof outs / sizeof outs[0]; i++) {
+        if (!outs[i].data) continue;
+        PyObject *a = view(cap, outs[i].data, outs[i].nd, outs[i].dims);
+        if (!a || PyDict_SetItemString(d, outs[i].key, a) < 0) {
+            Py_XDECREF(a);
+            Py_DECREF(d);
+            Py_DECREF(cap);
+            return NULL;
+        }
+        Py_DECREF(a);
+    }
+    Py_DECREF(cap);  /* the arrays hold it now */
+    return d;
+}
+
+/* token ids as int32 (T, C): int32 input is used as is, other integer types are range-checked */
+static PyArrayObject *as_ids(PyObject *obj, int C) {
+    char expect[64];
+    snprintf(expect, sizeof expect, "[T, %d]", C);
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(obj, NPY_INT64, 0, 0,
+                                                         NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (!a) return NULL;
+    if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 1) != C || PyArray_DIM(a, 0) > INT32_MAX) {
+        dim_error(a, "ids", expect);
+        Py_DECREF(a);
+        return NULL;
+    }
+    npy_intp dims[2] = {PyArray_DIM(a, 0), C};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_INT32);
+    if (!out) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    const int64_t *src = (const int64_t *)PyArray_DATA(a);
+    int32_t *dst = (int32_t *)PyArray_DATA(out);
+    const npy_intp n = dims[0] * dims[1];
+    for (npy_intp i = 0; i < n; i++) {
+        if (src[i] < INT32_MIN || src[i] > INT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "ids[%zd, %zd] = %lld is outside the vocabulary",
+                         (Py_ssize_t)(i / C), (Py_ssize_t)(i % C), (long long)src[i]);
+            Py_DECREF(a);
+            Py_DECREF(out);
+            return NULL;
+        }
+        dst[i] = (int32_t)src[i];
+    }
+    Py_DECREF(a);
+    return out;
+}
+
+static PyObject *Model_encode_text(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"ids", "threads", NULL};
+    PyObject *ids_obj;
+    int threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$i:encode_text", kwlist, &ids_obj, &threads))
+        return NULL;
+    const cd_config *c = cd_model_config(self->m);
+    if (c->text_layers <= 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "this model has no text tower (loaded with text_layers = 0)");
+        return NULL;
+    }
+    PyArrayObject *ids = as_ids(ids_obj, c->context_length);
+    if (!ids) return NULL;
+    npy_intp dims[2] = {PyArray_DIM(ids, 0), c->embed_dim};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (!out) {
+        Py_DECREF(ids);
+        return NULL;
+    }
+    const int T = (int)dims[0];
+    const int32_t *tok = (const int32_t *)PyArray_DATA(ids);
+    float *dst = (float *)PyArray_DATA(out);
+    cd_error err;
+    cd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = cd_encode_text(self->m, tok, T, dst, threads > 0 ? threads : 0, py_cancel, NULL, &err);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(ids);
+    if (st != CD_OK) {
+        Py_DECREF(out);
+        return raise_status(st, &err, NULL);
+    }
+    return (PyObject *)out;
+}
+
+static PyMethodDef Model_methods[] = {
+    {"encode_image", (PyCFunction)(void (*)(void))Model_encode_image, METH_VARARGS | METH_KEYWORDS,
+     "encode_image(pixels, *, heads=False, mlps=False, cls_to_cls=False, tokens=False, "
+     "probe=None, attn=False, threads=0) -> dict\n\n"
+     "pixels: float32 [B, 3, S, S], already normalised. Returns embedding [B, D] (not "
+     "normalised), ln_stats [B, 3] (mu, sigma, ||embedding||) and the requested terms: heads "
+     "[B, L, H, D], mlps [B, L+1, D], cls_to_cls [B, L, D], tokens [B, L, N, H, D], probe "
+     "[B, L, N, H, T] (= tokens @ probe.T), attn_cls [B, L, H, N], attn_mean [B, L, N, N]."},
+    {"encode_text", (PyCFunction)(void (*)(void))Model_encode_text, METH_VARARGS | METH_KEYWORDS,
+     "encode_text(ids, *, threads=0) -> ndarray\n\n"
+     "ids: integer [T, C] token ids. Returns float32 [T, D] features (not normalised) at the "
+     "position of each row's largest id (the end-of-text token)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Model_getset[] = {
+    {"config", (getter)Model_get_config, NULL, "the model's configuration (a new dict)", NULL},
+    {"layout", (getter)Model_get_layout, NULL, "'open_clip' or 'hf': the key layout found", NULL},
+    {"path", (getter)Model_get_path, NULL, "the checkpoint's path", NULL},
+    {"raw_logit_scale", (getter)Model_get_logit_scale, NULL,
+     "the checkpoint's logit_scale as stored (a log; exp() of it is CLIP's scale), or None",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "clipdecomp._core.Model",
+    .tp_basicsize = sizeof(ModelObject),
+    .tp_dealloc = (destructor)Model_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Model(path, config, layout='auto')\n\n"
+              "A CLIP checkpoint (.safetensors, open_clip or HF transformers layout, F32/F16/BF16) "
+              "loaded by the C core. config: dict of image_size, patch_size, width, layers, "
+              "heads, mlp_dim, embed_dim, act ('gelu' | 'quick_gelu'), ln_eps (default 1e-5) "
+              "and, for the text tower, text_layers (0 or absent: none), context_length, "
+              "vocab_size, text_width, text_heads, text_mlp_dim, text_act.",
+    .tp_methods = Model_methods,
+    .tp_getset = Model_getset,
+    .tp_new = Model_new,
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* module functions                                                                            */
+
+static PyObject *mod_isa(PyObject *mod, PyObject *noargs) {
+    (void)mod;
+    (void)noargs;
+    return PyUnicode_FromString(cd_isa_name());
+}
+
+static PyObject *mod_set_isa(PyObject *mod, PyObject *arg) {
+    (void)mod;
+    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    if (!name) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "set_isa() takes a str");
+        return NULL;
+    }
+    if (cd_set_isa(name) != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "instruction set '%s' is unknown or not available on this CPU "
+                     "(names: avx512, avx2, generic)", name);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_matmul(PyObject *mod, PyObject *args, PyObject *kwds) {
+    (void)mod;
+    static char *kwlist[] = {"inp", "weight", "bias", "naive", NULL};
+    PyObject *io, *wo, *bo = Py_None;
+    int naive = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|Op:_matmul", kwlist, &io, &wo, &bo, &naive))
+        return NULL;
+    PyArrayObject *inp = as_f32(io, "inp", 2, "[M, K]"), *w = NULL, *b = NULL, *out = NULL;
+    if (!inp) return NULL;
+    const npy_intp M = PyArray_DIM(inp, 0), K = PyArray_DIM(inp, 1);
+    if (!(w = as_f32(wo, "weight", 2, "[OC, K]"))) goto fail;
+    const npy_intp OC = PyArray_DIM(w, 0);
+    if (PyArray_DIM(w, 1) != K || K < 1 || OC < 1 || M > INT32_MAX || K > INT32_MAX ||
+        OC > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "_matmul: inp [M, K] and weight [OC, K] with K, OC >= 1");
+        goto fail;
+    }
+    if (bo != Py_None) {
+        if (!(b = as_f32(bo, "bias", 1, "[OC]"))) goto fail;
+        if (PyArray_DIM(b, 0) != OC) {
+            dim_error(b, "bias", "[OC]");
+            goto fail;
+        }
+    }
+    npy_intp dims[2] = {M, OC};
+    if (!(out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32))) goto fail;
+    {
+        const float *pi = (const float *)PyArray_DATA(inp), *pw = (const float *)PyArray_DATA(w);
+        const float *pb = b ? (const float *)PyArray_DATA(b) : NULL;
+        float *po = (float *)PyArray_DATA(out);
+        int rc = 0;
+        Py_BEGIN_ALLOW_THREADS
+        if (M > 0) {
+            if (naive) {
+                cd_matmul_naive(po, pi, pw, pb, (int)M, (int)K, (int)OC, 0);
+            } else {
+                cd_gemm_weight packed;
+                memset(&packed, 0, sizeof packed);
+                rc = cd_gemm_pack(&packed, pw, (int)OC, (int)K);
+                if (!rc) cd_matmul(po, pi, &packed, pb, (int)M, 0);
+                cd_gemm_weight_free(&packed);
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (rc) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+    }
+    Py_DECREF(inp);
+    Py_DECREF(w);
+    Py_XDECREF(b);
+    return (PyObject *)out;
+fail:
+    Py_XDECREF(inp);
+    Py_XDECREF(w);
+    Py_XDECREF(b);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+/* C = A @ B^T (nt) or A @ B (nn) */
+static PyObject *sgemm_common(PyObject *args, PyObject *kwds, int nt) {
+    static char *kwlist[] = {"A", "B", "naive", NULL};
+    PyObject *ao, *bo;
+    int naive = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, nt ? "OO|p:_sgemm_nt" : "OO|p:_sgemm_nn", kwlist,
+                                     &ao, &bo, &naive))
+        return NULL;
+    PyArrayObject *A = as_f32(ao, "A", 2, "[M, K]"), *B = NULL, *C = NULL;
+    if (!A) return NULL;
+    if (!(B = as_f32(bo, "B", 2, nt ? "[N, K]" : "[K, N]"))) goto fail;
+    const npy_intp M = PyArray_DIM(A, 0), K = PyArray_DIM(A, 1);
+    const npy_intp N = nt ? PyArray_DIM(B, 0) : PyArray_DIM(B, 1);
+    const npy_intp KB = nt ? PyArray_DIM(B, 1) : PyArray_DIM(B, 0);
+    if (KB != K || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX) {
+        dim_error(B, "B", nt ? "[N, K] with K = A.shape[1]" : "[K, N] with K = A.shape[1]");
+        goto fail;
+    }
+    npy_intp dims[2] = {M, N};
+    if (!(C = (PyArrayObject *)PyArray_ZEROS(2, dims, NPY_FLOAT32, 0))) goto fail;
+    {
+        const float *pa = (const float *)PyArray_DATA(A), *pb = (const float *)PyArray_DATA(B);
+        float *pc = (float *)PyArray_DATA(C);
+        const int m = (int)M, n = (int)N, k = (int)K;
+        Py_BEGIN_ALLOW_THREADS
+        if (m > 0 && n > 0) {
+            if (nt) {
+                if (naive) cd_sgemm_nt_naive(m, n, k, 1.0f, pa, k, pb, k, pc, n, 0);
+                else cd_sgemm_nt(m, n, k, 1.0f, pa, k, pb, k, pc, n, 0);
+            } else {
+                if (naive) cd_sgemm_nn_naive(m, n, k, 1.0f, pa, k, pb, n, pc, n, 0);
+                else cd_sgemm_nn(m, n, k, 1.0f, pa, k, pb, n, pc, n, 0);
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(A);
+    Py_DECREF(B);
+    return (PyObject *)C;
+fail:
+    Py_XDECREF(A);
+    Py_XDECREF(B);
+    Py_XDECREF(C);
+    return NULL;
+}
+
+static PyObject *mod_sgemm_nt(PyObject *mod, PyObject *args, PyObject *kwds) {
+    (void)mod;
+    return sgemm_common(args, kwds, 1);
+}
+
+static PyObject *mod_sgemm_nn(PyObject *mod, PyObject *args, PyObject *kwds) {
+    (void)mod;
+    return sgemm_common(args, kwds, 0);
+}
+
+static PyMethodDef module_methods[] = {
+    {"isa", mod_isa, METH_NOARGS, "isa() -> str: the instruction-set path in use."},
+    {"set_isa", mod_set_isa, METH_O,
+     "set_isa(name): force 'avx512', 'avx2' or 'generic' (ValueError if unavailable)."},
+    {"_matmul", (PyCFunction)(void (*)(void))mod_matmul, METH_VARARGS | METH_KEYWORDS,
+     "_matmul(inp [M, K], weight [OC, K], bias=None, naive=False) -> [M, OC]"},
+    {"_sgemm_nt", (PyCFunction)(void (*)(void))mod_sgemm_nt, METH_VARARGS | METH_KEYWORDS,
+     "_sgemm_nt(A [M, K], B [N, K], naive=False) -> A @ B.T [M, N]"},
+    {"_sgemm_nn", (PyCFunction)(void (*)(void))mod_sgemm_nn, METH_VARARGS | METH_KEYWORDS,
+     "_sgemm_nn(A [M, K], B [K, N], naive=False) -> A @ B [M, N]"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "clipdecomp._core",
+    "The C core of clipdecomp: CLIP towers with the decomposition of the image embedding.", -1,
+    module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    import_array();  /* returns NULL with an ImportError set on failure */
+    if (PyType_Ready(&ModelType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    Py_INCREF(&ModelType);
+    if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0) {
+        Py_DECREF(&ModelType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

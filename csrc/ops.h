@@ -1,0 +1,68 @@
+/* ops.h -- the operations of the CLIP towers, one function each, in the order the model runs.
+ *
+ * Shapes: B = images (or texts) in a batch, N = tokens per sequence, W = width, H = heads,
+ * d = W / H, F = MLP hidden width, D = embedding dim, S = image side, P = patch side,
+ * G = S / P, R = rows of a matrix.
+ * All matrices are row-major float32. Functions parallelise with OpenMP over their outer loop
+ * (and fall back to one thread inside an enclosing parallel region).
+ */
+#ifndef CLIPDECOMP_OPS_H
+#define CLIPDECOMP_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* images (B, 3, S, S) -> out (B*G*G, 3*P*P): patches row-major over the grid, values within a
+ * patch in (c, py, px) order, the layout of a conv weight (W, 3, P, P) viewed as (W, 3*P*P). */
+void patches_forward(float *out, const float *images, int B, int S, int P);
+
+/* x (B, N, W): x[b, 0] = cls + pos[0], x[b, 1 + p] = patch_emb[b, p] + pos[1 + p].
+ * patch_emb (B, N-1, W), cls (W), pos (N, W). */
+void vision_embed_forward(float *x, const float *patch_emb, const float *cls, const float *pos,
+                          int B, int N, int W);
+
+/* x (T, C, W) = tok_emb[ids[t, c]] + pos[c]; ids (T, C) already checked to be in [0, V). */
+void text_embed_forward(float *x, const int32_t *ids, const float *tok_emb, const float *pos,
+                        int T, int C, int W);
+
+/* out (R, W) = (inp - mean) / sqrt(var + eps) * weight + bias over each row (biased variance,
+ * statistics in double). out may equal inp. mean, sigma (R) receive the row statistics
+ * (sigma = sqrt(var + eps)) when not NULL. */
+void layernorm_forward(float *out, float *mean, float *sigma, const float *inp,
+                       const float *weight, const float *bias, int R, int W, float eps);
+
+/* x (n) in place: exact GELU 0.5 x (1 + erf(x / sqrt 2)) */
+void gelu_forward(float *x, size_t n);
+/* x (n) in place: QuickGELU x * sigmoid(1.702 x) */
+void quick_gelu_forward(float *x, size_t n);
+
+/* x (n) += y (n) */
+void residual_forward(float *x, const float *y, size_t n);
+
+/* row (n) in place: softmax over its first `valid` entries, zeros after them. */
+void softmax_forward(float *row, int valid, int n);
+
+/* Multi-head self-attention on packed projections.
+ *   out     (B, N, W)  concatenated head outputs (before the out-projection)
+ *   qkv     (B, N, 3W) rows [q | k | v], head h at columns h*d .. h*d + d of each part
+ *   att_cls (B, H, N) at batch stride cls_bstride, or NULL: softmax row of query 0 per head
+ *   att_mean (B, N, N) at batch stride mean_bstride, or NULL: softmax averaged over heads
+ *   causal  != 0: query i sees keys j <= i only
+ *   scratch (n_scratch, N, N) floats: one N x N tile per OpenMP thread (at most n_scratch
+ *           threads are used)
+ * Scale 1/sqrt(d). Parallel over (sequence, head), or over (sequence, block of query rows) when
+ * att_mean is wanted. */
+void attention_forward(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
+                       size_t mean_bstride, const float *qkv, int B, int N, int W, int H,
+                       int causal, float *scratch, int n_scratch);
+
+/* The reference convention of the decomposition, applied to raw residual-stream terms before
+ * the projection: rows (R, W) <- gamma * (rows - mu * k_inv) / sigma + beta * k_inv, where
+ * k_inv = 1 / K_t is the term's share of the LayerNorm mean and bias. */
+void decomp_ln_rows(float *rows, size_t R, int W, float mu, float sigma, const float *gamma,
+                    const float *beta, float k_inv);
+
+/* rows (R, C) at row stride ld <- rows * s + shift (C) */
+void scale_shift_rows(float *rows, size_t R, int C, size_t ld, float s, const float *shift);
+
+#endif

@@ -1,0 +1,342 @@
+"""Tests of the shapes world (clipdecomp.toy) and of the small CLIP shipped with it.
+
+The world is checked against independent NumPy oracles (masks against the drawn pixels and the
+object-free counterfactual, shape geometry against closed-form areas, captions against labels);
+the shipped model against a PyTorch forward of its weights and zero-shot accuracy.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from clipdecomp import toy
+from clipdecomp.toy import world
+
+N = 64  # images per test batch: small and fast
+
+
+# ---------------------------------------------------------------------------------------------
+# The world
+
+
+def test_generate_shapes_and_types():
+    b = toy.generate(N, seed=3)
+    assert b.images.shape == (N, 64, 64, 3) and b.images.dtype == np.uint8
+    assert len(b.captions) == N and all(isinstance(c, str) and c for c in b.captions)
+    assert b.foreground.shape == (N, 64, 64) and b.foreground.dtype == bool
+    lab = b.labels
+    for i in range(N):
+        k = lab["n_objects"][i]
+        assert 1 <= k <= 3
+        assert b.masks[i].shape == (k, 64, 64) and b.masks[i].dtype == bool
+        assert (lab["shape"][i, k:] == -1).all() and (lab["shape"][i, :k] >= 0).all()
+        assert (lab["color"][i, :k] < len(toy.COLORS)).all()
+        # distinct cells and distinct colours within a scene
+        assert len(set(lab["position"][i, :k])) == k
+        assert len(set(lab["color"][i, :k])) == k
+    np.testing.assert_array_equal(b.object_masks().any(1), b.foreground)
+    assert set(np.unique(lab["n_objects"])) == {1, 2, 3}
+    assert set(np.unique(lab["background"])) == set(range(len(toy.BACKGROUNDS)))
+
+
+def test_generate_is_deterministic_by_seed():
+    a, b, c = toy.generate(16, seed=7), toy.generate(16, seed=7), toy.generate(16, seed=8)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.captions == b.captions
+    for ma, mb in zip(a.masks, b.masks):
+        np.testing.assert_array_equal(ma, mb)
+    for k in a.labels:
+        np.testing.assert_array_equal(a.labels[k], b.labels[k])
+    assert not np.array_equal(a.images, c.images)
+    assert a.captions != c.captions
+
+
+def test_generate_options_restrict_attributes():
+    b = toy.generate(32, seed=1, n_objects=2, shapes=["star", "heart"], colors=["red", "blue"],
+                     backgrounds=["sky"], sizes=["large"])
+    lab = b.labels
+    assert (lab["n_objects"] == 2).all()
+    assert set(lab["shape"][:, :2].ravel()) <= {toy.SHAPES.index("star"),
+                                                toy.SHAPES.index("heart")}
+    assert set(lab["color"][:, :2].ravel()) == {toy.COLORS.index("red"), toy.COLORS.index("blue")}
+    assert (lab["background"] == toy.BACKGROUNDS.index("sky")).all()
+    assert (lab["size"][:, :2] == toy.SIZES.index("large")).all()
+    with pytest.raises(ValueError, match="unknown shapes"):
+        toy.generate(2, shapes=["blob"])
+    with pytest.raises(ValueError, match="n_objects"):
+        toy.generate(2, n_objects=4)
+
+
+def test_masks_match_drawing():
+    seed = 11
+    b = toy.generate(N, seed=seed)
+    bare = toy.generate(N, seed=seed, draw_objects=False)  # same scenes, backgrounds only
+    assert bare.captions == b.captions
+    fg = b.foreground
+    # outside every mask the image is exactly the background
+    np.testing.assert_array_equal(b.images[~fg], bare.images[~fg])
+    for i in range(N):
+        m = b.masks[i]
+        k = len(m)
+        for j in range(k):
+            only = m[j] & ~np.delete(m, j, axis=0).any(0)
+            assert only.sum() > 10
+            rgb = toy.COLOR_RGB[toy.COLORS[b.labels["color"][i, j]]]
+            assert (b.images[i][only] == np.array(rgb, np.uint8)).all()
+        # the object is really drawn: most mask pixels differ from the background
+        assert (b.images[i][fg[i]] != bare.images[i][fg[i]]).any(-1).mean() > 0.9
+
+
+def test_mask_geometry_and_position():
+    b = toy.generate(N, seed=5)
+    lab = b.labels
+    for i in range(N):
+        for j in range(lab["n_objects"][i]):
+            m = b.masks[i][j]
+            cy, cx = lab["center"][i, j]
+            r = lab["radius"][i, j]
+            ys, xs = np.nonzero(m)
+            # centroid in the labelled 3x3 cell
+            cell = int(ys.mean() // (64 / 3)) * 3 + int(xs.mean() // (64 / 3))
+            assert cell == lab["position"][i, j]
+            # inside the bounding box of half-side r
+            assert (np.abs(ys + 0.5 - cy) <= r + 1e-3).all()
+            assert (np.abs(xs + 0.5 - cx) <= r + 1e-3).all()
+            shape = toy.SHAPES[lab["shape"][i, j]]
+            area = {"circle": np.pi, "square": 1.7**2, "diamond": 2.0}.get(shape)
+            if area is not None:
+                assert m.sum() == pytest.approx(area * r * r, rel=0.12)
+            size = toy.SIZES[lab["size"][i, j]]
+            assert (r < 7) == (size == "small")
+
+
+def test_shape_mask_circle_oracle():
+    y, x = np.mgrid[0:64, 0:64] + 0.5
+    m = toy.shape_mask("circle", 20.3, 40.7, 9.0)
+    np.testing.assert_array_equal(m, (y - 20.3) ** 2 + (x - 40.7) ** 2 <= 81.0)
+    sq = toy.shape_mask("square", 32.0, 32.0, 10.0)
+    np.testing.assert_array_equal(sq, (np.abs(y - 32) <= 8.5) & (np.abs(x - 32) <= 8.5))
+    # clipped at the border without error
+    assert toy.shape_mask("star", 0.0, 63.0, 10.0).sum() > 0
+    with pytest.raises(ValueError):
+        toy.shape_mask("blob", 32, 32, 5)
+
+
+def test_captions_mention_their_attributes():
+    b = toy.generate(400, seed=2)
+    lab = b.labels
+    words_of = {name: set(re.findall(r"\w+", " ".join(ws)))
+                for name, ws in world._BACKGROUND_WORDS.items()}
+    seen_detail = {"bg": 0, "size": 0, "pos": 0, "count": 0}
+    for i, cap in enumerate(b.captions):
+        words = set(re.findall(r"\w+", cap))
+        k = lab["n_objects"][i]
+        shapes = {toy.SHAPES[s] for s in lab["shape"][i, :k]}
+        # never a shape that is not in the scene
+        assert words & set(toy.SHAPES) <= shapes, cap
+        for j in range(k):
+            if lab["mentions_shape"][i, j]:
+                assert toy.SHAPES[lab["shape"][i, j]] in words, cap
+            if lab["mentions_color"][i, j]:
+                assert toy.COLORS[lab["color"][i, j]] in words, cap
+            if lab["mentions_shape"][i, j] and lab["mentions_color"][i, j]:
+                assert f"{toy.COLORS[lab['color'][i, j]]} {toy.SHAPES[lab['shape'][i, j]]}" in cap
+            if lab["mentions_size"][i, j]:
+                size = toy.SIZES[lab["size"][i, j]]
+                assert words & set(world._SIZE_WORDS[size]), cap
+                seen_detail["size"] += 1
+            if lab["mentions_position"][i, j]:
+                pos = toy.POSITIONS[lab["position"][i, j]]
+                assert any(p in cap for p in world._POSITION_WORDS[pos]), cap
+                seen_detail["pos"] += 1
+        bg = toy.BACKGROUNDS[lab["background"][i]]
+        if lab["mentions_background"][i]:
+            assert words & words_of[bg], cap
+            seen_detail["bg"] += 1
+        for other, ws in words_of.items():  # never a wrong background
+            if other != bg:
+                assert not words & (ws - {"a", "the", "blue", "wall", "floor"}), cap
+        if lab["mentions_count"][i]:
+            assert toy.COUNTS[k - 1] in words, cap
+            seen_detail["count"] += 1
+        assert world.n_tokens(cap) <= 18
+    # the phrasing varies: optional details are sometimes there, sometimes not
+    for what, count in seen_detail.items():
+        assert 0.05 * len(b) < count < 0.95 * len(b) * (3 if what in ("size", "pos") else 1), what
+    assert len(set(b.captions)) > 0.8 * len(b)
+
+
+def test_vocabulary_covers_captions_and_prompts():
+    vocab = set(toy.vocabulary())
+    b = toy.generate(300, seed=9)
+    texts = list(b.captions)
+    for attr in toy.ATTRIBUTES:
+        names, prompts = toy.prompts(attr)
+        assert names == toy.ATTRIBUTES[attr] and len(prompts) == len(names)
+        texts += [t for ts in prompts for t in ts]
+    for t in texts:
+        assert set(re.findall(r"\w+|[^\w\s]+", t.lower())) <= vocab, t
+
+
+def test_spurious_split_proportions():
+    n = 2000
+    tr = toy.spurious_split(n, seed=0, train=True, p_major=0.93)
+    lab = tr.labels
+    assert (lab["n_objects"] == 1).all()
+    shapes = lab["shape"][:, 0]
+    circle, square = toy.SHAPES.index("circle"), toy.SHAPES.index("square")
+    water, grass = toy.BACKGROUNDS.index("water"), toy.BACKGROUNDS.index("grass")
+    np.testing.assert_array_equal(shapes, np.where(lab["y"] == 0, circle, square))
+    np.testing.assert_array_equal(lab["background"], np.where(lab["place"] == 0, water, grass))
+    np.testing.assert_array_equal(lab["group"], 2 * lab["y"] + lab["place"])
+    major = (lab["y"] == lab["place"]).mean()
+    assert abs(major - 0.93) < 4 * np.sqrt(0.93 * 0.07 / n)
+    assert abs(lab["y"].mean() - 0.5) < 4 * np.sqrt(0.25 / n)
+    counts = np.bincount(lab["group"], minlength=4)
+    assert counts[0] > 10 * counts[1] and counts[3] > 10 * counts[2]
+
+    te = toy.spurious_split(402, seed=1, train=False)
+    g = np.bincount(te.labels["group"], minlength=4)
+    assert g.max() - g.min() <= 1 and g.sum() == 402
+    assert (te.labels["y"] == te.labels["place"]).mean() == pytest.approx(0.5, abs=0.01)
+    # the balanced set is drawn like the training set: same shape and background labels
+    assert set(te.labels["shape"][:, 0]) == {circle, square}
+    other = toy.spurious_split(8, seed=0, train=False, classes=("star", "heart"),
+                               backgrounds=("sky", "brick"))
+    assert set(other.labels["shape"][:, 0]) == {toy.SHAPES.index("star"),
+                                                toy.SHAPES.index("heart")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and export (need torch and tokenizers)
+
+
+def test_tokenizer_special_ids_and_truncation():
+    pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    tok = train.build_tokenizer()
+    v = tok.get_vocab_size()
+    vocab = tok.get_vocab()
+    assert vocab[train.EOT] == v - 1 and vocab[train.SOT] == v - 2 and vocab[train.PAD] == 0
+    ids = train.tokenize(tok, ["A red Star, on grass.", "a " * 40], context_length=20)
+    assert ids.shape == (2, 20)
+    words = ["a", "red", "star", ",", "on", "grass", "."]
+    np.testing.assert_array_equal(ids[0, :9], [v - 2] + [vocab[w] for w in words] + [v - 1])
+    assert (ids[0, 9:] == 0).all()
+    assert ids[1, -1] == v - 1 and ids[1, 0] == v - 2 and (ids[1, 1:-1] == vocab["a"]).all()
+    assert (ids.argmax(1) == [8, 19]).all()  # CLIP reads the feature at argmax(ids)
+    assert vocab[train.UNK] not in train.tokenize(tok, toy.generate(50, seed=0).captions)
+
+
+def test_export_roundtrip(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file
+
+    from clipdecomp.toy import train
+
+    torch.manual_seed(0)
+    tok = train.build_tokenizer()
+    model = train.CLIP(tok.get_vocab_size())
+    train.export(model, tok, tmp_path, {"seed": 0})
+    w = load_file(str(tmp_path / "open_clip_model.safetensors"))
+    sd = model.state_dict()
+    assert set(w) == set(sd)
+    for k, t in sd.items():
+        assert w[k].dtype == np.float16 and w[k].shape == tuple(t.shape), k
+        np.testing.assert_allclose(w[k].astype(np.float32), t.numpy(), rtol=1e-3, atol=1e-4)
+    for k in ["visual.conv1.weight", "visual.proj", "visual.transformer.resblocks.5.mlp.c_fc.bias",
+              "transformer.resblocks.3.attn.in_proj_weight", "text_projection", "logit_scale"]:
+        assert k in w
+    assert w["visual.proj"].shape == (192, 128) and w["text_projection"].shape == (128, 128)
+    assert "visual.conv1.bias" not in w
+    cfg = json.loads((tmp_path / "open_clip_config.json").read_text())
+    assert cfg["model_cfg"]["text_cfg"]["vocab_size"] == tok.get_vocab_size()
+    assert cfg["preprocess_cfg"]["mean"] == list(train.MEAN)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped model
+
+needs_model = pytest.mark.skipif(
+    not (toy.MODEL_DIR / "open_clip_model.safetensors").exists(),
+    reason="the shipped toy model is not in clipdecomp/toy/model yet",
+)
+
+
+def _torch_model():
+    pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    return train.load_exported(toy.MODEL_DIR)
+
+
+@needs_model
+def test_shipped_model_files():
+    cfg = json.loads((toy.MODEL_DIR / "open_clip_config.json").read_text())
+    info = json.loads((toy.MODEL_DIR / "training_info.json").read_text())
+    assert cfg["model_cfg"]["vision_cfg"]["width"] == 192 and info["steps"] > 0
+    size = sum(p.stat().st_size for p in toy.MODEL_DIR.iterdir())
+    assert size < 10 * 2**20
+
+
+@needs_model
+def test_shipped_model_zero_shot_torch():
+    from clipdecomp.toy import train
+
+    model, tok = _torch_model()
+    sets = {"single": toy.generate(256, seed=777, n_objects=1),
+            "multi": toy.generate(256, seed=778)}
+    acc = train.zero_shot(model, tok, sets)
+    assert acc["shape"] > 0.6  # chance 1/8
+    assert acc["color"] > 0.6  # chance 1/9
+    assert acc["background"] > 0.6  # chance 1/6
+
+
+def _core_or_skip():
+    try:
+        import clipdecomp._core
+    except ImportError as e:
+        pytest.skip(f"clipdecomp._core is not built yet ({e}); run "
+                    "`.venv/bin/python setup.py -q build_ext --inplace`")
+    import clipdecomp
+
+    if not hasattr(clipdecomp, "load"):
+        pytest.skip("clipdecomp.load is not available yet")
+    return clipdecomp
+
+
+@needs_model
+def test_shipped_model_with_clipdecomp_zero_shot():
+    clipdecomp = _core_or_skip()
+    model = clipdecomp.load(toy.MODEL_DIR)
+    b = toy.generate(256, seed=777, n_objects=1)
+    img = model.encode_image(b.images)
+    names, prompts = toy.prompts("shape")
+    txt = model.encode_text([p for ps in prompts for p in ps]).reshape(len(names), -1, img.shape[1])
+    cls = txt.mean(1)
+    cls /= np.linalg.norm(cls, axis=1, keepdims=True)
+    acc = ((img @ cls.T).argmax(1) == b.labels["shape"][:, 0]).mean()
+    assert acc > 0.6  # chance 1/8
+
+
+@needs_model
+def test_shipped_model_clipdecomp_matches_torch():
+    clipdecomp = _core_or_skip()
+    torch = pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    ref, tok = _torch_model()
+    model = clipdecomp.load(toy.MODEL_DIR)
+    b = toy.generate(8, seed=4)
+    with torch.no_grad():
+        want_img = ref.encode_image(train.to_pixels(b.images)).numpy()
+        want_txt = ref.encode_text(torch.from_numpy(train.tokenize(tok, b.captions))).numpy()
+    got_img = model.encode_image(b.images, normalize=False)
+    got_txt = model.encode_text(b.captions, normalize=False)
+    np.testing.assert_array_equal(model.tokenize(b.captions), train.tokenize(tok, b.captions))
+    np.testing.assert_allclose(got_img, want_img, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got_txt, want_txt, rtol=1e-3, atol=1e-3)
