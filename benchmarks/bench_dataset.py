@@ -6,7 +6,8 @@ Each measurement runs in a fresh subprocess, which reports
 * images/s of the run itself (the store's run summary: model loading and cluster start-up
   excluded, decoding, decomposing, writing and statistics included);
 * ``tracemalloc`` peak of the Python allocations of the process (NumPy arrays included);
-* ``ru_maxrss`` of the process and, for Dask, the largest of its worker processes.
+* peak resident memory of the process (VmHWM, i.e. ru_maxrss without what fork + exec carries
+  over from the parent) and, for Dask, of the larger of its two worker processes.
 
 The model is a random-weight CLIP vision tower of ViT-S/16 geometry (width 384, 6 layers,
 6 heads, 224 pixels; made with transformers once, then run by clipdecomp's C core); the images
@@ -31,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-GEOMETRY = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                num_attention_heads=6, image_size=224, patch_size=16, projection_dim=256)
-QUICK = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-             num_attention_heads=4, image_size=96, patch_size=16, projection_dim=64)
+GEOMETRY = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
+                "num_attention_heads": 6, "image_size": 224, "patch_size": 16, "projection_dim": 256}
+QUICK = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "image_size": 96, "patch_size": 16, "projection_dim": 64}
 
 
 def make_model(root: Path, geometry: dict) -> str:
@@ -66,39 +67,66 @@ def make_images(root: Path, n: int, seed: int = 0) -> str:
     return str(d)
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process: VmHWM (Linux; unlike ru_maxrss it does not carry
+    the parent's size over fork + exec), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def child(job: dict) -> dict:
     """Run in the measuring subprocess: one run_dataset, its rate and peak memory."""
     from clipdecomp.dataset import ModelSpec, run_dataset
 
+    client = None
+    if job["workers"]:
+        from clipdecomp.distributed import local_client
+
+        client = local_client(job["workers"], threads=job["threads"])
     tracemalloc.start()
     spec = ModelSpec(job["model"], {"threads": job["threads"]})
     t0 = time.perf_counter()
     store = run_dataset(spec, job["images"], job["out"], chunk_size=job["chunk_size"],
                         batch_size=job["batch_size"], layers=None, progress=False,
-                        workers=job["workers"] or None)
+                        client=client)
     wall = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    workers_peak = None
+    if client is not None:
+        workers_peak = max(client.run(peak_rss_mib).values())
+        cluster = client.cluster
+        client.close()
+        cluster.close()
     run = store.runs[-1]
-    kib = 1 if sys.platform != "darwin" else 1 / 1024
     return {
         "images_per_s": run["images_per_s"],
         "seconds": run["seconds"],
         "wall_s": round(wall, 2),
         "tracemalloc_peak_MiB": peak / 2**20,
-        "maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1024,
-        "workers_maxrss_MiB": (resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib
-                               / 1024 if job["workers"] else None),
+        "peak_rss_MiB": peak_rss_mib(),
+        "workers_peak_rss_MiB": workers_peak,
     }
 
 
-def measure(job: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(job["threads"]))
-    p = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], env=env,
-                       capture_output=True, text=True, timeout=1800)
+def _python(args: list, threads: int, timeout: float = 1800) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    p = subprocess.run([sys.executable, __file__, *args], env=env, check=False,
+                       capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return p.stdout.strip().splitlines()[-1]
+
+
+def measure(job: dict) -> dict:
+    return json.loads(_python(["--child", json.dumps(job)], job["threads"]))
 
 
 def run(sizes=(48, 144), quick: bool = False, chunk_size: int = 16,
@@ -108,14 +136,16 @@ def run(sizes=(48, 144), quick: bool = False, chunk_size: int = 16,
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = make_model(tmp, QUICK if quick else GEOMETRY)
+        # the model is made in a subprocess: torch never enters this process or its children
+        model = _python(["--make-model", str(tmp), "--geometry", json.dumps(
+            QUICK if quick else GEOMETRY)], 1)
         for n in sizes:
             images = make_images(tmp, n)
             for mode, workers in (("1 process", 0), ("2 Dask workers", 2)):
                 threads = cpus if not workers else max(1, cpus // workers)
-                job = dict(model=model, images=images, out=str(tmp / f"{n}_{workers}.zarr"),
-                           chunk_size=chunk_size, batch_size=batch_size, workers=workers,
-                           threads=threads)
+                job = {"model": model, "images": images, "out": str(tmp / f"{n}_{workers}.zarr"),
+                           "chunk_size": chunk_size, "batch_size": batch_size, "workers": workers,
+                           "threads": threads}
                 r = measure(job)
                 rows.append({"mode": mode, "images": n, "chunk_size": chunk_size,
                              "batch_size": batch_size, "threads": threads, **r})
@@ -123,8 +153,8 @@ def run(sizes=(48, 144), quick: bool = False, chunk_size: int = 16,
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["mode", "images", "images_per_s", "seconds", "tracemalloc_peak_MiB", "maxrss_MiB",
-            "workers_maxrss_MiB", "threads", "chunk_size", "batch_size"]
+    cols = ["mode", "images", "images_per_s", "seconds", "tracemalloc_peak_MiB", "peak_rss_MiB",
+            "workers_peak_rss_MiB", "threads", "chunk_size", "batch_size"]
 
     def fmt(v):
         if v is None:
@@ -143,9 +173,14 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-size", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--geometry", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
+        return 0
+    if a.make_model:
+        print(make_model(Path(a.make_model), json.loads(a.geometry)))
         return 0
     rows = run(tuple(int(s) for s in a.sizes.split(",")), a.quick, a.chunk_size, a.batch_size)
     print(f"run_dataset on {platform.processor() or platform.machine()}, "

@@ -215,6 +215,8 @@ def _normalise_spec(
             return list(range(count))
         if sel is False or sel is None:
             return []
+        if isinstance(sel, (int, np.integer)):
+            sel = [sel]
         out = []
         for r in sel:
             r = int(r)

@@ -313,7 +313,8 @@ class ModelSpec:
 
 def spec_of(model: Any) -> ModelSpec:
     """The :class:`ModelSpec` of a model: a spec or path as is, else the model's own record of
-    its checkpoint (attribute ``spec``, or ``path`` plus ``load_kwargs``)."""
+    its checkpoint (attribute ``spec``, or ``path`` plus ``load_kwargs`` and its activation).
+    Run with it, a store checks that the workers' model has the config of this one."""
     if isinstance(model, ModelSpec):
         return model
     if isinstance(model, (str, os.PathLike)):
@@ -329,7 +330,11 @@ def spec_of(model: Any) -> ModelSpec:
             "Dask workers load the model themselves: pass a ModelSpec(path, kwargs) or a "
             "checkpoint path instead of a model object"
         )
-    return ModelSpec(path, dict(getattr(model, "load_kwargs", None) or {}))
+    kwargs = dict(getattr(model, "load_kwargs", None) or {})
+    act = getattr(getattr(model, "config", None), "act", None)
+    if act is not None:
+        kwargs.setdefault("act", act)  # whatever decided it at load time, the workers use it
+    return ModelSpec(path, kwargs)
 
 
 def _checkpoint_path(model: Any, spec: ModelSpec | None = None) -> str | None:
@@ -748,9 +753,9 @@ def _print_summary(s: dict, out: str) -> None:
 
     rate = f"{s['images_per_s']:.1f} images/s" if s["images_per_s"] else "-"
     tqdm.write(
-        f"clipdecomp: {s['images']} images decomposed ({s['skipped']} skipped) in "
-        f"{s['seconds']:.1f} s, {rate}; {s['chunks_done']}/{s['chunks_total']} chunks done "
-        f"in {out}",
+        f"clipdecomp: {s['images']} images done ({s['skipped']} skipped) in "
+        f"{s['seconds']:.1f} s, {rate}; {s['chunks_done']}/{s['chunks_total']} chunks of "
+        f"{out} finished",
         file=sys.stderr,
     )
 
@@ -799,7 +804,10 @@ def run_dataset(
         Storage type of the float arrays; statistics always use the float32 values.
     layers : None, int, slice, sequence or str
         Layers whose heads are stored and get second moments (see :func:`parse_layers`);
-        None keeps all. Means of all heads are kept whatever this says.
+        None keeps all. Means of all heads are kept whatever this says. The second moments
+        take ``Lk * H * D * D * 8`` bytes (ViT-B/16, all 12 layers: 302 MB; ViT-H/14: 512 MB
+        a layer) in the process, and once more per chunk in flight on Dask: keep the layers
+        you will analyse (TextSpan uses the last four).
     progress : bool
         Show a tqdm bar (notebook-aware) and print a summary at the end.
     client : distributed.Client, optional
@@ -836,13 +844,18 @@ def run_dataset(
     out = os.fspath(out)
     dtype = _check_dtype(dtype)
     src = open_source(source, layout)
+    if len(src) == 0:
+        raise ValueError(f"no images found in {source!r} (layout {src.layout!r})")
     if int(batch_size) < 1:
         raise ValueError("batch_size must be >= 1")
     if client is not None or scheduler is not None or workers:
         from clipdecomp import distributed as _dist
 
+        expected = None
+        if not isinstance(model, (ModelSpec, str, os.PathLike)):
+            expected = _store.jsonable(model.config)
         return _dist.run_distributed(
-            spec_of(model), src, out, chunk_size=chunk_size, batch_size=batch_size, dtype=dtype,
+            spec_of(model), src, out, expected_config=expected, chunk_size=chunk_size, batch_size=batch_size, dtype=dtype,
             layers=layers, progress=progress, client=client, scheduler=scheduler,
             workers=workers, decode_threads=decode_threads,
             checkpoint_seconds=checkpoint_seconds, overwrite=overwrite,

@@ -17,11 +17,81 @@ from .config import ModelConfig
 if TYPE_CHECKING:  # pragma: no cover
     from .model import CLIP
 
-__all__ = ["Decomposition"]
+__all__ = ["IDENTITY_TOL", "Decomposition", "check_identity"]
+
+#: largest |heads.sum + mlps.sum - embedding / norm| the debug check accepts (unit vectors)
+IDENTITY_TOL = 1e-3
 
 
 def _mb(nbytes: float) -> str:
+    if nbytes < 2**20:
+        return f"{nbytes / 2**10:,.1f} KiB"
     return f"{nbytes / 2**20:,.0f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:,.1f} GiB"
+
+
+def check_identity(heads: np.ndarray, mlps: np.ndarray, embedding: np.ndarray,
+                   norm: np.ndarray, tokens: np.ndarray | None = None, start: int = 0,
+                   tol: float = IDENTITY_TOL) -> float:
+    """Check that the terms of a decomposition add up; raise ``RuntimeError`` if not.
+
+    ``heads.sum((1, 2)) + mlps.sum(1)`` must equal ``embedding / norm`` and, when given,
+    ``tokens.sum(2)`` must equal ``heads``, to ``tol`` (absolute; the terms are parts of a unit
+    vector). This is what debug mode (:func:`clipdecomp.model.set_debug`,
+    ``CLIPDECOMP_DEBUG=1``) runs after every batch.
+
+    Parameters
+    ----------
+    heads : numpy.ndarray
+        ``[B, L, H, D]``.
+    mlps : numpy.ndarray
+        ``[B, L+1, D]``.
+    embedding : numpy.ndarray
+        ``[B, D]``, not normalised.
+    norm : numpy.ndarray
+        ``[B]``.
+    tokens : numpy.ndarray, optional
+        ``[B, L, N, H, D]``.
+    start : int
+        Index of the first image in the caller's input (for the message).
+    tol : float
+        The largest absolute error accepted.
+
+    Returns
+    -------
+    float
+        The largest error found.
+
+    Examples
+    --------
+    >>> check_identity(dec.heads, dec.mlps, dec.embedding, dec.norm)   # doctest: +SKIP
+    3.1e-07
+    """
+    b = embedding.shape[0]
+    if b == 0:
+        return 0.0
+    nrm = np.asarray(norm, np.float64)
+    want = np.asarray(embedding, np.float64) / np.where(nrm > 0, nrm, 1.0)[:, None]
+    got = (np.asarray(heads, np.float64).sum((1, 2)) + np.asarray(mlps, np.float64).sum(1))
+    err = np.abs(got - want)
+    err = np.where(np.isnan(err), np.inf, err).max(axis=1)           # [B]
+    worst = int(np.argmax(err))
+    if not err[worst] <= tol:
+        raise RuntimeError(
+            f"decomposition check failed for image {start + worst}: max |heads.sum((1, 2)) + "
+            f"mlps.sum(1) - embedding / norm| = {err[worst]:.3g} > {tol:g} (||embedding|| = "
+            f"{float(nrm[worst]):.4g}; {int((err > tol).sum())} of {b} images in this batch "
+            "fail). The weights or the inputs hold extreme values, or the core is wrong.")
+    worst_err = float(err.max())
+    if tokens is not None:
+        terr = np.abs(np.asarray(tokens, np.float64).sum(2) - np.asarray(heads, np.float64))
+        terr = np.where(np.isnan(terr), np.inf, terr).reshape(b, -1).max(axis=1)
+        worst = int(np.argmax(terr))
+        if not terr[worst] <= tol:
+            raise RuntimeError(
+                f"decomposition check failed for image {start + worst}: max |tokens.sum(2) - "
+                f"heads| = {terr[worst]:.3g} > {tol:g}")
+        worst_err = max(worst_err, float(terr.max()))
+    return worst_err
 
 
 class Decomposition:

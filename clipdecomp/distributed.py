@@ -151,8 +151,12 @@ def run_distributed(
     decode_threads: int | None = None,
     checkpoint_seconds: float | None = None,
     overwrite: bool = False,
+    expected_config: dict | None = None,
 ) -> StoreReader:
     """The Dask side of :func:`clipdecomp.run_dataset` (same arguments; see there).
+
+    ``expected_config`` (the config of a model object the caller holds) must be the config of
+    the model the workers load, else ValueError.
 
     Uses ``client`` if given, else connects to ``scheduler``, else starts a local cluster of
     ``workers`` processes (and closes what it opened). At most two chunks per worker thread
@@ -169,6 +173,16 @@ def run_distributed(
 
     try:
         identity = client.submit(identity_task, spec, pure=False).result()
+        if expected_config is not None:
+            got = identity["config"]
+            diff = sorted(k for k in set(got) | set(expected_config)
+                          if k != "name" and got.get(k) != expected_config.get(k))
+            if diff:
+                raise ValueError(
+                    f"the workers' model, loaded from {spec.path}, differs from the model given "
+                    f"in config.{diff[0]}: {got.get(diff[0])!r} against "
+                    f"{expected_config.get(diff[0])!r}; pass a ModelSpec with the load arguments"
+                )
         state = prepare_store(out, identity, source, dtype, layers, chunk_size, overwrite,
                               checkpoint_seconds)
         tasks = state.tasks(source)
@@ -215,7 +229,7 @@ def run_distributed(
             bar.close()
             summary = _summary(state, time.perf_counter() - t0, "dask", int(batch_size),
                                len(source), interrupted)
-            summary["workers"] = len(client.scheduler_info().get("workers", {}))
+            summary["workers"] = len(client.nthreads())
             _store.append_run(out, summary)
             if progress:
                 _print_summary(summary, out)

@@ -330,8 +330,9 @@ def download(repo: str, revision: str | None = None, cache_dir: str | None = Non
     def fetch(filename: str) -> str | None:
         nonlocal offline
         try:
+            # once the Hub proved unreachable, use the cache only (no retry cycle per file)
             return hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir,
-                                   local_files_only=local_files_only)
+                                   local_files_only=local_files_only or offline)
         except local_err:
             offline = True
             return None

@@ -27,6 +27,7 @@ from .segmentation import (
     SegmentationMeter,
     all_foreground,
     centre_blob,
+    keep_tokens,
     segment_decomposition,
     segment_maps,
 )
@@ -367,13 +368,14 @@ def evaluate_segmentation(model: Any, dataset: Any, classifier: np.ndarray, batc
         raise ValueError(f"mask_resize must be 'image' or 'squash', got {mask_resize!r}")
     mode = getattr(model.config, "resize_mode", "shortest") if mask_resize == "image" else "squash"
     meters = {m: SegmentationMeter() for m in METHODS}
+    spatial = keep_tokens(model.config, batch_size)  # small models: one forward pass, no probe
     with tqdm(total=n, disable=not progress, unit="img", desc="segeval") as bar:
         for start in range(0, n, batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, n))]
             images = [im for im, _ in items]
             gt = np.stack([transform_mask(mk, size, mode) for _, mk in items])
             b = len(items)
-            dec = model.decompose(images, attn=True)
+            dec = model.decompose(images, spatial=spatial, attn=True)
             ours = segment_decomposition(dec, classifier, size=size)
             results = {
                 "decomposition": ours,

@@ -6,22 +6,43 @@ length, D embedding dim, L layers, H heads, N tokens.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .config import ModelConfig
-from .decomposition import Decomposition
-from .preprocess import _is_float_array, as_image_list, preprocess, preprocess_items
+from .decomposition import Decomposition, check_identity
+from .preprocess import (
+    _check_pixel_shape,
+    _check_pixels,
+    _is_float_array,
+    as_image_list,
+    preprocess,
+    preprocess_items,
+)
 from .tokenizer import Tokenizer
 
-__all__ = ["CLIP", "default_threads"]
+__all__ = ["CLIP", "MemoryPlan", "available_memory", "debug_enabled", "default_threads",
+           "get_memory_budget", "set_debug", "set_memory_budget"]
 
 #: images per forward pass when nothing else is asked
 _BATCH = 8
 #: bytes of per-token terms one spatial batch may hold before the batch is made smaller
 _SPATIAL_BATCH_BYTES = 512 * 2**20
+#: the C core's own scratch limit per call (CD_SCRATCH_BUDGET in csrc/model.c): it runs a call
+#: in chunks of images whose scratch stays below this, at least one image per chunk
+_CORE_SCRATCH_BYTES = 256 * 2**20
+#: the default memory budget: this fraction of the memory available when a batch is planned
+_BUDGET_FRACTION = 0.5
+_F32 = 4
+
+# process-wide settings (the model's own attributes win over them)
+_settings_lock = threading.Lock()
+_memory_budget: int | None = None
+_debug: bool | None = None
 
 
 def default_threads() -> int:
@@ -41,6 +62,282 @@ def default_threads() -> int:
         except ValueError:
             pass
     return max(1, os.cpu_count() or 1)
+
+
+# -- memory budget ---------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations now.
+
+    ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the free physical pages
+    (``os.sysconf``), else 4 GiB when the system says nothing.
+
+    Examples
+    --------
+    >>> available_memory() > 0
+    True
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES")
+        page = os.sysconf("SC_PAGE_SIZE")
+        if pages > 0 and page > 0:
+            return int(pages) * int(page)
+    except (AttributeError, ValueError, OSError):
+        pass
+    return 4 * 2**30
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20,
+          "MIB": 2**20, "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40,
+          "TIB": 2**40}
+
+
+def _parse_bytes(value: Any, what: str) -> int:
+    """``1073741824``, ``"1G"``, ``"512MiB"``, ``"2.5GB"`` -> bytes (binary units)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be a number of bytes, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        n = int(value)
+    elif isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            raise ValueError(f"{what} must be a finite number of bytes, got {value!r}")
+        n = int(value)
+    elif isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        num = text.rstrip("KMGTIB")
+        unit = text[len(num):]
+        try:
+            n = int(float(num) * _UNITS[unit])
+        except (KeyError, ValueError):
+            raise ValueError(f"{what}: cannot read {value!r} as a size (e.g. 2000000000, "
+                             "'512M', '2G')") from None
+    else:
+        raise TypeError(f"{what} must be a number of bytes, got {type(value).__name__}")
+    if n <= 0:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return n
+
+
+def set_memory_budget(nbytes: int | str | None) -> None:
+    """Set the memory the models of this process may plan one call with.
+
+    A call whose results and working memory would exceed the budget runs in smaller batches
+    (with the same results); one that cannot fit even one image at a time raises
+    ``MemoryError``. The default (``None``) is the environment variable
+    ``CLIPDECOMP_MEMORY_BUDGET`` when set, else half of the memory available at the time of the
+    call. A model's own ``memory_budget`` attribute takes precedence.
+
+    Parameters
+    ----------
+    nbytes : int, str or None
+        Bytes (``2_000_000_000``), a size with a binary unit (``"512M"``, ``"8GiB"``), or None
+        to go back to the default.
+
+    Examples
+    --------
+    >>> set_memory_budget("8G")
+    >>> get_memory_budget()
+    8589934592
+    >>> set_memory_budget(None)
+    """
+    global _memory_budget
+    value = None if nbytes is None else _parse_bytes(nbytes, "memory budget")
+    with _settings_lock:
+        _memory_budget = value
+
+
+def get_memory_budget() -> int:
+    """The budget in bytes that a model without its own ``memory_budget`` uses now.
+
+    Examples
+    --------
+    >>> get_memory_budget() > 0
+    True
+    """
+    with _settings_lock:
+        value = _memory_budget
+    if value is not None:
+        return value
+    env = os.environ.get("CLIPDECOMP_MEMORY_BUDGET", "").strip()
+    if env:
+        return _parse_bytes(env, "CLIPDECOMP_MEMORY_BUDGET")
+    return max(1, int(available_memory() * _BUDGET_FRACTION))
+
+
+def set_debug(on: bool | None) -> None:
+    """Check every decomposition as it is computed (``None``: follow ``CLIPDECOMP_DEBUG``).
+
+    In debug mode ``decompose`` verifies, for every batch, that the terms add up to the
+    normalised embedding (``heads.sum((1, 2)) + mlps.sum(1) == embedding / norm``, and
+    ``tokens.sum(2) == heads`` when the tokens are kept) to 1e-3, and raises ``RuntimeError``
+    with the numbers if not. It costs one pass over the results.
+
+    Examples
+    --------
+    >>> set_debug(True); debug_enabled()
+    True
+    >>> set_debug(None)
+    """
+    global _debug
+    with _settings_lock:
+        _debug = None if on is None else bool(on)
+
+
+def debug_enabled() -> bool:
+    """Whether debug checks run: :func:`set_debug`, else ``CLIPDECOMP_DEBUG`` (``1``, ``true``).
+
+    Examples
+    --------
+    >>> isinstance(debug_enabled(), bool)
+    True
+    """
+    with _settings_lock:
+        value = _debug
+    if value is not None:
+        return value
+    return os.environ.get("CLIPDECOMP_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes one call needs, and the batch that fits a budget.
+
+    Attributes
+    ----------
+    images : int
+        B, the images of the call.
+    result_per_image : int
+        Bytes of the returned arrays per image (kept for all B images).
+    batch_per_image : int
+        Bytes per image of one batch in flight: the core's result block, the preprocessed pixels.
+    scratch_per_image : int
+        The core's activations per image (it holds at most ``core_chunk`` images' worth).
+    core_chunk : int
+        Images the core computes at once (its own 256 MiB scratch limit).
+    fixed : int
+        Bytes per call that do not grow with the batch (attention tiles, the folded per-token
+        maps).
+    budget : int
+        The budget the plan was made for.
+    batch_size : int
+        Images per forward pass that fit (0: not even one does).
+    """
+
+    images: int
+    result_per_image: int
+    batch_per_image: int
+    scratch_per_image: int
+    core_chunk: int
+    fixed: int
+    budget: int
+    batch_size: int
+
+    def need(self, batch: int) -> int:
+        """Bytes for the whole call run in batches of ``batch`` images."""
+        b = max(0, min(batch, self.images))
+        return (self.images * self.result_per_image + b * self.batch_per_image
+                + min(b, self.core_chunk) * self.scratch_per_image + self.fixed)
+
+
+def _core_scratch_floats(c: ModelConfig, *, decompose: bool, tokens: bool, probe: int) -> int:
+    """Floats of the C core's per-image scratch (chunk_plan in csrc/model.c)."""
+    n, w, h, layers = c.n_tokens, c.width, c.heads, c.layers
+    fc = max(c.mlp_dim * n, 3 * c.image_size * c.image_size)
+    floats = 7 * n * w + fc + h * n + 2 * w + 3
+    if decompose:
+        floats += layers * h * w + (layers + 1) * w + layers * w
+    if tokens or probe:
+        floats += layers * w + layers * c.embed_dim
+    if probe:
+        floats += layers * probe
+    return floats + 16 * 16          # each array aligned to 64 bytes
+
+
+def _result_floats(c: ModelConfig, *, decompose: bool, tokens: bool, attn: bool,
+                   probe: int) -> int:
+    """Floats per image of the arrays one core call returns."""
+    layers, n, h, d = c.layers, c.n_tokens, c.heads, c.embed_dim
+    floats = d + 3
+    if decompose:
+        floats += layers * h * d + (layers + 1) * d + layers * d
+    if tokens:
+        floats += layers * n * h * d
+    if attn:
+        floats += layers * h * n + layers * n * n
+    if probe:
+        floats += layers * n * h * probe
+    return floats
+
+
+def plan_memory(config: ModelConfig, images: int, budget: int, *, decompose: bool = True,
+                tokens: bool = False, attn: bool = False, probe: int = 0,
+                keep_pixels: bool = False, threads: int = 1, batch_size: int = _BATCH,
+                results: bool = True) -> MemoryPlan:
+    """Plan a call over ``images`` images within ``budget`` bytes.
+
+    ``results=False`` leaves out the returned arrays (a caller that keeps only part of them).
+    The batch size is the largest ``<= batch_size`` whose need fits the budget (0 if none).
+
+    Examples
+    --------
+    >>> cfg = ModelConfig(224, 16, 768, 12, 12, 3072, 512, "gelu")
+    >>> plan = plan_memory(cfg, 100, 2**30, tokens=True)
+    >>> plan.batch_size, plan.result_per_image // 2**20
+    (0, 58)
+    """
+    c = config
+    res = _result_floats(c, decompose=decompose, tokens=tokens, attn=attn, probe=probe) * _F32
+    pix = 3 * c.image_size * c.image_size * _F32
+    scratch = _core_scratch_floats(c, decompose=decompose, tokens=tokens, probe=probe) * _F32
+    chunk = max(1, _CORE_SCRATCH_BYTES // scratch)
+    n, dh = c.n_tokens, c.head_dim
+    fixed = max(1, threads) * (n * n + n * dh) * _F32
+    if tokens or probe:
+        fixed += c.layers * c.width * c.embed_dim * _F32       # the fold, built once per model
+    if probe:
+        fixed += c.layers * c.width * probe * _F32
+    result_kept = (res + (pix if keep_pixels else 0)) if results else 0
+    plan = MemoryPlan(images=images, result_per_image=result_kept, batch_per_image=res + pix,
+                      scratch_per_image=scratch, core_chunk=chunk, fixed=fixed, budget=budget,
+                      batch_size=0)
+    bs = max(1, min(batch_size, max(images, 1)))
+    if plan.need(bs) > budget:      # the largest batch that fits: need() grows with the batch
+        lo, hi = 0, bs
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if plan.need(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        bs = lo
+    return MemoryPlan(**{**plan.__dict__, "batch_size": bs})
+
+
+def _too_big(plan: MemoryPlan, what: str, hint: str) -> MemoryError:
+    results = plan.images * plan.result_per_image
+    one = plan.need(1) - results
+    return MemoryError(
+        f"{what} of {plan.images} image{'s' if plan.images != 1 else ''} needs about "
+        f"{_fmt_bytes(plan.need(1))} even one image at a time ({_fmt_bytes(results)} for the "
+        f"results, {_fmt_bytes(one)} to compute), more than the memory budget of "
+        f"{_fmt_bytes(plan.budget)}. {hint}Raise the budget with "
+        "clipdecomp.set_memory_budget(bytes), model.memory_budget or the environment variable "
+        "CLIPDECOMP_MEMORY_BUDGET, or pass fewer images per call.")
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -93,6 +390,7 @@ class CLIP:
         self.path = path
         self.act_source = act_source
         self.threads = threads
+        self.memory_budget = None
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -103,11 +401,66 @@ class CLIP:
 
     @threads.setter
     def threads(self, value: int | None) -> None:
+        self._threads_given = value is not None
         if value is None:
             value = default_threads()
-        if not isinstance(value, (int, np.integer)) or value < 1:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"threads must be a positive int, got {value!r}")
         self._threads = int(value)
+
+    @property
+    def memory_budget(self) -> int | None:
+        """Bytes this model may plan one call with (None: :func:`get_memory_budget`).
+
+        A call that would need more runs in smaller batches, with the same results; one that
+        cannot fit one image at a time raises ``MemoryError``. Set it to bytes, a size such as
+        ``"4G"``, or None.
+
+        Examples
+        --------
+        >>> model.memory_budget = "4G"                                    # doctest: +SKIP
+        """
+        return self._memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: int | str | None) -> None:
+        self._memory_budget = None if value is None else _parse_bytes(value, "memory_budget")
+
+    def _budget(self) -> int:
+        return self._memory_budget if self._memory_budget is not None else get_memory_budget()
+
+    def estimate_memory(self, images: int, spatial: bool = False, attn: bool = False,
+                        probe: int = 0, keep_pixels: bool = True,
+                        batch_size: int | None = None) -> MemoryPlan:
+        """How much memory ``decompose`` of ``images`` images needs, and the batch that fits.
+
+        Parameters
+        ----------
+        images : int
+            B.
+        spatial, attn, keep_pixels : bool
+            As for :meth:`decompose`.
+        probe : int
+            T, directions of a ``probe`` call (0: none).
+        batch_size : int, optional
+            The batch to start from (default as in :meth:`decompose`).
+
+        Returns
+        -------
+        MemoryPlan
+            ``plan.need(b)`` is the bytes of the call in batches of b; ``plan.batch_size`` the
+            batch that fits the budget (0: not even one image).
+
+        Examples
+        --------
+        >>> plan = model.estimate_memory(1000, spatial=True)              # doctest: +SKIP
+        >>> plan.need(plan.batch_size) < plan.budget                      # doctest: +SKIP
+        True
+        """
+        bs = int(batch_size or (self._spatial_batch() if spatial else _BATCH))
+        return plan_memory(self.config, int(images), self._budget(), decompose=True,
+                           tokens=spatial, attn=attn, probe=probe, keep_pixels=keep_pixels,
+                           threads=self.threads, batch_size=bs)
 
     @property
     def layout(self) -> str:
@@ -145,22 +498,31 @@ class CLIP:
             raise ValueError("this model has no tokenizer (no tokenizer.json / vocab.json + "
                              "merges.txt beside the weights, and no text tower to use the "
                              "bundled CLIP vocabulary for); pass tokenizer= to clipdecomp.load")
-        return self.tokenizer(texts, context_length or self.config.context_length)
+        c = self.config.context_length
+        if context_length is not None and self.config.has_text and context_length > c:
+            raise ValueError(f"context_length={context_length} is longer than the model's "
+                             f"context of {c} tokens (its positional embedding has {c} rows); "
+                             "longer texts are cut to fit it")
+        return self.tokenizer(texts, context_length or c)
 
     # -- running -------------------------------------------------------------------------------
 
     def _batches(self, images: Any, batch_size: int):
         """Yield ``(start, pixels [b, 3, S, S])`` over the input, preprocessing per batch."""
         if _is_float_array(images):
-            px = self.preprocess(images)
-            for s in range(0, px.shape[0], batch_size):
-                yield s, px[s:s + batch_size]
+            arr = np.asarray(images)
+            if arr.ndim == 3:
+                arr = arr[None]
+            _check_pixel_shape(arr, self.config.image_size, "images")   # up front
+            for s in range(0, arr.shape[0], batch_size):
+                yield s, _check_pixels(arr[s:s + batch_size], self.config.image_size, "images",
+                                       start=s)
             return
         items = as_image_list(images)
         if not items:
             raise ValueError("no images given (an empty list)")
         c = self.config
-        listed = isinstance(images, (list, tuple))
+        listed = isinstance(images, (list, tuple)) or len(items) > 1
         for s in range(0, len(items), batch_size):
             yield s, preprocess_items(items[s:s + batch_size], c.image_size, c.mean, c.std,
                                       c.resize_mode, c.interpolation, start=s, listed=listed)
@@ -197,14 +559,31 @@ class CLIP:
         >>> model.encode_image(["cat.jpg"]).shape                         # doctest: +SKIP
         (1, 512)
         """
-        bs = int(batch_size or _BATCH)
+        bs = self._batch_arg(batch_size, _BATCH)
+        if not _is_float_array(images):
+            images = as_image_list(images)   # once: a generator can be read only once
         n = self._count(images)
+        plan = plan_memory(self.config, n, self._budget(), decompose=False,
+                           threads=self.threads, batch_size=bs)
+        if plan.batch_size < 1:
+            raise _too_big(plan, "encode_image", "")
         out = np.empty((n, self.config.embed_dim), dtype=np.float32)
         with _progress(n, progress, "encode_image") as bar:
-            for s, px in self._batches(images, bs):
-                out[s:s + px.shape[0]] = self._run(px)["embedding"]
+            for s, px in self._batches(images, plan.batch_size):
+                r = self._run(px)
+                out[s:s + px.shape[0]] = r["embedding"]
+                del r
                 bar.update(px.shape[0])
         return _normalize(out) if normalize else out
+
+    @staticmethod
+    def _batch_arg(batch_size: int | None, default: int) -> int:
+        if batch_size is None:
+            return default
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        return int(batch_size)
 
     def _as_ids(self, texts_or_ids: Any) -> np.ndarray:
         if isinstance(texts_or_ids, str) or (
@@ -296,10 +675,16 @@ class CLIP:
         (1, 12, 197, 12, 512)
         """
         c = self.config
-        bs = int(batch_size or (self._spatial_batch() if spatial else _BATCH))
-        if bs < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        bs = self._batch_arg(batch_size, self._spatial_batch() if spatial else _BATCH)
+        if not _is_float_array(images):
+            images = as_image_list(images)   # once: a generator can be read only once
         n = self._count(images)
+        plan = plan_memory(c, n, self._budget(), decompose=True, tokens=spatial, attn=attn,
+                           keep_pixels=keep_pixels, threads=self.threads, batch_size=bs)
+        if plan.batch_size < 1:
+            raise _too_big(plan, "decompose" + (" with spatial=True" if spatial else ""),
+                           "Per-token terms take L*N*H*D floats per image: dec.probe(directions) "
+                           "gives token scores without keeping them. " if spatial else "")
         shapes = {
             "embedding": (c.embed_dim,), "ln_stats": (3,),
             "heads": (c.layers, c.heads, c.embed_dim), "mlps": (c.layers + 1, c.embed_dim),
@@ -313,16 +698,21 @@ class CLIP:
         if keep_pixels:
             shapes["pixels"] = (3, c.image_size, c.image_size)
         out = {k: np.empty((n,) + s, dtype=np.float32) for k, s in shapes.items()}
+        debug = debug_enabled()
         with _progress(n, progress, "decompose") as bar:
-            for s, px in self._batches(images, bs):
+            for s, px in self._batches(images, plan.batch_size):
                 r = self._run(px, heads=True, mlps=True, cls_to_cls=True, tokens=spatial,
                               attn=attn)
                 e = s + px.shape[0]
+                if debug:
+                    check_identity(r["heads"], r["mlps"], r["embedding"], r["ln_stats"][:, 2],
+                                   r.get("tokens"), start=s)
                 for k in shapes:
                     if k == "pixels":
                         out[k][s:e] = px
                     else:
                         out[k][s:e] = r[k]
+                del r
                 bar.update(px.shape[0])
         return Decomposition(config=c, embedding=out["embedding"], ln_stats=out["ln_stats"],
                              heads=out["heads"], mlps=out["mlps"], cls_to_cls=out["cls_to_cls"],
@@ -337,14 +727,38 @@ class CLIP:
         t = directions.shape[0]
         n = pixels.shape[0]
         per_image = c.layers * c.n_tokens * c.heads * t * 4
-        bs = int(batch_size or max(1, min(_BATCH, _SPATIAL_BATCH_BYTES // max(per_image, 1))))
+        default = max(1, min(_BATCH, _SPATIAL_BATCH_BYTES // max(per_image, 1)))
+        plan = plan_memory(c, n, self._budget(), decompose=False, probe=t,
+                           threads=self.threads, batch_size=self._batch_arg(batch_size, default))
+        if plan.batch_size < 1:
+            raise _too_big(plan, f"probe along {t} directions", "")
         out = np.empty((n, c.layers, c.n_tokens, c.heads, t), dtype=np.float32)
         with _progress(n, progress, "probe") as bar:
-            for s in range(0, n, bs):
-                px = pixels[s:s + bs]
-                out[s:s + px.shape[0]] = self._run(px, probe=directions)["probe"]
+            for s in range(0, n, plan.batch_size):
+                px = pixels[s:s + plan.batch_size]
+                r = self._run(px, probe=directions)
+                out[s:s + px.shape[0]] = r["probe"]
+                del r
                 bar.update(px.shape[0])
         return out
+
+    # -- pickling ------------------------------------------------------------------------------
+
+    def __reduce__(self):
+        """Pickle by source, never by weights: the weights file is opened again on unpickling
+        (Dask workers, multiprocessing), with the same config, layout and tokenizer."""
+        try:
+            size = os.path.getsize(self.path)
+        except OSError:
+            size = None
+        state = {
+            "path": self.path, "config": self.config, "layout": self.layout,
+            "size": size, "tokenizer": _tokenizer_spec(self.tokenizer),
+            "logit_scale": self.logit_scale, "act_source": self.act_source,
+            "threads": self._threads if self._threads_given else None,
+            "memory_budget": self._memory_budget,
+        }
+        return (_restore, (state,))
 
     def __repr__(self) -> str:
         c = self.config
@@ -366,3 +780,57 @@ class CLIP:
         lines.append(f"  threads {self.threads}; weights {self.path}")
         return "\n".join(lines)
 
+
+
+def _tokenizer_spec(tok: Tokenizer | None) -> tuple:
+    """How to make ``tok`` again: from its files when it came from files, else itself."""
+    if tok is None:
+        return ("none",)
+    from . import tokenizer as _tk
+
+    src = str(getattr(tok, "source", ""))
+    ctx = tok.context_length
+    if src == str(_tk.DEFAULT_BPE):
+        return ("default", ctx)
+    if src.endswith(".json") and os.path.basename(src) == "tokenizer.json" and \
+            os.path.isfile(src):
+        return ("file", src, ctx)
+    merges = os.path.join(os.path.dirname(src), "merges.txt")
+    if os.path.basename(src) == "vocab.json" and os.path.isfile(src) and os.path.isfile(merges):
+        return ("vocab", src, merges, ctx)
+    return ("object", tok)
+
+
+def _make_tokenizer(spec: tuple) -> Tokenizer | None:
+    from . import tokenizer as _tk
+
+    kind = spec[0]
+    if kind == "none":
+        return None
+    if kind == "default":
+        return _tk.default_tokenizer(spec[1])
+    if kind == "file":
+        return _tk.Tokenizer.from_file(spec[1], spec[2])
+    if kind == "vocab":
+        return _tk.Tokenizer.from_vocab_merges(spec[1], spec[2], spec[3])
+    return spec[1]
+
+
+def _restore(state: dict) -> CLIP:
+    """Unpickle a :class:`CLIP`: open its weights file again."""
+    from .loading import _open_core
+
+    path = state["path"]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: the weights of the pickled model are not here (a "
+                                "model is pickled by its path: every process must see the file)")
+    size = os.path.getsize(path)
+    if state.get("size") is not None and size != state["size"]:
+        raise ValueError(f"{path}: the weights file changed since the model was pickled "
+                         f"({state['size']} bytes then, {size} now)")
+    core = _open_core(path, state["config"], state["layout"] or "auto")
+    model = CLIP(core, state["config"], tokenizer=_make_tokenizer(state["tokenizer"]),
+                 logit_scale=state["logit_scale"], path=path, threads=state["threads"],
+                 act_source=state["act_source"])
+    model.memory_budget = state["memory_budget"]
+    return model

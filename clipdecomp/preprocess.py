@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from struct import error as struct_error
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,10 @@ __all__ = [
     "resize_size",
     "to_pixels",
 ]
+
+
+#: a resize (before the centre crop) to more pixels than this resamples only the cropped region
+_MAX_RESIZED_PIXELS = 2**26
 
 
 def _pil():
@@ -89,7 +94,13 @@ def load_image(item: Any):
             with Image.open(path) as im:
                 im.load()
                 return im.convert("RGB")
-        except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{path}: refused as a possible decompression bomb: {e} Raise "
+                             "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
+        except MemoryError:
+            raise MemoryError(f"{path}: not enough memory to decode this image") from None
+        except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+                IndexError, struct_error, ZeroDivisionError) as e:
             raise ValueError(f"{path}: not an image Pillow can read ({e})") from None
     if isinstance(item, Image.Image):
         return item.convert("RGB")
@@ -127,10 +138,18 @@ def to_pixels(image, image_size: int, mean: Sequence[float], std: Sequence[float
         raise ValueError(f"empty image of size {w}x{h}")
     if resize_mode == "shortest":
         nw, nh = resize_size(w, h, image_size)
-        if (nw, nh) != (w, h):
-            image = image.resize((nw, nh), resample=resample)
-        if (nw, nh) != (image_size, image_size):
-            image = image.crop(center_crop_box(nw, nh, image_size))
+        if nw * nh > _MAX_RESIZED_PIXELS:
+            # an extreme aspect ratio: resizing the whole image first would take gigabytes, so
+            # resample only the source region that the centre crop keeps (same sampling grid)
+            left, top, right, bottom = center_crop_box(nw, nh, image_size)
+            sx, sy = w / nw, h / nh
+            image = image.resize((image_size, image_size), resample=resample,
+                                 box=(left * sx, top * sy, right * sx, bottom * sy))
+        else:
+            if (nw, nh) != (w, h):
+                image = image.resize((nw, nh), resample=resample)
+            if (nw, nh) != (image_size, image_size):
+                image = image.crop(center_crop_box(nw, nh, image_size))
     elif resize_mode == "squash":
         if (w, h) != (image_size, image_size):
             image = image.resize((image_size, image_size), resample=resample)
@@ -148,35 +167,57 @@ def _is_float_array(x: Any) -> bool:
     return hasattr(x, "__array__") and hasattr(x, "dtype") and "float" in str(x.dtype)
 
 
-def _check_pixels(arr: np.ndarray, image_size: int, where: str) -> np.ndarray:
+def _check_pixel_shape(arr: np.ndarray, image_size: int, where: str) -> None:
+    """A float array must be ``[3, S, S]`` or ``[B, 3, S, S]``."""
     shape = tuple(arr.shape)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[1] != 3 or arr.shape[2] != image_size or \
-            arr.shape[3] != image_size:
+    if len(shape) == 3:
+        shape4 = (1,) + shape
+    else:
+        shape4 = shape
+    if len(shape4) != 4 or shape4[1] != 3 or shape4[2] != image_size or \
+            shape4[3] != image_size:
         raise ValueError(f"{where}: a float array must be preprocessed pixels [3, {image_size}, "
                          f"{image_size}] or [B, 3, {image_size}, {image_size}]; got shape "
                          f"{shape} (pass uint8 [H, W, 3] arrays or PIL images to have them "
                          "resized and normalised)")
+
+
+def _check_pixels(arr: np.ndarray, image_size: int, where: str, start: int = 0) -> np.ndarray:
+    """Shape-check preprocessed pixels and return them as float32 ``[B, 3, S, S]``; NaN or
+    infinite values are a ValueError naming the first image that has one (``start`` is the
+    index of ``arr[0]`` in the caller's input)."""
+    _check_pixel_shape(arr, image_size, where)
+    if arr.ndim == 3:
+        arr = arr[None]
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        raise ValueError(f"{where}: pixels contain {int(bad.sum())} NaN / infinite values")
+    finite = np.isfinite(arr).reshape(arr.shape[0], -1).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        count = int((~np.isfinite(arr)).sum())
+        first = int(bad[0]) + start
+        which = f"; first in image {first}" if arr.shape[0] > 1 or start else ""
+        raise ValueError(f"{where}: pixels contain {count} NaN / infinite value"
+                         f"{'s' if count != 1 else ''} ({len(bad)} image"
+                         f"{'s' if len(bad) != 1 else ''}{which})")
     return arr
 
 
 def as_image_list(images: Any) -> list[Any]:
     """Split an input into a list of items (one per image), without preprocessing.
 
-    A float ``[B, 3, S, S]`` array becomes B items of ``[3, S, S]``; a single image becomes a
-    list of one.
+    A float ``[B, 3, S, S]`` array becomes B items of ``[3, S, S]``; a single image (path, PIL
+    image, array) becomes a list of one; any other iterable (a generator of paths, a pandas
+    Series) becomes the list of its items.
     """
     if isinstance(images, (list, tuple)):
         return list(images)
     if _is_float_array(images):
         arr = np.asarray(images)
         return list(arr) if arr.ndim == 4 else [arr]
-    return [images]
+    if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or hasattr(images, "convert") \
+            or not hasattr(images, "__iter__"):
+        return [images]
+    return list(images)
 
 
 def preprocess(images: Any, image_size: int, mean: Sequence[float], std: Sequence[float],
@@ -216,8 +257,9 @@ def preprocess(images: Any, image_size: int, mean: Sequence[float], std: Sequenc
     """
     if _is_float_array(images):
         return _check_pixels(np.asarray(images), image_size, "images")
-    return preprocess_items(as_image_list(images), image_size, mean, std, resize_mode,
-                            interpolation, listed=isinstance(images, (list, tuple)))
+    items = as_image_list(images)
+    return preprocess_items(items, image_size, mean, std, resize_mode, interpolation,
+                            listed=isinstance(images, (list, tuple)) or len(items) > 1)
 
 
 def preprocess_items(items: Sequence[Any], image_size: int, mean: Sequence[float],

@@ -240,6 +240,8 @@ class HeadIndex:
         single = not isinstance(query, (list, tuple)) and not (
             isinstance(query, np.ndarray) and query.ndim == 4
         )
+        if isinstance(query, np.ndarray) and query.dtype == np.uint8 and query.ndim == 4:
+            query = list(query)  # a stack of uint8 images [Q, H, W, 3]
         dec = self.model.decompose([query] if single else query)
         return _head_vectors(dec, self.heads), single
 
@@ -282,6 +284,10 @@ class HeadIndex:
         excl = None if exclude is None else np.unique(np.asarray(list(exclude), np.int64))
         n_excl = 0 if excl is None else int(((excl >= 0) & (excl < n)).sum())
         k = int(max(0, min(k, n - n_excl)))
+        if k == 0:
+            out_i = np.zeros((q.shape[0], 0), np.int64)
+            out_s = np.zeros((q.shape[0], 0), np.float32)
+            return (out_i[0], out_s[0]) if single else (out_i, out_s)
         best_s = np.full((q.shape[0], 0), -np.inf, np.float32)
         best_i = np.zeros((q.shape[0], 0), np.int64)
         for r0 in range(0, n, _BLOCK):

@@ -23,8 +23,13 @@ _DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
 }
-#: header longer than this is refused (real CLIP headers are < 100 kB)
+#: every dtype name of the format (the C core's list): these are accepted in a header and their
+#: byte counts checked; only those of ``_DTYPE_SIZES`` can be read
+_KNOWN_DTYPES = {**_DTYPE_SIZES, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+#: header longer than this is refused (real CLIP headers are < 100 kB; the C core's limit)
 _MAX_HEADER = 100 * 1024 * 1024
+#: at most this many dimensions per tensor (the C core's limit)
+_MAX_DIMS = 8
 
 
 class SafetensorsError(ValueError):
@@ -106,16 +111,17 @@ class SafetensorsFile:
             if 8 + n > size:
                 raise _fail(self.path, f"header length {n} runs past the end of the "
                                        f"{size}-byte file (truncated)")
+            if n < 2:
+                raise _fail(self.path, f"header of {n} bytes (not a JSON object)")
             raw = fh.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _fail(self.path, f"header is not JSON ({e})") from None
-        if not isinstance(header, dict):
-            raise _fail(self.path, "header is not a JSON object")
+            if len(raw) != n:
+                raise _fail(self.path, "the header is cut short (the file changed while read)")
+        header = _parse_json(self.path, raw)
         self.data_start = 8 + n
         self.data_size = size - self.data_start
         meta = header.pop("__metadata__", None)
+        if meta is not None and not isinstance(meta, dict):
+            raise _fail(self.path, "__metadata__ is not a JSON object")
         self.metadata: dict[str, str] = dict(meta) if isinstance(meta, dict) else {}
         self.tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
@@ -129,19 +135,22 @@ class SafetensorsFile:
         offs = entry.get("data_offsets")
         if not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(offs, list):
             raise _fail(self.path, f"tensor {name!r} lacks dtype / shape / data_offsets")
-        if len(offs) != 2 or not all(isinstance(o, int) and o >= 0 for o in offs):
-            raise _fail(self.path, f"tensor {name!r} has bad data_offsets {offs}")
-        if not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise _fail(self.path, f"tensor {name!r} has bad shape {shape}")
+        if dtype not in _KNOWN_DTYPES:
+            raise _fail(self.path, f"tensor {name!r} has unknown dtype {dtype[:40]!r} (expected "
+                                   f"one of {', '.join(_KNOWN_DTYPES)})")
+        if len(offs) != 2 or not all(_is_uint(o) for o in offs):
+            raise _fail(self.path, f"tensor {name!r} has bad data_offsets {str(offs)[:80]}")
+        if len(shape) > _MAX_DIMS or not all(_is_uint(s) for s in shape):
+            raise _fail(self.path, f"tensor {name!r} has bad shape {str(shape)[:80]}")
         begin, end = offs
         if begin > end or end > self.data_size:
             raise _fail(self.path, f"tensor {name!r} data [{begin}, {end}) lies outside the "
                                    f"{self.data_size} data bytes of the file (truncated or corrupt)")
         info = TensorInfo(name, dtype, tuple(shape), begin, end)
-        if dtype in _DTYPE_SIZES and info.numel * _DTYPE_SIZES[dtype] != end - begin:
+        nbytes = info.numel * _KNOWN_DTYPES[dtype]
+        if nbytes != end - begin:
             raise _fail(self.path, f"tensor {name!r}: {dtype} {tuple(shape)} needs "
-                                   f"{info.numel * _DTYPE_SIZES[dtype]} bytes but its offsets "
-                                   f"span {end - begin}")
+                                   f"{nbytes} bytes but its offsets span {end - begin}")
         return info
 
     def __contains__(self, name: str) -> bool:
@@ -150,6 +159,12 @@ class SafetensorsFile:
     def keys(self):
         """The tensor names, in header order."""
         return self.tensors.keys()
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         """Shape of tensor ``name``, or None when the file lacks it."""
@@ -185,6 +200,44 @@ class SafetensorsFile:
         if len(buf) != t.end - t.begin:
             raise _fail(self.path, f"tensor {name!r} is cut short (truncated file)")
         return _decode(buf, t.dtype).reshape(t.shape)
+
+
+def _is_uint(v: object) -> bool:
+    """A JSON non-negative integer (``true`` is not one, although Python's bool is an int)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _bad_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_json(path: str, raw: bytes) -> dict:
+    """The header bytes -> its JSON object, strictly: no duplicate keys, no NaN / Infinity."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                            parse_constant=_bad_constant)
+    except _Duplicate as e:
+        raise _fail(path, f"the key {str(e.args[0])[:80]!r} appears twice in the header") from None
+    except (UnicodeDecodeError, ValueError) as e:       # JSONDecodeError is a ValueError
+        raise _fail(path, f"header is not JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise _fail(path, "header is not JSON (nested too deeply)") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    return header
 
 
 def _decode(buf: bytes, dtype: str) -> np.ndarray:

@@ -10,7 +10,9 @@ The method, exactly as the paper evaluates it on ImageNet-segmentation:
 
 Step 2 is linear in the classifier column, so the score of patch p is the dot product of its
 vector with ``w_c - mean_k w_k``: one direction per predicted class, which the core evaluates in
-head space (``dec.probe``) without materialising the tokens.
+head space (``dec.probe``) without materialising the tokens. (When a batch's token terms fit in
+``TOKEN_BUDGET``, as for small models, :func:`segment` keeps them instead and saves the second
+forward pass that ``probe`` needs.)
 
 Metrics (over a data set): pixel accuracy and mean IoU over the two classes (background,
 foreground) from intersections and unions summed over all images, and the mean over images of the
@@ -36,6 +38,7 @@ __all__ = [
     "all_foreground",
     "average_precision",
     "centre_blob",
+    "keep_tokens",
     "segment",
     "segment_decomposition",
     "segment_maps",
@@ -43,6 +46,28 @@ __all__ = [
 ]
 
 Threshold = Union[str, float]
+
+# Below this many bytes of token terms per batch, decompose keeps the tokens (one forward pass);
+# above it the maps come from dec.probe, which re-runs the forward without storing them.
+TOKEN_BUDGET = 256 * 2**20
+
+
+def keep_tokens(config: Any, batch_size: int) -> bool:
+    """Whether ``batch_size`` images' token terms [B, L, N, H, D] fit in ``TOKEN_BUDGET``.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> toy = SimpleNamespace(layers=6, n_tokens=65, heads=6, embed_dim=128)
+    >>> vit_h = SimpleNamespace(layers=32, n_tokens=257, heads=16, embed_dim=1024)
+    >>> keep_tokens(toy, 8), keep_tokens(vit_h, 8)
+    (True, False)
+    """
+    try:
+        per_image = 4 * config.layers * config.n_tokens * config.heads * config.embed_dim
+    except AttributeError:
+        return False
+    return per_image * batch_size <= TOKEN_BUDGET
 
 
 @dataclass
@@ -271,11 +296,12 @@ def segment(model: Any, images: Any, classifier: np.ndarray, batch_size: int = 8
         classes = np.asarray(classes, np.int64).reshape(-1)
         if len(classes) != n:
             raise ValueError(f"classes has {len(classes)} entries for {n} images")
+    spatial = keep_tokens(getattr(model, "config", None), batch_size)
     parts = []
     with tqdm(total=n, disable=not progress, unit="img", desc="segment") as bar:
         for start in range(0, n, batch_size):
             chunk = images[start:start + batch_size]
-            dec = model.decompose(chunk)
+            dec = model.decompose(chunk, spatial=spatial)
             cls = None if classes is None else classes[start:start + batch_size]
             parts.append(segment_decomposition(dec, classifier, cls))
             bar.update(len(chunk))

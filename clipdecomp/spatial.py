@@ -204,7 +204,8 @@ def head_maps(dec: Any, direction: np.ndarray) -> np.ndarray:
         raise ValueError(f"direction must be one [D] vector, got {u.shape[0]}")
     tokens = _tokens_or_none(dec)
     if tokens is not None:
-        per = np.tensordot(tokens[:, :, 1:], u[0].astype(tokens.dtype), axes=([4], [0]))
+        # on the whole (contiguous) array, so that no copy of the tokens is made
+        per = np.tensordot(tokens, u[0].astype(tokens.dtype), axes=([4], [0]))[:, :, 1:]
     else:
         per = np.asarray(dec.probe(u))[:, :, 1:, :, 0]  # [B, L, N-1, H]
     per = np.asarray(per, np.float32).transpose(0, 1, 3, 2)  # [B, L, H, N-1]

@@ -22,10 +22,10 @@ from .spatial import upsample
 __all__ = ["overlay", "plot_head_grid", "plot_methods", "plot_text_maps"]
 
 
-def _new_figure(figsize: tuple[float, float]) -> Any:
+def _new_figure(figsize: tuple[float, float], layout: str | None = "constrained") -> Any:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=figsize, layout="constrained")
+    return Figure(figsize=figsize, layout=layout)
 
 
 def _image(x: Any) -> np.ndarray:
@@ -215,8 +215,16 @@ def plot_head_grid(maps: np.ndarray, image: Any = None, layers: Sequence[int] | 
     img = None if image is None else _image(image)
     sub = maps[np.ix_(ls, hs)]
     lim = float(np.nanmax(np.abs(sub))) or 1.0
-    fig = _new_figure((1.3 * len(hs) + 0.8, 1.3 * len(ls) + 0.4))
-    axes = fig.subplots(len(ls), len(hs), squeeze=False)
+    # a fixed layout (the constrained one takes seconds to solve for dozens of panels):
+    # square cells of `cell` inches, margins in inches, the colour bar on the right
+    cell, left, right, bottom, top = 1.25, 0.45, 1.0, 0.1, (0.65 if title else 0.35)
+    fw = left + cell * len(hs) + right
+    fh = bottom + cell * len(ls) + top
+    fig = _new_figure((fw, fh), layout=None)
+    axes = fig.subplots(len(ls), len(hs), squeeze=False,
+                        gridspec_kw={"wspace": 0.06, "hspace": 0.06, "left": left / fw,
+                                     "right": 1 - right / fw, "bottom": bottom / fh,
+                                     "top": 1 - top / fh})
     art = None
     for r, li in enumerate(ls):
         for c, hi in enumerate(hs):
@@ -226,7 +234,8 @@ def plot_head_grid(maps: np.ndarray, image: Any = None, layers: Sequence[int] | 
                 ax.set_title(f"head {hi}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(f"layer {li}", fontsize=8)
-    fig.colorbar(art, ax=axes, shrink=0.6)
+    cax = fig.add_axes((1 - 0.8 * right / fw, 0.25, 0.18 / fw, 0.5))
+    fig.colorbar(art, cax=cax)
     if title:
         fig.suptitle(title)
     return fig

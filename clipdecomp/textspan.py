@@ -16,10 +16,13 @@ Conventions (all documented in the reference code, ``compute_complete_text_set.p
 ``yossigandelsman/clip_text_span``):
 
 * texts are projected onto the top ``rank`` right singular vectors of the *uncentred* C;
-  where C has fewer than ``rank`` singular values above ``rtol * s_max`` only those are used
-  (the reference would also project onto arbitrary null-space vectors, which changes nothing
-  but the norms of the projected texts in exact arithmetic and makes its picks depend on the
-  SVD routine; on ViT-B/L/H heads, ``rank = 80 <=`` the head's rank and the two agree);
+  where C has fewer than ``rank`` singular values above ``rtol * s_max`` only those are used.
+  A head's terms span at most ``d + 2`` dimensions (its value space, plus the two directions
+  of LN_post's centring and bias). For ViT-H/14 (d = 80) ``rank = 80`` is below that and both
+  agree; for d + 2 < 80 (ViT-B/16, ViT-L/14: d = 64) the reference also projects onto
+  float32 noise vectors of the null space, which add arbitrary components to the texts (and so
+  change their norms and later deflations) that depend on the SVD routine; clipdecomp drops
+  them, which gives the reference's result with ``rank`` lowered to C's rank;
 * the pick criterion is the standard deviation over images of ``C t`` with torch's default
   unbiased estimate (divide by ``N - 1``); reported variances use the same ``N - 1``;
 * computation is float64 (the reference runs float32 on a GPU; near-ties may break
@@ -341,7 +344,9 @@ def textspan_from_stats(
     covariance, the variance of ``C t`` is ``t^T S t``; removing a unit direction ``u`` maps
     ``S -> P S P`` and ``T -> T P`` (``P = I - u u^T``). Keeping ``G = T S`` up to date with
     rank-one updates (``a = T u``, ``b = S u``: ``G <- (G - a b^T) P``) makes each pick
-    ``O(M D + D^2)``, and ``s_j^2 = <T_j, G_j>``.
+    ``O(M D + D^2)``, and ``s_j^2 = <T_j, G_j>``. The projected texts and the removed
+    directions all lie in the span of the top ``rank`` singular vectors, so the updates run in
+    those ``r`` coordinates: ``O(M r + r^2)`` per pick, after one ``D x D`` eigendecomposition.
 
     Parameters
     ----------

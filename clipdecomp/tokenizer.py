@@ -230,9 +230,8 @@ class Tokenizer:
 
         Examples
         --------
-        >>> default_tokenizer()(["a dog", "a cat"], context_length=8)
-        array([[49406,   320,  1929, 49407,     0,     0,     0,     0],
-               [49406,   320,  2368, 49407,     0,     0,     0,     0]], dtype=int32)
+        >>> default_tokenizer()(["a dog", "a cat"], context_length=8).tolist()
+        [[49406, 320, 1929, 49407, 0, 0, 0, 0], [49406, 320, 2368, 49407, 0, 0, 0, 0]]
         """
         if isinstance(texts, str):
             texts = [texts]

@@ -193,17 +193,23 @@ int cd_gemm_pack(cd_gemm_weight *pw, const float *weight, int OC, int K) {
     const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;   /* aligned_alloc wants a multiple */
     float *dst = (float *)aligned_alloc(64, bytes);
     if (!dst) return -1;
-    /* panel p, (k, j) at dst[p * K * 16 + k * 16 + j] = weight[16 p + j, k], zero past OC */
+    /* slice s, panel p: (k, j) at dst[256*16*np*s + ks*16*p + (k - 256 s)*16 + j]
+     *                                = weight[16 p + j, k], zero past OC (gemm_kernels.h) */
     const int isa = cd_cpu_isa();
     const pack_fn pack = pack_for(isa);
-    for (size_t p = 0; p < np; p++) {
-        const int j0 = (int)p * CD_GEMM_NR;
-        const int nv = OC - j0 < CD_GEMM_NR ? OC - j0 : CD_GEMM_NR;
-        pack(dst + p * per_panel, weight + (size_t)j0 * K, K, nv, K);
+    for (int k0 = 0; k0 < K; k0 += CD_GEMM_KS) {
+        const int ks = K - k0 < CD_GEMM_KS ? K - k0 : CD_GEMM_KS;
+        float *slice = dst + (size_t)k0 * CD_GEMM_NR * np;
+        for (size_t p = 0; p < np; p++) {
+            const int j0 = (int)p * CD_GEMM_NR;
+            const int nv = OC - j0 < CD_GEMM_NR ? OC - j0 : CD_GEMM_NR;
+            pack(slice + p * (size_t)ks * CD_GEMM_NR, weight + (size_t)j0 * K + k0, K, nv, ks);
+        }
     }
     pw->OC = OC; pw->K = K; pw->packed = dst; pw->packed_len = n;
     pw->isa = isa;
     pw->panel = CD_GEMM_NR;
+    pw->slice = CD_GEMM_KS;
     return 0;
 }
 
@@ -236,31 +242,35 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
                         const cd_gemm_weight *w, const float *bias, int accumulate,
                         int i0, int i1, int p0, int p1, float *abuf) {
     const int K = w->K, OC = w->OC;
-    const size_t psb = (size_t)K * CD_GEMM_NR;
-    const int kcb = depth_slice(K, P->kc);
+    const size_t np = ((size_t)OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
+    const int kcb = P->kc < CD_GEMM_KS ? P->kc : CD_GEMM_KS;
     const int j0 = p0 * CD_GEMM_NR;
     const int j1 = p1 * CD_GEMM_NR < OC ? p1 * CD_GEMM_NR : OC;
     if (i0 >= i1 || j0 >= j1) return;
     for (int ib = i0; ib < i1; ib += P->mc) {
         const int mc = i1 - ib < P->mc ? i1 - ib : P->mc;
         const float *arows = inp + (size_t)ib * K;
-        for (int k0 = 0; k0 < K; k0 += kcb) {
-            const int kc = K - k0 < kcb ? K - k0 : kcb;
-            cd_gemm_block blk;
-            blk.mc = mc; blk.nc = j1 - j0; blk.kc = kc;
-            if (abuf) {
-                pack_rows(abuf, arows + k0, (size_t)K, mc, kc, P->mr);
-                blk.a = abuf; blk.pa = (ptrdiff_t)P->mr * kc; blk.rsa = 1; blk.csa = P->mr;
-            } else {   /* no scratch: read inp in place (slower, same sums) */
-                blk.a = arows + k0; blk.pa = (ptrdiff_t)P->mr * K; blk.rsa = K; blk.csa = 1;
+        for (int s0 = 0; s0 < K; s0 += CD_GEMM_KS) {          /* slices of the packed weight */
+            const int ks = K - s0 < CD_GEMM_KS ? K - s0 : CD_GEMM_KS;
+            const float *slice = w->packed + (size_t)s0 * CD_GEMM_NR * np;
+            for (int k0 = s0; k0 < s0 + ks; k0 += kcb) {      /* the kernel's depth blocks */
+                const int kc = s0 + ks - k0 < kcb ? s0 + ks - k0 : kcb;
+                cd_gemm_block blk;
+                blk.mc = mc; blk.nc = j1 - j0; blk.kc = kc;
+                if (abuf) {
+                    pack_rows(abuf, arows + k0, (size_t)K, mc, kc, P->mr);
+                    blk.a = abuf; blk.pa = (ptrdiff_t)P->mr * kc; blk.rsa = 1; blk.csa = P->mr;
+                } else {   /* no scratch: read inp in place (slower, same sums) */
+                    blk.a = arows + k0; blk.pa = (ptrdiff_t)P->mr * K; blk.rsa = K; blk.csa = 1;
+                }
+                blk.b = slice + (size_t)p0 * ks * CD_GEMM_NR + (size_t)(k0 - s0) * CD_GEMM_NR;
+                blk.psb = (ptrdiff_t)ks * CD_GEMM_NR;
+                blk.c = out + (size_t)ib * OC + j0; blk.ldc = OC;
+                blk.bias = (bias && k0 == 0) ? bias + j0 : NULL;
+                blk.alpha = 1.0f;
+                blk.load_c = accumulate || k0 > 0;
+                P->fn(&blk);
             }
-            blk.b = w->packed + (size_t)p0 * psb + (size_t)k0 * CD_GEMM_NR;
-            blk.psb = (ptrdiff_t)psb;
-            blk.c = out + (size_t)ib * OC + j0; blk.ldc = OC;
-            blk.bias = (bias && k0 == 0) ? bias + j0 : NULL;
-            blk.alpha = 1.0f;
-            blk.load_c = accumulate || k0 > 0;
-            P->fn(&blk);
         }
     }
 }
@@ -268,6 +278,7 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
 void cd_matmul(float *out, const float *inp, const cd_gemm_weight *w, const float *bias,
                int M, int accumulate) {
     if (!out || !inp || !w || !w->packed || M <= 0) return;
+    if (w->panel != CD_GEMM_NR || w->slice != CD_GEMM_KS) return;   /* not from cd_gemm_pack */
     /* every path reads the same panel layout, whatever path was active at pack time */
     const gemm_path P = path_for(cd_cpu_isa());
     const int np = (w->OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
@@ -281,7 +292,7 @@ void cd_matmul(float *out, const float *inp, const cd_gemm_weight *w, const floa
     int tn = nt / tm;
     if (tn > np) tn = np;
     const int nthr = tm * tn;
-    const int kcb = depth_slice(w->K, P.kc);
+    const int kcb = P.kc < CD_GEMM_KS ? P.kc : CD_GEMM_KS;
     const size_t abytes = ((size_t)P.mc * kcb * sizeof(float) + 63) / 64 * 64;
     #pragma omp parallel num_threads(nthr) if (nthr > 1)
     {

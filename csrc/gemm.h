@@ -18,8 +18,9 @@ typedef struct {
     float *packed;      /* owned: panels in the layout the micro-kernel wants */
     size_t packed_len;  /* floats in `packed` */
     int isa;            /* instruction-set path active at pack time (CD_ISA_*, cpu.h) */
-    int panel;          /* columns per K-major panel (16). Every path reads this one layout,
-                         * so a weight packed under one path runs under any other. */
+    int panel;          /* columns per K-major panel (16) ... */
+    int slice;          /* ... in depth slices of 256 (layout: gemm_kernels.h). Every path
+                         * reads this one layout: a weight packed under one runs under any. */
 } cd_gemm_weight;
 
 /* returns 0, or -1 when memory cannot be had (sizes are overflow-checked) */

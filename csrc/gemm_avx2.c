@@ -34,7 +34,6 @@ INL void tile_6x16(int mr, int kc, const float *a, ptrdiff_t rsa, ptrdiff_t csa,
             _mm_prefetch((const char *)(c + r * blk->ldc + 15), _MM_HINT_T0);
         }
     }
-    #pragma GCC unroll 4
     for (int k = 0; k < kc; k++) {
         const __m256 b0 = _mm256_loadu_ps(b + 16 * k);
         const __m256 b1 = _mm256_loadu_ps(b + 16 * k + 8);

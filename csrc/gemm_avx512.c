@@ -7,10 +7,16 @@
 #include "gemm_kernels.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+#ifdef CD_AVX512_EMULATE   /* tests only: portable stand-ins, see csrc/tests/avx512_emu.h */
+#include "tests/avx512_emu.h"
+#define CD_AVX512_TARGET
+#else
 #include <immintrin.h>
+#define CD_AVX512_TARGET __attribute__((target("avx512f")))
+#endif
 
 #define MR CD_GEMM_MR_AVX512
-#define INL static inline __attribute__((always_inline, target("avx512f")))
+#define INL static inline __attribute__((always_inline)) CD_AVX512_TARGET
 
 /* mask of the first n of 16 lanes (n clamped to 0..16) */
 INL __mmask16 first_lanes16(int n) {
@@ -106,7 +112,7 @@ INL void block_avx512(const cd_gemm_block *blk, int packed) {
     }
 }
 
-__attribute__((target("avx512f")))
+CD_AVX512_TARGET
 void cd_gemm_block_avx512(const cd_gemm_block *blk) {
     if (blk->csa == 1) block_avx512(blk, 0);
     else block_avx512(blk, 1);

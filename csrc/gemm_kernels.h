@@ -1,9 +1,14 @@
 /* gemm_kernels.h -- the per-instruction-set block kernels behind gemm.c (internal).
  *
- * Every path shares one layout for the right-hand operand: K-major panels of CD_GEMM_NR = 16
- * output columns,
- *     panel p, element (k, j) at b[p * psb + k * 16 + j],   j = column - 16 p,
- * zero-padded past the last column. A weight packed under one path therefore runs under any.
+ * Every path shares one layout for a packed weight (OC, K): the depth is cut into slices of
+ * CD_GEMM_KS = 256 (the last one shorter), and each slice into K-major panels of CD_GEMM_NR = 16
+ * output columns, zero-padded past the last column:
+ *     slice s (depth k0 = 256 s .. k0 + ks - 1, ks = min(256, K - k0)) starts at 256 * 16 * np * s,
+ *     panel p of it at + ks * 16 * p, element (k, j) at + (k - k0) * 16 + j
+ * (np = ceil(OC / 16) panels). The panels of one slice follow each other, so the kernels stream
+ * through memory in order (no cache-set aliasing for K a multiple of 1024, as one K-long panel
+ * per column block would give). A weight packed under one path runs under any.
+ * A block kernel reads panels at a constant stride psb: b[p * psb + k * 16 + j].
  *
  * A block kernel computes one (mc, nc) block of C over a depth kc:
  *     C[i, j] = alpha * sum_k A[i, k] B[k, j]  (+ bias[j])  (+ C[i, j] when load_c)
@@ -17,6 +22,7 @@
 #include <stddef.h>
 
 #define CD_GEMM_NR 16          /* columns per packed panel, shared by every path */
+#define CD_GEMM_KS 256         /* depth of a slice of a packed weight, shared by every path */
 #define CD_GEMM_MR_GENERIC 4   /* row tile of each path's micro-kernel */
 #define CD_GEMM_MR_AVX2 6
 #define CD_GEMM_MR_AVX512 12

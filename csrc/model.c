@@ -280,7 +280,8 @@ static cd_status pack_transposed(loader *ld, cd_gemm_weight *pw, const char *key
     int64_t dims[2] = {K, OC};
     cd_status st = fetch(ld, "", key, 2, dims, &v, &tmp);
     if (st) return st;
-    float *tr = (float *)malloc((size_t)K * OC * sizeof(float));
+    size_t n;
+    float *tr = mul3(&n, (size_t)K, (size_t)OC, sizeof(float)) ? NULL : (float *)malloc(n);
     if (!tr) { free(tmp); return pack_err(ld, key); }
     for (int k = 0; k < K; k++)
         for (int o = 0; o < OC; o++) tr[(size_t)o * K + k] = v[(size_t)k * OC + o];
@@ -322,8 +323,10 @@ static cd_status load_block(loader *ld, cd_block *blk, const char *base, int W, 
                                     "self_attn.v_proj.weight"};
         static const char *bn[3] = {"self_attn.q_proj.bias", "self_attn.k_proj.bias",
                                     "self_attn.v_proj.bias"};
-        size_t ww = (size_t)W * W;
-        float *cat = (float *)malloc(3 * ww * sizeof(float));
+        size_t ww, cat_bytes;
+        if (mul_sz(&ww, (size_t)W, (size_t)W) || mul3(&cat_bytes, ww, 3, sizeof(float)))
+            return pack_err(ld, "self_attn");
+        float *cat = (float *)malloc(cat_bytes);
         float *bias = (float *)malloc(3 * (size_t)W * sizeof(float));
         if (!cat || !bias || own(ld->m, bias)) {
             free(cat);
@@ -541,6 +544,26 @@ static int find_prefix(const cd_st_file *f, const char *anchor, char *prefix, si
     return -1;
 }
 
+/* A block past the configured count means the config undercounts the layers: refuse rather
+ * than silently run a truncated tower. */
+static cd_status check_no_extra_block(loader *ld, int text) {
+    const cd_model *m = ld->m;
+    const int hf = m->layout == CD_LAYOUT_HF;
+    const int n = text ? m->cfg.text_layers : m->cfg.layers;
+    char name[512];
+    if (text)
+        snprintf(name, sizeof name, hf ? "%stext_model.encoder.layers.%d.layer_norm1.weight"
+                                       : "%stransformer.resblocks.%d.ln_1.weight", ld->prefix, n);
+    else
+        snprintf(name, sizeof name, hf ? "%svision_model.encoder.layers.%d.layer_norm1.weight"
+                                       : "%svisual.transformer.resblocks.%d.ln_1.weight",
+                 ld->prefix, n);
+    if (!cd_st_find(&m->file, name)) return CD_OK;
+    set_err(ld->err, "%s: config %s = %d, but the file has a block %d ('%s')", m->file.path,
+            text ? "text_layers" : "layers", n, n, name);
+    return CD_ERR_SHAPE;
+}
+
 static void free_block(cd_block *b) {
     cd_gemm_weight_free(&b->qkv);
     cd_gemm_weight_free(&b->out);
@@ -624,7 +647,9 @@ cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, 
     m->layout = layout;
     loader ld = {m, prefix, err};
     st = load_vision(&ld);
+    if (!st) st = check_no_extra_block(&ld, 0);
     if (!st && cfg->text_layers > 0) st = load_text(&ld);
+    if (!st && cfg->text_layers > 0) st = check_no_extra_block(&ld, 1);
     if (!st) {
         char name[512];
         snprintf(name, sizeof name, "%slogit_scale", prefix);
@@ -716,7 +741,8 @@ typedef struct {
     float *ln;         /* (Bc*N, W) LayerNorm output */
     float *qkv;        /* (Bc*N, 3W) */
     float *att;        /* (Bc*N, W) attention output; also the patch embeddings (Bc*G*G, W) */
-    float *fc;         /* (Bc*N, max(F, 3*P*P*G*G/N..)) MLP hidden; also the patches */
+    float *fc;         /* (Bc, max(N*F, 3*S*S)): MLP hidden (Bc*N, F); first the patches
+                        * (Bc*G*G, 3*P*P) */
     float *mlp;        /* (Bc*N, W) MLP output */
     float *a0;         /* (Bc, H, N) class-token attention of the current layer */
     float *rows;       /* (Bc, W) gathered class rows */

@@ -21,7 +21,9 @@
 #include <errno.h>
 #include <string.h>
 
+#ifndef NPY_NO_DEPRECATED_API
 #define NPY_NO_DEPRECATED_API NPY_1_20_API_VERSION
+#endif
 #include <numpy/arrayobject.h>
 
 #include "clipdecomp.h"

@@ -2,9 +2,17 @@
 #include "ops.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
+#include "cpu.h"
 #include "gemm.h"
+
+/* FP exceptions are never inspected here: without this GCC keeps the branch-free selections of
+ * the polynomial kernels below as branches and does not vectorise their loops */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -71,9 +79,11 @@ void layernorm_forward(float *out, float *mean, float *sigma, const float *inp,
         const float *x = inp + (size_t)r * W;
         float *o = out + (size_t)r * W;
         double m = 0.0;
+        #pragma omp simd reduction(+ : m)
         for (int w = 0; w < W; w++) m += x[w];
         m /= W;
         double v = 0.0;
+        #pragma omp simd reduction(+ : v)
         for (int w = 0; w < W; w++) {
             double dv = (double)x[w] - m;
             v += dv * dv;
@@ -87,22 +97,153 @@ void layernorm_forward(float *out, float *mean, float *sigma, const float *inp,
     }
 }
 
+/* ---- exp and GELU as branch-free polynomials, so the loops below vectorise ------------------
+ * (libm's expf / erff are scalar calls). Coefficients are least-squares fits on Chebyshev
+ * nodes, made for this file; relative errors are stated against the exact functions. */
+
+typedef union { float f; uint32_t u; } f32_bits;
+
+/* e^x, relative error < 2e-7; 0 below -87, e^88 above 88, NaN kept */
+static inline float exp_poly(float x) {
+    const float log2e = 1.44269504088896341f;
+    const float ln2_hi = 0.693145751953125f, ln2_lo = 1.42860682030941723212e-6f;
+    const float shifter = 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
+    /* selections only, never arithmetic inside a branch: the compiler may then vectorise
+     * the loops without -fno-trapping-math */
+    float xc = x < -87.0f ? -87.0f : x;
+    xc = xc > 88.0f ? 88.0f : xc;
+    f32_bits t;
+    t.f = xc * log2e + shifter;
+    const float n = t.f - shifter;                      /* round(x / ln 2), |n| <= 127 */
+    float r = xc - n * ln2_hi;
+    r = r - n * ln2_lo;                                 /* |r| <= ln 2 / 2 */
+    /* e^r = 1 + r + r^2 q(r), q fitted: relative error 4e-9 */
+    float q = 1.37514081812982469e-03f;
+    q = q * r + 8.36891908097300852e-03f;
+    q = q * r + 4.16695333954756608e-02f;
+    q = q * r + 1.66665184372096209e-01f;
+    q = q * r + 4.99999885929588550e-01f;
+    const float p = 1.0f + r + (r * r) * q;
+    f32_bits scale;
+    scale.u = (t.u - 0x4B400000u + 127u) << 23;          /* 2^n from the integer in t's bits */
+    const float y = p * scale.f;
+    return x < -87.0f ? 0.0f : y;
+}
+
+/* GELU(x) = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2, with a = |x| / sqrt 2:
+ *   a <= 1: erf(a) = a P(a^2)                       (P degree 6, relative error 1.3e-9)
+ *   a >  1: erfc(a) = exp(-a^2) h(s) / a, s = (1/a - 0.6) * 2.5
+ *           (h degree 9, fitted on a in [1, 5], relative error 8e-9; clamped beyond 5)
+ * and Phi = 1 - erfc/2 (x >= 0) or erfc/2 (x < 0), so negative inputs keep their precision. */
+static inline float gelu_poly(float x) {
+    const float a = fabsf(x) * 0.70710678118654752440f;
+    const float a2 = a * a;
+    float P = 7.84717878095225752e-05f;
+    P = P * a2 - 8.00816486902056202e-04f;
+    P = P * a2 + 5.18809603892654569e-03f;
+    P = P * a2 - 2.68536895123898944e-02f;
+    P = P * a2 + 1.12835822052482410e-01f;
+    P = P * a2 - 3.76126255624938288e-01f;
+    P = P * a2 + 1.12837916568772356e+00f;
+    const float half_erf = 0.5f * (a * P);
+    const float phi_near_pos = 0.5f + half_erf, phi_near_neg = 0.5f - half_erf;
+
+    float ah = a < 1.0f ? 1.0f : a;      /* h's fitted range [1, 5] */
+    ah = ah > 5.0f ? 5.0f : ah;
+    float ae = a < 1.0f ? 1.0f : a;      /* exp(-81) ~ 0 already */
+    ae = ae > 9.0f ? 9.0f : ae;
+    const float s = (1.0f / ah - 0.6f) * 2.5f;
+    float h = -1.30289849748343317e-05f;
+    h = h * s + 4.34086350681213429e-05f;
+    h = h * s - 5.92369797856682340e-05f;
+    h = h * s - 2.47157625513291790e-05f;
+    h = h * s + 5.20985256132755481e-04f;
+    h = h * s - 2.15720141740164545e-03f;
+    h = h * s + 5.13376419003128311e-03f;
+    h = h * s - 1.12057554651744801e-03f;
+    h = h * s - 6.85522917364346368e-02f;
+    h = h * s + 4.93812465092176189e-01f;
+    const float half_erfc = 0.5f * (exp_poly(-ae * ae) * h / ae);
+    const float phi_far_pos = 1.0f - half_erfc;
+    const float phi_pos = a <= 1.0f ? phi_near_pos : phi_far_pos;
+    const float phi_neg = a <= 1.0f ? phi_near_neg : half_erfc;
+    return x * (x >= 0.0f ? phi_pos : phi_neg);
+}
+
+static inline float quick_gelu_poly(float x) { return x / (1.0f + exp_poly(-1.702f * x)); }
+
+/* The element-wise loops, compiled twice: for the baseline ISA and, on x86-64, for AVX2 + FMA
+ * (8 lanes), chosen at run time from the path cpu.c reports. */
+#define ELEM_SPANS(SUFFIX, ATTR)                                                            \
+    ATTR static void gelu_span_##SUFFIX(float *p, size_t m) {                              \
+        _Pragma("omp simd") for (size_t i = 0; i < m; i++) p[i] = gelu_poly(p[i]);          \
+    }                                                                                      \
+    ATTR static void quick_gelu_span_##SUFFIX(float *p, size_t m) {                        \
+        _Pragma("omp simd") for (size_t i = 0; i < m; i++) p[i] = quick_gelu_poly(p[i]);    \
+    }                                                                                      \
+    ATTR static void softmax_row_##SUFFIX(float *row, int valid, int n) {                  \
+        float mx = -INFINITY;                                                              \
+        _Pragma("omp simd reduction(max : mx)") for (int j = 0; j < valid; j++)             \
+            mx = row[j] > mx ? row[j] : mx;                                                \
+        double sum = 0.0;                                                                  \
+        _Pragma("omp simd reduction(+ : sum)") for (int j = 0; j < valid; j++) {            \
+            const float e = exp_poly(row[j] - mx);                                         \
+            row[j] = e;                                                                    \
+            sum += e;                                                                      \
+        }                                                                                  \
+        const float inv = (float)(1.0 / sum);                                              \
+        _Pragma("omp simd") for (int j = 0; j < valid; j++) row[j] *= inv;                  \
+        for (int j = valid; j < n; j++) row[j] = 0.0f;                                     \
+    }
+
+ELEM_SPANS(generic, )
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_AVX2_SPANS 1
+ELEM_SPANS(avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+static int spans_avx2(void) {
+#ifdef HAVE_AVX2_SPANS
+    return cd_cpu_isa() >= CD_ISA_AVX2;
+#else
+    return 0;
+#endif
+}
+
+#define ELEM_CHUNK 4096
+
 void gelu_forward(float *x, size_t n) {
-    const float inv_sqrt2 = 0.70710678118654752440f;
+    const size_t nchunk = (n + ELEM_CHUNK - 1) / ELEM_CHUNK;
+    const int avx2 = spans_avx2();
+    (void)avx2;
     #pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMS)
-    for (size_t i = 0; i < n; i++) {
-        float v = x[i];
-        x[i] = 0.5f * v * (1.0f + erff(v * inv_sqrt2));
+    for (size_t c = 0; c < nchunk; c++) {
+        float *p = x + c * ELEM_CHUNK;
+        const size_t m = n - c * ELEM_CHUNK < ELEM_CHUNK ? n - c * ELEM_CHUNK : ELEM_CHUNK;
+#ifdef HAVE_AVX2_SPANS
+        if (avx2) { gelu_span_avx2(p, m); continue; }
+#endif
+        gelu_span_generic(p, m);
     }
 }
 
 void quick_gelu_forward(float *x, size_t n) {
+    const size_t nchunk = (n + ELEM_CHUNK - 1) / ELEM_CHUNK;
+    const int avx2 = spans_avx2();
+    (void)avx2;
     #pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMS)
-    for (size_t i = 0; i < n; i++) {
-        float v = x[i];
-        x[i] = v / (1.0f + expf(-1.702f * v));
+    for (size_t c = 0; c < nchunk; c++) {
+        float *p = x + c * ELEM_CHUNK;
+        const size_t m = n - c * ELEM_CHUNK < ELEM_CHUNK ? n - c * ELEM_CHUNK : ELEM_CHUNK;
+#ifdef HAVE_AVX2_SPANS
+        if (avx2) { quick_gelu_span_avx2(p, m); continue; }
+#endif
+        quick_gelu_span_generic(p, m);
     }
 }
+
+float cd_expf(float x) { return exp_poly(x); }
+float cd_gelu(float x) { return gelu_poly(x); }
 
 void residual_forward(float *x, const float *y, size_t n) {
     #pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMS)
@@ -110,17 +251,13 @@ void residual_forward(float *x, const float *y, size_t n) {
 }
 
 void softmax_forward(float *row, int valid, int n) {
-    float mx = -INFINITY;
-    for (int j = 0; j < valid; j++) mx = row[j] > mx ? row[j] : mx;
-    double sum = 0.0;
-    for (int j = 0; j < valid; j++) {
-        float e = expf(row[j] - mx);
-        row[j] = e;
-        sum += e;
+#ifdef HAVE_AVX2_SPANS
+    if (spans_avx2()) {
+        softmax_row_avx2(row, valid, n);
+        return;
     }
-    float inv = (float)(1.0 / sum);
-    for (int j = 0; j < valid; j++) row[j] *= inv;
-    for (int j = valid; j < n; j++) row[j] = 0.0f;
+#endif
+    softmax_row_generic(row, valid, n);
 }
 
 /* One head of one sequence, query rows [r0, r1).

@@ -36,6 +36,11 @@ void gelu_forward(float *x, size_t n);
 /* x (n) in place: QuickGELU x * sigmoid(1.702 x) */
 void quick_gelu_forward(float *x, size_t n);
 
+/* the scalar forms of the vectorised functions above: e^x (relative error < 2e-7) and GELU
+ * (exact erf form), for tests */
+float cd_expf(float x);
+float cd_gelu(float x);
+
 /* x (n) += y (n) */
 void residual_forward(float *x, const float *y, size_t n);
 

@@ -27,20 +27,20 @@ import torch
 #: the geometries: name -> (vision, text, projection_dim)
 SPECS = {
     # ViT-B/32-like: patch 32 on a 96-pixel image (grid 3, N = 10), QuickGELU
-    "b32_quick": dict(
-        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                    num_attention_heads=4, image_size=96, patch_size=32, hidden_act="quick_gelu"),
-        text=dict(vocab_size=100, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=16, hidden_act="quick_gelu"),
-        projection_dim=48),
+    "b32_quick": {
+        "vision": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "image_size": 96, "patch_size": 32, "hidden_act": "quick_gelu"},
+        "text": {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "max_position_embeddings": 16, "hidden_act": "quick_gelu"},
+        "projection_dim": 48},
     # ViT-B/16-like: patch 16 on a 64-pixel image (grid 4, N = 17), exact GELU, 5 heads of 12,
     # MLP ratio 2.5
-    "b16_gelu": dict(
-        vision=dict(hidden_size=60, intermediate_size=150, num_hidden_layers=3,
-                    num_attention_heads=5, image_size=64, patch_size=16, hidden_act="gelu"),
-        text=dict(vocab_size=100, hidden_size=40, intermediate_size=100, num_hidden_layers=2,
-                  num_attention_heads=5, max_position_embeddings=12, hidden_act="gelu"),
-        projection_dim=40),
+    "b16_gelu": {
+        "vision": {"hidden_size": 60, "intermediate_size": 150, "num_hidden_layers": 3,
+                    "num_attention_heads": 5, "image_size": 64, "patch_size": 16, "hidden_act": "gelu"},
+        "text": {"vocab_size": 100, "hidden_size": 40, "intermediate_size": 100, "num_hidden_layers": 2,
+                  "num_attention_heads": 5, "max_position_embeddings": 12, "hidden_act": "gelu"},
+        "projection_dim": 40},
 }
 DTYPES = ("F32", "F16", "BF16")
 _TORCH_DTYPE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

@@ -34,9 +34,8 @@ def core():
 def checkpoints(tmp_path_factory):
     """``name -> checkpoints.Checkpoint`` for every geometry of ``checkpoints.SPECS``, each saved
     in both layouts and in F32 / F16 / BF16."""
-    import torch
-
     import checkpoints as ckpts
+    import torch
 
     torch.set_num_threads(1)
     root = str(tmp_path_factory.mktemp("clip_checkpoints"))

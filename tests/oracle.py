@@ -23,11 +23,10 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Dict, Optional
 
 import numpy as np
 
-Weights = Dict[str, np.ndarray]
+Weights = dict  # name -> float array
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -40,11 +39,12 @@ def tiny_config(**overrides) -> dict:
     >>> tiny_config(act="quick_gelu")["act"]
     'quick_gelu'
     """
-    cfg = dict(
-        image_size=16, patch_size=4, width=32, layers=2, heads=4, mlp_dim=64, embed_dim=24,
-        act="gelu", ln_eps=1e-5, context_length=8, vocab_size=50, text_width=32,
-        text_layers=2, text_heads=4, text_mlp_dim=48, text_act="quick_gelu",
-    )
+    cfg = {
+        "image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "heads": 4, "mlp_dim": 64,
+        "embed_dim": 24, "act": "gelu", "ln_eps": 1e-5, "context_length": 8, "vocab_size": 50,
+        "text_width": 32, "text_layers": 2, "text_heads": 4, "text_mlp_dim": 48,
+        "text_act": "quick_gelu",
+    }
     cfg.update(overrides)
     return cfg
 
@@ -191,7 +191,7 @@ def encode_text(sd: Weights, cfg: dict, ids: np.ndarray) -> np.ndarray:
 
 
 def decompose(sd: Weights, cfg: dict, images: np.ndarray,
-              probe: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+              probe: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every output of ``cd_encode_image`` for ``images [B, 3, S, S]``, the slow way.
 
     Returns float64 arrays: ``embedding [B, D]``, ``ln_stats [B, 3]`` (mu, sigma, ||emb||),
@@ -205,7 +205,7 @@ def decompose(sd: Weights, cfg: dict, images: np.ndarray,
     gamma, beta = sd64["visual.ln_post.weight"], sd64["visual.ln_post.bias"]
     proj = sd64["visual.proj"]
     K = 2 * L + 1
-    res: Dict[str, list] = {k: [] for k in (
+    res: dict[str, list] = {k: [] for k in (
         "embedding", "ln_stats", "heads", "mlps", "cls_to_cls", "tokens", "attn_cls", "attn_mean")}
     for im in images:
         tr = vision_trace(sd, cfg, im)
@@ -215,7 +215,7 @@ def decompose(sd: Weights, cfg: dict, images: np.ndarray,
         sigma = math.sqrt(((y - mu) ** 2).mean() + cfg["ln_eps"])
         norm = float(np.linalg.norm(emb))
 
-        def term(t, k_t):
+        def term(t, k_t, mu=mu, sigma=sigma, norm=norm):
             return (gamma * (t - mu / k_t) / sigma + beta / k_t) @ proj / norm
 
         heads = np.zeros((L, H, proj.shape[1]))
@@ -365,7 +365,7 @@ def from_hf(hf: Weights, prefix: str = "") -> Weights:
     inv_top = {v: k for k, v in _HF_TOP.items()}
     inv_blk = {v: k for k, v in _HF_BLOCK.items()}
     out: Weights = {}
-    qkv: Dict[str, Dict[str, np.ndarray]] = {}
+    qkv: dict[str, dict[str, np.ndarray]] = {}
     for k, v in hf.items():
         if not k.startswith(prefix):
             continue
@@ -412,9 +412,9 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     raise ValueError(dtype)
 
 
-def write_safetensors(path, tensors: Dict[str, np.ndarray], dtype: str = "F32",
-                      metadata: Optional[dict] = None, align: int = 8,
-                      raw: Optional[Dict[str, tuple]] = None, extra_pad: int = 0) -> None:
+def write_safetensors(path, tensors: dict[str, np.ndarray], dtype: str = "F32",
+                      metadata: dict | None = None, align: int = 8,
+                      raw: dict[str, tuple] | None = None, extra_pad: int = 0) -> None:
     """Write ``tensors`` (float arrays) as a .safetensors file in ``dtype`` (F32, F16, BF16).
 
     ``raw`` adds entries ``name -> (dtype_name, shape, bytes)`` stored as given (e.g. an I64

@@ -15,9 +15,8 @@ import struct
 import threading
 
 import numpy as np
-import pytest
-
 import oracle
+import pytest
 
 core = pytest.importorskip("clipdecomp._core")
 
@@ -84,8 +83,8 @@ def case(request, tmp_path_factory):
     out = model.encode_image(images, heads=True, mlps=True, cls_to_cls=True, tokens=True,
                              probe=probe, attn=True)
     ref = oracle.decompose(sd, cfg, images, probe=probe)
-    return dict(layout=layout, model=model, cfg=cfg, sd=sd, images=images, probe=probe,
-                out=out, ref=ref)
+    return {"layout": layout, "model": model, "cfg": cfg, "sd": sd, "images": images,
+            "probe": probe, "out": out, "ref": ref}
 
 
 @pytest.mark.parametrize("key", ["embedding", "ln_stats", "heads", "mlps", "cls_to_cls", "tokens",
@@ -150,7 +149,7 @@ def test_requested_keys_only(case):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     path, cfg, sd = make_model(tmp_path_factory.mktemp("s"), "open_clip", "F32", "gelu", seed=9)
-    return dict(path=path, cfg=cfg, sd=sd, model=core.Model(path, cfg))
+    return {"path": path, "cfg": cfg, "sd": sd, "model": core.Model(path, cfg)}
 
 
 def test_zero_copy_views_outlive_model(small):
@@ -188,6 +187,24 @@ def test_threads_and_concurrent_calls(small):
         t.join()
     for r in results:
         np.testing.assert_allclose(r, one["tokens"], atol=1e-6)
+
+
+def test_every_instruction_set_path(small):
+    model, cfg, sd = small["model"], small["cfg"], small["sd"]
+    images = images_for(cfg)
+    ref = oracle.decompose(sd, cfg, images)
+    current = core.isa()
+    try:
+        for name in ("generic", "avx2", "avx512"):
+            try:
+                core.set_isa(name)
+            except ValueError:
+                continue
+            out = model.encode_image(images, heads=True, tokens=True, attn=True)
+            for key in ("embedding", "heads", "tokens", "attn_mean"):
+                assert_close(out[key], ref[key], what=f"{name}: {key}")
+    finally:
+        core.set_isa(current)
 
 
 def test_inputs_cast_and_empty_batch(small):
@@ -245,6 +262,10 @@ def test_config_round_trip_and_errors(small):
         core.Model(path, cfg, "timm")
     with pytest.raises(ValueError, match=r"visual\.conv1\.weight.*\[48, 3, 4, 4\]"):
         core.Model(path, {**cfg, "width": 48})
+    with pytest.raises(ValueError, match=r"layers = 1, but the file has a block 1"):
+        core.Model(path, {**cfg, "layers": 1})
+    with pytest.raises(ValueError, match=r"resblocks\.2\.ln_1\.weight' is missing"):
+        core.Model(path, {**cfg, "layers": 3})
     with pytest.raises(ValueError, match="vision_model"):
         core.Model(path, cfg, layout="hf")
     with pytest.raises(FileNotFoundError):
@@ -278,7 +299,8 @@ def _raw_file(path, header, data=b""):
 
 def test_malformed_files(small, tmp_path):
     cfg = small["cfg"]
-    good = open(small["path"], "rb").read()
+    with open(small["path"], "rb") as f:
+        good = f.read()
     cases = {
         "truncated": good[: len(good) // 2],
         "tiny": b"\x01\x00",

@@ -128,7 +128,7 @@ def test_activation_rule():
 
 def test_geometry_from_tensor_shapes(b16):
     f = SafetensorsFile(b16.file("open_clip"))
-    shapes = {k: f.tensors[k].shape for k in f.keys()}
+    shapes = {k: f.tensors[k].shape for k in f}
     with pytest.warns(UserWarning, match="no config file"):
         cfg = config_from_tensors(shapes, act="gelu")
     want, _ = read_config_file(os.path.join(b16.dirs[("open_clip", "F32")],
@@ -138,7 +138,7 @@ def test_geometry_from_tensor_shapes(b16):
         assert getattr(cfg, k) == getattr(want, k), k
     hf = SafetensorsFile(b16.file("hf"))
     with pytest.warns(UserWarning):
-        cfg_hf = config_from_tensors({k: hf.tensors[k].shape for k in hf.keys()}, act="gelu")
+        cfg_hf = config_from_tensors({k: hf.tensors[k].shape for k in hf}, act="gelu")
     assert cfg_hf.replace(name="") == cfg.replace(name="")
 
 
@@ -281,7 +281,7 @@ def test_checkpoint_without_text_tower(b32, tmp_path):
     from safetensors.numpy import save_file
 
     f = SafetensorsFile(b32.file("open_clip"))
-    vision = {k: f.read(k) for k in f.keys() if k.startswith("visual.")}
+    vision = {k: f.read(k) for k in f if k.startswith("visual.")}
     d = tmp_path / "vision_only"
     d.mkdir()
     save_file(vision, str(d / "open_clip_model.safetensors"))
@@ -307,3 +307,21 @@ def test_threads_default_and_repr(b32, monkeypatch):
         m.threads = 0
     text = repr(m)
     assert "hf layout" in text and "quick_gelu" in text and "logit_scale" in text
+
+
+def test_safetensors_reader_dtypes(b16):
+    """F16 / BF16 tensors read back as the float32 values torch rounds them to."""
+    import torch
+    from safetensors.torch import load_file
+
+    for dtype in ("F16", "BF16"):
+        path = b16.file("hf", dtype)
+        f = SafetensorsFile(path)
+        ref = load_file(path)
+        assert len(f) == len(ref)
+        for k, v in ref.items():
+            got = f.read(k)
+            assert got.dtype == np.float32 and got.shape == tuple(v.shape)
+            assert np.array_equal(got, v.to(torch.float32).numpy()), (dtype, k)
+    assert float(np.exp(f.read("logit_scale"))) == pytest.approx(
+        float(b16.model.logit_scale.detach().exp()), rel=1e-2)

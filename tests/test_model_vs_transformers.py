@@ -18,9 +18,9 @@ import copy
 import numpy as np
 import pytest
 import torch
+from checkpoints import image_features, random_pixels, random_text_ids, text_features
 
 import clipdecomp
-from checkpoints import image_features, random_pixels, random_text_ids, text_features
 
 pytestmark = pytest.mark.usefixtures("core")
 
@@ -242,15 +242,18 @@ def test_batching_and_subsets(b16):
     px = random_pixels(b16, 5, seed=6)
     one = model.decompose(px, batch_size=1, progress=True)
     all_ = model.decompose(list(px), batch_size=4)
+    gen = model.decompose((p for p in px), batch_size=2)
+    assert np.abs(gen.heads - all_.heads).max() < 1e-6
+    assert np.abs(model.encode_image(iter(px)) - model.encode_image(px)).max() < 1e-6
     for k in ("embedding", "heads", "mlps", "cls_to_cls"):
         assert np.abs(getattr(one, k) - getattr(all_, k)).max() < 1e-6, k
     sub = all_[1:3]
     assert len(sub) == 2 and np.array_equal(sub.heads, all_.heads[1:3])
     assert np.array_equal(all_[-1].embedding, all_.embedding[-1:])
     with pytest.raises(ValueError, match="spatial=True"):
-        all_.tokens
+        _ = all_.tokens
     with pytest.raises(ValueError, match="attn=True"):
-        all_.attn_cls
+        _ = all_.attn_cls
     assert "tokens" in repr(all_) and "heads" in repr(all_)
 
 

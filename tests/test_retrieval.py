@@ -137,3 +137,11 @@ def test_index_on_real_model(b16):
                                dec.heads[[3, 7], 2, 0] + dec.heads[[3, 7], 2, 4], 5)
     np.testing.assert_array_equal(idx, ref_i)
     np.testing.assert_allclose(scores, ref_s, atol=1e-5)
+
+
+def test_k_limits(heads):
+    index = HeadIndex.build(heads[:5], heads=(0, 0))
+    idx, scores = index.query(0, k=10)
+    assert sorted(idx.tolist()) == [0, 1, 2, 3, 4]
+    idx, scores = index.query(0, k=10, exclude=range(5))
+    assert idx.shape == (0,) and scores.shape == (0,)

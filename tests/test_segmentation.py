@@ -24,6 +24,7 @@ from clipdecomp.segmentation import (
     all_foreground,
     average_precision,
     centre_blob,
+    keep_tokens,
     segment,
     segment_decomposition,
     segment_maps,
@@ -291,6 +292,14 @@ def test_segment_decomposition_given_classes_and_errors():
         segment_decomposition(dec, w, classes=[0, C])
 
 
+def test_keep_tokens_budget():
+    small = SimpleNamespace(layers=2, n_tokens=17, heads=2, embed_dim=8)
+    assert keep_tokens(small, 8)
+    big = SimpleNamespace(layers=24, n_tokens=257, heads=16, embed_dim=768)
+    assert not keep_tokens(big, 8) and keep_tokens(big, 1) is False
+    assert not keep_tokens(SimpleNamespace(), 1)
+
+
 class StandInModel:
     """decompose(images) -> ArrayDec with tokens a fixed linear function of the pixels."""
 
@@ -339,7 +348,7 @@ def random_model(tmp_path_factory):
     return make_random_model(tmp_path_factory.mktemp("random_model"))
 
 
-def test_segment_on_a_random_weight_model(random_model):
+def test_segment_on_a_random_weight_model(random_model, monkeypatch):
     model = random_model
     cfg = model.config
     rng = np.random.default_rng(0)
@@ -361,6 +370,13 @@ def test_segment_on_a_random_weight_model(random_model):
     maps, chosen = reference_patch_maps(np.asarray(dec.tokens), np.asarray(dec.embedding), w)
     assert res.classes.tolist() == chosen.tolist()
     np.testing.assert_allclose(res.maps, maps, atol=1e-5, rtol=1e-4)
+    # the same through dec.probe (tokens not kept: the core re-runs the forward pass)
+    import clipdecomp.segmentation as seg
+
+    monkeypatch.setattr(seg, "TOKEN_BUDGET", 0)
+    via_probe = segment(model, images, w, batch_size=2)
+    np.testing.assert_allclose(via_probe.maps, res.maps, atol=1e-5, rtol=1e-4)
+    np.testing.assert_array_equal(via_probe.classes, res.classes)
 
 
 def _toy():
@@ -381,9 +397,9 @@ def test_toy_world_segmentation_beats_trivial_masks():
     from clipdecomp.zeroshot import zero_shot_classifier
 
     model, world = _toy()
-    batch = world.generate(48, seed=7, n_objects=1)
-    names, _ = world.prompts("shape")
-    clf = zero_shot_classifier(model, names, world.TEMPLATES["shape"])
+    batch = world.generate(32, seed=7, n_objects=1)
+    names, _ = world.prompts("color")  # one object per scene: its colour names it
+    clf = zero_shot_classifier(model, names, world.TEMPLATES["color"])
     res = segment(model, batch.images, clf, batch_size=16)
     gt = batch.foreground
     ours = res.metrics(gt)

@@ -349,3 +349,31 @@ def test_textspan_on_real_model(b16):
         c = heads[:, layer, h].astype(np.float64)
         picks, _, _ = reference_textspan(c, emb.astype(np.float64), 6, 12)
         assert picked == [texts[j] for j in picks], (layer, h)
+
+
+def test_plots_of_head_tables():
+    from clipdecomp.plots import plot_head_table, plot_reconstruction_curve, plot_textspan_variance
+
+    rng = np.random.default_rng(21)
+    heads = rng.normal(size=(80, 5, 3, 10)) * np.geomspace(1, 0.1, 10)
+    t = unit_rows(rng.normal(size=(40, 10)))
+    df = textspan_heads(heads, t, n_texts=4, rank=10, progress=False)
+    fig = plot_head_table(df)
+    grid = np.asarray(fig.axes[0].images[0].get_array())
+    assert grid.shape == (4, 3)  # layers 1..4 x 3 heads
+    np.testing.assert_allclose(grid, df.variance_explained.to_numpy().reshape(4, 3))
+    text_fig = plot_head_table(df, kind="text", n_show=2)
+    assert text_fig.axes[0].tables
+    fig = plot_textspan_variance(df)
+    lines = fig.axes[0].lines
+    assert len(lines) == 12
+    res = df.attrs["results"][(1, 0)]
+    np.testing.assert_allclose(lines[0].get_ydata(), 100 * res.cumulative)
+    curve = textspan_reconstruction_curve(heads, rng.normal(size=(80, 6, 10)),
+                                          rng.integers(0, 3, 80), rng.normal(size=(10, 3)),
+                                          t, n_texts_list=(1, 3), progress=False)
+    fig = plot_reconstruction_curve(curve)
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(),
+                               100 * curve.accuracy.to_numpy()[2:])
+    with pytest.raises(ValueError, match="kind"):
+        plot_head_table(df, kind="pie")

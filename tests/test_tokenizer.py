@@ -104,7 +104,8 @@ def test_matches_transformers_clip_tokenizer(tmp_path):
 
     tok = default_tokenizer()
     vocab = tok.backend.get_vocab(with_added_tokens=True)
-    merges_txt = gzip.open(DEFAULT_BPE, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(DEFAULT_BPE, "rt", encoding="utf-8") as fh:
+        merges_txt = fh.read().split("\n")
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("\n".join(
         ["#version: 0.2"] + merges_txt[1:49152 - 256 - 2 + 1]))

@@ -314,7 +314,7 @@ def test_shipped_model_with_clipdecomp_zero_shot():
     clipdecomp = _core_or_skip()
     model = clipdecomp.load(toy.MODEL_DIR)
     b = toy.generate(256, seed=777, n_objects=1)
-    img = model.encode_image(b.images)
+    img = model.encode_image(list(b.images))
     names, prompts = toy.prompts("shape")
     txt = model.encode_text([p for ps in prompts for p in ps]).reshape(len(names), -1, img.shape[1])
     cls = txt.mean(1)
@@ -335,7 +335,7 @@ def test_shipped_model_clipdecomp_matches_torch():
     with torch.no_grad():
         want_img = ref.encode_image(train.to_pixels(b.images)).numpy()
         want_txt = ref.encode_text(torch.from_numpy(train.tokenize(tok, b.captions))).numpy()
-    got_img = model.encode_image(b.images, normalize=False)
+    got_img = model.encode_image(list(b.images), normalize=False)
     got_txt = model.encode_text(b.captions, normalize=False)
     np.testing.assert_array_equal(model.tokenize(b.captions), train.tokenize(tok, b.captions))
     np.testing.assert_allclose(got_img, want_img, rtol=1e-3, atol=1e-3)

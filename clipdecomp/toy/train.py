@@ -313,15 +313,67 @@ def zero_shot(model: CLIP, tok, sets: dict, batch: int = 256) -> dict[str, float
 # ---------------------------------------------------------------------------------------------
 # Training
 
+def make_batch(batch: int, seed: int, hard_frac: float = 0.0, focus_frac: float = 0.0
+               ) -> tuple[np.ndarray, list[str]]:
+    """One training batch: general scenes, plus shares of "hard" and "focus" scenes.
+
+    The hard scenes share one background and draw their colours from 3 of them, so that within
+    the batch they differ mostly by shape, position, size and count: contrastive negatives that
+    make those attributes pay off. The focus scenes hold one object each, all of one colour on
+    one background, so that only shape, position and size tell them apart. Every part is
+    balanced over the attributes it varies.
+
+    Returns
+    -------
+    images uint8 [B, 64, 64, 3], captions (B str)
+    """
+    n_hard = round(batch * hard_frac)
+    n_focus = round(batch * focus_frac)
+    b = world.generate(batch - n_hard - n_focus, seed=seed)
+    images, captions = [b.images], list(b.captions)
+    if n_hard:
+        rng = np.random.default_rng(seed + 2**40)
+        bg = world.BACKGROUNDS[int(rng.integers(len(world.BACKGROUNDS)))]
+        cols = [world.COLORS[i] for i in rng.permutation(len(world.COLORS))[:3]]
+        h = world.generate(n_hard, seed=seed + 2**41, backgrounds=[bg], colors=cols)
+        images.append(h.images)
+        captions += h.captions
+    if n_focus:
+        rng = np.random.default_rng(seed + 2**42)
+        bg = world.BACKGROUNDS[int(rng.integers(len(world.BACKGROUNDS)))]
+        col = world.COLORS[int(rng.integers(len(world.COLORS)))]
+        f = world.generate(n_focus, seed=seed + 2**43, n_objects=1, backgrounds=[bg],
+                           colors=[col])
+        images.append(f.images)
+        captions += f.captions
+    return np.concatenate(images), captions
+
+
 def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = None,
           batch: int = 128, lr: float = 1e-3, log_every: int = 100, ckpt_minutes: float = 4.0,
-          threads: int = 1) -> CLIP:
+          threads: int = 1, max_steps: int | None = None, warmup: int = 50,
+          init: str | None = None, hard_frac: float = 0.0, focus_frac: float = 0.0) -> CLIP:
     """Contrastive training on freshly generated (image, caption) pairs.
 
-    With ``steps=None`` the number of steps is fixed after 10 timed steps so that the run fits
-    in ``minutes``; it is written to training_info.json, and passing it back as ``steps``
-    reproduces the run. The run also stops at the time limit; checkpoints are exported to
-    ``out`` every ``ckpt_minutes``.
+    The learning rate warms up linearly over ``warmup`` steps, then follows a cosine to 0 at
+    step ``steps``. With ``steps=None`` the schedule length is fixed after 10 timed steps so that
+    the run fits in ``minutes``. The run stops at ``max_steps`` (default: ``steps``) or at the
+    time limit, whichever comes first; checkpoints are exported to ``out`` every
+    ``ckpt_minutes``. training_info.json records the command that replays the run step for step
+    (``--steps``, ``--max-steps``, ``--warmup``, ``--init``).
+
+    Parameters
+    ----------
+    out : output folder: train.log, state.pt (torch weights), model/ (the export)
+    seed : seeds torch, NumPy and the data stream (batch ``s`` is
+        ``generate(batch, seed=seed * 1_000_003 + 7919 * s + 1)``)
+    init : optional state.pt of an earlier run to start from (a continuation phase)
+    hard_frac, focus_frac : shares of each batch drawn as hard and focus scenes
+        (see :func:`make_batch`)
+
+    Returns
+    -------
+    CLIP (torch)
     """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -338,6 +390,12 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
 
     tok = build_tokenizer()
     model = CLIP(tok.get_vocab_size())
+    previous = None
+    if init is not None:
+        model.load_state_dict(torch.load(init, map_location="cpu"))
+        prev_info = Path(init).parent / "model" / "training_info.json"
+        if prev_info.exists():
+            previous = json.loads(prev_info.read_text())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -345,26 +403,36 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
     sets = eval_sets()
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"seed={seed} batch={batch} lr={lr} params={n_params} vocab={tok.get_vocab_size()}")
+    say(f"seed={seed} batch={batch} lr={lr} params={n_params} vocab={tok.get_vocab_size()} "
+        f"init={init}")
     t0 = time.time()
     total = steps if steps is not None else 10**9
-    warm = 50 if steps is None else max(1, min(200, steps // 20))
+    stop = max_steps if max_steps is not None else total
+    warm = warmup
     step, last_ckpt, ema = 0, t0, None
-    losses = []
 
     def info() -> dict:
-        return {"seed": seed, "steps": step, "batch": batch, "lr": lr,
-                "minutes": round((time.time() - t0) / 60, 2),
-                "final_loss": None if ema is None else round(ema, 4),
-                "zero_shot": zero_shot(model, tok, sets),
-                "command": f"python -m clipdecomp.toy.train --seed {seed} --steps {step} "
-                           f"--batch {batch} --lr {lr}"}
+        cmd = (f"python -m clipdecomp.toy.train --out OUT --seed {seed} --steps {total} "
+               f"--max-steps {step} --warmup {warm} --batch {batch} --lr {lr} --minutes 1e9")
+        if init is not None:
+            cmd += f" --init {Path(init).name}"
+        if hard_frac:
+            cmd += f" --hard-frac {hard_frac}"
+        if focus_frac:
+            cmd += f" --focus-frac {focus_frac}"
+        d = {"seed": seed, "steps": step, "hard_frac": hard_frac, "focus_frac": focus_frac, "schedule_steps": total, "warmup": warm,
+             "batch": batch, "lr": lr, "minutes": round((time.time() - t0) / 60, 2),
+             "final_loss": None if ema is None else round(ema, 4),
+             "zero_shot": zero_shot(model, tok, sets), "command": cmd}
+        if previous is not None:
+            d["init_from"] = previous
+        return d
 
-    while step < total:
+    while step < min(total, stop):
         if steps is None and step == 10:
             per = (time.time() - t0) / 10
             total = max(100, int(minutes * 60 / (per * 1.08)))  # room for evals and exports
-            warm = max(50, min(300, total // 20))
+            stop = max_steps if max_steps is not None else total
             say(f"{per:.2f} s/step -> total {total} steps, warmup {warm}")
         if time.time() - t0 > minutes * 60:
             say("time limit reached")
@@ -375,9 +443,10 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
             cur = 0.5 * lr * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
         for g in opt.param_groups:
             g["lr"] = cur
-        b = world.generate(batch, seed=seed * 1_000_003 + 7919 * step + 1)
-        x = to_pixels(b.images)
-        ids = torch.from_numpy(tokenize(tok, b.captions))
+        images, captions = make_batch(batch, seed * 1_000_003 + 7919 * step + 1, hard_frac,
+                                      focus_frac)
+        x = to_pixels(images)
+        ids = torch.from_numpy(tokenize(tok, captions))
         img = F.normalize(model.encode_image(x), dim=-1)
         txt = F.normalize(model.encode_text(ids), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T
@@ -390,7 +459,6 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         lv = loss.item()
-        losses.append(lv)
         ema = lv if ema is None else 0.98 * ema + 0.02 * lv
         step += 1
         if step % log_every == 0:
@@ -400,13 +468,13 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
                 f"scale={model.logit_scale.exp().item():.1f} {accs} "
                 f"({(time.time() - t0) / 60:.1f} min)")
         if time.time() - last_ckpt > ckpt_minutes * 60:
-            export(model, tok, outp / "model", info())
             torch.save(model.state_dict(), outp / "state.pt")
+            export(model, tok, outp / "model", info())
             last_ckpt = time.time()
             say(f"checkpoint at step {step}")
     final = info()
-    export(model, tok, outp / "model", final)
     torch.save(model.state_dict(), outp / "state.pt")
+    export(model, tok, outp / "model", final)
     say(f"done: {json.dumps(final)}")
     log.close()
     return model
@@ -417,7 +485,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="output folder (log, checkpoints, model/)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=50.0, help="time budget")
-    ap.add_argument("--steps", type=int, default=None, help="fixed step count (reproduces a run)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="schedule length in steps (default: fitted to --minutes)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    ap.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
+    ap.add_argument("--init", default=None, help="start from this state.pt (continuation)")
+    ap.add_argument("--hard-frac", type=float, default=0.0,
+                    help="share of each batch on one background with 3 colours")
+    ap.add_argument("--focus-frac", type=float, default=0.0,
+                    help="share of each batch of single objects of one colour on one background")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--log-every", type=int, default=100)
@@ -432,7 +508,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.out is None:
         ap.error("--out is required for training")
-    train(a.out, a.seed, a.minutes, a.steps, a.batch, a.lr, a.log_every, threads=a.threads)
+    train(a.out, a.seed, a.minutes, a.steps, a.batch, a.lr, a.log_every, threads=a.threads,
+          max_steps=a.max_steps, warmup=a.warmup, init=a.init, hard_frac=a.hard_frac,
+          focus_frac=a.focus_frac)
 
 
 if __name__ == "__main__":

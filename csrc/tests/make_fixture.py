@@ -23,7 +23,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))
-import oracle  # noqa: E402
+import oracle
 
 
 def exact_in_all(x: np.ndarray) -> np.ndarray:
@@ -77,8 +77,7 @@ def main(out: str) -> None:
     meta["text_act"] = 0 if cfg["text_act"] == "gelu" else 1
     meta.update(B=B, T=T, n_probe=n_probe, logit_scale=float(sd["logit_scale"]))
     with open(os.path.join(out, "meta.txt"), "w") as f:
-        for k, v in meta.items():
-            f.write(f"{k} {v}\n")
+        f.writelines(f"{k} {v}\n" for k, v in meta.items())
 
 
 if __name__ == "__main__":

@@ -378,6 +378,22 @@ static void check_load_errors(const fixture *fx) {
     CHECK(st == CD_ERR_SHAPE && strstr(err.msg, "token_embedding"), "wrong vocab: %d '%s'", st,
           err.msg);
     c = fx->cfg;
+    c.layers = 1;
+    st = cd_model_load(&m, path_in("model_oc_f32.safetensors"), &c, CD_LAYOUT_AUTO, &err);
+    CHECK(st == CD_ERR_SHAPE && strstr(err.msg, "layers = 1") &&
+          strstr(err.msg, "visual.transformer.resblocks.1.ln_1.weight"), "too few layers: %d '%s'",
+          st, err.msg);
+    c = fx->cfg;
+    c.text_layers = 1;
+    st = cd_model_load(&m, path_in("model_hf_f16.safetensors"), &c, CD_LAYOUT_AUTO, &err);
+    CHECK(st == CD_ERR_SHAPE && strstr(err.msg, "text_layers = 1"), "too few text layers: %d '%s'",
+          st, err.msg);
+    c = fx->cfg;
+    c.layers = 3;
+    st = cd_model_load(&m, path_in("model_oc_f32.safetensors"), &c, CD_LAYOUT_AUTO, &err);
+    CHECK(st == CD_ERR_MISSING && strstr(err.msg, "resblocks.2."), "too many layers: %d '%s'",
+          st, err.msg);
+    c = fx->cfg;
     c.patch_size = 5;
     st = cd_model_load(&m, path_in("model_oc_f32.safetensors"), &c, CD_LAYOUT_AUTO, &err);
     CHECK(st == CD_ERR_VALUE && strstr(err.msg, "patch_size"), "bad patch: %d '%s'", st, err.msg);
@@ -539,6 +555,47 @@ static void check_ops(void) {
         double wq = x[i] / (1 + exp(-1.702 * x[i]));
         CHECK(fabs(g[i] - wg) < 1e-6 && fabs(q[i] - wq) < 1e-6, "activation at %g", x[i]);
     }
+    /* the vectorised polynomials over their whole range, on every instruction-set path */
+    enum { NG = 30 * 1024 + 1 };
+    static float grid[NG], gg[NG], gq[NG];
+    const char *prev_isa = cd_isa_name();
+    const char *isas[3] = {"generic", "avx2", "avx512"};
+    for (int k = 0; k < 3; k++) {
+        if (cd_set_isa(isas[k]) != 0) continue;
+        for (int i = 0; i < NG; i++) grid[i] = gg[i] = gq[i] = (float)(-15.0 + i / 1024.0);
+        gelu_forward(gg, NG);
+        quick_gelu_forward(gq, NG);
+        double worst_g = 0, worst_q = 0;
+        for (int i = 0; i < NG; i++) {
+            const double xf = grid[i];
+            const double want = 0.5 * xf * erfc(-xf / sqrt(2.0));
+            const double err = fabs(gg[i] - want) / (fabs(want) + 1e-9);
+            if (err > worst_g) worst_g = err;
+            const double wq = xf / (1 + exp((double)(-1.702f * grid[i])));  /* float argument */
+            const double eq = fabs(gq[i] - wq) / (fabs(wq) + 1e-9);
+            if (eq > worst_q) worst_q = eq;
+        }
+        CHECK(worst_g < 5e-6 && worst_q < 1e-6, "%s: gelu rel err %.3g, quick_gelu %.3g", isas[k],
+              worst_g, worst_q);
+        float row[7] = {0.5f, -80.0f, 3.0f, 1.0f, 2.0f, 7.0f, 9.0f};
+        softmax_forward(row, 5, 7);
+        const double z = exp(0.5) + exp(-80.0) + exp(3.0) + exp(1.0) + exp(2.0);
+        CHECK(fabs(row[2] - exp(3.0) / z) < 3e-7 && row[5] == 0 && row[6] == 0 &&
+              fabs(row[1] - exp(-80.0) / z) < 1e-40, "%s: softmax", isas[k]);
+        float special[4] = {NAN, INFINITY, 0.0f, -0.0f};
+        gelu_forward(special, 4);
+        CHECK(isnan(special[0]) && special[1] == INFINITY && special[2] == 0 && special[3] == 0,
+              "%s: gelu of nan, inf, 0", isas[k]);
+    }
+    cd_set_isa(prev_isa);
+    double worst_e = 0;
+    for (double v = -86.9; v <= 87.9; v += 1.0 / 512) {
+        const double err = fabs(cd_expf((float)v) / exp((double)(float)v) - 1);
+        if (err > worst_e) worst_e = err;
+    }
+    CHECK(worst_e < 3e-7 && fabs(cd_gelu(-1.0f) - 0.5 * erfc(1 / sqrt(2.0)) * -1.0) < 1e-7,
+          "exp rel err %.3g", worst_e);
+    CHECK(cd_expf(-100.0f) == 0 && isnan(cd_expf(NAN)) && cd_expf(0.0f) == 1.0f, "exp specials");
     float row[5] = {1, 2, 3, 100, 100};
     softmax_forward(row, 3, 5);
     double e = exp(-2) + exp(-1) + 1;
@@ -567,6 +624,12 @@ int main(int argc, char **argv) {
     check_model(&fx, "model_oc_f32_odd.safetensors", CD_LAYOUT_OPEN_CLIP);
     check_model(&fx, "model_hf_f16.safetensors", CD_LAYOUT_HF);
     check_model(&fx, "model_oc_bf16.safetensors", CD_LAYOUT_OPEN_CLIP);
+    const char *isa = cd_isa_name();
+    if (strcmp(isa, "generic") != 0 && cd_set_isa("generic") == 0) {
+        printf("  (the generic path)\n");
+        check_model(&fx, "model_oc_f32.safetensors", CD_LAYOUT_OPEN_CLIP);
+        cd_set_isa(isa);
+    }
     check_runtime_errors(&fx);
     check_load_errors(&fx);
     free_fixture(&fx);

@@ -3,7 +3,7 @@
  * Build and run (from the repository root):
  *   gcc -O2 -std=c11 -fopenmp -Wall -Wextra -Icsrc -o build/test_gemm \
  *       csrc/gemm.c csrc/gemm_avx2.c csrc/gemm_avx512.c csrc/cpu.c csrc/tests/test_gemm.c -lm
- *   ./build/test_gemm
+ *   ./build/test_gemm [path ...]      (paths: generic avx2 avx512; default: all the CPU has)
  * Exit status 0 when every check passes. Shapes are small and awkward on purpose: M = 1, K = 1,
  * sizes that are no multiple of the vector width or of the register tile, depth slices, strided
  * operands, bias on / off, accumulate on / off, one thread and several, and calls from inside a
@@ -201,7 +201,15 @@ static void check_isa_api(void) {
         report("cd_set_isa refuses a path the CPU lacks", cd_set_isa("avx512") == -1, "api");
 }
 
-int main(void) {
+/* with arguments, only the paths named there (e.g. `test_gemm avx512`) */
+static int wanted(int isa, int argc, char **argv) {
+    if (argc < 2) return 1;
+    for (int i = 1; i < argc; i++)
+        if (cd_cpu_isa_from_str(argv[i]) == isa) return 1;
+    return 0;
+}
+
+int main(int argc, char **argv) {
     int maxthr = 1;
 #ifdef _OPENMP
     maxthr = omp_get_max_threads();
@@ -227,6 +235,7 @@ int main(void) {
             continue;
         }
         const char *name = cd_cpu_isa_str(isa);
+        if (!wanted(isa, argc, argv)) continue;
         if (cd_cpu_set_isa(isa) != 0) { report("set path", 0, name); continue; }
         int before = g_fail;
         check_pack_errors(name);

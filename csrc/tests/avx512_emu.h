@@ -1,0 +1,40 @@
+/* avx512_emu.h -- portable stand-ins for the few AVX-512F intrinsics of gemm_avx512.c.
+ *
+ * Tests only: building gemm_avx512.c and cpu.c with -DCD_AVX512_EMULATE swaps these in and
+ * makes cpu.c report an AVX-512 CPU, so csrc/tests/test_gemm.c runs the AVX-512 path's logic
+ * (tiling, panel pairs, masks, edges) on a machine without AVX-512. Semantics follow Intel's
+ * definitions lane by lane; speed is irrelevant.
+ */
+#ifndef CLIPDECOMP_AVX512_EMU_H
+#define CLIPDECOMP_AVX512_EMU_H
+#include <string.h>
+
+typedef struct { float f[16]; } __m512;
+typedef unsigned short __mmask16;
+
+static inline __m512 _mm512_setzero_ps(void) { __m512 r; memset(&r, 0, sizeof r); return r; }
+static inline __m512 _mm512_set1_ps(float x) {
+    __m512 r; for (int i = 0; i < 16; i++) r.f[i] = x; return r;
+}
+static inline __m512 _mm512_loadu_ps(const void *p) { __m512 r; memcpy(&r, p, sizeof r); return r; }
+static inline __m512 _mm512_add_ps(__m512 a, __m512 b) {
+    for (int i = 0; i < 16; i++) a.f[i] += b.f[i];
+    return a;
+}
+/* a * b + c, rounded once */
+static inline __m512 _mm512_fmadd_ps(__m512 a, __m512 b, __m512 c) {
+    for (int i = 0; i < 16; i++) a.f[i] = __builtin_fmaf(a.f[i], b.f[i], c.f[i]);
+    return a;
+}
+/* lanes outside the mask are zero and their memory is not touched */
+static inline __m512 _mm512_maskz_loadu_ps(__mmask16 m, const void *p) {
+    __m512 r = _mm512_setzero_ps();
+    const float *q = (const float *)p;
+    for (int i = 0; i < 16; i++) if (m >> i & 1) r.f[i] = q[i];
+    return r;
+}
+static inline void _mm512_mask_storeu_ps(void *p, __mmask16 m, __m512 a) {
+    float *q = (float *)p;
+    for (int i = 0; i < 16; i++) if (m >> i & 1) q[i] = a.f[i];
+}
+#endif /* CLIPDECOMP_AVX512_EMU_H */
