@@ -1,22 +1,75 @@
-"""clipdecomp: CLIP image embeddings decomposed into heads, tokens and MLPs."""
+"""clipdecomp: CLIP image embeddings decomposed into heads, tokens and MLPs.
+
+An implementation of "Interpreting CLIP's Image Representation via Text-Based Decomposition"
+(Gandelsman, Efros, Steinhardt, ICLR 2024) on a C core that needs no PyTorch.
+
+>>> import clipdecomp
+>>> model = clipdecomp.load()                    # the embedded shapes-world CLIP
+>>> from clipdecomp import toy
+>>> dec = model.decompose(list(toy.generate(2, seed=0).images))
+>>> dec.heads.shape                              # [B, L, H, D]
+(2, 6, 6, 128)
+"""
 __version__ = "0.1.0"
 
-import importlib as _importlib
+from .ablation import (
+    ComponentMeans,
+    RepairedCLIP,
+    ablate,
+    ablation_study,
+    component_means,
+    load_ablation,
+)
+from .config import ModelConfig
+from .decomposition import Decomposition
+from .loading import list_pretrained, load
+from .model import CLIP
+from .pool import encode_pool, load_pool
+from .retrieval import HeadIndex, show_retrieval
+from .segmentation import SegmentationResult, segment, segmentation_metrics
+from .spatial import attention_map, attention_rollout, head_map, head_maps, heatmap, upsample
+from .stats import HeadStats
+from .textspan import (
+    TextSpanResult,
+    format_head_table,
+    textspan,
+    textspan_from_stats,
+    textspan_heads,
+    textspan_reconstruction_curve,
+)
+from .zeroshot import accuracy, zero_shot_classifier
 
-# Assembled while the package is being built up: each piece is imported when present.
-_EXPORTS = {
-    "loading": ["load", "list_pretrained"],
-    "model": ["CLIP"],
-    "decomposition": ["Decomposition"],
-    "config": ["ModelConfig"],
-}
-for _mod, _names in _EXPORTS.items():
-    try:
-        _m = _importlib.import_module(f".{_mod}", __name__)
-    except ImportError as _e:  # pragma: no cover - transitional
-        if _e.name is None or not _e.name.startswith(__name__):
-            raise
-        continue
-    for _n in _names:
-        if hasattr(_m, _n):
-            globals()[_n] = getattr(_m, _n)
+
+def _repaired(self, heads=(), **kwargs):
+    """An encoder whose ``encode_image`` returns repaired embeddings (see :class:`RepairedCLIP`)."""
+    return RepairedCLIP(self, heads=heads, **kwargs)
+
+
+CLIP.repaired = _repaired
+Decomposition.heatmap = heatmap
+
+
+def run_dataset(*args, **kwargs):
+    """Stream a collection through the decomposition into a Zarr store; see
+    :func:`clipdecomp.dataset.run_dataset` (imported lazily: zarr and dask are optional)."""
+    from .dataset import run_dataset as _run
+
+    return _run(*args, **kwargs)
+
+
+def StoreReader(path, *args, **kwargs):  # noqa: N802 - reads like the class it returns
+    """Open a store written by :func:`run_dataset`; see :class:`clipdecomp.store.StoreReader`."""
+    from .store import StoreReader as _Reader
+
+    return _Reader(path, *args, **kwargs)
+
+
+__all__ = [
+    "CLIP", "ComponentMeans", "Decomposition", "HeadIndex", "HeadStats", "ModelConfig",
+    "RepairedCLIP", "SegmentationResult", "StoreReader", "TextSpanResult", "ablate",
+    "ablation_study", "accuracy", "attention_map", "attention_rollout", "component_means",
+    "encode_pool", "format_head_table", "head_map", "head_maps", "heatmap", "list_pretrained",
+    "load", "load_ablation", "load_pool", "run_dataset", "segment", "segmentation_metrics",
+    "show_retrieval", "textspan", "textspan_from_stats", "textspan_heads",
+    "textspan_reconstruction_curve", "upsample", "zero_shot_classifier",
+]

@@ -92,7 +92,7 @@ class ComponentMeans:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ComponentMeans:
-        """Read means written by :meth:`save`."""
+        """Read means written by :meth:`save` (example there)."""
         with np.load(path) as f:
             return cls._from_arrays({k: f[k] for k in f.files}, "means_")
 
@@ -495,6 +495,11 @@ class RepairedCLIP:
             Unit-normalise (default). Otherwise scale by the original embedding's norm.
         **kwargs
             Passed to ``model.decompose`` (``batch_size``, ``progress``).
+
+        Examples
+        --------
+        >>> repaired.encode_image(["cat.jpg"]).shape                      # doctest: +SKIP
+        (1, 512)
         """
         dec = self.model.decompose(images, **kwargs)
         out = _ablate_spec(dec, self._spec, self.means)
@@ -513,11 +518,23 @@ class RepairedCLIP:
         return getattr(self.model, name)
 
     def spec(self) -> dict:
-        """What is ablated: ``{"heads": [...], "mlps": [...], "cls_to_cls": [...]}``."""
+        """What is ablated: ``{"heads": [...], "mlps": [...], "cls_to_cls": [...]}``.
+
+        Examples
+        --------
+        >>> RepairedCLIP(model, layers=[0], means=means).spec()["heads"][:2]  # doctest: +SKIP
+        [(0, 0), (0, 1)]
+        """
         return {"heads": self.ablated_heads, "mlps": self.mlp_rows, "cls_to_cls": self.cls_layers}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the ablation (what is ablated, and the means) to one ``.npz`` file."""
+        """Write the ablation (what is ablated, and the means) to one ``.npz`` file.
+
+        Examples
+        --------
+        >>> repaired.save("no_location_heads.npz")                        # doctest: +SKIP
+        >>> again = RepairedCLIP.load("no_location_heads.npz", model)     # doctest: +SKIP
+        """
         arrays = self.means._arrays("means_")
         arrays["heads"] = np.asarray(self.ablated_heads, np.int64).reshape(-1, 2)
         arrays["mlps"] = np.asarray(self.mlp_rows, np.int64)
@@ -526,7 +543,7 @@ class RepairedCLIP:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any) -> RepairedCLIP:
-        """Rebuild a repaired model saved with :meth:`save` around ``model``."""
+        """Rebuild a repaired model saved with :meth:`save` around ``model`` (example there)."""
         spec, means = load_ablation(path)
         return cls(model, means=means, **spec)
 
@@ -547,6 +564,11 @@ def load_ablation(path: str | os.PathLike) -> tuple[dict, ComponentMeans]:
         ``heads`` (list of (layer, head)), ``mlps`` (rows), ``cls_to_cls`` (layers): keyword
         arguments of :func:`ablate` and :class:`RepairedCLIP`.
     means : ComponentMeans
+
+    Examples
+    --------
+    >>> spec, means = load_ablation("no_location_heads.npz")              # doctest: +SKIP
+    >>> embeddings = ablate(dec, means=means, **spec)                     # doctest: +SKIP
     """
     with np.load(path) as f:
         data = {k: f[k] for k in f.files}

@@ -211,15 +211,16 @@ def _read_config(config: Any, src: _Source, shapes: dict[str, tuple[int, ...]],
                                source=src.weights), False
 
 
-def load(path_or_name: str | os.PathLike, pretrained: str | None = None,
+def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None = None,
          act: str | None = None, threads: int | None = None, layout: str = "auto",
          config: Any = None, tokenizer: Tokenizer | None = None) -> CLIP:
     """Load a CLIP ViT checkpoint (safetensors) into the clipdecomp C core.
 
     Parameters
     ----------
-    path_or_name : str or path
-        A ``.safetensors`` file, a checkpoint directory, an open_clip architecture name (with
+    path_or_name : str or path, optional
+        Nothing: the embedded shapes-world CLIP (:data:`clipdecomp.toy.MODEL_DIR`), which needs
+        no download. Otherwise a ``.safetensors`` file, a checkpoint directory, an open_clip architecture name (with
         ``pretrained=``), or a Hugging Face Hub repository (``"hf-hub:ORG/REPO"`` or
         ``"ORG/REPO"``).
     pretrained : str, optional
@@ -258,10 +259,22 @@ def load(path_or_name: str | os.PathLike, pretrained: str | None = None,
     Examples
     --------
     >>> import clipdecomp
+    >>> model = clipdecomp.load()                      # the embedded shapes-world model
+    >>> model.config.image_size
+    64
     >>> model = clipdecomp.load("ViT-B-16", pretrained="openai")          # doctest: +SKIP
     >>> model = clipdecomp.load("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")  # doctest: +SKIP
     >>> model = clipdecomp.load("weights.safetensors", act="quick_gelu")  # doctest: +SKIP
     """
+    if path_or_name is None:
+        if pretrained is not None:
+            raise ValueError("pretrained= needs a model name, e.g. load('ViT-B-16', "
+                             "pretrained='openai')")
+        from .toy import MODEL_DIR
+        if not (MODEL_DIR / "open_clip_config.json").exists():
+            raise FileNotFoundError(f"the embedded model is missing from {MODEL_DIR}: "
+                                    "reinstall clipdecomp")
+        path_or_name = MODEL_DIR
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if act is not None:

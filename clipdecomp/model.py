@@ -26,7 +26,7 @@ from .preprocess import (
 from .tokenizer import Tokenizer
 
 __all__ = ["CLIP", "MemoryPlan", "available_memory", "debug_enabled", "default_threads",
-           "get_memory_budget", "set_debug", "set_memory_budget"]
+           "get_memory_budget", "plan_memory", "set_debug", "set_memory_budget"]
 
 #: images per forward pass when nothing else is asked
 _BATCH = 8
@@ -341,8 +341,9 @@ def _too_big(plan: MemoryPlan, what: str, hint: str) -> MemoryError:
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(n, np.float32(1e-12))).astype(np.float32)
+    # the norm in float64: float32 squares overflow for entries above ~1e19
+    n = np.linalg.norm(x.astype(np.float64), axis=-1, keepdims=True)
+    return (x / np.maximum(n, 1e-12)).astype(np.float32)
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -1174,6 +1174,12 @@ def write_descriptions(path: str | os.PathLike | None = None, seed: int = 0) -> 
     -------
     int
         Number of descriptions written.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> write_descriptions(os.path.join(tempfile.mkdtemp(), "pool.txt")) >= 3000
+    True
     """
     path = DEFAULT_POOL if path is None else Path(path)
     sections = generate_descriptions(seed)

@@ -84,7 +84,7 @@ class HeadIndexWriter:
         self._file = open(self.path / _VECTORS, "wb")  # noqa: SIM115 (closed by close())
 
     def add(self, chunk: Any) -> None:
-        """Append a chunk: head terms [B, L, H, D] or a Decomposition."""
+        """Append a chunk: head terms [B, L, H, D] or a Decomposition (example: the class)."""
         vec = _head_vectors(chunk, self.heads)
         if self.dim is None:
             self.dim = vec.shape[1]
@@ -94,7 +94,7 @@ class HeadIndexWriter:
         self.n += vec.shape[0]
 
     def close(self) -> HeadIndex:
-        """Finish the file and open the index."""
+        """Finish the file and open the index (example: the class)."""
         if not self._file.closed:
             self._file.close()
             meta = {"n": self.n, "dim": self.dim or 0, "heads": self.heads, "dtype": "<f2"}
@@ -173,6 +173,16 @@ class HeadIndex:
         Returns
         -------
         HeadIndex
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> heads = np.random.default_rng(0).normal(size=(50, 2, 3, 8))
+        >>> HeadIndex.build(heads, heads=[(1, 0), (1, 2)])
+        HeadIndex(50 images, heads L1.H0, L1.H2, dim 8)
+        >>> chunks = (heads[i:i + 20] for i in range(0, 50, 20))
+        >>> len(HeadIndex.build(chunks, heads=(1, 0), path=tempfile.mkdtemp()))
+        50
         """
         if path is not None:
             with HeadIndexWriter(path, heads) as writer:
@@ -188,7 +198,17 @@ class HeadIndex:
         return cls(np.concatenate(parts, axis=0), hs, model=model)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the index to a directory (float16 vectors + ``meta.json``)."""
+        """Write the index to a directory (float16 vectors + ``meta.json``).
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> index = HeadIndex.build(np.ones((4, 1, 1, 3)), heads=(0, 0))
+        >>> path = tempfile.mkdtemp()
+        >>> index.save(path)
+        >>> len(HeadIndex.open(path))
+        4
+        """
         with HeadIndexWriter(path, self.heads) as writer:
             for r0 in range(0, len(self), _BLOCK):
                 block = np.asarray(self.vectors[r0 : r0 + _BLOCK], np.float32)
@@ -198,7 +218,7 @@ class HeadIndex:
 
     @classmethod
     def open(cls, path: str | os.PathLike, model: Any = None) -> HeadIndex:
-        """Open a saved index, memory-mapped (read-only)."""
+        """Open a saved index, memory-mapped (read-only); example in :meth:`save`."""
         path = Path(path)
         meta = json.loads((path / _META).read_text())
         n, dim = int(meta["n"]), int(meta["dim"])

@@ -120,8 +120,6 @@ class SafetensorsFile:
         self.data_start = 8 + n
         self.data_size = size - self.data_start
         meta = header.pop("__metadata__", None)
-        if meta is not None and not isinstance(meta, dict):
-            raise _fail(self.path, "__metadata__ is not a JSON object")
         self.metadata: dict[str, str] = dict(meta) if isinstance(meta, dict) else {}
         self.tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
@@ -207,17 +205,18 @@ def _is_uint(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise _Duplicate(k)
-        out[k] = v
+class _Object(dict):
+    """A JSON object that remembers the keys it saw twice."""
+
+    twice: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, object]]) -> _Object:
+    out = _Object(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        out.twice = tuple(k for k, _ in pairs if k in seen or seen.add(k))
     return out
-
-
-class _Duplicate(Exception):
-    pass
 
 
 def _bad_constant(name: str) -> float:
@@ -225,18 +224,24 @@ def _bad_constant(name: str) -> float:
 
 
 def _parse_json(path: str, raw: bytes) -> dict:
-    """The header bytes -> its JSON object, strictly: no duplicate keys, no NaN / Infinity."""
+    """The header bytes -> its JSON object, strictly: no NaN / Infinity, and no key twice in
+    the header or in a tensor's entry (anything goes inside ``__metadata__``, as for the C
+    reader)."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_object,
                             parse_constant=_bad_constant)
-    except _Duplicate as e:
-        raise _fail(path, f"the key {str(e.args[0])[:80]!r} appears twice in the header") from None
     except (UnicodeDecodeError, ValueError) as e:       # JSONDecodeError is a ValueError
         raise _fail(path, f"header is not JSON ({str(e)[:200]})") from None
     except RecursionError:
         raise _fail(path, "header is not JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
+    for where, obj in [("the header", header)] + [
+            (f"the entry of tensor {k[:80]!r}", v) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict)]:
+        twice = getattr(obj, "twice", ())
+        if twice:
+            raise _fail(path, f"the key {twice[0][:80]!r} appears twice in {where}")
     return header
 
 

@@ -239,7 +239,15 @@ class HeadStats:
         return self.sum_outer / self.n
 
     def covariance_of(self, ddof: int = 1) -> np.ndarray:
-        """Covariance of the head terms, float64 [Ls, H, D, D], dividing by ``n - ddof``."""
+        """Covariance of the head terms, float64 [Ls, H, D, D], dividing by ``n - ddof``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> s = HeadStats().update(np.array([[[[0.0]]], [[[2.0]]]]))
+        >>> float(s.covariance_of(ddof=0)[0, 0, 0, 0])
+        1.0
+        """
         self._check()
         if self.n - ddof <= 0:
             raise ValueError(f"need more than {ddof} images for a covariance")
@@ -253,7 +261,14 @@ class HeadStats:
         return self.covariance_of(ddof=1)
 
     def layer_index(self, layer: int) -> int:
-        """Position of model layer ``layer`` (negative allowed) among :attr:`layers`."""
+        """Position of model layer ``layer`` (negative allowed) among :attr:`layers`.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> HeadStats(layers=[-1]).update(np.ones((2, 3, 1, 2))).layer_index(2)
+        0
+        """
         self._check()
         layer = int(layer) % self.n_layers
         if layer not in self.layers:
@@ -303,7 +318,7 @@ class HeadStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadStats:
-        """Read statistics written by :meth:`save`."""
+        """Read statistics written by :meth:`save` (example there)."""
         with np.load(path) as f:
             out = cls(layers=[int(v) for v in f["layers"]], chunk=int(f["chunk"]))
             out.n = int(f["n"])

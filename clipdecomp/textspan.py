@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -102,7 +102,6 @@ class TextSpanResult:
     rank: int = 0
     layer: int | None = None
     head: int | None = None
-    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -140,7 +139,16 @@ class TextSpanResult:
         return self.mean + (c @ u.T) @ u
 
     def to_frame(self):
-        """The picks as a pandas DataFrame (text, index, std, variance, fraction, cumulative)."""
+        """The picks as a pandas DataFrame (text, index, std, variance, fraction, cumulative).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> r = textspan(np.random.default_rng(0).normal(size=(30, 3)), np.eye(3), ["x", "y", "z"],
+        ...              n_texts=2, rank=3)
+        >>> list(r.to_frame().columns)[:2]
+        ['text', 'index']
+        """
         import pandas as pd
 
         return pd.DataFrame(

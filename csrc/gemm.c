@@ -3,15 +3,18 @@
  *
  * Shapes: out (M, OC) = inp (M, K) @ W^T + bias, W (OC, K) as in nn.Linear.
  *
- * Blocking (BLIS style). The weight is packed once into K-major panels of 16 output columns
- * (gemm_kernels.h), so one panel slice (kc, 16) is contiguous. cd_matmul then cuts C into jobs
- * of (MC rows, NCP panels); for each depth slice kc of a job it packs the rows of inp into
- * MR-row K-major panels (MC x kc: stays in L2) and runs the block kernel, which walks the
- * panels (each (kc, 16) slice stays in L1) and, inside, the row tiles (MR x 16 accumulators
- * in registers). Jobs are shared among the OpenMP threads; inside an enclosing parallel region
- * everything runs on the calling thread.
+ * Blocking (BLIS style). The weight is packed once, at load, into depth slices of K-major
+ * panels of 16 output columns (gemm_kernels.h): one slice of one panel, (ks, 16), is contiguous
+ * and the panels of a slice follow each other. cd_matmul gives each OpenMP thread a contiguous
+ * share of the rows of C (or of the panels, when rows are few). A thread walks its rows in
+ * blocks of MC; for each depth block kc it packs those rows of inp into MR-row K-major tiles
+ * (MC x kc: stays in L2) and runs the block kernel, which walks the panels (a (kc, 16) panel
+ * slice is reused by every row tile from L1/L2) and, inside, the row tiles (MR x 16
+ * accumulators in registers; bias and accumulate fused in the store). Inside an enclosing
+ * parallel region everything runs on the calling thread.
  *
- * cd_sgemm_nt / cd_sgemm_nn pack B (32 columns x kc) onto the stack and read A in place.
+ * cd_sgemm_nt / cd_sgemm_nn pack B (32 columns x kc) onto the stack and read A in place;
+ * outside a parallel region the (column block, row block) jobs are shared among the threads.
  */
 #include "gemm.h"
 #include "gemm_kernels.h"
@@ -122,17 +125,16 @@ typedef struct {
     block_fn fn;
     int mr;        /* row tile of the micro-kernel */
     int mc;        /* rows of a matmul job (multiple of mr): mc x kc floats of A stay in L2 */
-    int kc;        /* largest depth slice: a (kc, 16) panel slice stays in L1 */
-    int ncp;       /* panels (16 columns each) of a matmul job */
+    int kc;        /* largest depth block (<= CD_GEMM_KS): a (kc, 16) panel slice stays near L1 */
 } gemm_path;
 
 static gemm_path path_for(int isa) {
-    gemm_path p = {cd_gemm_block_generic, CD_GEMM_MR_GENERIC, 64, 256, 16};
+    gemm_path p = {cd_gemm_block_generic, CD_GEMM_MR_GENERIC, 64, 256};
 #if defined(__x86_64__) || defined(_M_X64)
     if (isa == CD_ISA_AVX512) {
-        p.fn = cd_gemm_block_avx512; p.mr = CD_GEMM_MR_AVX512; p.mc = 96; p.kc = 256; p.ncp = 16;
+        p.fn = cd_gemm_block_avx512; p.mr = CD_GEMM_MR_AVX512; p.mc = 96; p.kc = 256;
     } else if (isa == CD_ISA_AVX2) {
-        p.fn = cd_gemm_block_avx2; p.mr = CD_GEMM_MR_AVX2; p.mc = 72; p.kc = 256; p.ncp = 16;
+        p.fn = cd_gemm_block_avx2; p.mr = CD_GEMM_MR_AVX2; p.mc = 144; p.kc = 512;
     }
 #else
     (void)isa;
@@ -140,10 +142,11 @@ static gemm_path path_for(int isa) {
     return p;
 }
 
-/* threads to use for `jobs` jobs worth `flops` in all: 1 inside a parallel region */
+/* threads to use for `jobs` jobs worth `flops` in all: 1 inside any parallel region (also a
+ * one-thread team: its caller chose the threads), 1 for small products */
 static int gemm_threads(int jobs, double flops) {
 #ifdef _OPENMP
-    if (omp_in_parallel() || jobs < 2 || flops < 2e6) return 1;
+    if (omp_get_level() > 0 || omp_in_parallel() || jobs < 2 || flops < 2e6) return 1;
     int nt = omp_get_max_threads();
     return nt < jobs ? nt : jobs;
 #else
@@ -193,8 +196,8 @@ int cd_gemm_pack(cd_gemm_weight *pw, const float *weight, int OC, int K) {
     const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;   /* aligned_alloc wants a multiple */
     float *dst = (float *)aligned_alloc(64, bytes);
     if (!dst) return -1;
-    /* slice s, panel p: (k, j) at dst[256*16*np*s + ks*16*p + (k - 256 s)*16 + j]
-     *                                = weight[16 p + j, k], zero past OC (gemm_kernels.h) */
+    /* slice from depth k0, panel p: (k, j) at dst[16*np*k0 + ks*16*p + (k - k0)*16 + j]
+     *                                      = weight[16 p + j, k], zero past OC (gemm_kernels.h) */
     const int isa = cd_cpu_isa();
     const pack_fn pack = pack_for(isa);
     for (int k0 = 0; k0 < K; k0 += CD_GEMM_KS) {
@@ -219,19 +222,29 @@ void cd_gemm_weight_free(cd_gemm_weight *pw) {
     memset(pw, 0, sizeof(*pw));
 }
 
-/* rows [0, mc) x depth [0, kc) of a (row stride lda) into mr-row K-major panels:
- * dst[t * mr * kc + k * mr + r] = a[(t * mr + r) * lda + k], zero rows past mc */
-static void pack_rows(float *dst, const float *a, size_t lda, int mc, int kc, int mr) {
+void cd_gemm_pack_rows_generic(float *dst, const float *a, ptrdiff_t lda, int mc, int kc,
+                               int mr) {
     for (int i0 = 0; i0 < mc; i0 += mr) {
         const int rows = mc - i0 < mr ? mc - i0 : mr;
         float *d = dst + (size_t)i0 * kc;
-        for (int r = 0; r < rows; r++) {
-            const float *src = a + (size_t)(i0 + r) * lda;
-            for (int k = 0; k < kc; k++) d[(size_t)k * mr + r] = src[k];
+        const float *src = a + (ptrdiff_t)i0 * lda;
+        for (int k = 0; k < kc; k++) {   /* contiguous stores, mr read streams */
+            for (int r = 0; r < rows; r++) d[(size_t)k * mr + r] = src[r * lda + k];
+            for (int r = rows; r < mr; r++) d[(size_t)k * mr + r] = 0.0f;
         }
-        for (int r = rows; r < mr; r++)
-            for (int k = 0; k < kc; k++) d[(size_t)k * mr + r] = 0.0f;
     }
+}
+
+/* rows of A into the path's row tiles (gemm_kernels.h) */
+static void pack_rows(const gemm_path *P, float *dst, const float *a, size_t lda, int mc,
+                      int kc) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (P->mr == 6 && P->fn == cd_gemm_block_avx2) {
+        cd_gemm_pack_rows6_avx2(dst, a, (ptrdiff_t)lda, mc, kc);
+        return;
+    }
+#endif
+    cd_gemm_pack_rows_generic(dst, a, (ptrdiff_t)lda, mc, kc, P->mr);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -258,7 +271,7 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
                 cd_gemm_block blk;
                 blk.mc = mc; blk.nc = j1 - j0; blk.kc = kc;
                 if (abuf) {
-                    pack_rows(abuf, arows + k0, (size_t)K, mc, kc, P->mr);
+                    pack_rows(P, abuf, arows + k0, (size_t)K, mc, kc);
                     blk.a = abuf; blk.pa = (ptrdiff_t)P->mr * kc; blk.rsa = 1; blk.csa = P->mr;
                 } else {   /* no scratch: read inp in place (slower, same sums) */
                     blk.a = arows + k0; blk.pa = (ptrdiff_t)P->mr * K; blk.rsa = K; blk.csa = 1;
@@ -283,33 +296,49 @@ void cd_matmul(float *out, const float *inp, const cd_gemm_weight *w, const floa
     const gemm_path P = path_for(cd_cpu_isa());
     const int np = (w->OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
     const int mt = (M + P.mr - 1) / P.mr;                      /* row tiles */
-    const int nt = gemm_threads(mt * np, 2.0 * M * (double)w->K * w->OC);
-    /* a grid of tm x tn threads over (row tiles, panels): rows when there are enough of them
-     * (each thread then packs only its own rows), else columns */
-    int tm = 1;
-    for (int d = nt; d >= 1; d--)
-        if (nt % d == 0 && mt >= 8 * d) { tm = d; break; }
-    int tn = nt / tm;
-    if (tn > np) tn = np;
-    const int nthr = tm * tn;
+    int nt = gemm_threads(mt * np, 2.0 * M * (double)w->K * w->OC);
+    /* rows when there are enough of them (each thread packs only its own rows), else panels */
+    const int by_rows = mt >= 8 * nt;
+    if (!by_rows && nt > np) nt = np;
     const int kcb = P.kc < CD_GEMM_KS ? P.kc : CD_GEMM_KS;
-    const size_t abytes = ((size_t)P.mc * kcb * sizeof(float) + 63) / 64 * 64;
-    #pragma omp parallel num_threads(nthr) if (nthr > 1)
+    const size_t abytes =
+        (((size_t)P.mc * kcb + CD_GEMM_PACK_SLACK) * sizeof(float) + 63) / 64 * 64;
+    int next = 0;   /* by rows: the first row tile nobody has taken yet */
+    #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int t = 0;
+        float *abuf = (float *)aligned_alloc(64, abytes);
+        if (nt == 1) {
+            matmul_part(&P, out, inp, w, bias, accumulate, 0, M, 0, np, abuf);
+        } else if (by_rows) {
+            /* guided self-scheduling: chunks of (remaining / threads) row tiles, at least 4,
+             * so that a thread slowed by other work on its core does not hold up the rest */
+            for (;;) {
+                int t0, len;
+                #pragma omp critical(cd_matmul_rows)
+                {
+                    t0 = next;
+                    len = (mt - t0 + nt - 1) / nt;
+                    if (len < 4) len = 4;
+                    if (len > mt - t0) len = mt - t0;
+                    next = t0 + len;
+                }
+                if (len <= 0) break;
+                const int i1 = (t0 + len) * P.mr;
+                matmul_part(&P, out, inp, w, bias, accumulate, t0 * P.mr, i1 < M ? i1 : M, 0, np,
+                            abuf);
+            }
+        } else {
+            /* few rows: contiguous, near-equal shares of the panels */
+            int t = 0, nth = 1;
 #ifdef _OPENMP
-        t = omp_get_thread_num();
+            t = omp_get_thread_num();
+            nth = omp_get_num_threads();   /* the team may be smaller than asked for */
 #endif
-        if (t < nthr) {
-            const int ti = t / tn, tj = t % tn;
-            /* contiguous, near-equal shares of row tiles and of panels */
-            const int i0 = (int)((long long)mt * ti / tm) * P.mr;
-            const int i1 = (int)((long long)mt * (ti + 1) / tm) * P.mr;
-            const int p0 = (int)((long long)np * tj / tn), p1 = (int)((long long)np * (tj + 1) / tn);
-            float *abuf = (float *)aligned_alloc(64, abytes);
-            matmul_part(&P, out, inp, w, bias, accumulate, i0, i1 < M ? i1 : M, p0, p1, abuf);
-            free(abuf);
+            const int p0 = (int)((long long)np * t / nth);
+            const int p1 = (int)((long long)np * (t + 1) / nth);
+            matmul_part(&P, out, inp, w, bias, accumulate, 0, M, p0, p1, abuf);
         }
+        free(abuf);
     }
 }
 
@@ -332,10 +361,49 @@ static void pack_b_block(pack_fn pack, float *dst, const float *B, int ldb, int 
             pack(panel, B + (size_t)(j0 + jq) * ldb + k0, ldb, nv, kc);
             continue;
         }
-        if (nv < CD_GEMM_NR) memset(panel, 0, (size_t)kc * CD_GEMM_NR * sizeof(float));
-        for (int k = 0; k < kc; k++)
-            memcpy(panel + k * CD_GEMM_NR, B + (size_t)(k0 + k) * ldb + j0 + jq,
-                   (size_t)nv * sizeof(float));
+        for (int k = 0; k < kc; k++) {
+            const float *src = B + (size_t)(k0 + k) * ldb + j0 + jq;
+            float *dst_k = panel + k * CD_GEMM_NR;
+            if (nv == CD_GEMM_NR) {
+                for (int j = 0; j < CD_GEMM_NR; j++) dst_k[j] = src[j];
+            } else {
+                for (int j = 0; j < nv; j++) dst_k[j] = src[j];
+                for (int j = nv; j < CD_GEMM_NR; j++) dst_k[j] = 0.0f;
+            }
+        }
+    }
+}
+
+typedef struct {
+    int trans, M, N, K, lda, ldb, ldc, accumulate;
+    float alpha;
+    const float *A, *B;
+    float *C;
+    gemm_path P;
+    pack_fn pack;
+    int mch, nb, kcb;   /* rows per job, column blocks, depth block */
+} sgemm_plan;
+
+/* one job: column block jb (32 columns) x row block ib (mch rows) of C */
+static void sgemm_job(const sgemm_plan *S, int jb, int ib) {
+    _Alignas(64) float bp[SG_NP * SG_KC * CD_GEMM_NR];   /* 32 KiB: B block, (kc, 32) */
+    const int cols = SG_NP * CD_GEMM_NR;
+    const int j0 = jb * cols, i0 = ib * S->mch;
+    const int nc = S->N - j0 < cols ? S->N - j0 : cols;
+    const int mc = S->M - i0 < S->mch ? S->M - i0 : S->mch;
+    for (int k0 = 0; k0 < S->K; k0 += S->kcb) {
+        const int kc = S->K - k0 < S->kcb ? S->K - k0 : S->kcb;
+        pack_b_block(S->pack, bp, S->B, S->ldb, S->trans, j0, nc, k0, kc);
+        cd_gemm_block blk;
+        blk.mc = mc; blk.nc = nc; blk.kc = kc;
+        blk.a = S->A + (size_t)i0 * S->lda + k0;
+        blk.pa = (ptrdiff_t)S->P.mr * S->lda; blk.rsa = S->lda; blk.csa = 1;
+        blk.b = bp; blk.psb = (ptrdiff_t)kc * CD_GEMM_NR;
+        blk.c = S->C + (size_t)i0 * S->ldc + j0; blk.ldc = S->ldc;
+        blk.bias = NULL;
+        blk.alpha = S->alpha;
+        blk.load_c = S->accumulate || k0 > 0;
+        S->P.fn(&blk);
     }
 }
 
@@ -348,46 +416,31 @@ static void sgemm_driver(int trans, int M, int N, int K, float alpha, const floa
         return;
     }
     const int isa = cd_cpu_isa();
-    const gemm_path P = path_for(isa);
-    const pack_fn pk = pack_for(isa);
-    const int cols = SG_NP * CD_GEMM_NR;
-    const int nb = (N + cols - 1) / cols;
-    const double flops = 2.0 * M * (double)N * K;
-    /* rows per job: all of them, unless the threads need more jobs than column blocks */
-    int mch = M;
-    int nt = gemm_threads(nb * ((M + P.mr - 1) / P.mr), flops);
+    sgemm_plan S;
+    S.trans = trans; S.M = M; S.N = N; S.K = K; S.lda = lda; S.ldb = ldb; S.ldc = ldc;
+    S.accumulate = accumulate; S.alpha = alpha; S.A = A; S.B = B; S.C = C;
+    S.P = path_for(isa);
+    S.pack = pack_for(isa);
+    S.nb = (N + SG_NP * CD_GEMM_NR - 1) / (SG_NP * CD_GEMM_NR);
+    S.kcb = depth_slice(K, SG_KC);
+    S.mch = M;   /* rows per job: all of them, unless the threads need more jobs */
+    int nt = gemm_threads(S.nb * ((M + S.P.mr - 1) / S.P.mr), 2.0 * M * (double)N * K);
     if (nt > 1) {
-        const int want = 4 * nt;                         /* jobs, for an even share */
-        int mb = (want + nb - 1) / nb;
-        mch = (M + mb - 1) / mb;
-        mch = (mch + P.mr - 1) / P.mr * P.mr;
+        const int want = 4 * nt;   /* jobs, for an even share under dynamic scheduling */
+        const int mb = (want + S.nb - 1) / S.nb;
+        S.mch = (M + mb - 1) / mb;
+        S.mch = (S.mch + S.P.mr - 1) / S.P.mr * S.P.mr;
     }
-    const int mb = (M + mch - 1) / mch;
-    const int jobs = nb * mb;
+    const int mb = (M + S.mch - 1) / S.mch;
+    const int jobs = S.nb * mb;
     if (nt > jobs) nt = jobs;
-    const int kcb = depth_slice(K, SG_KC);
-    #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(dynamic, 1)
-    for (int job = 0; job < jobs; job++) {
-        _Alignas(64) float bp[SG_NP * SG_KC * CD_GEMM_NR];
-        const int jb = job % nb, ib = job / nb;
-        const int j0 = jb * cols, i0 = ib * mch;
-        const int nc = N - j0 < cols ? N - j0 : cols;
-        const int mc = M - i0 < mch ? M - i0 : mch;
-        for (int k0 = 0; k0 < K; k0 += kcb) {
-            const int kc = K - k0 < kcb ? K - k0 : kcb;
-            pack_b_block(pk, bp, B, ldb, trans, j0, nc, k0, kc);
-            cd_gemm_block blk;
-            blk.mc = mc; blk.nc = nc; blk.kc = kc;
-            blk.a = A + (size_t)i0 * lda + k0;
-            blk.pa = (ptrdiff_t)P.mr * lda; blk.rsa = lda; blk.csa = 1;
-            blk.b = bp; blk.psb = (ptrdiff_t)kc * CD_GEMM_NR;
-            blk.c = C + (size_t)i0 * ldc + j0; blk.ldc = ldc;
-            blk.bias = NULL;
-            blk.alpha = alpha;
-            blk.load_c = accumulate || k0 > 0;
-            P.fn(&blk);
-        }
+    if (nt <= 1) {   /* no OpenMP machinery on the path the attention takes */
+        for (int ib = 0; ib < mb; ib++)
+            for (int jb = 0; jb < S.nb; jb++) sgemm_job(&S, jb, ib);
+        return;
     }
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int job = 0; job < jobs; job++) sgemm_job(&S, job % S.nb, job / S.nb);
 }
 
 void cd_sgemm_nt(int M, int N, int K, float alpha, const float *A, int lda,

@@ -19,7 +19,7 @@ typedef struct {
     size_t packed_len;  /* floats in `packed` */
     int isa;            /* instruction-set path active at pack time (CD_ISA_*, cpu.h) */
     int panel;          /* columns per K-major panel (16) ... */
-    int slice;          /* ... in depth slices of 256 (layout: gemm_kernels.h). Every path
+    int slice;          /* ... in depth slices of 512 (layout: gemm_kernels.h). Every path
                          * reads this one layout: a weight packed under one runs under any. */
 } cd_gemm_weight;
 

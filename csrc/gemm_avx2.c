@@ -160,6 +160,45 @@ void cd_gemm_pack_t16_avx2(float *panel, const float *src, ptrdiff_t ld, int nv,
         for (int j = 0; j < 16; j++) panel[(ptrdiff_t)k * 16 + j] = src[j * ld + k];
 }
 
+/* one 6-row tile: d[k * 6 + r] = src[r][k]; rows past `rows` are zero. The 8-wide stores of
+ * the transposed columns overlap: each writes 2 floats past its 6, which the next one (or the
+ * next tile, or the tail loop) overwrites; the last may write 2 floats past the tile. `next`:
+ * the next tile's rows (or NULL), prefetched while this one is copied. */
+INL void pack_tile6(float *d, const float *const *src, int rows, int kc,
+                    const float *const *next) {
+    const int k8 = kc & ~7;
+    for (int k = 0; k < k8; k += 8) {
+        __m256 v[8];
+        for (int r = 0; r < 6; r++) {
+            v[r] = r < rows ? _mm256_loadu_ps(src[r] + k) : _mm256_setzero_ps();
+            if (next && (k & 15) == 0) _mm_prefetch((const char *)(next[r] + k), _MM_HINT_T0);
+        }
+        v[6] = v[7] = _mm256_setzero_ps();
+        transpose8(v);
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(d + (ptrdiff_t)(k + i) * 6, v[i]);
+    }
+    for (int k = k8; k < kc; k++)
+        for (int r = 0; r < 6; r++) d[(ptrdiff_t)k * 6 + r] = r < rows ? src[r][k] : 0.0f;
+}
+
+__attribute__((target("avx2,fma")))
+void cd_gemm_pack_rows6_avx2(float *dst, const float *a, ptrdiff_t lda, int mc, int kc) {
+    for (int i0 = 0; i0 < mc; i0 += 6) {
+        const int rows = mc - i0 < 6 ? mc - i0 : 6;
+        const float *src[6], *nxt[6];
+        const int has_next = i0 + 6 < mc;
+        for (int r = 0; r < 6; r++) {
+            src[r] = a + (ptrdiff_t)(i0 + (r < rows ? r : 0)) * lda;
+            /* the next tile's rows, clamped to the last row of the block */
+            int rn = i0 + 6 + r < mc ? i0 + 6 + r : mc - 1;
+            nxt[r] = a + (ptrdiff_t)rn * lda;
+        }
+        float *d = dst + (ptrdiff_t)i0 * kc;
+        if (rows == 6) pack_tile6(d, src, 6, kc, has_next ? nxt : NULL);
+        else pack_tile6(d, src, rows, kc, NULL);
+    }
+}
+
 #else
 typedef int cd_gemm_avx2_unused;   /* keeps the translation unit non-empty off x86 */
 #endif

@@ -1,9 +1,9 @@
 /* gemm_kernels.h -- the per-instruction-set block kernels behind gemm.c (internal).
  *
  * Every path shares one layout for a packed weight (OC, K): the depth is cut into slices of
- * CD_GEMM_KS = 256 (the last one shorter), and each slice into K-major panels of CD_GEMM_NR = 16
+ * CD_GEMM_KS = 512 (the last one shorter), and each slice into K-major panels of CD_GEMM_NR = 16
  * output columns, zero-padded past the last column:
- *     slice s (depth k0 = 256 s .. k0 + ks - 1, ks = min(256, K - k0)) starts at 256 * 16 * np * s,
+ *     slice s (depth k0 = 512 s .. k0 + ks - 1, ks = min(512, K - k0)) starts at 16 * np * k0,
  *     panel p of it at + ks * 16 * p, element (k, j) at + (k - k0) * 16 + j
  * (np = ceil(OC / 16) panels). The panels of one slice follow each other, so the kernels stream
  * through memory in order (no cache-set aliasing for K a multiple of 1024, as one K-long panel
@@ -22,7 +22,7 @@
 #include <stddef.h>
 
 #define CD_GEMM_NR 16          /* columns per packed panel, shared by every path */
-#define CD_GEMM_KS 256         /* depth of a slice of a packed weight, shared by every path */
+#define CD_GEMM_KS 512         /* depth of a slice of a packed weight, shared by every path */
 #define CD_GEMM_MR_GENERIC 4   /* row tile of each path's micro-kernel */
 #define CD_GEMM_MR_AVX2 6
 #define CD_GEMM_MR_AVX512 12
@@ -51,6 +51,15 @@ void cd_gemm_block_avx512(const cd_gemm_block *blk);
 void cd_gemm_pack_t16_generic(float *panel, const float *src, ptrdiff_t ld, int nv, int kc);
 #if defined(__x86_64__) || defined(_M_X64)
 void cd_gemm_pack_t16_avx2(float *panel, const float *src, ptrdiff_t ld, int nv, int kc);
+#endif
+
+/* rows [0, mc) x depth [0, kc) of a (row stride lda) into mr-row K-major tiles:
+ *     dst[t * mr * kc + k * mr + r] = a[(t * mr + r) * lda + k],  zero rows past mc.
+ * dst holds ceil(mc / mr) * mr * kc floats plus CD_GEMM_PACK_SLACK. */
+#define CD_GEMM_PACK_SLACK 16
+void cd_gemm_pack_rows_generic(float *dst, const float *a, ptrdiff_t lda, int mc, int kc, int mr);
+#if defined(__x86_64__) || defined(_M_X64)
+void cd_gemm_pack_rows6_avx2(float *dst, const float *a, ptrdiff_t lda, int mc, int kc); /* mr 6 */
 #endif
 
 #endif /* CLIPDECOMP_GEMM_KERNELS_H */

@@ -81,7 +81,8 @@ typedef struct {
 struct cd_model {
     cd_config cfg;
     cd_layout layout;
-    cd_st_file file;              /* the mapping; F32 tensors are used in place */
+    cd_st_file file;              /* the mapping, during load only: closed once the model is
+                                   * built, so that a file rewritten later cannot reach it */
     cd_weights w;
     float **owned;                /* converted / assembled buffers the weights point into */
     int n_owned, cap_owned;
@@ -208,9 +209,32 @@ static void fmt_shape(char *buf, size_t cap, int ndim, const int64_t *dims) {
     if (n < cap) snprintf(buf + n, cap - n, "]");
 }
 
+/* 0 if all n values are finite, else -1 with *bad the index of the first that is not. Scans
+ * the bits (exponent all ones) so that it vectorises and holds under any float flags. */
+static int find_nonfinite(const float *v, size_t n, size_t *bad) {
+    const size_t blk = 4096;
+    for (size_t s = 0; s < n; s += blk) {
+        const size_t e = n - s < blk ? n : s + blk;
+        uint32_t any = 0;
+        for (size_t i = s; i < e; i++) {
+            uint32_t u;
+            memcpy(&u, v + i, sizeof u);
+            any |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+        }
+        if (!any) continue;
+        for (size_t i = s; i < e; i++)
+            if (!isfinite(v[i])) {
+                *bad = i;
+                return -1;
+            }
+    }
+    return 0;
+}
+
 /* Tensor prefix + base + leaf, shape-checked against dims (ndim of them), as float32:
  * *vals points in place into the mapping, or to a converted copy also returned in *tmp
- * (the caller frees it or hands it to the model). */
+ * (the caller frees it or hands it to the model). NaN or infinite values are refused, naming
+ * the tensor. */
 static cd_status fetch(loader *ld, const char *base, const char *leaf, int ndim,
                        const int64_t *dims, const float **vals, float **tmp) {
     char name[512];
@@ -237,16 +261,42 @@ static cd_status fetch(loader *ld, const char *base, const char *leaf, int ndim,
                 ld->m->file.path, name, got, want);
         return CD_ERR_SHAPE;
     }
-    return cd_st_read_f32(&ld->m->file, t, vals, tmp, ld->err);
+    cd_status st = cd_st_read_f32(&ld->m->file, t, vals, tmp, ld->err);
+    if (st) return st;
+    size_t bad;
+    if (find_nonfinite(*vals, t->numel, &bad)) {
+        float x = (*vals)[bad];
+        set_err(ld->err, "%s: tensor '%s' (%s) holds a non-finite value (%s) at flat index %zu "
+                "of %zu: the checkpoint is corrupt, or was saved from a diverged run",
+                ld->m->file.path, name, cd_st_dtype_name(t->dtype),
+                isnan(x) ? "nan" : x > 0 ? "inf" : "-inf", bad, t->numel);
+        free(*tmp);
+        *tmp = NULL;
+        *vals = NULL;
+        return CD_ERR_VALUE;
+    }
+    return CD_OK;
 }
 
-/* fetch() for a tensor the model keeps pointing into */
+/* fetch() for a tensor the model keeps: always a copy the model owns (the mapping is closed
+ * after load) */
 static cd_status keep(loader *ld, const float **out, const char *base, const char *leaf,
                       int ndim, const int64_t *dims) {
     float *tmp;
     cd_status st = fetch(ld, base, leaf, ndim, dims, out, &tmp);
     if (st) return st;
-    if (tmp && own(ld->m, tmp)) {
+    if (!tmp) {
+        size_t n = 1, bytes;
+        for (int i = 0; i < ndim; i++) n *= (size_t)dims[i];  /* == numel, checked by the parser */
+        if (mul_sz(&bytes, n ? n : 1, sizeof(float)) || !(tmp = (float *)malloc(bytes))) {
+            *out = NULL;
+            set_err(ld->err, "%s: out of memory", ld->m->file.path);
+            return CD_ERR_NOMEM;
+        }
+        memcpy(tmp, *out, n * sizeof(float));
+        *out = tmp;
+    }
+    if (own(ld->m, tmp)) {
         free(tmp);
         *out = NULL;
         set_err(ld->err, "%s: out of memory", ld->m->file.path);
@@ -670,6 +720,9 @@ cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, 
         cd_model_free(m);
         return st;
     }
+    /* every weight is now packed or copied: drop the mapping, so that the model no longer
+     * depends on the file (rewriting or truncating it would otherwise crash a later call) */
+    cd_st_close(&m->file);
     *out = m;
     return CD_OK;
 }

@@ -60,10 +60,12 @@ static PyObject *raise_status(cd_status st, const cd_error *err, const char *pat
             break;
         default: exc = PyExc_ValueError; break;  /* FORMAT, MISSING, SHAPE, VALUE */
     }
+    /* PyErr_Format decodes %s as UTF-8 with "replace": a message cut inside a character, or
+     * quoting bytes of a corrupt file, still gives the exception asked for */
     if (path && !strstr(msg, path) && st != CD_ERR_INTERRUPTED)
         PyErr_Format(exc, "%s: %s", path, msg);
     else
-        PyErr_SetString(exc, msg);
+        PyErr_Format(exc, "%s", msg);
     return NULL;
 }
 
@@ -123,11 +125,12 @@ static int cfg_get_int(PyObject *d, const char *key, int *out, int required) {
         PyErr_Format(PyExc_TypeError, "config['%s'] must be an integer", key);
         return -1;
     }
-    long x = PyLong_AsLong(idx);
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(idx, &overflow);
     Py_DECREF(idx);
     if (x == -1 && PyErr_Occurred()) return -1;
-    if (x < INT32_MIN || x > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "config['%s'] = %ld is out of range", key, x);
+    if (overflow || x < INT32_MIN || x > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "config['%s'] = %R is out of range", key, v);
         return -1;
     }
     *out = (int)x;
@@ -164,7 +167,13 @@ static int parse_config(PyObject *d, cd_config *c, double *ln_eps) {
     PyObject *eps = PyDict_GetItemString(d, "ln_eps");
     if (eps) {
         double e = PyFloat_AsDouble(eps);
-        if (e == -1.0 && PyErr_Occurred()) return -1;
+        if (e == -1.0 && PyErr_Occurred()) {
+            if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_ValueError, "config['ln_eps'] = %R is out of range", eps);
+            }
+            return -1;
+        }
         *ln_eps = e;
     }
     c->ln_eps = (float)*ln_eps;

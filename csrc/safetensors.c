@@ -234,16 +234,33 @@ static int juint(jcur *j, uint64_t *out) {
 
 static int jskip(jcur *j, int depth);
 
-static int jskip_number(jcur *j) {
+/* digits [0-9]+ at j->p; returns how many */
+static size_t jdigits(jcur *j) {
     const char *s = j->p;
+    while (j->p < j->end && *j->p >= '0' && *j->p <= '9') j->p++;
+    return (size_t)(j->p - s);
+}
+
+/* Skip a number of JSON's grammar: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? */
+static int jskip_number(jcur *j) {
     if (j->p < j->end && *j->p == '-') j->p++;
-    int digits = 0;
-    while (j->p < j->end && ((*j->p >= '0' && *j->p <= '9') || *j->p == '.' || *j->p == 'e' ||
-                             *j->p == 'E' || *j->p == '+' || *j->p == '-')) {
-        digits++;
+    if (j->p >= j->end || *j->p < '0' || *j->p > '9') return jfail(j, "unexpected character");
+    if (*j->p == '0') {
         j->p++;
+        if (j->p < j->end && *j->p >= '0' && *j->p <= '9')
+            return jfail(j, "number with a leading zero");
+    } else {
+        jdigits(j);
     }
-    if (!digits) { j->p = s; return jfail(j, "unexpected character"); }
+    if (j->p < j->end && *j->p == '.') {
+        j->p++;
+        if (!jdigits(j)) return jfail(j, "malformed number");
+    }
+    if (j->p < j->end && (*j->p == 'e' || *j->p == 'E')) {
+        j->p++;
+        if (j->p < j->end && (*j->p == '+' || *j->p == '-')) j->p++;
+        if (!jdigits(j)) return jfail(j, "malformed number");
+    }
     return 0;
 }
 
@@ -395,9 +412,44 @@ check:
     return 0;
 }
 
+/* Offset of the first byte of [s, s + n) that is not well-formed UTF-8 (no overlong forms,
+ * no surrogates, at most U+10FFFF), or n when all of it is. */
+static size_t utf8_invalid_at(const unsigned char *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        unsigned char c = s[i];
+        if (c < 0x80) { i++; continue; }
+        size_t len;
+        unsigned char lo = 0x80, hi = 0xbf;  /* range of the second byte */
+        if (c >= 0xc2 && c <= 0xdf) len = 2;
+        else if (c >= 0xe0 && c <= 0xef) {
+            len = 3;
+            if (c == 0xe0) lo = 0xa0;
+            if (c == 0xed) hi = 0x9f;
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            len = 4;
+            if (c == 0xf0) lo = 0x90;
+            if (c == 0xf4) hi = 0x8f;
+        } else {
+            return i;
+        }
+        if (n - i < len || s[i + 1] < lo || s[i + 1] > hi) return i;
+        for (size_t k = 2; k < len; k++)
+            if ((s[i + k] & 0xc0) != 0x80) return i;
+        i += len;
+    }
+    return n;
+}
+
 static cd_status parse_header(cd_st_file *f, const char *hdr, size_t n, cd_error *err) {
     jcur j = {hdr, hdr, hdr + n, f->path, err, 0};
     int cap = 0;
+    size_t bad = utf8_invalid_at((const unsigned char *)hdr, n);
+    if (bad < n) {
+        set_err(err, "%s: invalid safetensors header: not UTF-8 at byte %zu of the header",
+                f->path, bad);
+        return CD_ERR_FORMAT;
+    }
     if (jexpect(&j, '{')) return CD_ERR_FORMAT;
     jws(&j);
     if (j.p < j.end && *j.p == '}') {
