@@ -2,9 +2,10 @@
 
 Rows: the four linear layers of ViT-B/16 and ViT-L/14 at batch 8 (``M = 8 * tokens``), in the
 ``nn.Linear`` convention ``out [M, N] = inp [M, K] @ weight[N, K]^T``, and the two attention
-products of one head (``q k^T`` with K = head width 64, ``p v``). The two sides run alternately,
-the best of ``reps`` repetitions is kept (the machine may be shared), and GFLOP/s = 2 M N K /
-seconds. ``ratio`` = clipdecomp GFLOP/s / NumPy GFLOP/s (> 1: clipdecomp faster).
+products of one head (``q k^T`` with K = head width 64, ``p v``). The two sides run in
+alternating blocks of ``reps`` calls, the best call is kept (the machine may be shared), and
+GFLOP/s = 2 M N K / seconds. ``ratio`` = clipdecomp GFLOP/s / NumPy GFLOP/s (> 1: clipdecomp
+faster).
 
 ``clipdecomp._core._matmul`` packs the weight on every call (the model packs it once, at load).
 When it accepts ``repeat=R`` (pack once, multiply R times) the packing is spread over R products;
@@ -36,6 +37,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 REPEAT = 8  # products per timed _matmul call, when the core supports repeat=
+PAUSE = 0.3  # seconds between timed blocks (see _alternating)
 
 # name, M, K, N: linear layers at batch 8 (B/16: 197 tokens, L/14: 257 tokens)
 LINEAR = [
@@ -67,13 +69,20 @@ def _best(fn, reps: int) -> float:
     return best
 
 
-def _interleaved(fa, fb, reps: int) -> tuple[float, float]:
-    """Best seconds of ``fa`` and ``fb``, run alternately so both see the same machine load."""
+def _alternating(fa, fb, reps: int, rounds: int = 2) -> tuple[float, float]:
+    """Best seconds of ``fa`` and ``fb``, in alternating blocks of ``reps`` calls.
+
+    Blocks, not single calls, with a pause after each: the thread pool of one side (OpenBLAS
+    or OpenMP) keeps spinning for a while after its call, and would otherwise steal a core
+    from the other side's next call. Alternating rounds let both sides see the same load.
+    """
     fa(), fb()  # warm up: first-touch pages, thread pools
     ta = tb = float("inf")
-    for _ in range(reps):
-        ta = min(ta, _best(fa, 1))
-        tb = min(tb, _best(fb, 1))
+    for _ in range(rounds):
+        ta = min(ta, _best(fa, reps))
+        time.sleep(PAUSE)
+        tb = min(tb, _best(fb, reps))
+        time.sleep(PAUSE)
     return ta, tb
 
 
@@ -114,7 +123,7 @@ def measure(reps: int = 7) -> list[dict]:
         else:
             def ours(x=x, w=w):
                 return core._matmul(x, w, None)
-        t_np, t_ours = _interleaved(lambda x=x, w=w: np.matmul(x, w.T), ours, reps)
+        t_np, t_ours = _alternating(lambda x=x, w=w: np.matmul(x, w.T), ours, reps)
         t_ours /= repeat
         rows.append(_row(name, M, K, N, t_np, t_ours,
                          "" if repeat > 1 else "clipdecomp time includes packing the weight"))
@@ -126,7 +135,7 @@ def measure(reps: int = 7) -> list[dict]:
         else:
             bm = rng.standard_normal((K, N), dtype=np.float32)
             f_np, f_ours = (lambda a=a, bm=bm: a @ bm), (lambda a=a, bm=bm: core._sgemm_nn(a, bm))
-        t_np, t_ours = _interleaved(f_np, f_ours, 4 * reps)  # short: more repetitions
+        t_np, t_ours = _alternating(f_np, f_ours, 4 * reps)  # short: more repetitions
         rows.append(_row(name, M, K, N, t_np, t_ours, f"sgemm_{kind}"))
     return rows
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -297,8 +298,8 @@ def plan_memory(config: ModelConfig, images: int, budget: int, *, decompose: boo
     --------
     >>> cfg = ModelConfig(224, 16, 768, 12, 12, 3072, 512, "gelu")
     >>> plan = plan_memory(cfg, 100, 2**30, tokens=True)
-    >>> plan.batch_size, plan.result_per_image // 2**20
-    (0, 58)
+    >>> plan.batch_size, plan.result_per_image // 2**20      # 55 MiB of tokens per image
+    (0, 55)
     """
     c = config
     res = _result_floats(c, decompose=decompose, tokens=tokens, attn=attn, probe=probe) * _F32
@@ -343,7 +344,19 @@ def _too_big(plan: MemoryPlan, what: str, hint: str) -> MemoryError:
 def _normalize(x: np.ndarray) -> np.ndarray:
     # the norm in float64: float32 squares overflow for entries above ~1e19
     n = np.linalg.norm(x.astype(np.float64), axis=-1, keepdims=True)
-    return (x / np.maximum(n, 1e-12)).astype(np.float32)
+    with np.errstate(invalid="ignore"):          # rows already reported by _check_finite
+        return (x / np.maximum(n, 1e-12)).astype(np.float32)
+
+
+def _check_finite(embedding: np.ndarray, start: int, what: str) -> None:
+    """Warn when a batch's embeddings are not finite (finite weights and pixels whose forward
+    pass overflowed float32): better said once than found later as NaN in a plot."""
+    bad = ~np.isfinite(embedding).all(axis=1)
+    if bad.any():
+        first = start + int(np.flatnonzero(bad)[0])
+        warnings.warn(f"{what}: the embeddings of {int(bad.sum())} image(s) (the first is image "
+                      f"{first}) are NaN or infinite: the forward pass overflowed float32 (the "
+                      "weights or the pixels hold extreme values)", RuntimeWarning, stacklevel=3)
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -370,6 +383,15 @@ class CLIP:
     act_source : str
         Where the activation came from (the ``act=`` argument, the config, the pretrained table,
         or open_clip's default).
+    memory_budget : int or None
+        Bytes one call may plan with (None: :func:`get_memory_budget`, by default half the
+        available memory). Larger calls run in smaller batches, with the same results.
+
+    Notes
+    -----
+    One model may be used from several threads at once (the C core releases the GIL and keeps
+    no state between calls). A model pickles by its source: unpickling (a Dask worker, a
+    process pool) opens the same weights file again, with the same config and tokenizer.
 
     Examples
     --------
@@ -573,6 +595,7 @@ class CLIP:
             for s, px in self._batches(images, plan.batch_size):
                 r = self._run(px)
                 out[s:s + px.shape[0]] = r["embedding"]
+                _check_finite(r["embedding"], s, "encode_image")
                 del r
                 bar.update(px.shape[0])
         return _normalize(out) if normalize else out
@@ -658,7 +681,8 @@ class CLIP:
             [B, L, N, N]``.
         batch_size : int, optional
             Images per forward pass: default 8, fewer with ``spatial=True`` (at most
-            512 MiB of tokens per batch).
+            512 MiB of tokens per batch), and fewer still when the call would not fit the
+            memory budget (:attr:`memory_budget`); the results do not depend on it.
         progress : bool
             Show a tqdm progress bar.
         keep_pixels : bool
@@ -668,6 +692,15 @@ class CLIP:
         Returns
         -------
         Decomposition
+
+        Raises
+        ------
+        MemoryError
+            When the results and one image's working memory exceed the memory budget (the
+            message gives both).
+        RuntimeError
+            In debug mode (:func:`set_debug`, ``CLIPDECOMP_DEBUG=1``), when the terms do not add
+            up to the embedding.
 
         Examples
         --------
@@ -705,6 +738,7 @@ class CLIP:
                 r = self._run(px, heads=True, mlps=True, cls_to_cls=True, tokens=spatial,
                               attn=attn)
                 e = s + px.shape[0]
+                _check_finite(r["embedding"], s, "decompose")
                 if debug:
                     check_identity(r["heads"], r["mlps"], r["embedding"], r["ln_stats"][:, 2],
                                    r.get("tokens"), start=s)

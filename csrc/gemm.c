@@ -71,32 +71,48 @@ void cd_sgemm_nn_naive(int M, int N, int K, float alpha, const float *A, int lda
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* the portable block kernel: a 4 x 16 tile the compiler vectorises for the baseline ISA      */
+/* the portable block kernel: a 4 x 16 tile, in two 4 x 8 halves, on 4-float vectors of the
+ * GNU C vector extension (SSE2 on baseline x86-64, NEON on Arm): 8 accumulators fit the 16
+ * registers of either. Left to itself the compiler vectorises the depth loop instead. */
 
 #define MRG CD_GEMM_MR_GENERIC
+typedef float cd_v4f __attribute__((vector_size(16)));
+
+static inline cd_v4f v4_load(const float *p) { cd_v4f v; memcpy(&v, p, sizeof v); return v; }
 
 static inline void tile_generic(int mr, int kc, const float *a, ptrdiff_t rsa, ptrdiff_t csa,
                                 const float *b, float *c, const float *bias, int nv,
                                 const cd_gemm_block *blk) {
-    float acc[MRG][CD_GEMM_NR];
-    memset(acc, 0, sizeof(acc));
-    for (int k = 0; k < kc; k++) {
-        const float *bk = b + (size_t)k * CD_GEMM_NR;
-        for (int r = 0; r < mr; r++) {
-            const float x = a[r * rsa + k * csa];
-            for (int j = 0; j < CD_GEMM_NR; j++) acc[r][j] += x * bk[j];
+    for (int h = 0; h < CD_GEMM_NR && h < nv; h += 8) {
+        cd_v4f acc[MRG][2];
+        for (int r = 0; r < MRG; r++) acc[r][0] = acc[r][1] = (cd_v4f){0.0f, 0.0f, 0.0f, 0.0f};
+        for (int k = 0; k < kc; k++) {
+            const cd_v4f b0 = v4_load(b + (size_t)k * CD_GEMM_NR + h);
+            const cd_v4f b1 = v4_load(b + (size_t)k * CD_GEMM_NR + h + 4);
+            for (int r = 0; r < mr; r++) {
+                const float x = a[r * rsa + k * csa];
+                acc[r][0] += x * b0;
+                acc[r][1] += x * b1;
+            }
         }
-    }
-    for (int r = 0; r < mr; r++) {
-        float *cr = c + r * blk->ldc;
-        for (int j = 0; j < nv; j++) {
-            float v = blk->alpha * acc[r][j] + (bias ? bias[j] : 0.0f);
-            cr[j] = blk->load_c ? cr[j] + v : v;
+        const int jn = nv - h < 8 ? nv - h : 8;
+        for (int r = 0; r < mr; r++) {
+            float t[8], *cr = c + r * blk->ldc + h;
+            memcpy(t, &acc[r][0], sizeof(cd_v4f));
+            memcpy(t + 4, &acc[r][1], sizeof(cd_v4f));
+            for (int j = 0; j < jn; j++) {
+                float v = blk->alpha * t[j] + (bias ? bias[h + j] : 0.0f);
+                cr[j] = blk->load_c ? cr[j] + v : v;
+            }
         }
     }
 }
 
-void cd_gemm_block_generic(const cd_gemm_block *blk) {
+/* packed: A in MRG-row K-major tiles (rsa = 1, csa = MRG), else strided (csa = 1); as
+ * constants after inlining, with constant row counts, they let the compiler keep the tile in
+ * registers */
+static inline void block_generic(const cd_gemm_block *blk, int packed) {
+    const ptrdiff_t rsa = packed ? 1 : blk->rsa, csa = packed ? MRG : 1;
     for (int j0 = 0, p = 0; j0 < blk->nc; j0 += CD_GEMM_NR, p++) {
         const float *b = blk->b + p * blk->psb;
         const float *bias = blk->bias ? blk->bias + j0 : NULL;
@@ -105,19 +121,26 @@ void cd_gemm_block_generic(const cd_gemm_block *blk) {
             const float *a = blk->a + t * blk->pa;
             float *c = blk->c + i0 * blk->ldc + j0;
             const int mr = blk->mc - i0 < MRG ? blk->mc - i0 : MRG;
-            /* constant row counts let the compiler keep the tile in registers */
             switch (mr) {
-            case 4: tile_generic(4, blk->kc, a, blk->rsa, blk->csa, b, c, bias, nv, blk); break;
-            case 3: tile_generic(3, blk->kc, a, blk->rsa, blk->csa, b, c, bias, nv, blk); break;
-            case 2: tile_generic(2, blk->kc, a, blk->rsa, blk->csa, b, c, bias, nv, blk); break;
-            default: tile_generic(1, blk->kc, a, blk->rsa, blk->csa, b, c, bias, nv, blk); break;
+            case 4: tile_generic(4, blk->kc, a, rsa, csa, b, c, bias, nv, blk); break;
+            case 3: tile_generic(3, blk->kc, a, rsa, csa, b, c, bias, nv, blk); break;
+            case 2: tile_generic(2, blk->kc, a, rsa, csa, b, c, bias, nv, blk); break;
+            default: tile_generic(1, blk->kc, a, rsa, csa, b, c, bias, nv, blk); break;
             }
         }
     }
 }
 
+void cd_gemm_block_generic(const cd_gemm_block *blk) {
+    if (blk->csa == 1) block_generic(blk, 0);
+    else block_generic(blk, 1);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* dispatch and blocking parameters                                                           */
+
+#define CD_GEMM_MAX_ROWS (1 << 30)   /* larger sizes are split (or refused by the packer), so
+                                      * the int arithmetic of rows, columns, depth cannot overflow */
 
 typedef void (*block_fn)(const cd_gemm_block *blk);
 
@@ -144,11 +167,11 @@ static gemm_path path_for(int isa) {
 
 /* threads to use for `jobs` jobs worth `flops` in all: 1 inside any parallel region (also a
  * one-thread team: its caller chose the threads), 1 for small products */
-static int gemm_threads(int jobs, double flops) {
+static int gemm_threads(long long jobs, double flops) {
 #ifdef _OPENMP
     if (omp_get_level() > 0 || omp_in_parallel() || jobs < 2 || flops < 2e6) return 1;
     int nt = omp_get_max_threads();
-    return nt < jobs ? nt : jobs;
+    return nt < jobs ? nt : (int)jobs;
 #else
     (void)jobs; (void)flops;
     return 1;
@@ -186,7 +209,8 @@ static pack_fn pack_for(int isa) {
 int cd_gemm_pack(cd_gemm_weight *pw, const float *weight, int OC, int K) {
     if (!pw) return -1;
     memset(pw, 0, sizeof(*pw));
-    if (!weight || OC <= 0 || K <= 0) return -1;
+    /* (OC and K near INT_MAX would overflow the int arithmetic of the kernels' loops) */
+    if (!weight || OC <= 0 || K <= 0 || OC > CD_GEMM_MAX_ROWS || K > CD_GEMM_MAX_ROWS) return -1;
     const size_t np = ((size_t)OC + CD_GEMM_NR - 1) / CD_GEMM_NR;   /* panels */
     const size_t per_panel = (size_t)K * CD_GEMM_NR;                  /* floats per panel */
     if (per_panel / CD_GEMM_NR != (size_t)K || np > SIZE_MAX / per_panel) return -1;
@@ -239,8 +263,8 @@ void cd_gemm_pack_rows_generic(float *dst, const float *a, ptrdiff_t lda, int mc
 static void pack_rows(const gemm_path *P, float *dst, const float *a, size_t lda, int mc,
                       int kc) {
 #if defined(__x86_64__) || defined(_M_X64)
-    if (P->mr == 6 && P->fn == cd_gemm_block_avx2) {
-        cd_gemm_pack_rows6_avx2(dst, a, (ptrdiff_t)lda, mc, kc);
+    if (P->fn == cd_gemm_block_avx2 || P->fn == cd_gemm_block_avx512) {   /* both have AVX2 */
+        cd_gemm_pack_rows_avx2(dst, a, (ptrdiff_t)lda, mc, kc, P->mr);
         return;
     }
 #endif
@@ -292,11 +316,17 @@ void cd_matmul(float *out, const float *inp, const cd_gemm_weight *w, const floa
                int M, int accumulate) {
     if (!out || !inp || !w || !w->packed || M <= 0) return;
     if (w->panel != CD_GEMM_NR || w->slice != CD_GEMM_KS) return;   /* not from cd_gemm_pack */
+    if (M > CD_GEMM_MAX_ROWS) {   /* keep every row count below int overflow: halves */
+        const int h = M / 2;
+        cd_matmul(out, inp, w, bias, h, accumulate);
+        cd_matmul(out + (size_t)h * w->OC, inp + (size_t)h * w->K, w, bias, M - h, accumulate);
+        return;
+    }
     /* every path reads the same panel layout, whatever path was active at pack time */
     const gemm_path P = path_for(cd_cpu_isa());
     const int np = (w->OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
     const int mt = (M + P.mr - 1) / P.mr;                      /* row tiles */
-    int nt = gemm_threads(mt * np, 2.0 * M * (double)w->K * w->OC);
+    int nt = gemm_threads((long long)mt * np, 2.0 * M * (double)w->K * w->OC);
     /* rows when there are enough of them (each thread packs only its own rows), else panels */
     const int by_rows = mt >= 8 * nt;
     if (!by_rows && nt > np) nt = np;
@@ -323,9 +353,9 @@ void cd_matmul(float *out, const float *inp, const cd_gemm_weight *w, const floa
                     next = t0 + len;
                 }
                 if (len <= 0) break;
-                const int i1 = (t0 + len) * P.mr;
-                matmul_part(&P, out, inp, w, bias, accumulate, t0 * P.mr, i1 < M ? i1 : M, 0, np,
-                            abuf);
+                const long long i1 = (long long)(t0 + len) * P.mr;
+                matmul_part(&P, out, inp, w, bias, accumulate, t0 * P.mr, i1 < M ? (int)i1 : M, 0,
+                            np, abuf);
             }
         } else {
             /* few rows: contiguous, near-equal shares of the panels */
@@ -410,6 +440,28 @@ static void sgemm_job(const sgemm_plan *S, int jb, int ib) {
 static void sgemm_driver(int trans, int M, int N, int K, float alpha, const float *A, int lda,
                          const float *B, int ldb, float *C, int ldc, int accumulate) {
     if (M <= 0 || N <= 0) return;
+    /* keep every size below int overflow in the arithmetic below: halves */
+    if (M > CD_GEMM_MAX_ROWS) {
+        const int h = M / 2;
+        sgemm_driver(trans, h, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
+        sgemm_driver(trans, M - h, N, K, alpha, A + (size_t)h * lda, lda, B, ldb,
+                     C + (size_t)h * ldc, ldc, accumulate);
+        return;
+    }
+    if (N > CD_GEMM_MAX_ROWS) {
+        const int h = N / 2;
+        sgemm_driver(trans, M, h, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
+        sgemm_driver(trans, M, N - h, K, alpha, A, lda, trans ? B + (size_t)h * ldb : B + h, ldb,
+                     C + h, ldc, accumulate);
+        return;
+    }
+    if (K > CD_GEMM_MAX_ROWS) {   /* the second half adds to the first */
+        const int h = K / 2;
+        sgemm_driver(trans, M, N, h, alpha, A, lda, B, ldb, C, ldc, accumulate);
+        sgemm_driver(trans, M, N, K - h, alpha, A + h, lda, trans ? B + h : B + (size_t)h * ldb,
+                     ldb, C, ldc, 1);
+        return;
+    }
     if (K <= 0) {   /* an empty sum: C = alpha * 0 [+ C] */
         if (!accumulate)
             for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, (size_t)N * sizeof(float));
@@ -424,7 +476,8 @@ static void sgemm_driver(int trans, int M, int N, int K, float alpha, const floa
     S.nb = (N + SG_NP * CD_GEMM_NR - 1) / (SG_NP * CD_GEMM_NR);
     S.kcb = depth_slice(K, SG_KC);
     S.mch = M;   /* rows per job: all of them, unless the threads need more jobs */
-    int nt = gemm_threads(S.nb * ((M + S.P.mr - 1) / S.P.mr), 2.0 * M * (double)N * K);
+    int nt = gemm_threads((long long)S.nb * ((M + S.P.mr - 1) / S.P.mr),
+                          2.0 * M * (double)N * K);
     if (nt > 1) {
         const int want = 4 * nt;   /* jobs, for an even share under dynamic scheduling */
         const int mb = (want + S.nb - 1) / S.nb;

@@ -147,9 +147,9 @@ void cd_gemm_pack_t16_avx2(float *panel, const float *src, ptrdiff_t ld, int nv,
         return;
     }
     const int k8 = kc & ~7;
-    for (int h = 0; h < 16; h += 8) {
-        const float *s = src + h * ld;
-        for (int k = 0; k < k8; k += 8) {
+    for (int k = 0; k < k8; k += 8) {          /* both halves of each 64-byte output row */
+        for (int h = 0; h < 16; h += 8) {
+            const float *s = src + h * ld;
             __m256 r[8];
             for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(s + i * ld + k);
             transpose8(r);
@@ -160,43 +160,57 @@ void cd_gemm_pack_t16_avx2(float *panel, const float *src, ptrdiff_t ld, int nv,
         for (int j = 0; j < 16; j++) panel[(ptrdiff_t)k * 16 + j] = src[j * ld + k];
 }
 
-/* one 6-row tile: d[k * 6 + r] = src[r][k]; rows past `rows` are zero. The 8-wide stores of
- * the transposed columns overlap: each writes 2 floats past its 6, which the next one (or the
- * next tile, or the tail loop) overwrites; the last may write 2 floats past the tile. `next`:
- * the next tile's rows (or NULL), prefetched while this one is copied. */
-INL void pack_tile6(float *d, const float *const *src, int rows, int kc,
-                    const float *const *next) {
+/* one tile of mr (6 or 12) rows: d[k * mr + r] = src[r][k]; rows past `rows` are zero.
+ * Rows go through 8 x 8 transposes in groups of 8. With mr = 6 the 8-wide stores of the
+ * transposed columns overlap: each writes 2 floats past its 6, which the next one (or the
+ * next tile, or the tail loop) overwrites; the last may write 2 floats past the tile.
+ * next: the next tile's rows (or NULL), prefetched while this one is copied. */
+INL void pack_tile(float *d, const float *const *src, int rows, int kc, int mr,
+                   const float *const *next) {
     const int k8 = kc & ~7;
     for (int k = 0; k < k8; k += 8) {
-        __m256 v[8];
-        for (int r = 0; r < 6; r++) {
-            v[r] = r < rows ? _mm256_loadu_ps(src[r] + k) : _mm256_setzero_ps();
-            if (next && (k & 15) == 0) _mm_prefetch((const char *)(next[r] + k), _MM_HINT_T0);
+        for (int g = 0; g < mr; g += 8) {
+            __m256 v[8];
+            for (int r = 0; r < 8; r++) {
+                const int row = g + r;
+                v[r] = row < mr && row < rows ? _mm256_loadu_ps(src[row] + k)
+                                              : _mm256_setzero_ps();
+                if (row < mr && next && (k & 15) == 0)
+                    _mm_prefetch((const char *)(next[row] + k), _MM_HINT_T0);
+            }
+            transpose8(v);
+            for (int i = 0; i < 8; i++) {
+                float *o = d + (ptrdiff_t)(k + i) * mr + g;
+                if (mr - g >= 8 || mr == 6) _mm256_storeu_ps(o, v[i]);   /* 8, or 6 + overlap */
+                else _mm_storeu_ps(o, _mm256_castps256_ps128(v[i]));     /* 12 = 8 + 4 */
+            }
         }
-        v[6] = v[7] = _mm256_setzero_ps();
-        transpose8(v);
-        for (int i = 0; i < 8; i++) _mm256_storeu_ps(d + (ptrdiff_t)(k + i) * 6, v[i]);
     }
     for (int k = k8; k < kc; k++)
-        for (int r = 0; r < 6; r++) d[(ptrdiff_t)k * 6 + r] = r < rows ? src[r][k] : 0.0f;
+        for (int r = 0; r < mr; r++) d[(ptrdiff_t)k * mr + r] = r < rows ? src[r][k] : 0.0f;
 }
 
-__attribute__((target("avx2,fma")))
-void cd_gemm_pack_rows6_avx2(float *dst, const float *a, ptrdiff_t lda, int mc, int kc) {
-    for (int i0 = 0; i0 < mc; i0 += 6) {
-        const int rows = mc - i0 < 6 ? mc - i0 : 6;
-        const float *src[6], *nxt[6];
-        const int has_next = i0 + 6 < mc;
-        for (int r = 0; r < 6; r++) {
+INL void pack_rows_mr(float *dst, const float *a, ptrdiff_t lda, int mc, int kc, int mr) {
+    for (int i0 = 0; i0 < mc; i0 += mr) {
+        const int rows = mc - i0 < mr ? mc - i0 : mr;
+        const float *src[16], *nxt[16];
+        for (int r = 0; r < mr; r++) {
             src[r] = a + (ptrdiff_t)(i0 + (r < rows ? r : 0)) * lda;
             /* the next tile's rows, clamped to the last row of the block */
-            int rn = i0 + 6 + r < mc ? i0 + 6 + r : mc - 1;
+            const int rn = i0 + mr + r < mc ? i0 + mr + r : mc - 1;
             nxt[r] = a + (ptrdiff_t)rn * lda;
         }
         float *d = dst + (ptrdiff_t)i0 * kc;
-        if (rows == 6) pack_tile6(d, src, 6, kc, has_next ? nxt : NULL);
-        else pack_tile6(d, src, rows, kc, NULL);
+        if (rows == mr) pack_tile(d, src, mr, kc, mr, i0 + mr < mc ? nxt : NULL);
+        else pack_tile(d, src, rows, kc, mr, NULL);
     }
+}
+
+__attribute__((target("avx2,fma")))
+void cd_gemm_pack_rows_avx2(float *dst, const float *a, ptrdiff_t lda, int mc, int kc, int mr) {
+    if (mr == 6) pack_rows_mr(dst, a, lda, mc, kc, 6);
+    else if (mr == 12) pack_rows_mr(dst, a, lda, mc, kc, 12);
+    else cd_gemm_pack_rows_generic(dst, a, lda, mc, kc, mr);
 }
 
 #else

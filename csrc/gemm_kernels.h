@@ -59,7 +59,8 @@ void cd_gemm_pack_t16_avx2(float *panel, const float *src, ptrdiff_t ld, int nv,
 #define CD_GEMM_PACK_SLACK 16
 void cd_gemm_pack_rows_generic(float *dst, const float *a, ptrdiff_t lda, int mc, int kc, int mr);
 #if defined(__x86_64__) || defined(_M_X64)
-void cd_gemm_pack_rows6_avx2(float *dst, const float *a, ptrdiff_t lda, int mc, int kc); /* mr 6 */
+/* the same with 8 x 8 transposes, for mr = 6 or 12 (others: the generic loop) */
+void cd_gemm_pack_rows_avx2(float *dst, const float *a, ptrdiff_t lda, int mc, int kc, int mr);
 #endif
 
 #endif /* CLIPDECOMP_GEMM_KERNELS_H */

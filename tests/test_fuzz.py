@@ -292,9 +292,9 @@ def check_blob(blob: bytes, workdir: str, hf: bool = False) -> list[str]:
                     os.path.join(workdir, "open_clip_config.json"))
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")        # e.g. an overflowing forward pass
             m = clipdecomp.load(workdir, threads=1)
-        m.encode_image(np.zeros((1, 3, 8, 8), np.float32))
+            m.encode_image(np.zeros((1, 3, 8, 8), np.float32))
         outcomes.append("load:ok")
     except EXPECTED as e:
         outcomes.append(f"load:{type(e).__name__}")
@@ -303,18 +303,22 @@ def check_blob(blob: bytes, workdir: str, hf: bool = False) -> list[str]:
 
 #: config.py reports a value of the wrong JSON type (a list where a number belongs, ``true``
 #: where an object belongs) with the TypeError / OverflowError / AttributeError of int(),
-#: float() or .get(). Tolerated here, raised from config.py's frames only, until
-#: config.read_config_file turns them into a ValueError naming the file; then set False.
+#: float() or .get(), and JSON nested too deeply with json's RecursionError. Tolerated here,
+#: from calls into config.py only, until config.read_config_file turns them into a ValueError
+#: naming the file; then set this False.
 CONFIG_TYPE_ERRORS_TOLERATED = True
-_CONFIG_TYPE_ERRORS = (TypeError, OverflowError, AttributeError, KeyError, IndexError)
+_CONFIG_TYPE_ERRORS = (TypeError, OverflowError, AttributeError, KeyError, IndexError,
+                       RecursionError)
 
 
 def _from_config_py(e: BaseException) -> bool:
+    """Whether the exception came out of a call into clipdecomp/config.py."""
     tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.path.join("clipdecomp", "config.py")):
+            return True
         tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(
-        os.path.join("clipdecomp", "config.py"))
+    return False
 
 
 def _config_call(fn, *args, **kwargs):
@@ -351,7 +355,7 @@ def check_config(text: str, kind: str, workdir: str) -> str:
             return type(e).__name__
         if isinstance(m, Exception):
             return type(m).__name__
-    m.encode_image(np.zeros((1, 3, m.config.image_size, m.config.image_size), np.float32))
+        m.encode_image(np.zeros((1, 3, m.config.image_size, m.config.image_size), np.float32))
     return "ok"
 
 
@@ -546,6 +550,29 @@ def test_named_cases(smoke_run, tmp_path, ops):
         pytest.skip("the subprocess smoke run failed: see test_smoke_subprocess")
     out = check_blob(apply_ops("micro_open_clip_f16.safetensors", ops), str(tmp_path))
     assert "c-auto:ok" not in out and "load:ok" not in out, out
+
+
+_OC = (CORPUS / "micro_open_clip_config.json").read_text()
+
+
+@pytest.mark.parametrize("kind,text", [
+    ("open_clip", "[" * 100000 + "]" * 100000),
+    ("open_clip", "[1, 2]"),
+    ("open_clip", _OC.replace('"width": 8', '"width": [8]')),
+    ("open_clip", _OC.replace('"width": 8', '"width": 1e999')),
+    ("open_clip", _OC.replace('"width": 8', '"width": NaN')),
+    ("open_clip", _OC.replace('"width": 8', '"width": -8')),
+    ("open_clip", _OC.replace('"width": 8', '"width": 99999999999999999999')),
+    ("open_clip", _OC.replace('"preprocess_cfg": {', '"preprocess_cfg": true, "x": {')),
+    ("open_clip", _OC[:40]),
+    ("open_clip", "\udcff"),
+    ("hf", (CORPUS / "micro_hf_config.json").read_text().replace('"hidden_size": 8',
+                                                                  '"hidden_size": "8x"')),
+], ids=range(11))
+def test_named_config_cases(smoke_run, tmp_path, kind, text):
+    if smoke_run is not None:
+        pytest.skip("the subprocess smoke run failed: see test_smoke_subprocess")
+    assert check_config(text, kind, str(tmp_path)) != "ok"
 
 
 def test_corpus_seeds_load(tmp_path):

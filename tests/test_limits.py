@@ -3,7 +3,7 @@ config, more tokens than the positional embedding, text longer than the context,
 bombs and extreme aspect ratios; and the memory budget that splits a call into batches (with the
 same numbers) or refuses it with ``MemoryError`` naming the need and the budget.
 
-No torch: the checkpoints are tiny random weights written by ``tests/oracle.py``.
+No torch: tiny random weights written by ``tests/oracle.py``.
 """
 from __future__ import annotations
 
