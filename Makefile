@@ -6,7 +6,7 @@ CC      ?= gcc
 CSRC    := $(filter-out csrc/module.c,$(wildcard csrc/*.c))
 CFLAGS_CORE := -O2 -g -std=c11 -fopenmp -Wall -Wextra -Icsrc
 
-.PHONY: venv build test test-c test-py demo bench clean
+.PHONY: venv build test test-c test-py test-sanitize demo bench clean
 
 $(VENV)/.stamp: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(VENV)/.stamp: pyproject.toml
 	$(VPY) -m pip install -q "torch==2.13.0"
 	$(VPY) -m pip install -q numpy pillow tokenizers tqdm pandas matplotlib huggingface_hub \
 	    pytest transformers safetensors scikit-learn h5py nbformat nbclient ipykernel \
-	    zarr "dask[distributed]"
+	    zarr "dask[distributed]" hypothesis
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -40,6 +40,10 @@ test-py: build
 	$(VPY) -m pytest -q tests
 
 test: test-c test-py
+
+# the pytest suite against an ASan + UBSan build of the extension (build/sanitize/)
+test-sanitize: venv
+	tests/sanitize.sh
 
 demo: build
 	$(VPY) -m clipdecomp demo

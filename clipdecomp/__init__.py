@@ -23,7 +23,7 @@ from .ablation import (
 from .config import ModelConfig
 from .decomposition import Decomposition
 from .loading import list_pretrained, load
-from .model import CLIP
+from .model import CLIP, get_memory_budget, set_debug, set_memory_budget
 from .pool import encode_pool, load_pool
 from .retrieval import HeadIndex, show_retrieval
 from .segmentation import SegmentationResult, segment, segmentation_metrics
@@ -68,7 +68,7 @@ __all__ = [
     "CLIP", "ComponentMeans", "Decomposition", "HeadIndex", "HeadStats", "ModelConfig",
     "RepairedCLIP", "SegmentationResult", "StoreReader", "TextSpanResult", "ablate",
     "ablation_study", "accuracy", "attention_map", "attention_rollout", "component_means",
-    "encode_pool", "format_head_table", "head_map", "head_maps", "heatmap", "list_pretrained",
+    "encode_pool", "format_head_table", "get_memory_budget", "set_debug", "set_memory_budget", "head_map", "head_maps", "heatmap", "list_pretrained",
     "load", "load_ablation", "load_pool", "run_dataset", "segment", "segmentation_metrics",
     "show_retrieval", "textspan", "textspan_from_stats", "textspan_heads",
     "textspan_reconstruction_curve", "upsample", "zero_shot_classifier",

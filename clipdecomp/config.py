@@ -645,6 +645,8 @@ def _load_json(path: str) -> Any:
             return json.load(fh)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def read_config_file(path: str | os.PathLike[str], name: str = "",
@@ -675,12 +677,16 @@ def read_config_file(path: str | os.PathLike[str], name: str = "",
     path = os.fspath(path)
     data = _load_json(path)
     if not isinstance(data, Mapping):
-        raise TypeError(f"{path}: not a JSON object")
-    if "model_cfg" in data or "vision_cfg" in data:
-        return config_from_open_clip(data, name=name, source=path)
-    if is_hf_clip_config(data):
-        pre = _load_json(os.fspath(preprocessor)) if preprocessor else None
-        return config_from_hf(data, pre, name=name, source=path), True
+        raise ValueError(f"{path}: not a JSON object")
+    try:
+        if "model_cfg" in data or "vision_cfg" in data:
+            return config_from_open_clip(data, name=name, source=path)
+        if is_hf_clip_config(data):
+            pre = _load_json(os.fspath(preprocessor)) if preprocessor else None
+            return config_from_hf(data, pre, name=name, source=path), True
+    except (TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
+        raise ValueError(f"{path}: a config value has the wrong type or is out of range "
+                         f"({type(e).__name__}: {e})") from None
     raise ValueError(f"{path}: neither an open_clip config (model_cfg / vision_cfg) nor a "
                      "transformers CLIP config (model_type 'clip')")
 

@@ -147,7 +147,7 @@ def worst_group(emb: np.ndarray, y: np.ndarray, group: np.ndarray, classifier) -
     return min(accs), float((pred == y).mean())
 
 
-def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 256, seed: int = 0,
+def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, seed: int = 0,
              full: bool = False, progress: bool = True, model: Any = None,
              figures: bool = True) -> dict[str, Any]:
     """Run every analysis on the embedded model and write figures; returns the numbers.
@@ -279,7 +279,10 @@ def _figures(out: Path, model, segdec, seg_imgs, methods, df, abl, texts) -> Non
     own_c, own_b = toy.COLORS[lab["color"][0, 0]], toy.BACKGROUNDS[lab["background"][0]]
     other_c = next(c for c in toy.COLORS if c != own_c)
     other_b = next(b for b in toy.BACKGROUNDS if b != own_b)
-    probe_texts = [f"a {own_c} object", f"a {other_c} object", f"a scene on {own_b}",
+    def a(word: str) -> str:
+        return ("an " if word[0] in "aeiou" else "a ") + word
+
+    probe_texts = [f"{a(own_c)} object", f"{a(other_c)} object", f"a scene on {own_b}",
                    f"a scene on {other_b}"]
     maps = heatmap(segdec, model.encode_text(probe_texts))        # [B, T, G, G]
     maps = maps - maps.mean(axis=1, keepdims=True)
@@ -302,7 +305,7 @@ def demo_main(argv=None) -> int:
     """Entry point of ``clipdecomp demo``."""
     ap = argparse.ArgumentParser(prog="clipdecomp demo", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="clipdecomp-demo", help="folder for figures and report")
-    ap.add_argument("--n-images", type=int, default=256, help="images per experiment")
+    ap.add_argument("--n-images", type=int, default=128, help="images per experiment")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--full", action="store_true", help="8x the images (the README's numbers)")
     ap.add_argument("--no-figures", action="store_true")

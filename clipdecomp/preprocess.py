@@ -205,7 +205,8 @@ def _check_pixels(arr: np.ndarray, image_size: int, where: str, start: int = 0) 
 def as_image_list(images: Any) -> list[Any]:
     """Split an input into a list of items (one per image), without preprocessing.
 
-    A float ``[B, 3, S, S]`` array becomes B items of ``[3, S, S]``; a single image (path, PIL
+    A float ``[B, 3, S, S]`` array becomes B items of ``[3, S, S]``, a uint8 ``[B, H, W, C]``
+    array B images; a single image (path, PIL
     image, array) becomes a list of one; any other iterable (a generator of paths, a pandas
     Series) becomes the list of its items.
     """
@@ -214,6 +215,8 @@ def as_image_list(images: Any) -> list[Any]:
     if _is_float_array(images):
         arr = np.asarray(images)
         return list(arr) if arr.ndim == 4 else [arr]
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
+        return list(images)            # a batch of uint8 images [B, H, W, C]
     if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or hasattr(images, "convert") \
             or not hasattr(images, "__iter__"):
         return [images]

@@ -388,7 +388,13 @@ def write_rows(
     n = len(ok)
     for f in FLOAT_FIELDS:
         arr = root[f]
-        arr[start:start + n] = arrays[f].astype(arr.dtype, copy=False)
+        src = arrays[f]
+        if arr.dtype == np.float16:
+            big = float(np.abs(src[np.isfinite(src)]).max(initial=0))
+            if big > 65504:
+                raise ValueError(f"{f}: value {big:.4g} does not fit float16 (rows {start}.."
+                                 f"{start + n}); use dtype='float32'")
+        arr[start:start + n] = src.astype(arr.dtype, copy=False)
     root["ok"][start:start + n] = np.asarray(ok, bool)
     root["error"][start:start + n] = np.asarray(list(errors), dtype=str)
 

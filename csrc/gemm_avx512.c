@@ -38,6 +38,13 @@ INL void tile_12x32(int mr, int np, int kc, const float *a, ptrdiff_t rsa, ptrdi
         acc[r][0] = _mm512_setzero_ps();
         acc[r][1] = _mm512_setzero_ps();
         ar[r] = r < mr ? a + r * rsa : a;
+        /* the C tile is read / written after the loop: fetch it now, while the FMAs run */
+        if (r < mr) {
+            const float *cr = c + r * blk->ldc;
+            _mm_prefetch((const char *)cr, _MM_HINT_T0);
+            _mm_prefetch((const char *)(cr + 15), _MM_HINT_T0);
+            if (np == 2) _mm_prefetch((const char *)(cr + 31), _MM_HINT_T0);
+        }
     }
     for (int k = 0; k < kc; k++) {
         const __m512 b0 = _mm512_loadu_ps(b + 16 * k);

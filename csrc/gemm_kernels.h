@@ -15,7 +15,8 @@
  * for i < mc, j < nc. The left-hand operand is read through
  *     A tile t (rows t*MR .. t*MR+MR-1), element (r, k) at a[t * pa + r * rsa + k * csa]
  * which covers both a packed A (MR-row K-major panels: pa = MR*kc, rsa = 1, csa = MR, with MR
- * the kernel's row tile) and a plain strided one (pa = MR*lda, rsa = lda, csa = 1).
+ * the kernel's row tile) and a plain strided one (pa = MR*lda, rsa = lda, csa = 1). The
+ * kernels take csa == 1 for strided and anything else for packed with their own MR.
  */
 #ifndef CLIPDECOMP_GEMM_KERNELS_H
 #define CLIPDECOMP_GEMM_KERNELS_H

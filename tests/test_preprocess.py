@@ -149,3 +149,15 @@ def test_load_image_returns_rgb(tmp_path):
     Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4)).save(p)
     im = load_image(p)
     assert im.mode == "RGB" and im.size == (4, 3)
+
+
+def test_uint8_batch_array_is_a_batch_of_images():
+    """A stacked uint8 [B, H, W, 3] array means B images, as a list of them does."""
+    from clipdecomp.preprocess import preprocess
+
+    rng = np.random.default_rng(7)
+    batch = rng.integers(0, 256, (3, 20, 28, 3), dtype=np.uint8)
+    a = preprocess(batch, 16, (0.5,) * 3, (0.25,) * 3)
+    b = preprocess(list(batch), 16, (0.5,) * 3, (0.25,) * 3)
+    assert a.shape == (3, 3, 16, 16)
+    np.testing.assert_array_equal(a, b)

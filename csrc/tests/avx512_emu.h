@@ -37,4 +37,6 @@ static inline void _mm512_mask_storeu_ps(void *p, __mmask16 m, __m512 a) {
     float *q = (float *)p;
     for (int i = 0; i < 16; i++) if (m >> i & 1) q[i] = a.f[i];
 }
+#define _MM_HINT_T0 3
+#define _mm_prefetch(p, hint) ((void)(p), (void)(hint))
 #endif /* CLIPDECOMP_AVX512_EMU_H */
