@@ -31,6 +31,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # the checkout, when run from the source tree
 
 GEOMETRIES = {
     # name: (patch, width, layers, heads, mlp, embed)
@@ -123,15 +124,22 @@ import numpy as np
 which, path, batch, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(0)
 pixels = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
-def hwm():
+def status(key):
     for line in open('/proc/self/status'):
-        if line.startswith('VmHWM'):
+        if line.startswith(key):
             return int(line.split()[1]) * 1024
+def reset_peak():
+    # Linux: writing 5 to clear_refs resets the peak resident set (VmHWM) to the current one
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    return status('VmRSS')
+def hwm():
+    return status('VmHWM')
 if which == 'ours':
     import clipdecomp
     m = clipdecomp.load(path, threads=threads)
     m.encode_image(pixels[:1])
-    base = hwm()
+    base = reset_peak()
     t0 = time.perf_counter()
     dec = m.decompose(pixels, spatial=True, batch_size=batch)
     t = time.perf_counter() - t0
@@ -144,7 +152,7 @@ else:
     vm = ref.vision_model
     with torch.inference_mode():
         ref(pixel_values=torch.from_numpy(pixels[:1]))
-    base = hwm()
+    base = reset_peak()
     t0 = time.perf_counter()
     with torch.inference_mode():
         x = vm.pre_layrnorm(vm.embeddings(torch.from_numpy(pixels)))

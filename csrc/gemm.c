@@ -87,8 +87,8 @@ static inline void tile_generic(int mr, int kc, const float *a, ptrdiff_t rsa, p
         cd_v4f acc[MRG][2];
         for (int r = 0; r < MRG; r++) acc[r][0] = acc[r][1] = (cd_v4f){0.0f, 0.0f, 0.0f, 0.0f};
         for (int k = 0; k < kc; k++) {
-            const cd_v4f b0 = v4_load(b + (size_t)k * CD_GEMM_NR + h);
-            const cd_v4f b1 = v4_load(b + (size_t)k * CD_GEMM_NR + h + 4);
+            const cd_v4f b0 = v4_load(b + k * blk->ldbk + h);
+            const cd_v4f b1 = v4_load(b + k * blk->ldbk + h + 4);
             for (int r = 0; r < mr; r++) {
                 const float x = a[r * rsa + k * csa];
                 acc[r][0] += x * b0;
@@ -301,7 +301,7 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
                     blk.a = arows + k0; blk.pa = (ptrdiff_t)P->mr * K; blk.rsa = K; blk.csa = 1;
                 }
                 blk.b = slice + (size_t)p0 * ks * CD_GEMM_NR + (size_t)(k0 - s0) * CD_GEMM_NR;
-                blk.psb = (ptrdiff_t)ks * CD_GEMM_NR;
+                blk.psb = (ptrdiff_t)ks * CD_GEMM_NR; blk.ldbk = CD_GEMM_NR;
                 blk.c = out + (size_t)ib * OC + j0; blk.ldc = OC;
                 blk.bias = (bias && k0 == 0) ? bias + j0 : NULL;
                 blk.alpha = 1.0f;
@@ -421,14 +421,21 @@ static void sgemm_job(const sgemm_plan *S, int jb, int ib) {
     const int j0 = jb * cols, i0 = ib * S->mch;
     const int nc = S->N - j0 < cols ? S->N - j0 : cols;
     const int mc = S->M - i0 < S->mch ? S->M - i0 : S->mch;
+    /* B (K, N) whose columns here fill whole panels is read in place (no copy): its rows are
+     * already 16-column panel rows, at stride ldb */
+    const int in_place = !S->trans && nc % CD_GEMM_NR == 0;
     for (int k0 = 0; k0 < S->K; k0 += S->kcb) {
         const int kc = S->K - k0 < S->kcb ? S->K - k0 : S->kcb;
-        pack_b_block(S->pack, bp, S->B, S->ldb, S->trans, j0, nc, k0, kc);
         cd_gemm_block blk;
+        if (in_place) {
+            blk.b = S->B + (size_t)k0 * S->ldb + j0; blk.psb = CD_GEMM_NR; blk.ldbk = S->ldb;
+        } else {
+            pack_b_block(S->pack, bp, S->B, S->ldb, S->trans, j0, nc, k0, kc);
+            blk.b = bp; blk.psb = (ptrdiff_t)kc * CD_GEMM_NR; blk.ldbk = CD_GEMM_NR;
+        }
         blk.mc = mc; blk.nc = nc; blk.kc = kc;
         blk.a = S->A + (size_t)i0 * S->lda + k0;
         blk.pa = (ptrdiff_t)S->P.mr * S->lda; blk.rsa = S->lda; blk.csa = 1;
-        blk.b = bp; blk.psb = (ptrdiff_t)kc * CD_GEMM_NR;
         blk.c = S->C + (size_t)i0 * S->ldc + j0; blk.ldc = S->ldc;
         blk.bias = NULL;
         blk.alpha = S->alpha;

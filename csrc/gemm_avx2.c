@@ -17,13 +17,15 @@ INL __m256i first_lanes(int n) {
 }
 
 /* C tile (mr, nv) = alpha * A tile (mr, kc) @ B panel (kc, 16) [+ bias] [+ C]
- * a: element (r, k) at a[r * rsa + k * csa]; b: (kc, 16) K-major; nv <= 16 valid columns.
+ * a: element (r, k) at a[r * rsa + k * csa]; b: (kc, 16), row k at b + k * blk->ldbk;
+ * nv <= 16 valid columns.
  * mr is a compile-time constant after inlining, so the accumulators live in registers. */
 INL void tile_6x16(int mr, int kc, const float *a, ptrdiff_t rsa, ptrdiff_t csa,
                    const float *b, float *c, const float *bias, int nv, const cd_gemm_block *blk,
                    const float *pf) {
     __m256 acc[MR][2];
     const float *ar[MR];
+    const ptrdiff_t ldbk = blk->ldbk;
     for (int r = 0; r < MR; r++) {
         acc[r][0] = _mm256_setzero_ps();
         acc[r][1] = _mm256_setzero_ps();
@@ -35,9 +37,9 @@ INL void tile_6x16(int mr, int kc, const float *a, ptrdiff_t rsa, ptrdiff_t csa,
         }
     }
     for (int k = 0; k < kc; k++) {
-        const __m256 b0 = _mm256_loadu_ps(b + 16 * k);
-        const __m256 b1 = _mm256_loadu_ps(b + 16 * k + 8);
-        if (pf) _mm_prefetch((const char *)(pf + 16 * k), _MM_HINT_T0);
+        const __m256 b0 = _mm256_loadu_ps(b + k * ldbk);
+        const __m256 b1 = _mm256_loadu_ps(b + k * ldbk + 8);
+        if (pf) _mm_prefetch((const char *)(pf + k * ldbk), _MM_HINT_T0);
         for (int r = 0; r < MR; r++) {
             if (r < mr) {
                 const __m256 x = _mm256_broadcast_ss(ar[r] + k * csa);

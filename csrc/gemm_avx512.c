@@ -26,7 +26,8 @@ INL __mmask16 first_lanes16(int n) {
 }
 
 /* C tile (mr, nv) = alpha * A tile (mr, kc) @ B (kc, 16*np) [+ bias] [+ C]
- * a: element (r, k) at a[r * rsa + k * csa]; b: panel 0, b + psb: panel 1 (when np == 2);
+ * a: element (r, k) at a[r * rsa + k * csa]; b: panel 0, b + psb: panel 1 (when np == 2),
+ * row k of a panel at + k * blk->ldbk;
  * nv <= 16*np valid columns. mr and np are compile-time constants after inlining. */
 INL void tile_12x32(int mr, int np, int kc, const float *a, ptrdiff_t rsa, ptrdiff_t csa,
                     const float *b, ptrdiff_t psb, float *c, const float *bias, int nv,
@@ -34,6 +35,7 @@ INL void tile_12x32(int mr, int np, int kc, const float *a, ptrdiff_t rsa, ptrdi
     __m512 acc[MR][2];
     const float *ar[MR];
     const float *b1p = np == 2 ? b + psb : b;
+    const ptrdiff_t ldbk = blk->ldbk;
     for (int r = 0; r < MR; r++) {
         acc[r][0] = _mm512_setzero_ps();
         acc[r][1] = _mm512_setzero_ps();
@@ -47,8 +49,8 @@ INL void tile_12x32(int mr, int np, int kc, const float *a, ptrdiff_t rsa, ptrdi
         }
     }
     for (int k = 0; k < kc; k++) {
-        const __m512 b0 = _mm512_loadu_ps(b + 16 * k);
-        const __m512 b1 = np == 2 ? _mm512_loadu_ps(b1p + 16 * k) : _mm512_setzero_ps();
+        const __m512 b0 = _mm512_loadu_ps(b + k * ldbk);
+        const __m512 b1 = np == 2 ? _mm512_loadu_ps(b1p + k * ldbk) : _mm512_setzero_ps();
         for (int r = 0; r < MR; r++) {
             if (r < mr) {
                 const __m512 x = _mm512_set1_ps(ar[r][k * csa]);

@@ -8,7 +8,9 @@
  * (np = ceil(OC / 16) panels). The panels of one slice follow each other, so the kernels stream
  * through memory in order (no cache-set aliasing for K a multiple of 1024, as one K-long panel
  * per column block would give). A weight packed under one path runs under any.
- * A block kernel reads panels at a constant stride psb: b[p * psb + k * 16 + j].
+ * A block kernel reads panels at a constant stride psb and depth rows at a stride ldbk:
+ * b[p * psb + k * ldbk + j] (ldbk = 16 for packed panels; the "nn" product reads a B whose
+ * blocks are whole panels in place, with psb = 16 and ldbk = its row stride).
  *
  * A block kernel computes one (mc, nc) block of C over a depth kc:
  *     C[i, j] = alpha * sum_k A[i, k] B[k, j]  (+ bias[j])  (+ C[i, j] when load_c)
@@ -32,8 +34,10 @@ typedef struct {
     int mc, nc, kc;            /* rows, columns (valid ones, <= panels * 16) and depth */
     const float *a;            /* left operand, see above */
     ptrdiff_t pa, rsa, csa;    /* tile, row and depth strides of a (csa == 1: strided A) */
-    const float *b;            /* first panel of the right operand (16-column, K-major) */
+    const float *b;            /* first panel of the right operand (16 columns, K-major) */
     ptrdiff_t psb;             /* floats between consecutive panels */
+    ptrdiff_t ldbk;            /* floats between consecutive depth rows of a panel: 16 when
+                                * packed, or the row stride of a (K, N) B read in place */
     float *c;                  /* (mc, nc) with row stride ldc */
     ptrdiff_t ldc;
     const float *bias;         /* (nc) or NULL */
