@@ -31,9 +31,14 @@ build/test_core_san: $(CSRC) csrc/tests/test_core.c
 	$(CC) $(CFLAGS_CORE) -O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined \
 	    -o $@ $(CSRC) csrc/tests/test_core.c -lm
 
-test-c: build/test_core build/test_core_san venv
+build/test_gemm: csrc/gemm.c csrc/gemm_avx2.c csrc/gemm_avx512.c csrc/cpu.c csrc/tests/test_gemm.c
+	mkdir -p build
+	$(CC) $(CFLAGS_CORE) -o $@ $^ -lm
+
+test-c: build/test_core build/test_core_san build/test_gemm venv
 	$(VPY) csrc/tests/make_fixture.py build/fixture
 	./build/test_core build/fixture
+	./build/test_gemm
 	ASAN_OPTIONS=detect_leaks=1 ./build/test_core_san build/fixture
 
 test-py: build

@@ -10,15 +10,17 @@
 #include <cpuid.h>
 #endif
 
+/* the path in use and the best the CPU has; -1: not known yet. Threads that race on first
+ * use compute and store the same values. */
 #if defined(__STDC_NO_ATOMICS__)
-static volatile int g_isa = -1;      /* path in use; -1: not chosen yet */
-static int isa_load(void) { return g_isa; }
-static void isa_store(int v) { g_isa = v; }
+static volatile int g_isa = -1, g_best = -1;
+static int load_int(volatile int *p) { return *p; }
+static void store_int(volatile int *p, int v) { *p = v; }
 #else
 #include <stdatomic.h>
-static atomic_int g_isa = -1;
-static int isa_load(void) { return atomic_load_explicit(&g_isa, memory_order_acquire); }
-static void isa_store(int v) { atomic_store_explicit(&g_isa, v, memory_order_release); }
+static atomic_int g_isa = -1, g_best = -1;
+static int load_int(atomic_int *p) { return atomic_load_explicit(p, memory_order_acquire); }
+static void store_int(atomic_int *p, int v) { atomic_store_explicit(p, v, memory_order_release); }
 #endif
 
 #ifdef CD_X86
@@ -52,8 +54,11 @@ static int detect_best(void) { return CD_ISA_GENERIC; }
 #endif
 
 int cd_cpu_best_isa(void) {
-    static int best = -1;   /* the CPU does not change: a race here writes the same value */
-    if (best < 0) best = detect_best();
+    int best = load_int(&g_best);
+    if (best < 0) {
+        best = detect_best();
+        store_int(&g_best, best);
+    }
     return best;
 }
 
@@ -78,20 +83,20 @@ int cd_cpu_isa_from_str(const char *name) {
 }
 
 int cd_cpu_isa(void) {
-    int v = isa_load();
+    int v = load_int(&g_isa);
     if (v >= 0) return v;
     v = cd_cpu_best_isa();
     /* CLIPDECOMP_ISA forces a path; one the CPU lacks (or an unknown name) falls back to the
      * best path the CPU has below it, so a forced setting can never crash the process */
     int forced = cd_cpu_isa_from_str(getenv("CLIPDECOMP_ISA"));
     if (forced >= 0 && forced < v) v = forced;
-    isa_store(v);
+    store_int(&g_isa, v);
     return v;
 }
 
 int cd_cpu_set_isa(int isa) {
     if (!cd_cpu_has_isa(isa)) return -1;
-    isa_store(isa);
+    store_int(&g_isa, isa);
     return 0;
 }
 

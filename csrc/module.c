@@ -551,11 +551,17 @@ static PyObject *mod_set_isa(PyObject *mod, PyObject *arg) {
 
 static PyObject *mod_matmul(PyObject *mod, PyObject *args, PyObject *kwds) {
     (void)mod;
-    static char *kwlist[] = {"inp", "weight", "bias", "naive", NULL};
+    static char *kwlist[] = {"inp", "weight", "bias", "naive", "repeat", NULL};
     PyObject *io, *wo, *bo = Py_None;
     int naive = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|Op:_matmul", kwlist, &io, &wo, &bo, &naive))
+    int repeat = 1;   /* pack once, multiply `repeat` times (for benchmarks) */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|Opi:_matmul", kwlist, &io, &wo, &bo, &naive,
+                                     &repeat))
         return NULL;
+    if (repeat < 1) {
+        PyErr_SetString(PyExc_ValueError, "_matmul: repeat must be >= 1");
+        return NULL;
+    }
     PyArrayObject *inp = as_f32(io, "inp", 2, "[M, K]"), *w = NULL, *b = NULL, *out = NULL;
     if (!inp) return NULL;
     const npy_intp M = PyArray_DIM(inp, 0), K = PyArray_DIM(inp, 1);
@@ -588,7 +594,7 @@ static PyObject *mod_matmul(PyObject *mod, PyObject *args, PyObject *kwds) {
                 cd_gemm_weight packed;
                 memset(&packed, 0, sizeof packed);
                 rc = cd_gemm_pack(&packed, pw, (int)OC, (int)K);
-                if (!rc) cd_matmul(po, pi, &packed, pb, (int)M, 0);
+                if (!rc) for (int r = 0; r < repeat; r++) cd_matmul(po, pi, &packed, pb, (int)M, 0);
                 cd_gemm_weight_free(&packed);
             }
         }
