@@ -43,9 +43,10 @@ GEOMETRIES = {
 
 def cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -102,18 +103,18 @@ def bench_forward(name: str, path: Path, batches, threads: int, reps: int) -> li
         pixels = rng.standard_normal((b, 3, 224, 224)).astype(np.float32)
         tp = torch.from_numpy(pixels)
 
-        def run_torch():
+        def run_torch(tp=tp):
             with torch.inference_mode():
                 return ref(pixel_values=tp).image_embeds
 
         t_torch = best_time(run_torch, reps)
-        t_ours = best_time(lambda: ours.encode_image(pixels, normalize=False), reps)
-        t_dec = best_time(lambda: ours.decompose(pixels), reps)
+        t_ours = best_time(lambda px=pixels: ours.encode_image(px, normalize=False), reps)
+        t_dec = best_time(lambda px=pixels: ours.decompose(px), reps)
         err = float(np.abs(ours.encode_image(pixels, normalize=False)
                            - run_torch().numpy()).max())
-        rows.append(dict(model=name, batch=b, torch_img_s=b / t_torch, ours_img_s=b / t_ours,
-                         speedup=t_torch / t_ours, decompose_overhead=t_dec / t_ours,
-                         gflops=flops * b / t_ours / 1e9, max_abs_diff=err))
+        rows.append({"model": name, "batch": b, "torch_img_s": b / t_torch, "ours_img_s": b / t_ours,
+                         "speedup": t_torch / t_ours, "decompose_overhead": t_dec / t_ours,
+                         "gflops": flops * b / t_ours / 1e9, "max_abs_diff": err})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -197,20 +198,20 @@ def bench_spatial(name: str, path: Path, batch: int, threads: int) -> dict:
         for which in ("ours", "reference"):
             out = Path(tmp) / f"{which}.npy"
             p = subprocess.run([sys.executable, "-c", SPATIAL_CHILD, which, str(path), str(batch),
-                                str(threads), str(out)], capture_output=True, text=True,
+                                str(threads), str(out)], capture_output=True, text=True, check=False,
                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
             if p.returncode != 0:
                 raise RuntimeError(f"spatial benchmark ({which}) failed:\n{p.stderr[-3000:]}")
             res[which] = json.loads(p.stdout.strip().splitlines()[-1])
             res[which + "_tokens"] = np.load(out)
     diff = float(np.abs(res["ours_tokens"] - res["reference_tokens"]).max())
-    row = dict(model=name, batch=batch, ours_s=res["ours"]["seconds"],
-               reference_s=res["reference"]["seconds"],
-               time_ratio=res["reference"]["seconds"] / res["ours"]["seconds"],
-               ours_peak_mb=res["ours"]["peak_bytes"] / 2**20,
-               reference_peak_mb=res["reference"]["peak_bytes"] / 2**20,
-               memory_ratio=res["reference"]["peak_bytes"] / max(res["ours"]["peak_bytes"], 1),
-               max_abs_diff=diff)
+    row = {"model": name, "batch": batch, "ours_s": res["ours"]["seconds"],
+               "reference_s": res["reference"]["seconds"],
+               "time_ratio": res["reference"]["seconds"] / res["ours"]["seconds"],
+               "ours_peak_mb": res["ours"]["peak_bytes"] / 2**20,
+               "reference_peak_mb": res["reference"]["peak_bytes"] / 2**20,
+               "memory_ratio": res["reference"]["peak_bytes"] / max(res["ours"]["peak_bytes"], 1),
+               "max_abs_diff": diff}
     print(json.dumps(row), flush=True)
     return row
 
@@ -235,8 +236,8 @@ def main(argv=None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
-    import torch
     import clipdecomp._core as core
+    import torch
 
     fwd, spatial = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,15 +256,15 @@ def main(argv=None) -> None:
         "# Benchmark results",
         "",
         f"Command: `{command.strip()}`  ",
-        f"CPU: {cpu_model()} ({os.cpu_count()} logical cores), threads: {args.threads}, "
-        f"ISA path: {core.isa()}  ",
+        (f"CPU: {cpu_model()} ({os.cpu_count()} logical cores), threads: {args.threads}, "
+        f"ISA path: {core.isa()}  "),
         f"PyTorch {torch.__version__}, NumPy {np.__version__}, date: {time.strftime('%Y-%m-%d')}",
         "",
         "## 1-2. encode_image against PyTorch; decompose against encode_image",
         "",
-        "Random-weight vision towers of the named geometry at 224 px. `speedup` = PyTorch time /"
+        ("Random-weight vision towers of the named geometry at 224 px. `speedup` = PyTorch time /"
         " clipdecomp time (>1: clipdecomp faster); `decompose overhead` = decompose (heads + MLPs) "
-        "time / encode_image time. Best of the repetitions.",
+        "time / encode_image time. Best of the repetitions."),
         "",
         table(fwd, [("model", "model", "s"), ("batch", "batch", "d"),
                     ("torch_img_s", "PyTorch img/s", ".2f"), ("ours_img_s", "clipdecomp img/s", ".2f"),
@@ -272,8 +273,8 @@ def main(argv=None) -> None:
         "",
         "## 3. Per-token terms: folded (clipdecomp) against the reference einsum (PyTorch)",
         "",
-        "Each side in a fresh process; peak memory is the growth of the resident set during the"
-        " call. Batch 1.",
+        ("Each side in a fresh process; peak memory is the growth of the resident set during the"
+        " call. Batch 1."),
         "",
         table(spatial, [("model", "model", "s"), ("batch", "batch", "d"),
                         ("ours_s", "clipdecomp s", ".3f"), ("reference_s", "reference s", ".3f"),

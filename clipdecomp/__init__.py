@@ -57,7 +57,7 @@ def run_dataset(*args, **kwargs):
     return _run(*args, **kwargs)
 
 
-def StoreReader(path, *args, **kwargs):  # noqa: N802 - reads like the class it returns
+def StoreReader(path, *args, **kwargs):
     """Open a store written by :func:`run_dataset`; see :class:`clipdecomp.store.StoreReader`."""
     from .store import StoreReader as _Reader
 
@@ -65,11 +65,42 @@ def StoreReader(path, *args, **kwargs):  # noqa: N802 - reads like the class it 
 
 
 __all__ = [
-    "CLIP", "ComponentMeans", "Decomposition", "HeadIndex", "HeadStats", "ModelConfig",
-    "RepairedCLIP", "SegmentationResult", "StoreReader", "TextSpanResult", "ablate",
-    "ablation_study", "accuracy", "attention_map", "attention_rollout", "component_means",
-    "encode_pool", "format_head_table", "get_memory_budget", "set_debug", "set_memory_budget", "head_map", "head_maps", "heatmap", "list_pretrained",
-    "load", "load_ablation", "load_pool", "run_dataset", "segment", "segmentation_metrics",
-    "show_retrieval", "textspan", "textspan_from_stats", "textspan_heads",
-    "textspan_reconstruction_curve", "upsample", "zero_shot_classifier",
+    "CLIP",
+    "ComponentMeans",
+    "Decomposition",
+    "HeadIndex",
+    "HeadStats",
+    "ModelConfig",
+    "RepairedCLIP",
+    "SegmentationResult",
+    "StoreReader",
+    "TextSpanResult",
+    "ablate",
+    "ablation_study",
+    "accuracy",
+    "attention_map",
+    "attention_rollout",
+    "component_means",
+    "encode_pool",
+    "format_head_table",
+    "get_memory_budget",
+    "head_map",
+    "head_maps",
+    "heatmap",
+    "list_pretrained",
+    "load",
+    "load_ablation",
+    "load_pool",
+    "run_dataset",
+    "segment",
+    "segmentation_metrics",
+    "set_debug",
+    "set_memory_budget",
+    "show_retrieval",
+    "textspan",
+    "textspan_from_stats",
+    "textspan_heads",
+    "textspan_reconstruction_curve",
+    "upsample",
+    "zero_shot_classifier",
 ]

@@ -677,7 +677,7 @@ def read_config_file(path: str | os.PathLike[str], name: str = "",
     path = os.fspath(path)
     data = _load_json(path)
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: not a JSON object")
+        raise ValueError(f"{path}: not a JSON object")  # noqa: TRY004 - a bad file
     try:
         if "model_cfg" in data or "vision_cfg" in data:
             return config_from_open_clip(data, name=name, source=path)

@@ -116,9 +116,9 @@ def zero_shot_table(model, classifiers, n: int, seed: int) -> list[dict]:
         else:
             labels, emb = single.labels[attr][:, 0], emb_single
         k = len(toy.ATTRIBUTES[attr])
-        rows.append(dict(attribute=attr, classes=k,
-                         accuracy=float(accuracy(emb, labels, classifiers[attr], topk=1)),
-                         chance=1.0 / k))
+        rows.append({"attribute": attr, "classes": k,
+                         "accuracy": float(accuracy(emb, labels, classifiers[attr], topk=1)),
+                         "chance": 1.0 / k})
     return rows
 
 
@@ -133,11 +133,11 @@ def head_roles(df, about: list[str], texts: list[str], top: int = 5) -> list[dic
         first = list(r["texts"])[:top]
         kinds = [tag[t] for t in first]
         best = max(set(kinds), key=kinds.count)
-        rows.append(dict(layer=int(r["layer"]), head=int(r["head"]), role=best,
-                         share=kinds.count(best) / len(kinds),
-                         specific=kinds.count(best) >= 0.8 * len(kinds),
-                         variance_explained=float(r["variance_explained"]),
-                         texts=first))
+        rows.append({"layer": int(r["layer"]), "head": int(r["head"]), "role": best,
+                         "share": kinds.count(best) / len(kinds),
+                         "specific": kinds.count(best) >= 0.8 * len(kinds),
+                         "variance_explained": float(r["variance_explained"]),
+                         "texts": first})
     return rows
 
 
@@ -247,14 +247,14 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     wg0, avg0 = worst_group(dtest.embedding, y, group, clf)
     rep = ablate(dtest, heads=bg_heads, means=tmeans)
     wg1, avg1 = worst_group(rep, y, group, clf)
-    spurious = dict(background_heads=[list(h) for h in bg_heads], worst_group_before=wg0,
-                    average_before=avg0, worst_group_after=wg1, average_after=avg1)
+    spurious = {"background_heads": [list(h) for h in bg_heads], "worst_group_before": wg0,
+                    "average_before": avg0, "worst_group_after": wg1, "average_after": avg1}
     say(f"\nspurious split (circle/square on water/grass), {len(bg_heads)} background heads "
         f"ablated: worst-group {100 * wg0:.1f}% -> {100 * wg1:.1f}%, "
         f"average {100 * avg0:.1f}% -> {100 * avg1:.1f}%")
 
-    report = dict(zero_shot=zs, heads=roles, ablation=abl.to_dict("records"), segmentation=seg,
-                  spurious=spurious)
+    report = {"zero_shot": zs, "heads": roles, "ablation": abl.to_dict("records"), "segmentation": seg,
+                  "spurious": spurious}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
     if figures:
