@@ -187,7 +187,7 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
 
     # 2. decompose a general collection, TextSpan on every head
     scenes = toy.generate(n, seed=seed + 2)
-    dec = model.decompose(list(scenes.images), attn=True, progress=progress)
+    dec = model.decompose(list(scenes.images), progress=progress)
     texts, about = description_pool()
     pool_emb = model.encode_text(texts)
     layers = list(range(model.config.layers))
