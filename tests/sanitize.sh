@@ -45,8 +45,13 @@ echo "sanitize.sh: building clipdecomp._core with -fsanitize=address,undefined"
 (cd "$OUT/src" && CLIPDECOMP_SANITIZE=1 "$PY" setup.py -q build_ext --inplace \
     --build-temp "$OUT/tmp" >"$OUT/build.log" 2>&1) || { cat "$OUT/build.log"; exit 1; }
 SO=$(ls "$OUT"/src/clipdecomp/_core*.so)
-if ! ldd "$SO" | grep -q libasan; then
-    echo "sanitize.sh: $SO is not linked against libasan; see $OUT/build.log" >&2
+# (not `ldd | grep -q`: under pipefail, grep -q quitting early can kill ldd with SIGPIPE and
+# fail the pipeline although the library is there)
+DEPS=$(ldd "$SO")
+if ! printf '%s\n' "$DEPS" | grep libasan >/dev/null; then
+    echo "sanitize.sh: $SO is not linked against libasan:" >&2
+    printf '%s\n' "$DEPS" >&2
+    tail -n 40 "$OUT/build.log" >&2
     exit 1
 fi
 
