@@ -22,7 +22,7 @@ from .ablation import (
 )
 from .config import ModelConfig
 from .decomposition import Decomposition
-from .loading import list_pretrained, load
+from .loading import has_bf16, list_pretrained, load
 from .model import CLIP, get_memory_budget, set_debug, set_memory_budget
 from .pool import encode_pool, load_pool
 from .retrieval import HeadIndex, show_retrieval
@@ -84,6 +84,7 @@ __all__ = [
     "encode_pool",
     "format_head_table",
     "get_memory_budget",
+    "has_bf16",
     "head_map",
     "head_maps",
     "heatmap",

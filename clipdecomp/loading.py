@@ -213,7 +213,8 @@ def _read_config(config: Any, src: _Source, shapes: dict[str, tuple[int, ...]],
 
 def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None = None,
          act: str | None = None, threads: int | None = None, layout: str = "auto",
-         config: Any = None, tokenizer: Tokenizer | None = None) -> CLIP:
+         config: Any = None, tokenizer: Tokenizer | None = None,
+         precision: str = "fp32") -> CLIP:
     """Load a CLIP ViT checkpoint (safetensors) into the clipdecomp C core.
 
     Parameters
@@ -240,6 +241,14 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
     tokenizer : Tokenizer, optional
         A tokenizer to use instead of the one found beside the weights (or the bundled CLIP
         vocabulary).
+    precision : {"fp32", "bf16", "bf16-emulated"}
+        Precision of the matrix products of the transformer blocks (both towers). ``"bf16"``
+        stores those weights as bfloat16 (half their memory) and multiplies in bf16 with float32
+        sums on CPUs with AVX512_BF16 (:func:`clipdecomp.has_bf16`); elsewhere it falls back to
+        ``"bf16-emulated"`` with a warning: the same roundings computed by the float32 kernels,
+        so the same numbers (up to the order of float32 sums) at float32 speed. The patch
+        embedding, the projections, attention and the folds of the decomposition stay float32.
+        Measured errors against fp32: ``benchmarks/PRECISION.md``.
 
     Returns
     -------
@@ -277,6 +286,8 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         path_or_name = MODEL_DIR
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if act is not None:
         act = normalise_act(act)
     src = _resolve(path_or_name, pretrained)
@@ -329,8 +340,40 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
             logit_scale = float(np.exp(np.float64(ls[0])))
 
     core = _open_core(weights, cfg, found)
+    set_core_precision(core, precision)
     return CLIP(core, cfg, tokenizer=tokenizer, logit_scale=logit_scale, path=weights,
                 threads=threads, act_source=act_source)
+
+
+PRECISIONS = ("fp32", "bf16", "bf16-emulated")
+
+
+def has_bf16() -> bool:
+    """Whether ``precision="bf16"`` runs natively here (AVX512_BF16, avx512 path in use).
+
+    Examples
+    --------
+    >>> import clipdecomp
+    >>> isinstance(clipdecomp.has_bf16(), bool)
+    True
+    """
+    from . import _core
+    return bool(_core.has_bf16())
+
+
+def set_core_precision(core: Any, precision: str) -> str:
+    """Convert a freshly opened core model to ``precision``; returns the precision in effect
+    (``"bf16"`` becomes ``"bf16-emulated"``, with a warning, on a CPU without AVX512_BF16)."""
+    if precision == "fp32":
+        return "fp32"
+    if precision == "bf16" and not has_bf16():
+        warnings.warn("precision='bf16': this CPU has no AVX512_BF16 (or the avx512 path is "
+                      "off), so bf16 is emulated: the same bf16 roundings and numbers, computed "
+                      "by the float32 kernels at float32 speed and memory", RuntimeWarning,
+                      stacklevel=3)
+        precision = "bf16-emulated"
+    core.set_precision(precision)
+    return precision
 
 
 def _open_core(weights: str, cfg: ModelConfig, layout: str) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .config import ModelConfig
-from .decomposition import Decomposition, check_identity
+from .decomposition import IDENTITY_TOL, IDENTITY_TOL_BF16, Decomposition, check_identity
 from .preprocess import (
     _check_pixel_shape,
     _check_pixels,
@@ -418,6 +418,12 @@ class CLIP:
     # -- properties ----------------------------------------------------------------------------
 
     @property
+    def precision(self) -> str:
+        """``"fp32"``, ``"bf16"`` or ``"bf16-emulated"``: the precision of the blocks' matrix
+        products (``load(..., precision=)``)."""
+        return str(getattr(self._core, "precision", "fp32"))
+
+    @property
     def threads(self) -> int:
         """Threads for the C core."""
         return self._threads
@@ -741,7 +747,9 @@ class CLIP:
                 _check_finite(r["embedding"], s, "decompose")
                 if debug:
                     check_identity(r["heads"], r["mlps"], r["embedding"], r["ln_stats"][:, 2],
-                                   r.get("tokens"), start=s)
+                                   r.get("tokens"), start=s,
+                                   tol=IDENTITY_TOL if self.precision == "fp32"
+                                   else IDENTITY_TOL_BF16)
                 for k in shapes:
                     if k == "pixels":
                         out[k][s:e] = px
@@ -791,7 +799,7 @@ class CLIP:
             "size": size, "tokenizer": _tokenizer_spec(self.tokenizer),
             "logit_scale": self.logit_scale, "act_source": self.act_source,
             "threads": self._threads if self._threads_given else None,
-            "memory_budget": self._memory_budget,
+            "memory_budget": self._memory_budget, "precision": self.precision,
         }
         return (_restore, (state,))
 
@@ -812,7 +820,8 @@ class CLIP:
             lines.append("  text: none")
         if self.logit_scale is not None:
             lines.append(f"  logit_scale {self.logit_scale:.2f}")
-        lines.append(f"  threads {self.threads}; weights {self.path}")
+        prec = "" if self.precision == "fp32" else f"; precision {self.precision}"
+        lines.append(f"  threads {self.threads}{prec}; weights {self.path}")
         return "\n".join(lines)
 
 
@@ -853,7 +862,7 @@ def _make_tokenizer(spec: tuple) -> Tokenizer | None:
 
 def _restore(state: dict) -> CLIP:
     """Unpickle a :class:`CLIP`: open its weights file again."""
-    from .loading import _open_core
+    from .loading import _open_core, set_core_precision
 
     path = state["path"]
     if not os.path.isfile(path):
@@ -864,6 +873,8 @@ def _restore(state: dict) -> CLIP:
         raise ValueError(f"{path}: the weights file changed since the model was pickled "
                          f"({state['size']} bytes then, {size} now)")
     core = _open_core(path, state["config"], state["layout"] or "auto")
+    if state.get("precision", "fp32") != "fp32":   # bf16 pickled where the CPU had it, or not
+        set_core_precision(core, "bf16" if state["precision"] == "bf16" else "bf16-emulated")
     model = CLIP(core, state["config"], tokenizer=_make_tokenizer(state["tokenizer"]),
                  logit_scale=state["logit_scale"], path=path, threads=state["threads"],
                  act_source=state["act_source"])

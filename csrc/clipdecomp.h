@@ -74,6 +74,27 @@ cd_layout cd_model_layout(const cd_model *m);            /* the layout actually 
  * sets *log_scale when the file has one, else 0. */
 int cd_model_logit_scale(const cd_model *m, float *log_scale);
 
+/* Precision of the matrix products of the transformer blocks (both towers). The patch
+ * embedding, the final projections, the attention products and every fold of the decomposition
+ * stay float32. */
+typedef enum {
+    CD_PRECISION_FP32 = 0,          /* the default */
+    CD_PRECISION_BF16 = 1,          /* weights stored as bf16 (half the memory), activations
+                                     * rounded to bf16 as they enter each product, products summed
+                                     * in float32 by AVX512_BF16's vdpbf16ps; needs cd_has_bf16() */
+    CD_PRECISION_BF16_EMULATED = 2  /* the same roundings on any CPU, computed by the float32
+                                     * kernels: the numbers of CD_PRECISION_BF16 up to the order
+                                     * of float32 sums, at float32 speed and memory */
+} cd_precision;
+
+/* 1 if this CPU runs CD_PRECISION_BF16 (AVX512_BF16 and the avx512 path in use), else 0 */
+int cd_has_bf16(void);
+/* Convert a freshly loaded model from CD_PRECISION_FP32 to `p`, once and for good (load the file
+ * again to go back). Not while another thread uses the model. CD_ERR_VALUE for a conversion that
+ * is not fp32 -> bf16 / bf16-emulated, or bf16 on a CPU without it. */
+cd_status cd_model_set_precision(cd_model *m, cd_precision p, cd_error *err);
+cd_precision cd_model_precision(const cd_model *m);
+
 /* Called (from the calling thread only, never inside a parallel region) between layers;
  * a non-zero return stops the computation with CD_ERR_INTERRUPTED. */
 typedef int (*cd_cancel_fn)(void *ctx);

@@ -13,12 +13,12 @@
 /* the path in use and the best the CPU has; -1: not known yet. Threads that race on first
  * use compute and store the same values. */
 #if defined(__STDC_NO_ATOMICS__)
-static volatile int g_isa = -1, g_best = -1;
+static volatile int g_isa = -1, g_best = -1, g_bf16 = -1;
 static int load_int(volatile int *p) { return *p; }
 static void store_int(volatile int *p, int v) { *p = v; }
 #else
 #include <stdatomic.h>
-static atomic_int g_isa = -1, g_best = -1;
+static atomic_int g_isa = -1, g_best = -1, g_bf16 = -1;
 static int load_int(atomic_int *p) { return atomic_load_explicit(p, memory_order_acquire); }
 static void store_int(atomic_int *p, int v) { atomic_store_explicit(p, v, memory_order_release); }
 #endif
@@ -29,6 +29,19 @@ static unsigned long long read_xcr0(void) {
     unsigned int lo, hi;
     __asm__ __volatile__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     return ((unsigned long long)hi << 32) | lo;
+}
+
+/* AVX512_BF16: cpuid leaf 7, sub-leaf 1, eax bit 5 (the AVX-512 state checks are detect_best's) */
+static int detect_bf16(void) {
+#ifdef CD_AVX512_EMULATE   /* tests only: the bf16 kernel built on portable stand-ins */
+    return 1;
+#endif
+    unsigned int a, b, c, d;
+    if (__get_cpuid_max(0, NULL) < 7) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (a < 1) return 0;                     /* no sub-leaf 1 */
+    __cpuid_count(7, 1, a, b, c, d);
+    return (a >> 5) & 1;
 }
 
 static int detect_best(void) {
@@ -51,6 +64,7 @@ static int detect_best(void) {
 }
 #else
 static int detect_best(void) { return CD_ISA_GENERIC; }
+static int detect_bf16(void) { return 0; }
 #endif
 
 int cd_cpu_best_isa(void) {
@@ -60,6 +74,16 @@ int cd_cpu_best_isa(void) {
         store_int(&g_best, best);
     }
     return best;
+}
+
+int cd_cpu_has_bf16(void) {
+    if (cd_cpu_isa() != CD_ISA_AVX512) return 0;
+    int v = load_int(&g_bf16);
+    if (v < 0) {
+        v = detect_bf16();
+        store_int(&g_bf16, v);
+    }
+    return v;
 }
 
 int cd_cpu_has_isa(int isa) {

@@ -20,6 +20,9 @@ enum {
 int cd_cpu_best_isa(void);
 /* 1 if the CPU and operating system can run path `isa`, else 0 */
 int cd_cpu_has_isa(int isa);
+/* 1 if bf16 dot products (AVX512_BF16) can run now: the CPU and operating system have them and
+ * the path in use is avx512 (so CLIPDECOMP_ISA=avx2 turns them off too), else 0 */
+int cd_cpu_has_bf16(void);
 /* the path in use now (CD_ISA_*): chosen at first call, CLIPDECOMP_ISA honoured */
 int cd_cpu_isa(void);
 /* use path `isa` from now on; 0, or -1 (and nothing changes) when the CPU cannot run it */

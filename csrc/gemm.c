@@ -20,6 +20,7 @@
 #include "gemm_kernels.h"
 #include "cpu.h"
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -41,6 +42,22 @@ void cd_matmul_naive(float *out, const float *inp, const float *weight, const fl
             float s = bias ? bias[o] : 0.0f;
             for (int k = 0; k < K; k++) s += x[k] * w[k];
             float *y = out + (size_t)m * OC + o;
+            *y = accumulate ? *y + s : s;
+        }
+    }
+}
+
+void cd_matmul_bf16_naive(float *out, const float *inp, const float *weight, const float *bias,
+                          int M, int K, int OC, int accumulate) {
+    #pragma omp parallel for schedule(static) if (M > 1)
+    for (int m = 0; m < M; m++) {
+        const float *x = inp + (size_t)m * K;
+        for (int o = 0; o < OC; o++) {
+            const float *w = weight + (size_t)o * K;
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) s += cd_bf16_round(x[k]) * cd_bf16_round(w[k]);
+            float *y = out + (size_t)m * OC + o;
+            s += bias ? bias[o] : 0.0f;
             *y = accumulate ? *y + s : s;
         }
     }
@@ -136,6 +153,38 @@ void cd_gemm_block_generic(const cd_gemm_block *blk) {
     else block_generic(blk, 1);
 }
 
+/* the portable kernel on bf16 pairs (gemm_kernels.h; a always packed): each pair widened to two
+ * float32 values, the products summed in float32 in the order of vdpbf16ps (odd, then even).
+ * It runs a bf16 weight where the CPU has no AVX512_BF16 (e.g. under CLIPDECOMP_ISA=avx2). */
+void cd_gemm_block_bf16_generic(const cd_gemm_block *blk) {
+    const uint32_t *A = (const uint32_t *)(const void *)blk->a;
+    const uint32_t *Bw = (const uint32_t *)(const void *)blk->b;
+    const int mr = (int)blk->csa;   /* packed: csa = MR, the row tile */
+    for (int j0 = 0, p = 0; j0 < blk->nc; j0 += CD_GEMM_NR, p++) {
+        const uint32_t *b = Bw + p * blk->psb;
+        const int nv = blk->nc - j0 < CD_GEMM_NR ? blk->nc - j0 : CD_GEMM_NR;
+        for (int i = 0; i < blk->mc; i++) {
+            const uint32_t *a = A + (i / mr) * blk->pa + (i % mr);
+            float acc[CD_GEMM_NR] = {0};
+            for (int k = 0; k < blk->kc; k++) {
+                const uint32_t x = a[(ptrdiff_t)k * mr];
+                const float x0 = cd_bf16_to_f32((uint16_t)(x & 0xFFFFu));
+                const float x1 = cd_bf16_to_f32((uint16_t)(x >> 16));
+                const uint32_t *bk = b + k * blk->ldbk;
+                for (int j = 0; j < CD_GEMM_NR; j++) {
+                    acc[j] = fmaf(x1, cd_bf16_to_f32((uint16_t)(bk[j] >> 16)), acc[j]);
+                    acc[j] = fmaf(x0, cd_bf16_to_f32((uint16_t)(bk[j] & 0xFFFFu)), acc[j]);
+                }
+            }
+            float *c = blk->c + (ptrdiff_t)i * blk->ldc + j0;
+            for (int j = 0; j < nv; j++) {
+                const float v = blk->alpha * acc[j] + (blk->bias ? blk->bias[j0 + j] : 0.0f);
+                c[j] = blk->load_c ? c[j] + v : v;
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* dispatch and blocking parameters                                                           */
 
@@ -146,13 +195,24 @@ typedef void (*block_fn)(const cd_gemm_block *blk);
 
 typedef struct {
     block_fn fn;
+    int bf16;      /* the kernel reads bf16 pairs (CD_GEMM_BF16 weights) */
     int mr;        /* row tile of the micro-kernel */
     int mc;        /* rows of a matmul job (multiple of mr): mc x kc floats of A stay in L2 */
     int kc;        /* largest depth block (<= CD_GEMM_KS): a (kc, 16) panel slice stays near L1 */
 } gemm_path;
 
+/* bf16 pairs: the AVX512_BF16 kernel, or the portable one; both read 12-row tiles of A. Depth
+ * blocks of 256 (128 pairs) keep a pair panel slice in L1 like the float32 paths. */
+static gemm_path path_for_bf16(void) {
+    gemm_path p = {cd_gemm_block_bf16_generic, 1, CD_GEMM_MR_AVX512, 96, 256};
+#if defined(__x86_64__) || defined(_M_X64)
+    if (cd_cpu_has_bf16()) p.fn = cd_gemm_block_bf16_avx512;
+#endif
+    return p;
+}
+
 static gemm_path path_for(int isa) {
-    gemm_path p = {cd_gemm_block_generic, CD_GEMM_MR_GENERIC, 64, 256};
+    gemm_path p = {cd_gemm_block_generic, 0, CD_GEMM_MR_GENERIC, 64, 256};
 #if defined(__x86_64__) || defined(_M_X64)
     if (isa == CD_ISA_AVX512) {
         p.fn = cd_gemm_block_avx512; p.mr = CD_GEMM_MR_AVX512; p.mc = 96; p.kc = 256;
@@ -243,7 +303,70 @@ int cd_gemm_pack(cd_gemm_weight *pw, const float *weight, int OC, int K) {
 void cd_gemm_weight_free(cd_gemm_weight *pw) {
     if (!pw) return;
     free(pw->packed);
+    free(pw->packed_bf16);
     memset(pw, 0, sizeof(*pw));
+}
+
+int cd_gemm_to_bf16(cd_gemm_weight *pw, int precision) {
+    if (!pw || !pw->packed || pw->precision != CD_GEMM_FP32) return -1;
+    if (precision == CD_GEMM_BF16_EMULATED) {   /* round in place: same layout, fp32 kernels */
+        for (size_t i = 0; i < pw->packed_len; i++) pw->packed[i] = cd_bf16_round(pw->packed[i]);
+        pw->precision = CD_GEMM_BF16_EMULATED;
+        return 0;
+    }
+    if (precision != CD_GEMM_BF16) return -1;
+    const int K = pw->K;
+    const size_t np = ((size_t)pw->OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
+    /* every slice but the last has an even depth (512), so the pair rows add up to ceil(K/2) */
+    const size_t words = np * CD_GEMM_NR * (((size_t)K + 1) / 2);   /* <= packed_len: no overflow */
+    const size_t bytes = (words * sizeof(uint32_t) + 63) / 64 * 64;
+    uint32_t *dst = (uint32_t *)aligned_alloc(64, bytes);
+    if (!dst) return -1;
+    for (int s0 = 0; s0 < K; s0 += CD_GEMM_KS) {
+        const int ks = K - s0 < CD_GEMM_KS ? K - s0 : CD_GEMM_KS, ks2 = (ks + 1) / 2;
+        const float *fs = pw->packed + (size_t)s0 * CD_GEMM_NR * np;
+        uint32_t *bs = dst + (size_t)(s0 / 2) * CD_GEMM_NR * np;
+        for (size_t p = 0; p < np; p++) {
+            const float *src = fs + p * (size_t)ks * CD_GEMM_NR;     /* (ks, 16) */
+            uint32_t *out = bs + p * (size_t)ks2 * CD_GEMM_NR;        /* (ks2, 16) pairs */
+            for (int kp = 0; kp < ks2; kp++)
+                for (int j = 0; j < CD_GEMM_NR; j++) {
+                    const uint32_t lo = cd_bf16_from_f32(src[(size_t)(2 * kp) * CD_GEMM_NR + j]);
+                    const uint32_t hi = 2 * kp + 1 < ks
+                        ? cd_bf16_from_f32(src[(size_t)(2 * kp + 1) * CD_GEMM_NR + j]) : 0u;
+                    out[(size_t)kp * CD_GEMM_NR + j] = lo | hi << 16;
+                }
+        }
+    }
+    free(pw->packed);
+    pw->packed = NULL;
+    pw->packed_len = 0;
+    pw->packed_bf16 = dst;
+    pw->packed_bf16_len = words;
+    pw->precision = CD_GEMM_BF16;
+    return 0;
+}
+
+/* rows [0, mc) x depth [0, kc) of a into mr-row tiles of bf16 pairs (gemm_kernels.h):
+ *     dst[t * mr * kc2 + kp * mr + r] = pair(a[t mr + r, 2 kp], a[t mr + r, 2 kp + 1]),
+ * kc2 = ceil(kc / 2); zero past the depth and in rows past mc */
+static void pack_rows_bf16(uint32_t *dst, const float *a, ptrdiff_t lda, int mc, int kc, int mr) {
+    const int kc2 = (kc + 1) / 2;
+    for (int i0 = 0; i0 < mc; i0 += mr) {
+        const int rows = mc - i0 < mr ? mc - i0 : mr;
+        uint32_t *d = dst + (size_t)i0 * kc2;
+        for (int r = 0; r < mr; r++) {
+            const float *src = a + (ptrdiff_t)(i0 + r) * lda;
+            for (int kp = 0; kp < kc2; kp++) {
+                uint32_t v = 0;
+                if (r < rows) {
+                    v = cd_bf16_from_f32(src[2 * kp]);
+                    if (2 * kp + 1 < kc) v |= (uint32_t)cd_bf16_from_f32(src[2 * kp + 1]) << 16;
+                }
+                d[(size_t)kp * mr + r] = v;
+            }
+        }
+    }
 }
 
 void cd_gemm_pack_rows_generic(float *dst, const float *a, ptrdiff_t lda, int mc, int kc,
@@ -274,6 +397,43 @@ static void pack_rows(const gemm_path *P, float *dst, const float *a, size_t lda
 /* ------------------------------------------------------------------------------------------ */
 /* out (M, OC) = inp (M, K) @ W^T + bias                                                      */
 
+/* matmul_part on a CD_GEMM_BF16 weight: the same walk over the pair layout; A is always
+ * packed (into abuf, or a buffer on the stack when there is none) */
+#define BF16_STACK_WORDS (96 * 128 + CD_GEMM_PACK_SLACK)
+static void matmul_part_bf16(const gemm_path *P, float *out, const float *inp,
+                             const cd_gemm_weight *w, const float *bias, int accumulate,
+                             int i0, int i1, int j0, int j1, int p0, float *abuf) {
+    const int K = w->K, OC = w->OC;
+    const size_t np = ((size_t)OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
+    const int kcb = P->kc < CD_GEMM_KS ? P->kc : CD_GEMM_KS;   /* even */
+    _Alignas(64) uint32_t sbuf[abuf ? 1 : BF16_STACK_WORDS];
+    uint32_t *apairs = abuf ? (uint32_t *)(void *)abuf : sbuf;   /* mc x kc/2 words fit */
+    for (int ib = i0; ib < i1; ib += P->mc) {
+        const int mc = i1 - ib < P->mc ? i1 - ib : P->mc;
+        const float *arows = inp + (size_t)ib * K;
+        for (int s0 = 0; s0 < K; s0 += CD_GEMM_KS) {
+            const int ks = K - s0 < CD_GEMM_KS ? K - s0 : CD_GEMM_KS, ks2 = (ks + 1) / 2;
+            const uint32_t *slice = w->packed_bf16 + (size_t)(s0 / 2) * CD_GEMM_NR * np;
+            for (int k0 = s0; k0 < s0 + ks; k0 += kcb) {   /* k0 - s0 is even */
+                const int kc = s0 + ks - k0 < kcb ? s0 + ks - k0 : kcb, kc2 = (kc + 1) / 2;
+                pack_rows_bf16(apairs, arows + k0, (ptrdiff_t)K, mc, kc, P->mr);
+                cd_gemm_block blk;
+                blk.mc = mc; blk.nc = j1 - j0; blk.kc = kc2;
+                blk.a = (const float *)(const void *)apairs;
+                blk.pa = (ptrdiff_t)P->mr * kc2; blk.rsa = 1; blk.csa = P->mr;
+                blk.b = (const float *)(const void *)(slice + (size_t)p0 * ks2 * CD_GEMM_NR +
+                                                      (size_t)((k0 - s0) / 2) * CD_GEMM_NR);
+                blk.psb = (ptrdiff_t)ks2 * CD_GEMM_NR; blk.ldbk = CD_GEMM_NR;
+                blk.c = out + (size_t)ib * OC + j0; blk.ldc = OC;
+                blk.bias = (bias && k0 == 0) ? bias + j0 : NULL;
+                blk.alpha = 1.0f;
+                blk.load_c = accumulate || k0 > 0;
+                P->fn(&blk);
+            }
+        }
+    }
+}
+
 /* rows [i0, i1) x panels [p0, p1) of out, on the calling thread; abuf: mc x kc floats or NULL */
 static void matmul_part(const gemm_path *P, float *out, const float *inp,
                         const cd_gemm_weight *w, const float *bias, int accumulate,
@@ -284,6 +444,11 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
     const int j0 = p0 * CD_GEMM_NR;
     const int j1 = p1 * CD_GEMM_NR < OC ? p1 * CD_GEMM_NR : OC;
     if (i0 >= i1 || j0 >= j1) return;
+    if (P->bf16) {
+        matmul_part_bf16(P, out, inp, w, bias, accumulate, i0, i1, j0, j1, p0, abuf);
+        return;
+    }
+    const int emulate = w->precision == CD_GEMM_BF16_EMULATED;
     for (int ib = i0; ib < i1; ib += P->mc) {
         const int mc = i1 - ib < P->mc ? i1 - ib : P->mc;
         const float *arows = inp + (size_t)ib * K;
@@ -296,8 +461,13 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
                 blk.mc = mc; blk.nc = j1 - j0; blk.kc = kc;
                 if (abuf) {
                     pack_rows(P, abuf, arows + k0, (size_t)K, mc, kc);
+                    if (emulate) {   /* the bf16 rounding of the left operand */
+                        const size_t n = (size_t)((mc + P->mr - 1) / P->mr) * P->mr * kc;
+                        for (size_t i = 0; i < n; i++) abuf[i] = cd_bf16_round(abuf[i]);
+                    }
                     blk.a = abuf; blk.pa = (ptrdiff_t)P->mr * kc; blk.rsa = 1; blk.csa = P->mr;
-                } else {   /* no scratch: read inp in place (slower, same sums) */
+                } else {   /* no scratch: read inp in place (slower, same sums; when
+                            * emulating bf16, the left operand then goes unrounded) */
                     blk.a = arows + k0; blk.pa = (ptrdiff_t)P->mr * K; blk.rsa = K; blk.csa = 1;
                 }
                 blk.b = slice + (size_t)p0 * ks * CD_GEMM_NR + (size_t)(k0 - s0) * CD_GEMM_NR;
@@ -314,7 +484,8 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
 
 void cd_matmul(float *out, const float *inp, const cd_gemm_weight *w, const float *bias,
                int M, int accumulate) {
-    if (!out || !inp || !w || !w->packed || M <= 0) return;
+    if (!out || !inp || !w || M <= 0) return;
+    if (w->precision == CD_GEMM_BF16 ? !w->packed_bf16 : !w->packed) return;
     if (w->panel != CD_GEMM_NR || w->slice != CD_GEMM_KS) return;   /* not from cd_gemm_pack */
     if (M > CD_GEMM_MAX_ROWS) {   /* keep every row count below int overflow: halves */
         const int h = M / 2;
@@ -323,7 +494,7 @@ void cd_matmul(float *out, const float *inp, const cd_gemm_weight *w, const floa
         return;
     }
     /* every path reads the same panel layout, whatever path was active at pack time */
-    const gemm_path P = path_for(cd_cpu_isa());
+    const gemm_path P = w->precision == CD_GEMM_BF16 ? path_for_bf16() : path_for(cd_cpu_isa());
     const int np = (w->OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
     const int mt = (M + P.mr - 1) / P.mr;                      /* row tiles */
     int nt = gemm_threads((long long)mt * np, 2.0 * M * (double)w->K * w->OC);

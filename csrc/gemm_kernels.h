@@ -19,6 +19,15 @@
  * which covers both a packed A (MR-row K-major panels: pa = MR*kc, rsa = 1, csa = MR, with MR
  * the kernel's row tile) and a plain strided one (pa = MR*lda, rsa = lda, csa = 1). The
  * kernels take csa == 1 for strided and anything else for packed with their own MR.
+ *
+ * bf16 (CD_GEMM_BF16). The same slices and panels, with two depth rows in each 32-bit lane:
+ * word (kp, j) of a panel slice holds bf16(W[j, k0 + 2 kp]) in its low half and
+ * bf16(W[j, k0 + 2 kp + 1]) in its high half (zero past the depth), the operand order of
+ * AVX512_BF16's vdpbf16ps. A slice of depth ks has ks2 = ceil(ks / 2) pair rows: slice s starts
+ * at word 16 * np * k0 / 2 (k0 is even), panel p of it at + ks2 * 16 * p. The left operand is
+ * packed the same way, MR rows at a time: word (t, kp, r) = pair (a[r, 2 kp], a[r, 2 kp + 1]) at
+ * t * MR * kc2 + kp * MR + r. A bf16 block kernel reads cd_gemm_block with a and b pointing at
+ * such words (cast to float pointers), every stride and kc counted in words (pairs).
  */
 #ifndef CLIPDECOMP_GEMM_KERNELS_H
 #define CLIPDECOMP_GEMM_KERNELS_H
@@ -46,9 +55,11 @@ typedef struct {
 } cd_gemm_block;
 
 void cd_gemm_block_generic(const cd_gemm_block *blk);
+void cd_gemm_block_bf16_generic(const cd_gemm_block *blk);   /* bf16 pairs, any CPU */
 #if defined(__x86_64__) || defined(_M_X64)
 void cd_gemm_block_avx2(const cd_gemm_block *blk);
 void cd_gemm_block_avx512(const cd_gemm_block *blk);
+void cd_gemm_block_bf16_avx512(const cd_gemm_block *blk);    /* bf16 pairs, AVX512_BF16 */
 #endif
 
 /* one panel from rows: panel[k * 16 + j] = src[j * ld + k] for j < nv, k < kc; zero for

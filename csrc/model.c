@@ -31,6 +31,7 @@
 
 #include "clipdecomp.h"
 #include "gemm.h"
+#include "cpu.h"
 #include "ops.h"
 #include "safetensors.h"
 
@@ -88,6 +89,7 @@ struct cd_model {
     int n_owned, cap_owned;
     int has_logit_scale;
     float logit_scale;            /* as stored (a log) */
+    cd_precision precision;       /* of the blocks' matrix products (cd_model_set_precision) */
     /* the fold F (L, W, D), built on first use by a call that needs per-token terms; the only
      * state written after load, behind fold_lock */
     pthread_mutex_t fold_lock;
@@ -737,6 +739,51 @@ int cd_model_logit_scale(const cd_model *m, float *log_scale) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* precision: the four packed weights of every block (both towers) converted to bf16; the
+ * patch embedding, the projections and everything the decomposition folds stay float32       */
+
+int cd_has_bf16(void) { return cd_cpu_has_bf16(); }
+
+cd_precision cd_model_precision(const cd_model *m) { return m->precision; }
+
+cd_status cd_model_set_precision(cd_model *m, cd_precision p, cd_error *err) {
+    if (p == m->precision) return CD_OK;
+    if (m->precision != CD_PRECISION_FP32 ||
+        (p != CD_PRECISION_BF16 && p != CD_PRECISION_BF16_EMULATED)) {
+        set_err(err, "precision can only go from fp32 to bf16 or bf16-emulated, once (this "
+                "model is %s; load the file again for another)",
+                m->precision == CD_PRECISION_FP32 ? "fp32" : "bf16");
+        return CD_ERR_VALUE;
+    }
+    if (p == CD_PRECISION_BF16 && !cd_cpu_has_bf16()) {
+        set_err(err, "precision bf16 needs a CPU with AVX512_BF16 (and the avx512 path); this "
+                "one runs '%s' without it: use bf16-emulated for the same numbers at fp32 speed",
+                cd_isa_name());
+        return CD_ERR_VALUE;
+    }
+    const int gp = p == CD_PRECISION_BF16 ? CD_GEMM_BF16 : CD_GEMM_BF16_EMULATED;
+    for (int t = 0; t < 2; t++) {
+        cd_block *blocks = t == 0 ? m->w.blocks : m->w.tblocks;
+        const int L = t == 0 ? m->cfg.layers : m->cfg.text_layers;
+        for (int l = 0; blocks && l < L; l++) {
+            cd_gemm_weight *ws[4] = {&blocks[l].qkv, &blocks[l].out, &blocks[l].fc,
+                                     &blocks[l].proj};
+            for (int i = 0; i < 4; i++) {
+                /* a failure part-way leaves a mixed model: say so, the caller drops it */
+                if (ws[i]->precision == CD_GEMM_FP32 && cd_gemm_to_bf16(ws[i], gp) != 0) {
+                    m->precision = p;
+                    set_err(err, "out of memory converting the weights to bf16 (the model is "
+                            "now unusable: load it again)");
+                    return CD_ERR_NOMEM;
+                }
+            }
+        }
+    }
+    m->precision = p;
+    return CD_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* the fold F[l] (W, D) = W_O[l]^T diag(gamma) proj (rows h*d .. h*d + d belong to head h)     */
 
 static cd_status compute_fold(cd_model *m, cd_error *err) {
@@ -812,7 +859,7 @@ typedef struct {
 /* Scratch shared by the chunks of one call. */
 typedef struct {
     int nthreads;
-    float *att_tiles;  /* (nthreads, N, N) */
+    float *att_tiles;  /* (nthreads, min(N, CD_ATT_ROW_BLOCK), N) */
     float *av;         /* (nthreads, N, d) attention-weighted values of one head */
     float *probe_fold; /* (L, W, T) = F[l] @ probe^T */
 } vision_call;
@@ -1183,7 +1230,8 @@ static cd_status encode_image_impl(const cd_model *m, const float *images, int B
     {
         plan_item ci[3];
         int nc = 0;
-        if (mul3(&ci[nc].n, (size_t)call.nthreads, Ns, Ns)) goto nomem;
+        if (mul3(&ci[nc].n, (size_t)call.nthreads, Ns < CD_ATT_ROW_BLOCK ? Ns : CD_ATT_ROW_BLOCK,
+                 Ns)) goto nomem;
         ci[nc++].dst = &call.att_tiles;
         if (mul3(&ci[nc].n, (size_t)call.nthreads, Ns, (size_t)d)) goto nomem;
         ci[nc++].dst = &call.av;

@@ -63,11 +63,15 @@ static void report(const char *what, int ok, const char *isa) {
 
 /* ---------------------------------------------------------------------------------------- */
 
-static void check_matmul(int M, int K, int OC, int use_bias, int accumulate, int threads,
-                         int pack_isa, const char *isa) {
-    char what[160];
-    snprintf(what, sizeof what, "matmul M=%d K=%d OC=%d bias=%d acc=%d threads=%d packed-under=%s",
-             M, K, OC, use_bias, accumulate, threads, cd_cpu_isa_str(pack_isa));
+/* precision: CD_GEMM_FP32, or the weight converted after packing (CD_GEMM_BF16 /
+ * CD_GEMM_BF16_EMULATED) and checked against the bf16 reference */
+static void check_matmul_p(int M, int K, int OC, int use_bias, int accumulate, int threads,
+                           int pack_isa, const char *isa, int precision) {
+    static const char *pname[3] = {"fp32", "bf16", "bf16-emulated"};
+    char what[200];
+    snprintf(what, sizeof what,
+             "matmul M=%d K=%d OC=%d bias=%d acc=%d threads=%d packed-under=%s precision=%s",
+             M, K, OC, use_bias, accumulate, threads, cd_cpu_isa_str(pack_isa), pname[precision]);
     float *x = rand_buf((size_t)M * K), *w = rand_buf((size_t)OC * K);
     float *bias = use_bias ? rand_buf((size_t)OC) : NULL;
     float *out = rand_buf((size_t)M * OC);
@@ -83,10 +87,16 @@ static void check_matmul(int M, int K, int OC, int use_bias, int accumulate, int
     cd_cpu_set_isa(pack_isa);
     int rc = cd_gemm_pack(&pw, w, OC, K);
     cd_cpu_set_isa(cur);
-    if (rc != 0) { report(what, 0, isa); goto done; }
+    if (rc == 0 && precision != CD_GEMM_FP32) {
+        rc = cd_gemm_to_bf16(&pw, precision);
+        if (rc == 0 && (pw.precision != precision ||
+                        (precision == CD_GEMM_BF16) != (pw.packed_bf16 != NULL))) rc = -1;
+    }
+    if (rc != 0) { report(what, 0, isa); cd_gemm_weight_free(&pw); goto done; }
     set_threads(threads);
     cd_matmul(out, x, &pw, bias, M, accumulate);
-    cd_matmul_naive(ref, x, w, bias, M, K, OC, accumulate);
+    if (precision == CD_GEMM_FP32) cd_matmul_naive(ref, x, w, bias, M, K, OC, accumulate);
+    else cd_matmul_bf16_naive(ref, x, w, bias, M, K, OC, accumulate);
     set_threads(1);
     int ok = 1;
     for (int m = 0; m < M && ok; m++)
@@ -104,6 +114,46 @@ static void check_matmul(int M, int K, int OC, int use_bias, int accumulate, int
     cd_gemm_weight_free(&pw);
 done:
     free(x); free(w); free(bias); free(out); free(ref); free(prev_copy);
+}
+
+#define check_matmul(M, K, OC, b, acc, thr, pisa, isa) \
+    check_matmul_p(M, K, OC, b, acc, thr, pisa, isa, CD_GEMM_FP32)
+
+/* bf16 weights: the conversion (both kinds, refusals), then products against the reference;
+ * a bf16 result must also differ from the float32 one by no more than bf16 rounding allows */
+static void check_bf16(int isa, const char *name, int many) {
+    static const int mm[][3] = {   /* M, K, OC: odd depths, one pair, slices, edges */
+        {1, 1, 1}, {1, 2, 5}, {3, 7, 17}, {13, 33, 47}, {12, 64, 64}, {25, 101, 70},
+        {50, 517, 96}, {64, 1100, 24}, {97, 600, 129}, {150, 40, 33},
+    };
+    for (size_t c = 0; c < sizeof mm / sizeof mm[0]; c++)
+        for (int v = 0; v < 4; v++)
+            for (int prec = CD_GEMM_BF16; prec <= CD_GEMM_BF16_EMULATED; prec++) {
+                int bias = v & 1, acc = (v >> 1) & 1;
+                check_matmul_p(mm[c][0], mm[c][1], mm[c][2], bias, acc, 1, isa, name, prec);
+                check_matmul_p(mm[c][0], mm[c][1], mm[c][2], bias, acc, many, isa, name, prec);
+            }
+    check_matmul_p(300, 1300, 200, 1, 1, many, isa, name, CD_GEMM_BF16);
+    /* conversion refusals: twice, or from bf16 to the other kind */
+    float w[6] = {1, 2, 3, 4, 5, 6};
+    cd_gemm_weight pw;
+    int ok = cd_gemm_pack(&pw, w, 2, 3) == 0 && cd_gemm_to_bf16(&pw, CD_GEMM_BF16) == 0 &&
+             cd_gemm_to_bf16(&pw, CD_GEMM_BF16) == -1 &&
+             cd_gemm_to_bf16(&pw, CD_GEMM_BF16_EMULATED) == -1 &&
+             pw.packed_bf16_len == 16 * 2 && pw.packed == NULL;
+    cd_gemm_weight_free(&pw);
+    ok = ok && pw.packed_bf16 == NULL;
+    report("bf16 conversion: once only, sizes, free", ok, name);
+    ok = cd_gemm_pack(&pw, w, 2, 3) == 0 && cd_gemm_to_bf16(&pw, 7) == -1 &&
+         pw.precision == CD_GEMM_FP32 && pw.packed != NULL;
+    cd_gemm_weight_free(&pw);
+    report("bf16 conversion: unknown precision refused, weight unchanged", ok, name);
+    /* rounding: nearest even, NaN kept, exact values unchanged */
+    ok = cd_bf16_round(1.0f) == 1.0f && cd_bf16_round(1.0f + 1.0f / 256.0f) == 1.0f &&
+         cd_bf16_round(1.0f + 3.0f / 256.0f) == 1.0f + 4.0f / 256.0f &&
+         cd_bf16_round(-2.5f) == -2.5f && isnan(cd_bf16_round(NAN)) &&
+         isinf(cd_bf16_round(INFINITY)) && isinf(cd_bf16_round(FLT_MAX));
+    report("bf16 rounding", ok, name);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -251,6 +301,7 @@ int main(int argc, char **argv) {
                 check_matmul(29, 70, 51, 1, 0, many, other, name);
                 check_matmul(7, 300, 40, 0, 1, 1, other, name);
             }
+        check_bf16(isa, name, many);
         /* a larger product, threaded: several row and column blocks, depth slices */
         check_matmul(300, 700, 200, 1, 1, many, isa, name);
         for (int c = 0; c < nsg; c++)
