@@ -35,10 +35,15 @@ build/test_gemm: csrc/gemm.c csrc/gemm_avx2.c csrc/gemm_avx512.c csrc/cpu.c csrc
 	mkdir -p build
 	$(CC) $(CFLAGS_CORE) -o $@ $^ -lm
 
-test-c: build/test_core build/test_core_san build/test_gemm venv
+build/test_moments: csrc/moments.c csrc/gemm.c csrc/gemm_avx2.c csrc/gemm_avx512.c csrc/cpu.c csrc/tests/test_moments.c
+	mkdir -p build
+	$(CC) $(CFLAGS_CORE) -o $@ $^ -lm
+
+test-c: build/test_core build/test_core_san build/test_gemm build/test_moments venv
 	$(VPY) csrc/tests/make_fixture.py build/fixture
 	./build/test_core build/fixture
 	./build/test_gemm
+	./build/test_moments
 	ASAN_OPTIONS=detect_leaks=1 ./build/test_core_san build/fixture
 
 test-py: build

@@ -7,7 +7,22 @@ products, in float64, while batches of images stream through the model; the term
 are never stored. Two accumulators over disjoint data merge exactly, so the work can be split
 over processes or machines.
 
-Shapes: B images in a batch, L layers, H heads, D embedding dim, Ls selected layers.
+The sums of outer products are the expensive part (``D^2`` per head and image). Rows are staged
+in a float32 buffer and, each time it is full (or before anything reads the statistics), added
+by the C core (``clipdecomp._core._moments_update``, csrc/moments.c): per head, the buffered
+rows are centred on their own mean, multiplied in float32 (the upper triangle only, the matrix
+being symmetric), and added with the float64 correction for the mean to the float64
+accumulators. Precision: an entry of ``sum_outer`` gets an error of about
+``sqrt(rows) * 2^-24`` (at worst ``rows * 2^-24``, rows <= 512) of ``sum |y_i y_j|`` per buffer,
+y the rows about the buffer's mean, and float64 rounding otherwise; so a covariance keeps
+float32 relative precision however far the terms are from the origin. How the images are split
+into updates does not change the result: buffers are filled with the same rows whatever the
+update sizes (a read in between adds a partial buffer early, which can move the last bits).
+Inputs of another dtype are rounded to float32 for ``sum`` and ``sum_outer``; ``head_sum``,
+``mlp_sum`` and ``cls_sum`` are float64 sums of the inputs as given.
+
+Shapes: B images in a batch, L layers, H heads, D embedding dim, Ls selected layers,
+K = Ls * H selected heads.
 """
 
 from __future__ import annotations
@@ -19,6 +34,10 @@ from typing import Any
 import numpy as np
 
 __all__ = ["HeadStats"]
+
+#: rows per float32 product of the C core (CD_MOMENTS_CHUNK of csrc/moments.h), the default
+#: size of the staging buffer
+BUFFER_ROWS = 512
 
 
 def _as_layers(layers: Iterable[int] | None, n_layers: int) -> tuple[int, ...]:
@@ -39,17 +58,28 @@ def _as_layers(layers: Iterable[int] | None, n_layers: int) -> tuple[int, ...]:
 class HeadStats:
     """Running count, sum and sum of outer products of head terms, per head, in float64.
 
+    The outer products of 512 images at a time are computed in float32 by the C core (see the
+    module docstring for the precision); everything else is float64.
+
     Parameters
     ----------
     layers : sequence of int, optional
         Layers whose second moments are kept (negative indices count from the end). Default:
         every layer. The second moments cost ``Ls * H * D * D * 8`` bytes (ViT-B/16: 302 MB for
-        all 12 layers; ViT-H/14: 512 MB per layer), so select the layers you will analyse.
+        all 12 layers; ViT-H/14: 134 MB per layer, 537 MB for the last four), so select the
+        layers you will analyse.
         The per-head sums (cheap) are always kept for every layer, and so are the sums of the
         MLP and class-to-class terms when the updates carry them: :func:`component_means
         <clipdecomp.ablation.component_means>` turns them into the means of mean ablation.
     chunk : int
-        Heads processed per batched matrix product in :meth:`update` (bounds the temporary).
+        Not used any more (the products run in the C core); accepted and saved so that older
+        code and files keep working.
+    buffer_rows : int
+        Rows (images) staged before their outer products are added. The buffer costs
+        ``buffer_rows * Ls * H * D * 4`` bytes (the default 512 rows: 134 MB for the 4 x 16
+        heads of ViT-H/14's last four layers, 13 MB for one layer of ViT-B/16), allocated when
+        rows are first staged. Fewer rows save memory but run slower (the float64 accumulators
+        are read and written once per buffer); more than 512 rows are multiplied 512 at a time.
 
     Attributes
     ----------
@@ -79,25 +109,110 @@ class HeadStats:
     (24, (1, 3, 4), (1, 3, 4, 4))
     """
 
-    def __init__(self, layers: Sequence[int] | None = None, chunk: int = 16):
+    def __init__(
+        self,
+        layers: Sequence[int] | None = None,
+        chunk: int = 16,
+        buffer_rows: int = BUFFER_ROWS,
+    ):
         self._requested_layers = None if layers is None else list(layers)
         self.chunk = int(chunk)
+        self.buffer_rows = int(buffer_rows)
+        if self.buffer_rows < 1:
+            raise ValueError(f"buffer_rows must be at least 1, got {buffer_rows}")
         self.n = 0
         self.layers: tuple[int, ...] | None = None
         self.n_layers: int | None = None
-        self.sum: np.ndarray | None = None
-        self.sum_outer: np.ndarray | None = None
+        self._sum: np.ndarray | None = None
+        self._sum_outer: np.ndarray | None = None
         self.head_sum: np.ndarray | None = None
         self.mlp_sum: np.ndarray | None = None
         self.cls_sum: np.ndarray | None = None
+        self._buf: np.ndarray | None = None  # float32 [buffer_rows, K, D], rows not yet added
+        self._pending = 0  # rows of _buf waiting
+
+    # ------------------------------------------------------------------ accumulators
+    # ``sum`` and ``sum_outer`` add the staged rows before they are read (or replaced).
+    @property
+    def sum(self) -> np.ndarray | None:
+        """Sum of the head terms of the selected layers, float64 [Ls, H, D]."""
+        self._flush()
+        return self._sum
+
+    @sum.setter
+    def sum(self, value: np.ndarray | None) -> None:
+        self._flush()
+        self._sum = value
+
+    @property
+    def sum_outer(self) -> np.ndarray | None:
+        """Sum of ``x x^T`` over images, per selected head, float64 [Ls, H, D, D]."""
+        self._flush()
+        return self._sum_outer
+
+    @sum_outer.setter
+    def sum_outer(self, value: np.ndarray | None) -> None:
+        self._flush()
+        self._sum_outer = value
+
+    def _flush(self) -> None:
+        """Add the staged rows to ``sum`` and ``sum_outer`` (C core)."""
+        if self._pending:
+            self._add_rows(self._buf[: self._pending])
+            self._pending = 0
+
+    def _add_rows(self, x: np.ndarray) -> None:
+        """Add float32 rows x [n, K, D] to the float64 accumulators (in place, C core)."""
+        from clipdecomp import _core
+
+        # the core adds in place: the accumulators must be writeable C-contiguous float64
+        # (arrays set from outside, e.g. read-only loads, are copied once here)
+        self._sum_outer = np.require(self._sum_outer, np.float64, ["C", "A", "W"])
+        self._sum = np.require(self._sum, np.float64, ["C", "A", "W"])
+        dim = self._sum_outer.shape[-1]
+        _core._moments_update(
+            self._sum_outer.reshape(-1, dim, dim), self._sum.reshape(-1, dim), x
+        )
+
+    def _stage(self, heads: np.ndarray) -> None:
+        """Add the selected layers of heads [B, L, H, D], through the buffer."""
+        b, _, n_heads, dim = heads.shape
+        ls = len(self.layers)
+        rows = self.buffer_rows
+        span = self.layers[-1] - self.layers[0] + 1 == ls  # consecutive layers: one slice
+        l0 = self.layers[0]
+        i = 0
+        while i < b:
+            if self._pending == 0 and b - i >= rows and span and heads.dtype == np.float32:
+                # a whole buffer of float32 rows: straight from the input when the core can
+                # read it in place (the same rows and the same products as through the buffer)
+                x = heads[i : i + rows, l0 : l0 + ls].reshape(rows, ls * n_heads, dim)
+                if x.flags.aligned and x.strides[2] == 4 and min(x.strides) >= 0:
+                    self._add_rows(x)
+                    i += rows
+                    continue
+            if self._buf is None:
+                self._buf = np.empty((rows, ls * n_heads, dim), np.float32)
+            m = min(b - i, rows - self._pending)
+            dst = self._buf[self._pending : self._pending + m].reshape(m, ls, n_heads, dim)
+            if span:
+                dst[...] = heads[i : i + m, l0 : l0 + ls]
+            else:
+                for j, layer in enumerate(self.layers):
+                    dst[:, j] = heads[i : i + m, layer]
+            self._pending += m
+            i += m
+            if self._pending == rows:
+                self._flush()
 
     # ------------------------------------------------------------------ accumulation
     def _init(self, n_layers: int, n_heads: int, dim: int, mlps: bool, cls: bool) -> None:
         self.n_layers = n_layers
         self.layers = _as_layers(self._requested_layers, n_layers)
         ls = len(self.layers)
-        self.sum = np.zeros((ls, n_heads, dim), np.float64)
-        self.sum_outer = np.zeros((ls, n_heads, dim, dim), np.float64)
+        self._buf, self._pending = None, 0
+        self._sum = np.zeros((ls, n_heads, dim), np.float64)
+        self._sum_outer = np.zeros((ls, n_heads, dim, dim), np.float64)
         self.head_sum = np.zeros((n_layers, n_heads, dim), np.float64)
         self.mlp_sum = np.zeros((n_layers + 1, dim), np.float64) if mlps else None
         self.cls_sum = np.zeros((n_layers, dim), np.float64) if cls else None
@@ -145,7 +260,7 @@ class HeadStats:
         if heads.ndim != 4:
             raise ValueError(f"heads must be [B, L, H, D], got shape {heads.shape}")
         b, n_layers, n_heads, dim = heads.shape
-        if self.sum is None:
+        if self._sum is None:
             self._init(n_layers, n_heads, dim, mlps is not None, cls_to_cls is not None)
         elif self.head_sum.shape != (n_layers, n_heads, dim):
             raise ValueError(
@@ -156,30 +271,25 @@ class HeadStats:
             raise ValueError("every update must carry MLP terms, or none may")
         if (cls_to_cls is None) != (self.cls_sum is None):
             raise ValueError("every update must carry class-to-class terms, or none may")
-        if b == 0:
-            return self
-        x64 = heads.astype(np.float64, copy=False)
-        self.head_sum += x64.sum(axis=0)
-        sel = x64[:, list(self.layers)]  # [B, Ls, H, D]
-        self.sum += sel.sum(axis=0)
-        # sum of outer products, batched: [K, D, B] @ [K, B, D] for K heads at a time
-        flat = sel.reshape(b, -1, dim).transpose(1, 0, 2)  # [Ls*H, B, D]
-        outer = self.sum_outer.reshape(-1, dim, dim)  # view [Ls*H, D, D]
-        for k0 in range(0, flat.shape[0], self.chunk):
-            block = np.ascontiguousarray(flat[k0 : k0 + self.chunk])  # [k, B, D]
-            outer[k0 : k0 + self.chunk] += np.matmul(block.transpose(0, 2, 1), block)
+        # every check before anything is added: a refused update changes nothing
         if mlps is not None:
-            mlps = np.asarray(mlps, dtype=np.float64)
+            mlps = np.asarray(mlps)
             if mlps.shape != (b, n_layers + 1, dim):
                 raise ValueError(f"mlps must be [{b}, {n_layers + 1}, {dim}], got {mlps.shape}")
-            self.mlp_sum += mlps.sum(axis=0)
         if cls_to_cls is not None:
-            cls_to_cls = np.asarray(cls_to_cls, dtype=np.float64)
+            cls_to_cls = np.asarray(cls_to_cls)
             if cls_to_cls.shape != (b, n_layers, dim):
                 raise ValueError(
                     f"cls_to_cls must be [{b}, {n_layers}, {dim}], got {cls_to_cls.shape}"
                 )
-            self.cls_sum += cls_to_cls.sum(axis=0)
+        if b == 0:
+            return self
+        self._stage(heads)  # sum and sum_outer of the selected layers
+        self.head_sum += heads.sum(axis=0, dtype=np.float64)
+        if mlps is not None:
+            self.mlp_sum += mlps.sum(axis=0, dtype=np.float64)
+        if cls_to_cls is not None:
+            self.cls_sum += cls_to_cls.sum(axis=0, dtype=np.float64)
         self.n += b
         return self
 
@@ -194,9 +304,9 @@ class HeadStats:
         >>> bool(np.allclose(a.merge(b).sum_outer, HeadStats().update(x).sum_outer))
         True
         """
-        if other.sum is None:
+        if other._sum is None:
             return self
-        if self.sum is None:
+        if self._sum is None:
             self._requested_layers = list(other.layers)
             self._init(
                 other.n_layers,
@@ -223,7 +333,7 @@ class HeadStats:
 
     # ------------------------------------------------------------------ results
     def _check(self) -> None:
-        if self.n == 0 or self.sum is None:
+        if self.n == 0 or self._sum is None:
             raise ValueError("no data: call update() first")
 
     @property
@@ -331,10 +441,26 @@ class HeadStats:
             out.cls_sum = f["cls_sum"] if "cls_sum" in f.files else None
         return out
 
+    def __getstate__(self) -> dict:
+        """Pickled with the staged rows added and without the buffer."""
+        self._flush()
+        state = self.__dict__.copy()
+        state["_buf"], state["_pending"] = None, 0
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("buffer_rows", BUFFER_ROWS)
+        for old, new in (("sum", "_sum"), ("sum_outer", "_sum_outer")):  # older pickles
+            if old in state:
+                state[new] = state.pop(old)
+        state.setdefault("_buf", None)
+        state.setdefault("_pending", 0)
+        self.__dict__.update(state)
+
     def __repr__(self) -> str:
-        if self.sum is None:
+        if self._sum is None:
             return "HeadStats(empty)"
-        _, h, d = self.sum.shape
+        _, h, d = self._sum.shape
         extra = [name for name, v in (("mlps", self.mlp_sum), ("cls_to_cls", self.cls_sum))
                  if v is not None]
         return (

@@ -10,7 +10,9 @@
  *           probe [B, L, N, H, T], attn_cls [B, L, H, N], attn_mean [B, L, N, N]
  *           (float32 views over one block owned by a capsule: zero-copy)
  *       .encode_text(ids [T, C], *, threads=0) -> [T, D]
- *   isa(), set_isa(name), _matmul, _sgemm_nt, _sgemm_nn (kernel tests)
+ *       .set_precision("bf16" | "bf16-emulated"), .precision -> "fp32" | "bf16" | "bf16-emulated"
+ *   isa(), set_isa(name), has_bf16(), _matmul, _sgemm_nt, _sgemm_nn (kernel tests),
+ *   _moments_update (HeadStats: per-head second moments)
  *
  * The computation runs with the GIL released; between layers the core asks, from the calling
  * thread, whether to stop: the GIL is taken back briefly and pending signals are run (Ctrl-C in
@@ -28,6 +30,7 @@
 
 #include "clipdecomp.h"
 #include "gemm.h"
+#include "moments.h"
 
 typedef struct {
     PyObject_HEAD
@@ -482,7 +485,44 @@ static PyObject *Model_encode_text(ModelObject *self, PyObject *args, PyObject *
     return (PyObject *)out;
 }
 
+static const char *PRECISION_NAMES[] = {"fp32", "bf16", "bf16-emulated"};
+
+/* "fp32" | "bf16" | "bf16-emulated" -> cd_precision, or -1 with a ValueError set */
+static int precision_from(const char *name, const char *who) {
+    for (int i = 0; i < 3; i++)
+        if (strcmp(name, PRECISION_NAMES[i]) == 0) return i;
+    PyErr_Format(PyExc_ValueError, "%s: precision must be 'fp32', 'bf16' or 'bf16-emulated', "
+                 "not '%s'", who, name);
+    return -1;
+}
+
+static PyObject *Model_set_precision(ModelObject *self, PyObject *arg) {
+    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    if (!name) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "set_precision() takes a str");
+        return NULL;
+    }
+    int p = precision_from(name, "set_precision");
+    if (p < 0) return NULL;
+    cd_error err;
+    err.msg[0] = 0;
+    cd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = cd_model_set_precision(self->m, (cd_precision)p, &err);
+    Py_END_ALLOW_THREADS
+    if (st != CD_OK) return raise_status(st, &err, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Model_get_precision(ModelObject *self, void *closure) {
+    (void)closure;
+    return PyUnicode_FromString(PRECISION_NAMES[cd_model_precision(self->m)]);
+}
+
 static PyMethodDef Model_methods[] = {
+    {"set_precision", (PyCFunction)Model_set_precision, METH_O,
+     "set_precision(name): convert the blocks' weights to 'bf16' (AVX512_BF16 CPUs) or "
+     "'bf16-emulated' (any CPU), once, right after loading; not while the model is in use."},
     {"encode_image", (PyCFunction)(void (*)(void))Model_encode_image, METH_VARARGS | METH_KEYWORDS,
      "encode_image(pixels, *, heads=False, mlps=False, cls_to_cls=False, tokens=False, "
      "probe=None, attn=False, threads=0) -> dict\n\n"
@@ -501,6 +541,8 @@ static PyGetSetDef Model_getset[] = {
     {"config", (getter)Model_get_config, NULL, "the model's configuration (a new dict)", NULL},
     {"layout", (getter)Model_get_layout, NULL, "'open_clip' or 'hf': the key layout found", NULL},
     {"path", (getter)Model_get_path, NULL, "the checkpoint's path", NULL},
+    {"precision", (getter)Model_get_precision, NULL,
+     "'fp32', 'bf16' or 'bf16-emulated': the precision of the blocks' matrix products", NULL},
     {"raw_logit_scale", (getter)Model_get_logit_scale, NULL,
      "the checkpoint's logit_scale as stored (a log; exp() of it is CLIP's scale), or None",
      NULL},
@@ -533,6 +575,12 @@ static PyObject *mod_isa(PyObject *mod, PyObject *noargs) {
     return PyUnicode_FromString(cd_isa_name());
 }
 
+static PyObject *mod_has_bf16(PyObject *mod, PyObject *noargs) {
+    (void)mod;
+    (void)noargs;
+    return PyBool_FromLong(cd_has_bf16());
+}
+
 static PyObject *mod_set_isa(PyObject *mod, PyObject *arg) {
     (void)mod;
     const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
@@ -551,13 +599,21 @@ static PyObject *mod_set_isa(PyObject *mod, PyObject *arg) {
 
 static PyObject *mod_matmul(PyObject *mod, PyObject *args, PyObject *kwds) {
     (void)mod;
-    static char *kwlist[] = {"inp", "weight", "bias", "naive", "repeat", NULL};
+    static char *kwlist[] = {"inp", "weight", "bias", "naive", "repeat", "precision", NULL};
     PyObject *io, *wo, *bo = Py_None;
     int naive = 0;
     int repeat = 1;   /* pack once, multiply `repeat` times (for benchmarks) */
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|Opi:_matmul", kwlist, &io, &wo, &bo, &naive,
-                                     &repeat))
+    const char *pname = "fp32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|Opis:_matmul", kwlist, &io, &wo, &bo, &naive,
+                                     &repeat, &pname))
         return NULL;
+    const int prec = precision_from(pname, "_matmul");
+    if (prec < 0) return NULL;
+    if (prec == CD_PRECISION_BF16 && !naive && !cd_has_bf16()) {
+        PyErr_SetString(PyExc_ValueError, "_matmul: precision 'bf16' needs AVX512_BF16 (see "
+                        "has_bf16()); 'bf16-emulated' gives its numbers on any CPU");
+        return NULL;
+    }
     if (repeat < 1) {
         PyErr_SetString(PyExc_ValueError, "_matmul: repeat must be >= 1");
         return NULL;
@@ -588,12 +644,17 @@ static PyObject *mod_matmul(PyObject *mod, PyObject *args, PyObject *kwds) {
         int rc = 0;
         Py_BEGIN_ALLOW_THREADS
         if (M > 0) {
-            if (naive) {
+            if (naive && prec != CD_PRECISION_FP32) {
+                cd_matmul_bf16_naive(po, pi, pw, pb, (int)M, (int)K, (int)OC, 0);
+            } else if (naive) {
                 cd_matmul_naive(po, pi, pw, pb, (int)M, (int)K, (int)OC, 0);
             } else {
                 cd_gemm_weight packed;
                 memset(&packed, 0, sizeof packed);
                 rc = cd_gemm_pack(&packed, pw, (int)OC, (int)K);
+                if (!rc && prec != CD_PRECISION_FP32)
+                    rc = cd_gemm_to_bf16(&packed, prec == CD_PRECISION_BF16
+                                                      ? CD_GEMM_BF16 : CD_GEMM_BF16_EMULATED);
                 if (!rc) for (int r = 0; r < repeat; r++) cd_matmul(po, pi, &packed, pb, (int)M, 0);
                 cd_gemm_weight_free(&packed);
             }
@@ -672,8 +733,156 @@ static PyObject *mod_sgemm_nn(PyObject *mod, PyObject *args, PyObject *kwds) {
     return sgemm_common(args, kwds, 0);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* _moments_update(outer, sums, x): the per-head second moments of HeadStats (moments.h)      */
+
+/* obj as an ndarray of `type` (native byte order, aligned) with `ndim` dimensions, borrowed;
+ * NULL with TypeError / ValueError naming `name` and `expect` */
+static PyArrayObject *moments_arg(PyObject *obj, const char *name, int type, const char *tname,
+                                  int ndim, const char *expect) {
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "_moments_update: %s must be a numpy.ndarray of %s %s, "
+                     "got %s", name, tname, expect, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != type || !PyArray_ISNOTSWAPPED(a)) {
+        PyErr_Format(PyExc_TypeError, "_moments_update: %s must be %s %s (native byte order), "
+                     "got dtype %S", name, tname, expect, (PyObject *)PyArray_DESCR(a));
+        return NULL;
+    }
+    if (PyArray_NDIM(a) != ndim) {
+        PyObject *s = shape_str(a);
+        if (s) PyErr_Format(PyExc_ValueError, "_moments_update: %s must have shape %s, got %U",
+                            name, expect, s);
+        Py_XDECREF(s);
+        return NULL;
+    }
+    if (!PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError, "_moments_update: %s must be aligned", name);
+        return NULL;
+    }
+    return a;
+}
+
+/* an accumulator: also C-contiguous and writeable */
+static int moments_acc_ok(PyArrayObject *a, const char *name, const char *expect) {
+    if (!PyArray_IS_C_CONTIGUOUS(a)) {
+        PyErr_Format(PyExc_ValueError, "_moments_update: %s %s must be C-contiguous (it is "
+                     "updated in place)", name, expect);
+        return 0;
+    }
+    if (!PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError, "_moments_update: %s %s is read-only", name, expect);
+        return 0;
+    }
+    return 1;
+}
+
+/* [lo, hi) of the bytes an array with non-negative strides spans (hi == lo when empty) */
+static void moments_extent(PyArrayObject *a, char **lo, char **hi) {
+    char *p = (char *)PyArray_DATA(a);
+    npy_intp last = PyArray_ITEMSIZE(a);
+    for (int i = 0; i < PyArray_NDIM(a); i++) {
+        if (PyArray_DIM(a, i) == 0) { *lo = *hi = p; return; }
+        last += (PyArray_DIM(a, i) - 1) * PyArray_STRIDE(a, i);
+    }
+    *lo = p;
+    *hi = p + last;
+}
+
+static int moments_overlap(PyArrayObject *a, PyArrayObject *b) {
+    char *alo, *ahi, *blo, *bhi;
+    moments_extent(a, &alo, &ahi);
+    moments_extent(b, &blo, &bhi);
+    return alo < bhi && blo < ahi;
+}
+
+static PyObject *mod_moments_update(PyObject *mod, PyObject *args, PyObject *kwds) {
+    (void)mod;
+    static char *kwlist[] = {"outer", "sums", "x", NULL};
+    PyObject *oo, *so, *xo;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:_moments_update", kwlist, &oo, &so, &xo))
+        return NULL;
+    PyArrayObject *outer = moments_arg(oo, "outer", NPY_FLOAT64, "float64", 3, "[K, D, D]");
+    if (!outer || !moments_acc_ok(outer, "outer", "[K, D, D]")) return NULL;
+    const npy_intp K = PyArray_DIM(outer, 0), D = PyArray_DIM(outer, 1);
+    if (PyArray_DIM(outer, 2) != D) {
+        PyObject *s = shape_str(outer);
+        if (s) PyErr_Format(PyExc_ValueError, "_moments_update: outer must have shape [K, D, D] "
+                            "(square in the last two axes), got %U", s);
+        Py_XDECREF(s);
+        return NULL;
+    }
+    if (K > INT_MAX || D > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "_moments_update: K and D must be below 2^31");
+        return NULL;
+    }
+    PyArrayObject *sums = NULL;
+    if (so != Py_None) {
+        sums = moments_arg(so, "sums", NPY_FLOAT64, "float64", 2, "[K, D] or None");
+        if (!sums || !moments_acc_ok(sums, "sums", "[K, D]")) return NULL;
+        if (PyArray_DIM(sums, 0) != K || PyArray_DIM(sums, 1) != D) {
+            PyObject *s = shape_str(sums);
+            if (s) PyErr_Format(PyExc_ValueError, "_moments_update: sums must have shape "
+                                "[K, D] = [%zd, %zd] (as outer), got %U", (Py_ssize_t)K,
+                                (Py_ssize_t)D, s);
+            Py_XDECREF(s);
+            return NULL;
+        }
+    }
+    PyArrayObject *x = moments_arg(xo, "x", NPY_FLOAT32, "float32", 3, "[n, K, D]");
+    if (!x) return NULL;
+    const npy_intp n = PyArray_DIM(x, 0);
+    if (PyArray_DIM(x, 1) != K || PyArray_DIM(x, 2) != D) {
+        PyObject *s = shape_str(x);
+        if (s) PyErr_Format(PyExc_ValueError, "_moments_update: x must have shape [n, K, D] with "
+                            "K = %zd, D = %zd (as outer), got %U", (Py_ssize_t)K, (Py_ssize_t)D,
+                            s);
+        Py_XDECREF(s);
+        return NULL;
+    }
+    if (n == 0 || K == 0 || D == 0) Py_RETURN_NONE;   /* nothing to add (any strides) */
+    /* strides in floats; those of axes of length 1 are never used */
+    const npy_intp fs = (npy_intp)sizeof(float);
+    const npy_intp s0 = n > 1 ? PyArray_STRIDE(x, 0) : 0, s1 = K > 1 ? PyArray_STRIDE(x, 1) : 0;
+    const npy_intp s2 = D > 1 ? PyArray_STRIDE(x, 2) : fs;
+    if (s2 != fs || s0 < 0 || s1 < 0 || s0 % fs || s1 % fs) {
+        PyObject *st = PyObject_GetAttrString((PyObject *)x, "strides");
+        PyObject *s = st ? PyObject_Str(st) : NULL;
+        if (s) PyErr_Format(PyExc_ValueError, "_moments_update: x [n, K, D] must have contiguous "
+                            "rows (last stride 4 bytes) and non-negative strides, got strides %U "
+                            "(np.ascontiguousarray(x) has them)", s);
+        Py_XDECREF(s);
+        Py_XDECREF(st);
+        return NULL;
+    }
+    if (moments_overlap(x, outer) || (sums && (moments_overlap(x, sums) ||
+                                               moments_overlap(outer, sums)))) {
+        PyErr_SetString(PyExc_ValueError,
+                        "_moments_update: outer, sums and x must not share memory");
+        return NULL;
+    }
+    int rc;
+    double *po = (double *)PyArray_DATA(outer);
+    double *ps = sums ? (double *)PyArray_DATA(sums) : NULL;
+    const float *px = (const float *)PyArray_DATA(x);
+    Py_BEGIN_ALLOW_THREADS
+    rc = cd_moments_update(po, ps, px, (long long)n, (int)K, (int)D, (ptrdiff_t)(s0 / fs),
+                           (ptrdiff_t)(s1 / fs));
+    Py_END_ALLOW_THREADS
+    if (rc == -2) return PyErr_NoMemory();
+    if (rc) {
+        PyErr_SetString(PyExc_ValueError, "_moments_update: sizes out of range");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"isa", mod_isa, METH_NOARGS, "isa() -> str: the instruction-set path in use."},
+    {"has_bf16", mod_has_bf16, METH_NOARGS,
+     "has_bf16() -> bool: whether precision 'bf16' runs here (AVX512_BF16 on the avx512 path)."},
     {"set_isa", mod_set_isa, METH_O,
      "set_isa(name): force 'avx512', 'avx2' or 'generic' (ValueError if unavailable)."},
     {"_matmul", (PyCFunction)(void (*)(void))mod_matmul, METH_VARARGS | METH_KEYWORDS,
@@ -682,6 +891,10 @@ static PyMethodDef module_methods[] = {
      "_sgemm_nt(A [M, K], B [N, K], naive=False) -> A @ B.T [M, N]"},
     {"_sgemm_nn", (PyCFunction)(void (*)(void))mod_sgemm_nn, METH_VARARGS | METH_KEYWORDS,
      "_sgemm_nn(A [M, K], B [K, N], naive=False) -> A @ B [M, N]"},
+    {"_moments_update", (PyCFunction)(void (*)(void))mod_moments_update,
+     METH_VARARGS | METH_KEYWORDS,
+     "_moments_update(outer [K, D, D] float64, sums [K, D] float64 or None, x [n, K, D] float32)"
+     ": outer[k] += x[:, k].T @ x[:, k], sums[k] += x[:, k].sum(0), in place (moments.h)"},
     {NULL, NULL, 0, NULL},
 };
 
