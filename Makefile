@@ -39,11 +39,22 @@ build/test_moments: csrc/moments.c csrc/gemm.c csrc/gemm_avx2.c csrc/gemm_avx512
 	mkdir -p build
 	$(CC) $(CFLAGS_CORE) -o $@ $^ -lm
 
-test-c: build/test_core build/test_core_san build/test_gemm build/test_moments venv
+OPS_TEST_SRC := csrc/ops.c csrc/gemm.c csrc/gemm_avx2.c csrc/gemm_avx512.c csrc/cpu.c csrc/tests/test_ops.c
+build/test_ops: $(OPS_TEST_SRC)
+	mkdir -p build
+	$(CC) $(CFLAGS_CORE) -o $@ $^ -lm
+build/test_ops_san: $(OPS_TEST_SRC)
+	mkdir -p build
+	$(CC) $(CFLAGS_CORE) -O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined \
+	    -o $@ $^ -lm
+
+test-c: build/test_core build/test_core_san build/test_gemm build/test_moments build/test_ops build/test_ops_san venv
 	$(VPY) csrc/tests/make_fixture.py build/fixture
 	./build/test_core build/fixture
 	./build/test_gemm
 	./build/test_moments
+	./build/test_ops
+	ASAN_OPTIONS=detect_leaks=1 ./build/test_ops_san
 	ASAN_OPTIONS=detect_leaks=1 ./build/test_core_san build/fixture
 
 test-py: build

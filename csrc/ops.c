@@ -97,6 +97,24 @@ void layernorm_forward(float *out, float *mean, float *sigma, const float *inp,
     }
 }
 
+/* reference: inp, out (R, W); everything in double, rounded once on store */
+void layernorm_forward_naive(float *out, float *mean, float *sigma, const float *inp,
+                             const float *weight, const float *bias, int R, int W, float eps) {
+    for (int r = 0; r < R; r++) {
+        const float *x = inp + (size_t)r * W;
+        float *o = out + (size_t)r * W;
+        double m = 0.0, v = 0.0;
+        for (int w = 0; w < W; w++) m += x[w];
+        m /= W;
+        for (int w = 0; w < W; w++) v += ((double)x[w] - m) * ((double)x[w] - m);
+        v /= W;
+        const double s = sqrt(v + (double)eps);
+        if (mean) mean[r] = (float)m;
+        if (sigma) sigma[r] = (float)s;
+        for (int w = 0; w < W; w++) o[w] = (float)(((double)x[w] - m) / s * weight[w] + bias[w]);
+    }
+}
+
 /* ---- exp and GELU as branch-free polynomials, so the loops below vectorise ------------------
  * (libm's expf / erff are scalar calls). Coefficients are least-squares fits on Chebyshev
  * nodes, made for this file; relative errors are stated against the exact functions. */
@@ -132,8 +150,11 @@ static inline float exp_poly(float x) {
 
 /* GELU(x) = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2, with a = |x| / sqrt 2:
  *   a <= 1: erf(a) = a P(a^2)                       (P degree 6, relative error 1.3e-9)
- *   a >  1: erfc(a) = exp(-a^2) h(s) / a, s = (1/a - 0.6) * 2.5
- *           (h degree 9, fitted on a in [1, 5], relative error 8e-9; clamped beyond 5)
+ *   1 < a <= 5: erfc(a) = exp(-a^2) h(s) / a, s = (1/a - 0.6) * 2.5
+ *           (h degree 9, fitted on a in [1, 5], relative error 8e-9)
+ *   5 < a <= 9: the same with h from the asymptotic series of erfc,
+ *           h = (1 - t/2 + 3t^2/4 - 15t^3/8 + 105t^4/16) / sqrt(pi), t = 1/a^2 (error < 3e-6)
+ *   a > 9: erfc(a) < 1e-36: Phi = 0 for x < 0 (x * 0: -0, and NaN for -inf as in the reference)
  * and Phi = 1 - erfc/2 (x >= 0) or erfc/2 (x < 0), so negative inputs keep their precision. */
 static inline float gelu_poly(float x) {
     const float a = fabsf(x) * 0.70710678118654752440f;
@@ -163,14 +184,24 @@ static inline float gelu_poly(float x) {
     h = h * s - 1.12057554651744801e-03f;
     h = h * s - 6.85522917364346368e-02f;
     h = h * s + 4.93812465092176189e-01f;
+    const float t = 1.0f / (ae * ae);
+    const float h_asym = 0.56418958354775628695f *
+                         (1.0f + t * (-0.5f + t * (0.75f + t * (-1.875f + t * 6.5625f))));
+    h = a > 5.0f ? h_asym : h;
     const float half_erfc = 0.5f * (exp_poly(-ae * ae) * h / ae);
     const float phi_far_pos = 1.0f - half_erfc;
     const float phi_pos = a <= 1.0f ? phi_near_pos : phi_far_pos;
-    const float phi_neg = a <= 1.0f ? phi_near_neg : half_erfc;
+    float phi_neg = a <= 1.0f ? phi_near_neg : half_erfc;
+    phi_neg = a > 9.0f ? 0.0f : phi_neg;
     return x * (x >= 0.0f ? phi_pos : phi_neg);
 }
 
-static inline float quick_gelu_poly(float x) { return x / (1.0f + exp_poly(-1.702f * x)); }
+/* x sigmoid(1.702 x); below x = -51.7, e^(-1.702 x) passes exp_poly's clamp at e^88 and the
+ * exact value is below 1e-36 |x|: x * 0 there (-0, and NaN for -inf as in the reference) */
+static inline float quick_gelu_poly(float x) {
+    const float y = x / (1.0f + exp_poly(-1.702f * x));
+    return x < -51.7f ? x * 0.0f : y;
+}
 
 /* The element-wise loops, compiled twice: for the baseline ISA and, on x86-64, for AVX2 + FMA
  * (8 lanes), chosen at run time from the path cpu.c reports. */
@@ -245,6 +276,22 @@ void quick_gelu_forward(float *x, size_t n) {
 float cd_expf(float x) { return exp_poly(x); }
 float cd_gelu(float x) { return gelu_poly(x); }
 
+/* references: x (n) in place, libm in double. erfc(-x / sqrt 2) is 1 + erf(x / sqrt 2) without
+ * the cancellation of the latter for x < 0. */
+void gelu_forward_naive(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        const double v = x[i];
+        x[i] = (float)(0.5 * v * erfc(-v / sqrt(2.0)));
+    }
+}
+
+void quick_gelu_forward_naive(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        const double v = x[i];
+        x[i] = (float)(v / (1.0 + exp(-1.702 * v)));
+    }
+}
+
 void residual_forward(float *x, const float *y, size_t n) {
     #pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMS)
     for (size_t i = 0; i < n; i++) x[i] += y[i];
@@ -258,6 +305,15 @@ void softmax_forward(float *row, int valid, int n) {
     }
 #endif
     softmax_row_generic(row, valid, n);
+}
+
+/* reference: row (n), softmax of row[0 .. valid) in double, zeros after */
+void softmax_forward_naive(float *row, int valid, int n) {
+    double mx = -INFINITY, sum = 0.0;
+    for (int j = 0; j < valid; j++) mx = row[j] > mx ? row[j] : mx;
+    for (int j = 0; j < valid; j++) sum += exp(row[j] - mx);
+    for (int j = 0; j < valid; j++) row[j] = (float)(exp(row[j] - mx) / sum);
+    for (int j = valid; j < n; j++) row[j] = 0.0f;
 }
 
 /* One head of one sequence, query rows [r0, r1).
@@ -277,39 +333,48 @@ static void attention_rows(float *out, int ldo, float *P, const float *q, const 
     cd_sgemm_nn(R, d, ncols, 1.0f, P, N, v, ld, out + (size_t)r0 * ldo, ldo, 0);
 }
 
-#define ATT_ROW_BLOCK 48   /* whole 6-row (AVX2) and 12-row (AVX-512) tiles */
-
+/* One fused pass per (sequence, head, block of CD_ATT_ROW_BLOCK query rows): the block's scores
+ * (rows x N, in the thread's scratch tile, which stays in L1/L2), their softmax, and their
+ * weighted sum of the values straight into `out`; the class row's probabilities (query 0, the
+ * decomposition's attention weights) are copied out of the first block as they pass. The full
+ * N x N score matrix never exists. Tasks: (sequence, head, row block) without the head-averaged
+ * map; with it, (sequence, row block), each task running every head on its rows so that the
+ * average is accumulated without races. */
 void attention_forward(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
                        size_t mean_bstride, const float *qkv, int B, int N, int W, int H,
                        int causal, float *scratch, int n_scratch) {
     const int d = W / H;
     const int ld = 3 * W;
     const float scale = 1.0f / sqrtf((float)d);
+    const int nblk = (N + CD_ATT_ROW_BLOCK - 1) / CD_ATT_ROW_BLOCK;
+    const size_t tile = (size_t)(N < CD_ATT_ROW_BLOCK ? N : CD_ATT_ROW_BLOCK) * N;
     if (n_scratch < 1) n_scratch = 1;
     if (!att_mean) {
-        #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(n_scratch)
+        #pragma omp parallel for collapse(3) schedule(dynamic, 1) num_threads(n_scratch)
         for (int b = 0; b < B; b++) {
             for (int h = 0; h < H; h++) {
-                float *P = scratch + (size_t)thread_id() * N * N;
-                const float *base = qkv + (size_t)b * N * ld + (size_t)h * d;
-                attention_rows(out + (size_t)b * N * W + (size_t)h * d, W, P, base, base + W,
-                               base + 2 * W, ld, N, d, 0, N, causal, scale);
-                if (att_cls)
-                    memcpy(att_cls + b * cls_bstride + (size_t)h * N, P, (size_t)N * sizeof(float));
+                for (int blk = 0; blk < nblk; blk++) {
+                    const int r0 = blk * CD_ATT_ROW_BLOCK;
+                    const int r1 = r0 + CD_ATT_ROW_BLOCK < N ? r0 + CD_ATT_ROW_BLOCK : N;
+                    float *P = scratch + (size_t)thread_id() * tile;
+                    const float *base = qkv + (size_t)b * N * ld + (size_t)h * d;
+                    attention_rows(out + (size_t)b * N * W + (size_t)h * d, W, P, base, base + W,
+                                   base + 2 * W, ld, N, d, r0, r1, causal, scale);
+                    if (att_cls && r0 == 0)
+                        memcpy(att_cls + b * cls_bstride + (size_t)h * N, P,
+                               (size_t)N * sizeof(float));
+                }
             }
         }
         return;
     }
-    /* with the head-averaged map: each task owns a block of query rows of one sequence and
-     * runs every head on it, so the average is accumulated without races */
-    const int nblk = (N + ATT_ROW_BLOCK - 1) / ATT_ROW_BLOCK;
     const float inv_h = 1.0f / (float)H;
     #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(n_scratch)
     for (int b = 0; b < B; b++) {
         for (int blk = 0; blk < nblk; blk++) {
-            const int r0 = blk * ATT_ROW_BLOCK;
-            const int r1 = r0 + ATT_ROW_BLOCK < N ? r0 + ATT_ROW_BLOCK : N;
-            float *P = scratch + (size_t)thread_id() * N * N;
+            const int r0 = blk * CD_ATT_ROW_BLOCK;
+            const int r1 = r0 + CD_ATT_ROW_BLOCK < N ? r0 + CD_ATT_ROW_BLOCK : N;
+            float *P = scratch + (size_t)thread_id() * tile;
             float *mean = att_mean + b * mean_bstride + (size_t)r0 * N;
             const size_t cnt = (size_t)(r1 - r0) * N;
             memset(mean, 0, cnt * sizeof(float));
@@ -322,6 +387,64 @@ void attention_forward(float *out, float *att_cls, size_t cls_bstride, float *at
                     memcpy(att_cls + b * cls_bstride + (size_t)h * N, P, (size_t)N * sizeof(float));
             }
             for (size_t i = 0; i < cnt; i++) mean[i] *= inv_h;
+        }
+    }
+}
+
+/* reference, arguments as attention_forward's (no scratch). For query i of head h of sequence b:
+ *   s_j = q_i . k_j / sqrt(d) for the visible keys j (j <= i when causal), p = softmax(s),
+ *   out[b, i, h*d + c] = sum_j p_j v_j[c].
+ * The scores are recomputed in each of three passes (max, sum, weighted sum) rather than
+ * stored, and the weighted sums run over the head's columns in chunks of NAIVE_ACC, so every
+ * accumulator is a double on the stack; only att_mean adds its H terms p / H in float. */
+#define NAIVE_ACC 64
+static double naive_score(const float *q, const float *k, int d, double scale) {
+    double s = 0.0;
+    for (int c = 0; c < d; c++) s += (double)q[c] * k[c];
+    return s * scale;
+}
+
+void attention_forward_naive(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
+                             size_t mean_bstride, const float *qkv, int B, int N, int W, int H,
+                             int causal) {
+    const int d = W / H;
+    const size_t ld = (size_t)3 * W;
+    const double scale = 1.0 / sqrt((double)d);
+    for (int b = 0; b < B; b++) {
+        float *mean = att_mean ? att_mean + b * mean_bstride : NULL;   /* (N, N) */
+        if (mean)
+            for (size_t e = 0; e < (size_t)N * N; e++) mean[e] = 0.0f;
+        for (int h = 0; h < H; h++) {
+            float *cls = att_cls ? att_cls + b * cls_bstride + (size_t)h * N : NULL;   /* (N) */
+            for (int i = 0; i < N; i++) {
+                const float *q = qkv + ((size_t)b * N + i) * ld + (size_t)h * d;
+                const float *k0 = qkv + (size_t)b * N * ld + W + (size_t)h * d;
+                const float *v0 = k0 + W;
+                const int valid = causal ? i + 1 : N;
+                double mx = -INFINITY, sum = 0.0;
+                for (int j = 0; j < valid; j++) {
+                    const double s = naive_score(q, k0 + (size_t)j * ld, d, scale);
+                    mx = s > mx ? s : mx;
+                }
+                for (int j = 0; j < valid; j++)
+                    sum += exp(naive_score(q, k0 + (size_t)j * ld, d, scale) - mx);
+                for (int c0 = 0; c0 < d; c0 += NAIVE_ACC) {
+                    const int nc = d - c0 < NAIVE_ACC ? d - c0 : NAIVE_ACC;
+                    double acc[NAIVE_ACC] = {0};
+                    for (int j = 0; j < valid; j++) {
+                        const double p =
+                            exp(naive_score(q, k0 + (size_t)j * ld, d, scale) - mx) / sum;
+                        for (int c = 0; c < nc; c++) acc[c] += p * v0[(size_t)j * ld + c0 + c];
+                        if (c0 > 0) continue;   /* probabilities: once per row */
+                        if (att_cls && i == 0) cls[j] = (float)p;
+                        if (att_mean) mean[(size_t)i * N + j] += (float)(p / H);
+                    }
+                    for (int c = 0; c < nc; c++)
+                        out[((size_t)b * N + i) * W + (size_t)h * d + c0 + c] = (float)acc[c];
+                }
+                if (att_cls && i == 0)
+                    for (int j = valid; j < N; j++) cls[j] = 0.0f;
+            }
         }
     }
 }

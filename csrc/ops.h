@@ -5,6 +5,9 @@
  * G = S / P, R = rows of a matrix.
  * All matrices are row-major float32. Functions parallelise with OpenMP over their outer loop
  * (and fall back to one thread inside an enclosing parallel region).
+ * Each op with any cleverness (vectorised polynomials, fused blocking, GEMM calls) has a naive
+ * reference beside it, *_naive: plain loops in double over libm, one thread, no scratch, same
+ * arguments; csrc/tests/test_ops.c compares the two on every instruction-set path.
  */
 #ifndef CLIPDECOMP_OPS_H
 #define CLIPDECOMP_OPS_H
@@ -30,11 +33,21 @@ void text_embed_forward(float *x, const int32_t *ids, const float *tok_emb, cons
  * (sigma = sqrt(var + eps)) when not NULL. */
 void layernorm_forward(float *out, float *mean, float *sigma, const float *inp,
                        const float *weight, const float *bias, int R, int W, float eps);
+void layernorm_forward_naive(float *out, float *mean, float *sigma, const float *inp,
+                             const float *weight, const float *bias, int R, int W, float eps);
 
 /* x (n) in place: exact GELU 0.5 x (1 + erf(x / sqrt 2)) */
 void gelu_forward(float *x, size_t n);
 /* x (n) in place: QuickGELU x * sigmoid(1.702 x) */
 void quick_gelu_forward(float *x, size_t n);
+/* the references: 0.5 x erfc(-x / sqrt 2) and x / (1 + exp(-1.702 x)) in double. The fast
+ * forms agree within a few roundings (times 1 + x^2 for GELU at x < 0, 1 + 1.7 |x| for
+ * QuickGELU: the rounding of the argument); GELU between x = -7.07 and -12.7 within 3e-6
+ * relative (an asymptotic series, where |GELU| < 6e-12), and both give -0 where the exact value
+ * is below 1e-36 |x| (GELU below x = -12.7, QuickGELU below x = -51.7). NaN and +inf map to
+ * themselves; -inf gives NaN (x * 0), as in the references and torch. */
+void gelu_forward_naive(float *x, size_t n);
+void quick_gelu_forward_naive(float *x, size_t n);
 
 /* the scalar forms of the vectorised functions above: e^x (relative error < 2e-7) and GELU
  * (exact erf form), for tests */
@@ -46,6 +59,9 @@ void residual_forward(float *x, const float *y, size_t n);
 
 /* row (n) in place: softmax over its first `valid` entries, zeros after them. */
 void softmax_forward(float *row, int valid, int n);
+/* the reference, in double; both give zeros for valid = 0 and NaN rows when any of the first
+ * `valid` entries is NaN or all of them are -inf */
+void softmax_forward_naive(float *row, int valid, int n);
 
 /* Multi-head self-attention on packed projections.
  *   out     (B, N, W)  concatenated head outputs (before the out-projection)
@@ -53,13 +69,20 @@ void softmax_forward(float *row, int valid, int n);
  *   att_cls (B, H, N) at batch stride cls_bstride, or NULL: softmax row of query 0 per head
  *   att_mean (B, N, N) at batch stride mean_bstride, or NULL: softmax averaged over heads
  *   causal  != 0: query i sees keys j <= i only
- *   scratch (n_scratch, N, N) floats: one N x N tile per OpenMP thread (at most n_scratch
- *           threads are used)
- * Scale 1/sqrt(d). Parallel over (sequence, head), or over (sequence, block of query rows) when
- * att_mean is wanted. */
+ *   scratch (n_scratch, min(N, CD_ATT_ROW_BLOCK), N) floats: one score tile per OpenMP thread
+ *           (at most n_scratch threads are used)
+ * Scale 1/sqrt(d). Fused per block of query rows: scores, softmax and the weighted sum of values
+ * of CD_ATT_ROW_BLOCK rows at a time, never the whole N x N matrix. Parallel over (sequence,
+ * head, row block), or over (sequence, row block) when att_mean is wanted. */
+#define CD_ATT_ROW_BLOCK 48   /* whole 6-row (AVX2) and 12-row (AVX-512) tiles of the GEMM */
 void attention_forward(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
                        size_t mean_bstride, const float *qkv, int B, int N, int W, int H,
                        int causal, float *scratch, int n_scratch);
+/* the reference: the same outputs from triple loops in double (scores recomputed in each pass
+ * rather than stored), one thread, no scratch, no GEMM */
+void attention_forward_naive(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
+                             size_t mean_bstride, const float *qkv, int B, int N, int W, int H,
+                             int causal);
 
 /* The reference convention of the decomposition, applied to raw residual-stream terms before
  * the projection: rows (R, W) <- gamma * (rows - mu * k_inv) / sigma + beta * k_inv, where
