@@ -36,19 +36,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the checkout, when run from the source tree
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run import cpu_model
 
 from clipdecomp.toy import world
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_module(path: str) -> ModuleType:

@@ -32,35 +32,32 @@
 /* ------------------------------------------------------------------------------------------ */
 /* naive references                                                                           */
 
-void cd_matmul_naive(float *out, const float *inp, const float *weight, const float *bias,
-                     int M, int K, int OC, int accumulate) {
-    #pragma omp parallel for schedule(static) if (M > 1)
-    for (int m = 0; m < M; m++) {
-        const float *x = inp + (size_t)m * K;
-        for (int o = 0; o < OC; o++) {
-            const float *w = weight + (size_t)o * K;
-            float s = bias ? bias[o] : 0.0f;
-            for (int k = 0; k < K; k++) s += x[k] * w[k];
-            float *y = out + (size_t)m * OC + o;
-            *y = accumulate ? *y + s : s;
-        }
-    }
-}
-
-void cd_matmul_bf16_naive(float *out, const float *inp, const float *weight, const float *bias,
-                          int M, int K, int OC, int accumulate) {
+/* out (M, OC) = inp @ weight^T + bias, plain loops; bf16: both operands rounded first */
+static void matmul_naive(float *out, const float *inp, const float *weight, const float *bias,
+                         int M, int K, int OC, int accumulate, int bf16) {
     #pragma omp parallel for schedule(static) if (M > 1)
     for (int m = 0; m < M; m++) {
         const float *x = inp + (size_t)m * K;
         for (int o = 0; o < OC; o++) {
             const float *w = weight + (size_t)o * K;
             float s = 0.0f;
-            for (int k = 0; k < K; k++) s += cd_bf16_round(x[k]) * cd_bf16_round(w[k]);
-            float *y = out + (size_t)m * OC + o;
+            for (int k = 0; k < K; k++)
+                s += bf16 ? cd_bf16_round(x[k]) * cd_bf16_round(w[k]) : x[k] * w[k];
             s += bias ? bias[o] : 0.0f;
+            float *y = out + (size_t)m * OC + o;
             *y = accumulate ? *y + s : s;
         }
     }
+}
+
+void cd_matmul_naive(float *out, const float *inp, const float *weight, const float *bias,
+                     int M, int K, int OC, int accumulate) {
+    matmul_naive(out, inp, weight, bias, M, K, OC, accumulate, 0);
+}
+
+void cd_matmul_bf16_naive(float *out, const float *inp, const float *weight, const float *bias,
+                          int M, int K, int OC, int accumulate) {
+    matmul_naive(out, inp, weight, bias, M, K, OC, accumulate, 1);
 }
 
 void cd_sgemm_nt_naive(int M, int N, int K, float alpha, const float *A, int lda,

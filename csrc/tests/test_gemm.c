@@ -12,6 +12,8 @@
 #include "gemm.h"
 #include "cpu.h"
 #include "clipdecomp.h"
+#define TU_SEED 12345
+#include "tests/test_util.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -25,23 +27,9 @@
 
 static int g_fail = 0, g_checks = 0;
 
-static void set_threads(int n) {
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-#else
-    (void)n;
-#endif
-}
-
-/* uniform in [-1, 1) from a small LCG, so runs are reproducible */
-static unsigned long long g_seed = 12345;
-static float frand(void) {
-    g_seed = g_seed * 6364136223846793005ULL + 1442695040888963407ULL;
-    return (float)((g_seed >> 40) & 0xFFFFFF) / 8388608.0f - 1.0f;
-}
+static float frand(void) { return (float)tu_uniform(); }
 static float *rand_buf(size_t n) {
-    float *p = (float *)malloc((n ? n : 1) * sizeof(float));
-    if (!p) { fprintf(stderr, "out of memory\n"); exit(2); }
+    float *p = (float *)xmalloc(n * sizeof(float));
     for (size_t i = 0; i < n; i++) p[i] = frand();
     return p;
 }

@@ -19,6 +19,8 @@
  */
 #include "moments.h"
 #include "cpu.h"
+#define TU_SEED 4242
+#include "tests/test_util.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -39,26 +41,7 @@ static void report(const char *what, int ok, const char *isa) {
     }
 }
 
-static void set_threads(int n) {
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-#else
-    (void)n;
-#endif
-}
-
-/* uniform in [-1, 1) from a small LCG, so runs are reproducible */
-static unsigned long long g_seed = 4242;
-static double drand(void) {
-    g_seed = g_seed * 6364136223846793005ULL + 1442695040888963407ULL;
-    return (double)((g_seed >> 40) & 0xFFFFFF) / 8388608.0 - 1.0;
-}
-
-static void *xmalloc(size_t bytes) {
-    void *p = malloc(bytes ? bytes : 1);
-    if (!p) { fprintf(stderr, "out of memory\n"); exit(2); }
-    return p;
-}
+static double drand(void) { return tu_uniform(); }
 
 /* one shape: x (n, K, D) inside a buffer with rows of K * (D + pad) + 1 floats and heads
  * D + pad apart; values scale_i * rand + offset */

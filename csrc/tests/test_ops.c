@@ -24,6 +24,8 @@
  */
 #include "ops.h"
 #include "cpu.h"
+#define TU_SEED 2024
+#include "tests/test_util.h"
 
 #include <float.h>
 #include <math.h>
@@ -49,28 +51,8 @@ static void report(const char *what, int ok, int isa) {
     }
 }
 
-static void set_threads(int n) {
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-#else
-    (void)n;
-#endif
-}
-
-/* uniform in [-1, 1) from a small LCG, so runs are reproducible */
-static unsigned long long g_seed = 2024;
-static float frand(void) {
-    g_seed = g_seed * 6364136223846793005ULL + 1442695040888963407ULL;
-    return (float)((g_seed >> 40) & 0xFFFFFF) / 8388608.0f - 1.0f;
-}
-static float *alloc_f(size_t n) {
-    float *p = (float *)malloc((n ? n : 1) * sizeof(float));
-    if (!p) {
-        fprintf(stderr, "out of memory\n");
-        exit(2);
-    }
-    return p;
-}
+static float frand(void) { return (float)tu_uniform(); }
+static float *alloc_f(size_t n) { return (float *)xmalloc(n * sizeof(float)); }
 static float *rand_buf(size_t n, float amp) {
     float *p = alloc_f(n);
     for (size_t i = 0; i < n; i++) p[i] = amp * frand();
