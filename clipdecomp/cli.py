@@ -3,7 +3,7 @@
     clipdecomp demo      [--out DIR] [--n-images N]        the main job, on the embedded model
     clipdecomp run       SOURCE --model M --out STORE ...   a whole collection into a Zarr store
     clipdecomp segeval   --data gtsegs_ijcv.mat --model M   the ImageNet-segmentation benchmark
-    clipdecomp info      [MODEL]                            what a checkpoint holds, the CPU path
+    clipdecomp info      [MODEL] [--precision P]            what a checkpoint holds, the CPU path
     clipdecomp pretrained                                   the known (model, pretrained) names
 """
 from __future__ import annotations
@@ -17,13 +17,16 @@ def _info(argv) -> int:
     ap.add_argument("model", nargs="?", default=None, help="path or name (default: embedded)")
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--act", default=None, choices=["gelu", "quick_gelu"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16-emulated"])
     args = ap.parse_args(argv)
     import clipdecomp
     from clipdecomp import _core
 
-    model = clipdecomp.load(args.model, pretrained=args.pretrained, act=args.act)
+    model = clipdecomp.load(args.model, pretrained=args.pretrained, act=args.act,
+                            precision=args.precision)
     print(model)
-    print(f"SIMD path: {_core.isa()}")
+    bf16 = "yes" if _core.has_bf16() else "no (precision='bf16' is emulated here)"
+    print(f"SIMD path: {_core.isa()}; AVX512_BF16: {bf16}")
     return 0
 
 
