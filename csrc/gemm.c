@@ -394,69 +394,44 @@ static void pack_rows(const gemm_path *P, float *dst, const float *a, size_t lda
 /* ------------------------------------------------------------------------------------------ */
 /* out (M, OC) = inp (M, K) @ W^T + bias                                                      */
 
-/* matmul_part on a CD_GEMM_BF16 weight: the same walk over the pair layout; A is always
- * packed (into abuf, or a buffer on the stack when there is none) */
 #define BF16_STACK_WORDS (96 * 128 + CD_GEMM_PACK_SLACK)
-static void matmul_part_bf16(const gemm_path *P, float *out, const float *inp,
-                             const cd_gemm_weight *w, const float *bias, int accumulate,
-                             int i0, int i1, int j0, int j1, int p0, float *abuf) {
-    const int K = w->K, OC = w->OC;
-    const size_t np = ((size_t)OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
-    const int kcb = P->kc < CD_GEMM_KS ? P->kc : CD_GEMM_KS;   /* even */
-    _Alignas(64) uint32_t sbuf[abuf ? 1 : BF16_STACK_WORDS];
-    uint32_t *apairs = abuf ? (uint32_t *)(void *)abuf : sbuf;   /* mc x kc/2 words fit */
-    for (int ib = i0; ib < i1; ib += P->mc) {
-        const int mc = i1 - ib < P->mc ? i1 - ib : P->mc;
-        const float *arows = inp + (size_t)ib * K;
-        for (int s0 = 0; s0 < K; s0 += CD_GEMM_KS) {
-            const int ks = K - s0 < CD_GEMM_KS ? K - s0 : CD_GEMM_KS, ks2 = (ks + 1) / 2;
-            const uint32_t *slice = w->packed_bf16 + (size_t)(s0 / 2) * CD_GEMM_NR * np;
-            for (int k0 = s0; k0 < s0 + ks; k0 += kcb) {   /* k0 - s0 is even */
-                const int kc = s0 + ks - k0 < kcb ? s0 + ks - k0 : kcb, kc2 = (kc + 1) / 2;
-                pack_rows_bf16(apairs, arows + k0, (ptrdiff_t)K, mc, kc, P->mr);
-                cd_gemm_block blk;
-                blk.mc = mc; blk.nc = j1 - j0; blk.kc = kc2;
-                blk.a = (const float *)(const void *)apairs;
-                blk.pa = (ptrdiff_t)P->mr * kc2; blk.rsa = 1; blk.csa = P->mr;
-                blk.b = (const float *)(const void *)(slice + (size_t)p0 * ks2 * CD_GEMM_NR +
-                                                      (size_t)((k0 - s0) / 2) * CD_GEMM_NR);
-                blk.psb = (ptrdiff_t)ks2 * CD_GEMM_NR; blk.ldbk = CD_GEMM_NR;
-                blk.c = out + (size_t)ib * OC + j0; blk.ldc = OC;
-                blk.bias = (bias && k0 == 0) ? bias + j0 : NULL;
-                blk.alpha = 1.0f;
-                blk.load_c = accumulate || k0 > 0;
-                P->fn(&blk);
-            }
-        }
-    }
-}
 
-/* rows [i0, i1) x panels [p0, p1) of out, on the calling thread; abuf: mc x kc floats or NULL */
+/* rows [i0, i1) x panels [p0, p1) of out, on the calling thread; abuf: mc x kc floats or NULL.
+ * On a CD_GEMM_BF16 weight (P->bf16) the same walk runs over the pair layout, counted in
+ * 32-bit words of two depth rows, with A always packed into pairs (into abuf, or a buffer on
+ * the stack when there is none). */
 static void matmul_part(const gemm_path *P, float *out, const float *inp,
                         const cd_gemm_weight *w, const float *bias, int accumulate,
                         int i0, int i1, int p0, int p1, float *abuf) {
     const int K = w->K, OC = w->OC;
     const size_t np = ((size_t)OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
-    const int kcb = P->kc < CD_GEMM_KS ? P->kc : CD_GEMM_KS;
+    const int kcb = P->kc < CD_GEMM_KS ? P->kc : CD_GEMM_KS;   /* even */
     const int j0 = p0 * CD_GEMM_NR;
     const int j1 = p1 * CD_GEMM_NR < OC ? p1 * CD_GEMM_NR : OC;
     if (i0 >= i1 || j0 >= j1) return;
-    if (P->bf16) {
-        matmul_part_bf16(P, out, inp, w, bias, accumulate, i0, i1, j0, j1, p0, abuf);
-        return;
-    }
+    const int pairs = P->bf16;   /* 1: depth rows two to a word, so depths shift right by one */
     const int emulate = w->precision == CD_GEMM_BF16_EMULATED;
+    /* both layouts hold 4-byte words; the kernels read them as their layout says */
+    const float *packed = pairs ? (const float *)(const void *)w->packed_bf16 : w->packed;
+    _Alignas(64) uint32_t sbuf[pairs && !abuf ? BF16_STACK_WORDS : 1];
+    uint32_t *apairs = abuf ? (uint32_t *)(void *)abuf : sbuf;   /* mc x kc/2 words fit */
     for (int ib = i0; ib < i1; ib += P->mc) {
         const int mc = i1 - ib < P->mc ? i1 - ib : P->mc;
         const float *arows = inp + (size_t)ib * K;
         for (int s0 = 0; s0 < K; s0 += CD_GEMM_KS) {          /* slices of the packed weight */
             const int ks = K - s0 < CD_GEMM_KS ? K - s0 : CD_GEMM_KS;
-            const float *slice = w->packed + (size_t)s0 * CD_GEMM_NR * np;
+            const int ksw = (ks + pairs) >> pairs;             /* its depth rows in words */
+            const float *slice = packed + (size_t)(s0 >> pairs) * CD_GEMM_NR * np;
             for (int k0 = s0; k0 < s0 + ks; k0 += kcb) {      /* the kernel's depth blocks */
                 const int kc = s0 + ks - k0 < kcb ? s0 + ks - k0 : kcb;
+                const int kcw = (kc + pairs) >> pairs;
                 cd_gemm_block blk;
-                blk.mc = mc; blk.nc = j1 - j0; blk.kc = kc;
-                if (abuf) {
+                blk.mc = mc; blk.nc = j1 - j0; blk.kc = kcw;
+                if (pairs) {
+                    pack_rows_bf16(apairs, arows + k0, (ptrdiff_t)K, mc, kc, P->mr);
+                    blk.a = (const float *)(const void *)apairs;
+                    blk.pa = (ptrdiff_t)P->mr * kcw; blk.rsa = 1; blk.csa = P->mr;
+                } else if (abuf) {
                     pack_rows(P, abuf, arows + k0, (size_t)K, mc, kc);
                     if (emulate) {   /* the bf16 rounding of the left operand */
                         const size_t n = (size_t)((mc + P->mr - 1) / P->mr) * P->mr * kc;
@@ -467,8 +442,9 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
                             * emulating bf16, the left operand then goes unrounded) */
                     blk.a = arows + k0; blk.pa = (ptrdiff_t)P->mr * K; blk.rsa = K; blk.csa = 1;
                 }
-                blk.b = slice + (size_t)p0 * ks * CD_GEMM_NR + (size_t)(k0 - s0) * CD_GEMM_NR;
-                blk.psb = (ptrdiff_t)ks * CD_GEMM_NR; blk.ldbk = CD_GEMM_NR;
+                blk.b = slice + (size_t)p0 * ksw * CD_GEMM_NR +
+                        (size_t)((k0 - s0) >> pairs) * CD_GEMM_NR;
+                blk.psb = (ptrdiff_t)ksw * CD_GEMM_NR; blk.ldbk = CD_GEMM_NR;
                 blk.c = out + (size_t)ib * OC + j0; blk.ldc = OC;
                 blk.bias = (bias && k0 == 0) ? bias + j0 : NULL;
                 blk.alpha = 1.0f;
