@@ -326,6 +326,71 @@ def test_tokenizer_special_ids_and_truncation():
     assert vocab[train.UNK] not in train.tokenize(tok, toy.generate(50, seed=0).captions)
 
 
+def test_flatten_background_against_pixel_loop():
+    pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    b = toy.generate(3, seed=11)
+    for texture in (0.0, 0.3, 1.0):
+        got = train.flatten_background(b.images, b.foreground, texture)
+        want = b.images.copy()
+        for i in range(len(b)):
+            bg = [(y, x) for y in range(64) for x in range(64) if not b.foreground[i, y, x]]
+            mean = np.mean([b.images[i, y, x].astype(np.float64) for y, x in bg], axis=0)
+            for y, x in bg:
+                v = texture * b.images[i, y, x].astype(np.float64) + (1 - texture) * mean
+                want[i, y, x] = np.clip(np.rint(v), 0, 255)
+        # float32 against float64 arithmetic: at most one grey level apart at exact halves
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, texture
+        assert (got[b.foreground] == b.images[b.foreground]).all()
+    flat = train.flatten_background(b.images, b.foreground, 0.0)
+    assert flat[0][~b.foreground[0]].std(0).max() < 1.0  # one colour per background
+    assert train.flatten_background(b.images, b.foreground, 1.0) is b.images
+
+
+def test_texture_schedule():
+    pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    got = [train.texture_schedule(s, 1000, 0.4, 0.3) for s in (0, 399, 400, 550, 700, 999)]
+    np.testing.assert_allclose(got, [0.0, 0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-12)
+    assert train.texture_schedule(0, 1000, 0.0, 0.0) == 1.0
+
+
+def test_train_continues_from_an_exported_folder(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    torch.manual_seed(1)
+    tok = train.build_tokenizer()
+    start = train.CLIP(tok.get_vocab_size())
+    train.export(start, tok, tmp_path / "start", {"seed": 41, "steps": 7})
+    small = train.eval_sets(n=16)
+    monkeypatch.setattr(train, "eval_sets", lambda: small)
+    model = train.train(str(tmp_path / "run"), seed=0, steps=1, batch=8, lr=0.0, warmup=1,
+                        init=str(tmp_path / "start"), flat_frac=0.5, ramp_frac=0.25)
+    ref, _ = train.load_exported(tmp_path / "start")
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)  # lr 0: the weights are the folder's
+    info = json.loads((tmp_path / "run" / "model" / "training_info.json").read_text())
+    assert info["init_from"] == {"seed": 41, "steps": 7}
+    assert "--init start --flat-frac 0.5 --ramp-frac 0.25" in info["command"]
+
+    fresh = train.train(str(tmp_path / "run2"), seed=0, steps=1, batch=8, lr=0.0, warmup=1,
+                        init=str(tmp_path / "start"), fresh_text=True)
+    torch.manual_seed(0)  # train() draws a model, one to load the folder into, then the fresh one
+    train.CLIP(tok.get_vocab_size())
+    train.CLIP(tok.get_vocab_size())
+    new = train.CLIP(tok.get_vocab_size()).state_dict()
+    for (k, a), b in zip(fresh.state_dict().items(), ref.state_dict().values()):
+        if k.startswith("visual."):
+            torch.testing.assert_close(a, b, msg=k)
+        else:
+            torch.testing.assert_close(a, new[k], msg=k)
+            same_init = k.endswith("bias") or "ln_" in k or k == "logit_scale"
+            assert same_init or not torch.equal(a, b), k
+
+
 def test_export_roundtrip(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.numpy import load_file
