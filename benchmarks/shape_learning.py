@@ -16,7 +16,7 @@ Needs torch (``pip install .[train]``). One thread per run; about 1 s per step o
 for the ViT on the development machine. Usage::
 
     python benchmarks/shape_learning.py [--steps 300] [--batch 64] [--every 50]
-        [--only supervised|text]
+        [--only supervised|text] [--runs vit,vit-flat,cnn]
 """
 from __future__ import annotations
 
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--only", choices=["supervised", "text"], default=None)
+    ap.add_argument("--runs", default="vit,vit-flat,cnn",
+                    help="comma-separated supervised runs: vit, vit-flat, cnn")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     print("command: python benchmarks/" + " ".join(
@@ -123,8 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         for k, v in text_collapse().items():
             print(f"  {k:<32s} {v:.3f}")
     if a.only in (None, "supervised"):
-        runs = [("ViT, textured grounds", _vit, False), ("ViT, flat grey grounds", _vit, True),
-                ("CNN, textured grounds", _cnn, False)]
+        table = {"vit": ("ViT, textured grounds", _vit, False),
+                 "vit-flat": ("ViT, flat grey grounds", _vit, True),
+                 "cnn": ("CNN, textured grounds", _cnn, False)}
+        runs = [table[k] for k in a.runs.split(",")]
         results = {}
         for name, make, grey in runs:
             print(f"\n{name}")
