@@ -239,14 +239,6 @@ static void check_isa_api(void) {
         report("cd_set_isa refuses a path the CPU lacks", cd_set_isa("avx512") == -1, "api");
 }
 
-/* with arguments, only the paths named there (e.g. `test_gemm avx512`) */
-static int wanted(int isa, int argc, char **argv) {
-    if (argc < 2) return 1;
-    for (int i = 1; i < argc; i++)
-        if (cd_cpu_isa_from_str(argv[i]) == isa) return 1;
-    return 0;
-}
-
 int main(int argc, char **argv) {
     int maxthr = 1;
 #ifdef _OPENMP

@@ -667,14 +667,6 @@ static void check_attention(const int *isas, int nisa) {
 
 /* ------------------------------------------------------------------------------------------ */
 
-/* with arguments, only the paths named there (e.g. `test_ops avx512`) */
-static int wanted(int isa, int argc, char **argv) {
-    if (argc < 2) return 1;
-    for (int i = 1; i < argc; i++)
-        if (cd_cpu_isa_from_str(argv[i]) == isa) return 1;
-    return 0;
-}
-
 int main(int argc, char **argv) {
     int maxthr = 1;
 #ifdef _OPENMP

@@ -1,9 +1,11 @@
 /* test_util.h -- what the C test programs share: thread count, a reproducible random stream,
- * allocation that stops the program when memory runs out. Define TU_SEED before including it. */
+ * allocation that stops the program when memory runs out, the choice of ISA paths from the
+ * command line. Define TU_SEED before including it. */
 #ifndef CLIPDECOMP_TEST_UTIL_H
 #define CLIPDECOMP_TEST_UTIL_H
 #include <stdio.h>
 #include <stdlib.h>
+#include "cpu.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -34,5 +36,12 @@ static void *xmalloc(size_t bytes) {
         exit(2);
     }
     return p;
+}
+/* with arguments, only the ISA paths named there (e.g. `test_ops avx512`) */
+static inline int wanted(int isa, int argc, char **argv) {
+    if (argc < 2) return 1;
+    for (int i = 1; i < argc; i++)
+        if (cd_cpu_isa_from_str(argv[i]) == isa) return 1;
+    return 0;
 }
 #endif /* CLIPDECOMP_TEST_UTIL_H */
