@@ -472,6 +472,19 @@ typedef struct {
     const double *vpre;       /* (B, N, W): max over tokens j' <= j of |v[b, j', :]| */
 } att_case;
 
+/* B blocks of `rows` floats, each followed by `pad` sentinels: the gaps (and the whole block
+ * when the map was not wanted) must still hold SENTINEL */
+static int untouched(const float *m, int B, size_t rows, size_t pad, int wanted,
+                     const char *name, const char *what) {
+    for (int b = 0; b < B; b++)
+        for (size_t e = 0; e < rows + pad; e++)
+            if ((e >= rows || !wanted) && m[b * (rows + pad) + e] != SENTINEL) {
+                printf("  %s: %s written outside its rows (b %d, %zu)\n", what, name, b, e);
+                return 0;
+            }
+    return 1;
+}
+
 /* compare one fast run against the reference; `what` names the run */
 static int att_compare(const att_case *c, const att_outputs *got, int want_cls, int want_mean,
                        const char *what) {
@@ -520,25 +533,8 @@ static int att_compare(const att_case *c, const att_outputs *got, int want_cls, 
                 }
         }
     /* the gaps between the sequences' blocks, and the maps not asked for, stay untouched */
-    for (int b = 0; b < B; b++) {
-        for (size_t e = 0; e < (size_t)H * N + CLS_PAD; e++) {
-            const int gap = e >= (size_t)H * N;
-            const float v = got->cls[b * ((size_t)H * N + CLS_PAD) + e];
-            if ((gap || !want_cls) && v != SENTINEL) {
-                printf("  %s: att_cls written outside its rows (b %d, %zu)\n", what, b, e);
-                return 0;
-            }
-        }
-        for (size_t e = 0; e < (size_t)N * N + MEAN_PAD; e++) {
-            const int gap = e >= (size_t)N * N;
-            const float v = got->mean[b * ((size_t)N * N + MEAN_PAD) + e];
-            if ((gap || !want_mean) && v != SENTINEL) {
-                printf("  %s: att_mean written outside its rows (b %d, %zu)\n", what, b, e);
-                return 0;
-            }
-        }
-    }
-    return 1;
+    return untouched(got->cls, B, (size_t)H * N, CLS_PAD, want_cls, "att_cls", what) &&
+           untouched(got->mean, B, (size_t)N * N, MEAN_PAD, want_mean, "att_mean", what);
 }
 
 static int same_bits(const float *a, const float *b, size_t n) {
