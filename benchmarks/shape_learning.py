@@ -169,11 +169,9 @@ def probe(model_dir=MODEL_DIR, n_train: int = 2000, n_test: int = 1000) -> dict[
     for attr in ("shape", "color", "size", "position", "background"):
         y = b.labels[attr] if attr == "background" else b.labels[attr][:, 0]
         clf = LogisticRegression(max_iter=3000).fit(emb[:n_train], y[:n_train])
-        names, prompts = world.prompts(attr)
-        txt = model.encode_text([t for ts in prompts for t in ts])
-        cls = txt.reshape(len(names), -1, txt.shape[1]).mean(1)
-        cls /= np.linalg.norm(cls, axis=1, keepdims=True)
-        zs = float(((emb[n_train:] @ cls.T).argmax(1) == y[n_train:]).mean())
+        names = world.ATTRIBUTES[attr]
+        cls = clipdecomp.zero_shot_classifier(model, names, templates=world.TEMPLATES[attr])
+        zs = float(((emb[n_train:] @ cls).argmax(1) == y[n_train:]).mean())
         out[attr] = (float(clf.score(emb[n_train:], y[n_train:])), zs, 1 / len(names))
     return out
 

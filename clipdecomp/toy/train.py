@@ -466,14 +466,13 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
     tok = build_tokenizer()
     model = CLIP(tok.get_vocab_size())
     previous = None
-    if init is not None and Path(init).is_dir():  # an exported folder (F16 weights)
-        model.load_state_dict(load_exported(init)[0].state_dict())
-        prev_info = Path(init) / "training_info.json"
-        if prev_info.exists():
-            previous = json.loads(prev_info.read_text())
-    elif init is not None:
-        model.load_state_dict(torch.load(init, map_location="cpu"))
-        prev_info = Path(init).parent / "model" / "training_info.json"
+    if init is not None:
+        if Path(init).is_dir():  # an exported folder (F16 weights)
+            model.load_state_dict(load_exported(init)[0].state_dict())
+            prev_info = Path(init) / "training_info.json"
+        else:  # a state.pt beside its run's model/ export
+            model.load_state_dict(torch.load(init, map_location="cpu"))
+            prev_info = Path(init).parent / "model" / "training_info.json"
         if prev_info.exists():
             previous = json.loads(prev_info.read_text())
     if init is not None and fresh_text:
@@ -510,9 +509,7 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
             cmd += " --fresh-text"
         d = {"seed": seed, "steps": step, "hard_frac": hard_frac, "focus_frac": focus_frac,
              "flat_frac": flat_frac, "ramp_frac": ramp_frac, "fresh_text": fresh_text,
-             "schedule_steps": total,
-             "warmup": warm,
-             "batch": batch, "lr": lr, "minutes": round((time.time() - t0) / 60, 2),
+             "schedule_steps": total, "warmup": warm, "batch": batch, "lr": lr, "minutes": round((time.time() - t0) / 60, 2),
              "final_loss": None if ema is None else round(ema, 4),
              "zero_shot": zero_shot(model, tok, sets), "command": cmd}
         if previous is not None:
