@@ -366,7 +366,7 @@ def test_train_continues_from_an_exported_folder(tmp_path, monkeypatch):
     start = train.CLIP(tok.get_vocab_size())
     train.export(start, tok, tmp_path / "start", {"seed": 41, "steps": 7})
     small = train.eval_sets(n=16)
-    monkeypatch.setattr(train, "eval_sets", lambda: small)
+    monkeypatch.setattr(train, "eval_sets", lambda **kw: small)
     model = train.train(str(tmp_path / "run"), seed=0, steps=1, batch=8, lr=0.0, warmup=1,
                         init=str(tmp_path / "start"), flat_frac=0.5, ramp_frac=0.25)
     ref, _ = train.load_exported(tmp_path / "start")
@@ -509,3 +509,90 @@ def test_shipped_model_clipdecomp_matches_torch():
     np.testing.assert_array_equal(model.tokenize(b.captions), train.tokenize(tok, b.captions))
     np.testing.assert_allclose(got_img, want_img, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(got_txt, want_txt, rtol=1e-3, atol=1e-3)
+
+
+def test_smooth_style_geometry_and_determinism():
+    a = toy.generate(64, seed=5, style="smooth")
+    b = toy.generate(64, seed=5, style="smooth")
+    np.testing.assert_array_equal(a.images, b.images)
+    st = world.STYLES["smooth"]
+    lab = a.labels
+    filled = lab["shape"] >= 0
+    # centres sit on the style's grid (+-1.5 px jitter), radii in each size's range
+    grid = np.array(st.grid) * 64
+    pos = lab["position"][filled]
+    cy, cx = lab["center"][filled].T
+    assert np.abs(cy - grid[pos // 3]).max() <= 1.5 + 1e-4
+    assert np.abs(cx - grid[pos % 3]).max() <= 1.5 + 1e-4
+    r = lab["radius"][filled]
+    for k, name in enumerate(toy.SIZES):
+        lo, hi = st.radius[name]
+        sel = lab["size"][filled] == k
+        assert lo <= r[sel].min() and r[sel].max() <= hi
+    # smooth grounds: away from the objects neighbouring pixels differ by a few levels only
+    bgimg = toy.generate(64, seed=5, style="smooth", draw_objects=False).images.astype(int)
+    assert np.abs(np.diff(bgimg, axis=2)).max() <= 4
+    # textured grounds are not smooth
+    tex = toy.generate(64, seed=5, draw_objects=False).images.astype(int)
+    assert np.abs(np.diff(tex, axis=2)).max() > 40
+    with pytest.raises(ValueError, match="style"):
+        toy.generate(2, style="glossy")
+
+
+def test_smooth_style_names_positions_more_often():
+    def share(style):
+        b = toy.generate(2000, seed=1, n_objects=1, style=style)
+        return b.labels["mentions_position"][:, 0].mean()
+    assert share("smooth") > share("textured") + 0.2
+
+
+def test_attribute_loss_matches_a_direct_computation():
+    torch = pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    texts, index = train.attribute_prompts()
+    assert len(texts) == sum(c * f for _, c, f in index)
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(12, 16, generator=g), dim=-1)
+    emb = torch.nn.functional.normalize(torch.randn(len(texts), 16, generator=g), dim=-1)
+    b = toy.generate(12, seed=3)
+    targets = train.attribute_targets(b.labels)
+    got = train.attribute_loss(img, emb, index, targets, torch.tensor(10.0)).item()
+    # oracle: per attribute, classes = normalised mean of their prompts, CE over defined rows
+    want, o = [], 0
+    for attr, forms in train.ATTRIBUTE_FORMS.items():
+        names = toy.ATTRIBUTES[attr]
+        n = len(names) * len(forms)
+        cls = emb[o : o + n].numpy().reshape(len(names), len(forms), -1).mean(1)
+        o += n
+        cls /= np.linalg.norm(cls, axis=1, keepdims=True)
+        if attr in ("background",):
+            t = b.labels["background"]
+        elif attr == "count":
+            t = b.labels["n_objects"] - 1
+        else:
+            t = np.where(b.labels["n_objects"] == 1, b.labels[attr][:, 0], -1)
+        rows = t >= 0
+        if rows.any():
+            z = 10.0 * img.numpy()[rows] @ cls.T
+            z = z - z.max(1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+            want.append(-logp[np.arange(rows.sum()), t[rows]].mean())
+    assert abs(got - float(np.mean(want))) < 1e-5
+
+
+def test_training_resumes_step_for_step(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    small = train.eval_sets(n=8, style="smooth")
+    monkeypatch.setattr(train, "eval_sets", lambda **kw: small)
+    kw = dict(seed=0, steps=4, batch=8, lr=1e-3, warmup=1, style="smooth", attr_weight=1.0,
+              spurious_frac=0.25, log_every=100)
+    whole = train.train(str(tmp_path / "whole"), **kw)
+    train.train(str(tmp_path / "split"), max_steps=2, **kw)
+    resumed = train.train(str(tmp_path / "split"), resume=True, **kw)
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="arguments differ"):
+        train.train(str(tmp_path / "split"), resume=True, **{**kw, "lr": 2e-3})

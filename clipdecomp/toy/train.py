@@ -282,10 +282,10 @@ def load_exported(model_dir: str | os.PathLike) -> tuple[CLIP, object]:
 # ---------------------------------------------------------------------------------------------
 # Zero-shot evaluation
 
-def eval_sets(seed: int = 12345, n: int = 512) -> dict:
+def eval_sets(seed: int = 12345, n: int = 512, style: str = "textured") -> dict:
     """Held-out scenes for the zero-shot check: single objects, and 1-3 objects for counts."""
-    single = world.generate(n, seed=seed, n_objects=1)
-    multi = world.generate(n, seed=seed + 1, n_objects=(1, 3))
+    single = world.generate(n, seed=seed, n_objects=1, style=style)
+    multi = world.generate(n, seed=seed + 1, n_objects=(1, 3), style=style)
     return {"single": single, "multi": multi}
 
 
@@ -322,42 +322,122 @@ def zero_shot(model: CLIP, tok, sets: dict, batch: int = 256) -> dict[str, float
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def make_batch(batch: int, seed: int, hard_frac: float = 0.0, focus_frac: float = 0.0
-               ) -> tuple[np.ndarray, list[str], np.ndarray]:
+#: Prompt forms of the attribute loss (see :func:`attribute_loss`). They differ from the
+#: zero-shot templates of :data:`clipdecomp.toy.TEMPLATES`, which the evaluation uses.
+ATTRIBUTE_FORMS: dict[str, list[str]] = {
+    "shape": ["a {}", "an image of a {}", "a drawing of a {}"],
+    "color": ["a {} thing", "an image of something {}"],
+    "size": ["a {} thing", "an image of a {} shape"],
+    "position": ["a thing at the {}", "an image with a shape at the {}"],
+    "background": ["{}", "an image of {}"],
+    "count": ["{} things", "an image of {} shapes"],
+}
+
+
+def attribute_prompts() -> tuple[list[str], list[tuple[str, int, int]]]:
+    """Every prompt of the attribute loss, and for each (attribute, class, n_forms) slices.
+
+    Returns
+    -------
+    texts : list of P str (attribute by attribute, class by class, form by form)
+    index : list of (attribute, n_classes, n_forms), in the order of ``texts``
+    """
+    texts, index = [], []
+    for attr, forms in ATTRIBUTE_FORMS.items():
+        names = world.ATTRIBUTES[attr]
+        texts += [f.format(c) for c in names for f in forms]
+        index.append((attr, len(names), len(forms)))
+    return texts, index
+
+
+def attribute_targets(labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Class index per image and attribute, -1 where the attribute is not defined.
+
+    Shape, colour, size and position are defined for scenes of one object, background and
+    count for every scene.
+
+    Returns
+    -------
+    dict attribute -> int64 [B]
+    """
+    single = labels["n_objects"] == 1
+    out = {a: np.where(single, labels[a][:, 0], -1) for a in ("shape", "color", "size", "position")}
+    out["background"] = labels["background"]
+    out["count"] = labels["n_objects"] - 1
+    return out
+
+
+def attribute_loss(img: torch.Tensor, prompt_emb: torch.Tensor, index: list, targets: dict,
+                   scale: torch.Tensor) -> torch.Tensor:
+    """Zero-shot classification loss of every attribute, averaged over attributes.
+
+    Each class is the normalised mean of its prompts' unit text embeddings, and each image is
+    classified against the classes of one attribute with the model's own logit scale: the same
+    computation as a zero-shot evaluation, so that it pulls image and text tower together on
+    each attribute from the first step (contrastive training alone lets the text tower merge
+    captions that differ only in the shape or position word while the images cannot yet tell
+    them apart; see benchmarks/SHAPE_LEARNING.md).
+
+    Parameters
+    ----------
+    img : float [B, D] unit image embeddings
+    prompt_emb : float [P, D] unit text embeddings of :func:`attribute_prompts`
+    index, targets : from :func:`attribute_prompts` and :func:`attribute_targets`
+    scale : the logit scale (exp of the parameter)
+    """
+    losses, o = [], 0
+    for attr, n_cls, n_forms in index:
+        e = prompt_emb[o : o + n_cls * n_forms].view(n_cls, n_forms, -1).mean(1)
+        o += n_cls * n_forms
+        t = torch.from_numpy(targets[attr])
+        keep = t >= 0
+        if keep.any():
+            logits = scale * img[keep] @ F.normalize(e, dim=-1).T
+            losses.append(F.cross_entropy(logits, t[keep]))
+    return torch.stack(losses).mean()
+
+
+def make_batch(batch: int, seed: int, hard_frac: float = 0.0, focus_frac: float = 0.0,
+               style: str = "textured", spurious_frac: float = 0.0
+               ) -> tuple[np.ndarray, list[str], np.ndarray, dict[str, np.ndarray]]:
     """One training batch: general scenes, plus shares of "hard" and "focus" scenes.
 
     The hard scenes share one background and draw their colours from 3 of them, so that within
     the batch they differ mostly by shape, position, size and count: contrastive negatives that
     make those attributes pay off. The focus scenes hold one object each, all of one colour on
     one background, so that only shape, position and size tell them apart. Every part is
-    balanced over the attributes it varies.
+    balanced over the attributes it varies. The spurious scenes are the training split of
+    :func:`clipdecomp.toy.world.spurious_split` (circles mostly on water, squares mostly on
+    grass): a correlation in the training data, as web data carries one between waterbirds and
+    water, which the spurious-split experiment then finds and removes.
 
     Returns
     -------
-    images uint8 [B, 64, 64, 3], captions (B str), foreground bool [B, 64, 64]
+    images uint8 [B, 64, 64, 3], captions (B str), foreground bool [B, 64, 64], labels (the
+    world's label arrays that every part has, concatenated)
     """
     n_hard = round(batch * hard_frac)
     n_focus = round(batch * focus_frac)
-    b = world.generate(batch - n_hard - n_focus, seed=seed)
-    images, captions, fgs = [b.images], list(b.captions), [b.foreground]
+    n_spur = round(batch * spurious_frac)
+    parts = [world.generate(batch - n_hard - n_focus - n_spur, seed=seed, style=style)]
     if n_hard:
         rng = np.random.default_rng(seed + 2**40)
         bg = world.BACKGROUNDS[int(rng.integers(len(world.BACKGROUNDS)))]
         cols = [world.COLORS[i] for i in rng.permutation(len(world.COLORS))[:3]]
-        h = world.generate(n_hard, seed=seed + 2**41, backgrounds=[bg], colors=cols)
-        images.append(h.images)
-        captions += h.captions
-        fgs.append(h.foreground)
+        parts.append(world.generate(n_hard, seed=seed + 2**41, backgrounds=[bg], colors=cols,
+                                    style=style))
     if n_focus:
         rng = np.random.default_rng(seed + 2**42)
         bg = world.BACKGROUNDS[int(rng.integers(len(world.BACKGROUNDS)))]
         col = world.COLORS[int(rng.integers(len(world.COLORS)))]
-        f = world.generate(n_focus, seed=seed + 2**43, n_objects=1, backgrounds=[bg],
-                           colors=[col])
-        images.append(f.images)
-        captions += f.captions
-        fgs.append(f.foreground)
-    return np.concatenate(images), captions, np.concatenate(fgs)
+        parts.append(world.generate(n_focus, seed=seed + 2**43, n_objects=1, backgrounds=[bg],
+                                    colors=[col], style=style))
+    if n_spur:
+        parts.append(world.spurious_split(n_spur, seed=seed + 2**44, train=True, style=style))
+    keys = ("n_objects", "background", "shape", "color", "size", "position")
+    labels = {k: np.concatenate([p.labels[k] for p in parts]) for k in keys}
+    return (np.concatenate([p.images for p in parts]), [c for p in parts for c in p.captions],
+            np.concatenate([p.foreground for p in parts]), labels)
 
 
 def flatten_background(images: np.ndarray, foreground: np.ndarray, texture: float) -> np.ndarray:
@@ -415,11 +495,19 @@ def texture_schedule(step: int, total: int, flat_frac: float, ramp_frac: float) 
     return float(min(1.0, (t - flat_frac) / ramp_frac))
 
 
+def _score(acc: dict[str, float]) -> float:
+    """What "best" means for a checkpoint: the mean zero-shot accuracy plus the lowest one."""
+    v = list(acc.values())
+    return float(np.mean(v) + min(v))
+
+
 def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = None,
           batch: int = 128, lr: float = 1e-3, log_every: int = 100, ckpt_minutes: float = 4.0,
           threads: int = 1, max_steps: int | None = None, warmup: int = 50,
           init: str | None = None, hard_frac: float = 0.0, focus_frac: float = 0.0,
-          flat_frac: float = 0.0, ramp_frac: float = 0.0, fresh_text: bool = False) -> CLIP:
+          flat_frac: float = 0.0, ramp_frac: float = 0.0, fresh_text: bool = False,
+          style: str = "textured", attr_weight: float = 0.0, bf16: bool = False,
+          resume: bool = False, spurious_frac: float = 0.0) -> CLIP:
     """Contrastive training on freshly generated (image, caption) pairs.
 
     The learning rate warms up linearly over ``warmup`` steps, then follows a cosine to 0 at
@@ -431,13 +519,15 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
 
     Parameters
     ----------
-    out : output folder: train.log, state.pt (torch weights), model/ (the export)
+    out : output folder: train.log, state.pt (torch weights), resume.pt (weights, optimiser
+        and step, for ``resume``), model/ (the latest export) and best/ (the export with the
+        best held-out zero-shot accuracies so far: mean plus minimum over the attributes)
     seed : seeds torch, NumPy and the data stream (batch ``s`` is
         ``generate(batch, seed=seed * 1_000_003 + 7919 * s + 1)``)
     init : optional state.pt of an earlier run, or an exported model folder (such as
         ``clipdecomp/toy/model``), to start from (a continuation phase)
-    hard_frac, focus_frac : shares of each batch drawn as hard and focus scenes
-        (see :func:`make_batch`)
+    hard_frac, focus_frac, spurious_frac : shares of each batch drawn as hard, focus and
+        spurious scenes (see :func:`make_batch`)
     flat_frac, ramp_frac : background curriculum (see :func:`texture_schedule` and
         :func:`flatten_background`): flat grounds for the first ``flat_frac`` of the schedule,
         full textures after a further ``ramp_frac``
@@ -445,6 +535,12 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
         logit scale) anew. A text tower trained while the images carried no shape information
         maps "a red circle" and "a red star" to nearly the same point (cosine 0.98), so the
         image side gets no gradient towards shapes; a fresh one tells the words apart.
+    style : world style (``clipdecomp.toy.world.STYLES``) of the training and held-out scenes
+    attr_weight : weight of :func:`attribute_loss` beside the contrastive loss (0: off)
+    bf16 : run the forward and backward passes under bfloat16 autocast (fast where the CPU
+        has AVX512_BF16; the weights and the optimiser stay float32)
+    resume : continue the run in ``out`` from its resume.pt, step for step (the data of each
+        step depends only on the seed and the step), with the same arguments
 
     Returns
     -------
@@ -484,17 +580,34 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": other, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    sets = eval_sets()
+    sets = eval_sets(style=style) if style != "textured" else eval_sets()
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"seed={seed} batch={batch} lr={lr} params={n_params} vocab={tok.get_vocab_size()} "
-        f"init={init}")
+    prompt_texts, prompt_index = attribute_prompts()
+    prompt_ids = torch.from_numpy(tokenize(tok, prompt_texts))
     t0 = time.time()
     total = steps if steps is not None else 10**9
     stop = max_steps if max_steps is not None else total
     warm = warmup
-    step, last_ckpt, ema = 0, t0, None
+    step, last_ckpt, ema, best, elapsed0 = 0, t0, None, None, 0.0
+    args = {"seed": seed, "batch": batch, "lr": lr, "warmup": warmup, "hard_frac": hard_frac,
+            "focus_frac": focus_frac, "flat_frac": flat_frac, "ramp_frac": ramp_frac,
+            "style": style, "attr_weight": attr_weight, "spurious_frac": spurious_frac}
+    if resume and (outp / "resume.pt").exists():
+        r = torch.load(outp / "resume.pt", map_location="cpu")
+        changed = {k: (r["args"].get(k), v) for k, v in args.items() if r["args"].get(k) != v}
+        if changed:
+            raise ValueError(f"cannot resume {out}: arguments differ from the run's "
+                             f"(saved, given): {changed}")
+        model.load_state_dict(r["model"])
+        opt.load_state_dict(r["opt"])
+        step, ema, best, total = r["step"], r["ema"], r["best"], r["total"]
+        stop = max_steps if max_steps is not None else total
+        elapsed0, previous = r["elapsed"], r.get("previous", previous)
+        say(f"resumed at step {step}/{total}")
+    say(f"seed={seed} batch={batch} lr={lr} params={n_params} vocab={tok.get_vocab_size()} "
+        f"init={init} style={style} attr_weight={attr_weight} bf16={bf16}")
 
-    def info() -> dict:
+    def info(acc: dict[str, float] | None = None) -> dict:
         cmd = (f"python -m clipdecomp.toy.train --out OUT --seed {seed} --steps {total} "
                f"--max-steps {step} --warmup {warm} --batch {batch} --lr {lr} --minutes 1e9")
         if init is not None:
@@ -507,17 +620,37 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
             cmd += f" --flat-frac {flat_frac} --ramp-frac {ramp_frac}"
         if fresh_text:
             cmd += " --fresh-text"
+        if style != "textured":
+            cmd += f" --style {style}"
+        if attr_weight:
+            cmd += f" --attr-weight {attr_weight}"
+        if spurious_frac:
+            cmd += f" --spurious-frac {spurious_frac}"
+        if bf16:
+            cmd += " --bf16"
         d = {"seed": seed, "steps": step, "hard_frac": hard_frac, "focus_frac": focus_frac,
              "flat_frac": flat_frac, "ramp_frac": ramp_frac, "fresh_text": fresh_text,
-             "schedule_steps": total, "warmup": warm, "batch": batch, "lr": lr, "minutes": round((time.time() - t0) / 60, 2),
+             "style": style, "attr_weight": attr_weight, "bf16": bf16,
+             "spurious_frac": spurious_frac,
+             "schedule_steps": total, "warmup": warm, "batch": batch, "lr": lr,
+             "minutes": round((elapsed0 + time.time() - t0) / 60, 2),
              "final_loss": None if ema is None else round(ema, 4),
-             "zero_shot": zero_shot(model, tok, sets), "command": cmd}
+             "zero_shot": acc if acc is not None else zero_shot(model, tok, sets),
+             "command": cmd}
         if previous is not None:
             d["init_from"] = previous
         return d
 
+    def save_resume() -> None:
+        torch.save(model.state_dict(), outp / "state.pt")
+        tmp = outp / "resume.pt.tmp"
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "ema": ema, "best": best, "total": total, "args": args,
+                    "elapsed": elapsed0 + time.time() - t0, "previous": previous}, tmp)
+        os.replace(tmp, outp / "resume.pt")
+
     while step < min(total, stop):
-        if steps is None and step == 10:
+        if steps is None and step == 10 and total == 10**9:
             per = (time.time() - t0) / 10
             total = max(100, int(minutes * 60 / (per * 1.08)))  # room for evals and exports
             stop = max_steps if max_steps is not None else total
@@ -531,17 +664,27 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
             cur = 0.5 * lr * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
         for g in opt.param_groups:
             g["lr"] = cur
-        images, captions, fg = make_batch(batch, seed * 1_000_003 + 7919 * step + 1, hard_frac,
-                                          focus_frac)
+        images, captions, fg, labels = make_batch(batch, seed * 1_000_003 + 7919 * step + 1,
+                                                  hard_frac, focus_frac, style,
+                                                  spurious_frac)
         texture = texture_schedule(step, total, flat_frac, ramp_frac)
         images = flatten_background(images, fg, texture)
         x = to_pixels(images)
         ids = torch.from_numpy(tokenize(tok, captions))
-        img = F.normalize(model.encode_image(x), dim=-1)
-        txt = F.normalize(model.encode_text(ids), dim=-1)
-        logits = model.logit_scale.exp() * img @ txt.T
-        target = torch.arange(batch)
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            img = F.normalize(model.encode_image(x).float(), dim=-1)
+            n_cap = len(captions)
+            if attr_weight:
+                ids = torch.cat([ids, prompt_ids])
+            txt_all = F.normalize(model.encode_text(ids).float(), dim=-1)
+            txt = txt_all[:n_cap]
+            scale = model.logit_scale.exp()
+            logits = scale * img @ txt.T
+            target = torch.arange(n_cap)
+            loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+            if attr_weight:
+                loss = loss + attr_weight * attribute_loss(
+                    img, txt_all[n_cap:], prompt_index, attribute_targets(labels), scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -556,14 +699,18 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
             accs = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
             say(f"step {step}/{total} lr={cur:.2e} tex={texture:.2f} loss={ema:.4f} "
                 f"scale={model.logit_scale.exp().item():.1f} {accs} "
-                f"({(time.time() - t0) / 60:.1f} min)")
+                f"({(elapsed0 + time.time() - t0) / 60:.1f} min)")
+            if best is None or _score(acc) > best["score"]:
+                best = {"step": step, "score": _score(acc), "zero_shot": acc}
+                export(model, tok, outp / "best", info(acc))
+                say(f"best so far at step {step}")
         if time.time() - last_ckpt > ckpt_minutes * 60:
-            torch.save(model.state_dict(), outp / "state.pt")
+            save_resume()
             export(model, tok, outp / "model", info())
             last_ckpt = time.time()
             say(f"checkpoint at step {step}")
     final = info()
-    torch.save(model.state_dict(), outp / "state.pt")
+    save_resume()
     export(model, tok, outp / "model", final)
     say(f"done: {json.dumps(final)}")
     log.close()
@@ -591,6 +738,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="share of the schedule over which the textures fade back in")
     ap.add_argument("--fresh-text", action="store_true",
                     help="with --init: keep the vision tower, start the text tower anew")
+    ap.add_argument("--style", default="textured", choices=sorted(world.STYLES),
+                    help="world style of the training and held-out scenes")
+    ap.add_argument("--attr-weight", type=float, default=0.0,
+                    help="weight of the attribute (zero-shot classification) loss")
+    ap.add_argument("--spurious-frac", type=float, default=0.0,
+                    help="share of each batch from the spurious split's training distribution")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its resume.pt")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--log-every", type=int, default=100)
@@ -601,14 +757,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     if a.eval is not None:
         model, tok = load_exported(a.eval)
-        print(json.dumps(zero_shot(model, tok, eval_sets(seed=2024, n=1024)), indent=2))
+        info = Path(a.eval) / "training_info.json"
+        style = json.loads(info.read_text()).get("style", "textured") if info.exists() else \
+            "textured"
+        print(json.dumps(zero_shot(model, tok, eval_sets(seed=2024, n=1024, style=style)),
+                         indent=2))
         return
     if a.out is None:
         ap.error("--out is required for training")
     train(a.out, a.seed, a.minutes, a.steps, a.batch, a.lr, a.log_every, threads=a.threads,
           max_steps=a.max_steps, warmup=a.warmup, init=a.init, hard_frac=a.hard_frac,
           focus_frac=a.focus_frac, flat_frac=a.flat_frac, ramp_frac=a.ramp_frac,
-          fresh_text=a.fresh_text)
+          fresh_text=a.fresh_text, style=a.style, attr_weight=a.attr_weight, bf16=a.bf16,
+          resume=a.resume, spurious_frac=a.spurious_frac)
 
 
 if __name__ == "__main__":

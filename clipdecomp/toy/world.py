@@ -349,15 +349,42 @@ _BG_DRAW = {
 }
 
 
-def draw_backgrounds(kinds: np.ndarray, rng: np.random.Generator, size: int = IMAGE_SIZE
-                     ) -> np.ndarray:
-    """Draw textured backgrounds.
+#: the mean colour of each kind of ground, shared by both styles
+GROUND_RGB: dict[str, tuple[int, int, int]] = {
+    "water": (35, 90, 175), "grass": (60, 140, 45), "sand": (220, 198, 150),
+    "sky": (135, 185, 235), "brick": (158, 58, 40), "wood": (172, 122, 66),
+}
+
+
+def _bg_smooth(rng: np.random.Generator, k: int, s: int, rgb: tuple[int, int, int]) -> _Blocks:
+    """A smooth ground: flat colour (jitter +-15), a gentle gradient (up to +-14 across the image
+    in a random direction) and one faint wave (amplitude 5)."""
+    y, x = _axes(s)
+    base = _base(rng, k, rgb, 15)
+    angle = rng.uniform(0, 2 * np.pi, (k, 1, 1)).astype(np.float32)
+    slope = rng.uniform(4, 14, (k, 1, 1)).astype(np.float32)
+    freq = rng.uniform(0.08, 0.2, (k, 1, 1)).astype(np.float32)
+    ph = rng.uniform(0, 2 * np.pi, (k, 1, 1)).astype(np.float32)
+    u = (y - (s - 1) / 2) / s  # [S, 1], in [-0.5, 0.5]
+    v = (x - (s - 1) / 2) / s
+    for b, out in _blocks(k, s):
+        along = u * np.sin(angle[b]) + v * np.cos(angle[b])  # float32 [k', S, S]
+        shade = 2 * slope[b] * along + 5 * np.sin(along * s * freq[b] + ph[b])
+        for c in range(3):
+            _store(out, c, base[b, c] + shade.astype(np.float64))
+        yield b, out
+
+
+def draw_backgrounds(kinds: np.ndarray, rng: np.random.Generator, size: int = IMAGE_SIZE,
+                     style: str = "textured") -> np.ndarray:
+    """Draw the grounds of a batch.
 
     Parameters
     ----------
     kinds : int [B], indices into ``BACKGROUNDS``
     rng : numpy Generator
     size : image side S
+    style : a key of ``STYLES``: textured or smooth grounds
 
     Returns
     -------
@@ -368,13 +395,16 @@ def draw_backgrounds(kinds: np.ndarray, rng: np.random.Generator, size: int = IM
     >>> draw_backgrounds(np.array([0, 1]), np.random.default_rng(0)).shape
     (2, 64, 64, 3)
     """
+    smooth = _style(style).grounds == "smooth"
     kinds = np.asarray(kinds)
     out = np.empty((len(kinds), size, size, 3), np.uint8)
     for b, name in enumerate(BACKGROUNDS):
         idx = np.flatnonzero(kinds == b)
         if len(idx) == 0:
             continue
-        for part, block in _BG_DRAW[name](rng, len(idx), size):
+        blocks = (_bg_smooth(rng, len(idx), size, GROUND_RGB[name]) if smooth
+                  else _BG_DRAW[name](rng, len(idx), size))
+        for part, block in blocks:
             out[idx[part]] = block
     return out
 
@@ -459,6 +489,43 @@ def _shape_window(shape: str, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
 
 
 _RADIUS = {"small": (5.0, 6.5), "large": (8.5, 10.0)}
+
+
+@dataclass(frozen=True)
+class WorldStyle:
+    """How a world draws its scenes (everything else, the random draws included, is shared).
+
+    Attributes
+    ----------
+    grounds : "textured" (waves, blades, grains, bricks, planks, clouds) or "smooth" (each kind
+        a flat colour with jitter, a gentle gradient and one faint wave)
+    radius : per size name, the (low, high) range of an object's radius in pixels at S = 64
+    grid : centre of the three grid rows (and columns) as fractions of the image side
+    p_size, p_position : chance that a full caption states an object's size / position, for
+        scenes of one object and of several
+    """
+
+    grounds: str
+    radius: dict
+    grid: tuple[float, float, float]
+    p_size: tuple[float, float]
+    p_position: tuple[float, float]
+
+
+#: "textured": the world of the first shipped model; "smooth": flat grounds, objects two to
+#: four patches wide, grid cells pulled inwards, positions named in most captions. A ViT with
+#: 8-pixel patches learns shapes on the second far sooner (benchmarks/SHAPE_LEARNING.md).
+STYLES: dict[str, WorldStyle] = {
+    "textured": WorldStyle("textured", _RADIUS, (1 / 6, 0.5, 5 / 6), (0.5, 0.35), (0.5, 0.35)),
+    "smooth": WorldStyle("smooth", {"small": (8.0, 10.0), "large": (12.5, 15.0)},
+                         (0.21, 0.5, 0.79), (0.5, 0.35), (0.85, 0.6)),
+}
+
+
+def _style(style: str) -> WorldStyle:
+    if style not in STYLES:
+        raise ValueError(f"unknown world style {style!r}; expected one of {sorted(STYLES)}")
+    return STYLES[style]
 
 
 def _windows(cy: np.ndarray, cx: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -547,7 +614,7 @@ def _partial_caption(rng, objs, bg) -> tuple[str, dict]:
 
 
 def make_caption(rng: np.random.Generator, objs: list[tuple[str, str, str, str]], bg: str,
-                 max_tokens: int = 18) -> tuple[str, dict]:
+                 max_tokens: int = 18, style: str = "textured") -> tuple[str, dict]:
     """Describe a scene in one of several phrasings.
 
     Parameters
@@ -556,6 +623,7 @@ def make_caption(rng: np.random.Generator, objs: list[tuple[str, str, str, str]]
     objs : list of (shape, color, size, position) names, one per object
     bg : background name
     max_tokens : the caption is simplified until it has at most this many word tokens
+    style : a key of ``STYLES``: how often sizes and positions are named
 
     Returns
     -------
@@ -574,9 +642,11 @@ def make_caption(rng: np.random.Generator, objs: list[tuple[str, str, str, str]]
     if rng.random() < 0.2:
         return _partial_caption(rng, objs, bg)
     n = len(objs)
-    p_detail = 0.5 if n == 1 else 0.35
-    with_size = [bool(rng.random() < p_detail) for _ in objs]
-    with_pos = [bool(rng.random() < p_detail) for _ in objs]
+    st = _style(style)
+    p_size = st.p_size[0] if n == 1 else st.p_size[1]
+    p_pos = st.p_position[0] if n == 1 else st.p_position[1]
+    with_size = [bool(rng.random() < p_size) for _ in objs]
+    with_pos = [bool(rng.random() < p_pos) for _ in objs]
     with_bg = bool(rng.random() < 0.7)
     with_count = n > 1 and bool(rng.random() < 0.5)
     while True:
@@ -623,14 +693,16 @@ def _index(names: list[str] | None, full: list[str], what: str) -> np.ndarray:
 
 def _render(rng: np.random.Generator, n: int, n_obj: np.ndarray, bg: np.ndarray,
             shape_idx: np.ndarray, color_idx: np.ndarray, size_idx: np.ndarray,
-            pos_idx: np.ndarray, size: int, draw_objects: bool = True) -> ShapesBatch:
+            pos_idx: np.ndarray, size: int, draw_objects: bool = True,
+            style: str = "textured") -> ShapesBatch:
     """Draw scenes whose attributes are all chosen already ([B] and [B, 3] index arrays).
 
     Random numbers are drawn in a fixed order: the backgrounds of the whole batch, then per
     image the radius and jitter of each object followed by its caption. Everything that draws
     none (shape masks, painting, labels) is done afterwards for the whole batch.
     """
-    images = draw_backgrounds(bg, rng, size)
+    st = _style(style)
+    images = draw_backgrounds(bg, rng, size, style)
     # objects in drawing order: image-major, then slot
     filled = np.arange(MAX_OBJECTS) < n_obj[:, None]  # bool [B, 3]
     obj_img, obj_slot = np.nonzero(filled)
@@ -639,7 +711,7 @@ def _render(rng: np.random.Generator, n: int, n_obj: np.ndarray, bg: np.ndarray,
                     [COLORS[a] for a in color_idx[filled].tolist()],
                     [SIZES[a] for a in sizes],
                     [POSITIONS[a] for a in pos_idx[filled].tolist()]))
-    radius_range = [_RADIUS[SIZES[a]] for a in sizes]
+    radius_range = [st.radius[SIZES[a]] for a in sizes]
     bg_names = [BACKGROUNDS[b] for b in bg.tolist()]
     u_radius: list[float] = []
     u_jitter: list[np.ndarray] = []
@@ -650,7 +722,7 @@ def _render(rng: np.random.Generator, n: int, n_obj: np.ndarray, bg: np.ndarray,
         for lo, hi in radius_range[o : o + k]:
             u_radius.append(rng.uniform(lo, hi))
             u_jitter.append(rng.uniform(-1.5, 1.5, 2))
-        cap, m = make_caption(rng, objs[o : o + k], bg_names[i])
+        cap, m = make_caption(rng, objs[o : o + k], bg_names[i], style=style)
         captions.append(cap)
         mentions.append(m)
         o += k
@@ -658,9 +730,14 @@ def _render(rng: np.random.Generator, n: int, n_obj: np.ndarray, bg: np.ndarray,
     r = np.array(u_radius, np.float64) * size / 64.0
     jit = np.array(u_jitter, np.float64).reshape(-1, 2) * size / 64.0
     p = pos_idx[obj_img, obj_slot]
-    cell = size / 3.0
-    cy = (p // 3 + 0.5) * cell + jit[:, 0]
-    cx = (p % 3 + 0.5) * cell + jit[:, 1]
+    if style == "textured":  # kept in this form: the first shipped model saw these pixels
+        cell = size / 3.0
+        cy = (p // 3 + 0.5) * cell + jit[:, 0]
+        cx = (p % 3 + 0.5) * cell + jit[:, 1]
+    else:
+        grid = np.array(st.grid) * size
+        cy = grid[p // 3] + jit[:, 0]
+        cx = grid[p % 3] + jit[:, 1]
     centers = np.full((n, MAX_OBJECTS, 2), np.nan, np.float32)
     radii = np.full((n, MAX_OBJECTS), np.nan, np.float32)
     centers[obj_img, obj_slot, 0] = cy
@@ -718,7 +795,8 @@ def _render(rng: np.random.Generator, n: int, n_obj: np.ndarray, bg: np.ndarray,
 def generate(n: int, seed: int = 0, *, n_objects: int | tuple[int, int] = (1, 3),
              shapes: list[str] | None = None, colors: list[str] | None = None,
              backgrounds: list[str] | None = None, sizes: list[str] | None = None,
-             image_size: int = IMAGE_SIZE, draw_objects: bool = True) -> ShapesBatch:
+             image_size: int = IMAGE_SIZE, draw_objects: bool = True,
+             style: str = "textured") -> ShapesBatch:
     """Generate ``n`` random scenes of 1 to 3 objects, deterministically from ``seed``.
 
     Objects sit in distinct cells of a 3x3 grid; colours within a scene are distinct.
@@ -732,6 +810,7 @@ def generate(n: int, seed: int = 0, *, n_objects: int | tuple[int, int] = (1, 3)
     image_size : image side S (64 by default; the shipped model expects 64)
     draw_objects : if False, return the same scenes (labels, masks, captions) with only the
         background drawn: the object-free counterfactual of each image
+    style : a key of ``STYLES`` ("textured" or "smooth"): grounds, object sizes, grid, captions
 
     Returns
     -------
@@ -775,8 +854,9 @@ def generate(n: int, seed: int = 0, *, n_objects: int | tuple[int, int] = (1, 3)
         shape_idx[filled] = sh[np.array(draws[1], np.int64)]
         color_idx[filled] = co[np.concatenate(draws[2])]
         size_idx[filled] = sz[np.array(draws[3], np.int64)]
+    _style(style)
     return _render(rng, n, n_obj, bg, shape_idx, color_idx, size_idx, pos_idx, image_size,
-                   draw_objects)
+                   draw_objects, style)
 
 
 def _spread_ok() -> set[tuple[int, ...]]:
@@ -801,7 +881,8 @@ def _spread_cells(rng: np.random.Generator, k: int) -> np.ndarray:
 
 def spurious_split(n: int, seed: int = 0, train: bool = True, p_major: float = 0.93,
                    classes: tuple[str, str] = ("circle", "square"),
-                   backgrounds: tuple[str, str] = ("water", "grass")) -> ShapesBatch:
+                   backgrounds: tuple[str, str] = ("water", "grass"), style: str = "textured"
+                   ) -> ShapesBatch:
     """A Waterbirds-like split: two shape classes, each mostly on its own background.
 
     Each image holds one object. Class ``y`` is 0 for ``classes[0]`` and 1 for ``classes[1]``;
@@ -818,6 +899,7 @@ def spurious_split(n: int, seed: int = 0, train: bool = True, p_major: float = 0
     p_major : share of majority-group images in the training split
     classes : the two shape names
     backgrounds : the two background names
+    style : a key of ``STYLES``
 
     Returns
     -------
@@ -849,7 +931,7 @@ def spurious_split(n: int, seed: int = 0, train: bool = True, p_major: float = 0
     size_idx[:, 0] = rng.integers(0, len(SIZES), n)
     pos_idx[:, 0] = rng.integers(0, 9, n)
     batch = _render(rng, n, n_obj, b_idx[place], shape_idx, color_idx, size_idx, pos_idx,
-                    IMAGE_SIZE)
+                    IMAGE_SIZE, style=style)
     batch.labels["y"] = y.astype(np.int64)
     batch.labels["place"] = place.astype(np.int64)
     batch.labels["group"] = (2 * y + place).astype(np.int64)
