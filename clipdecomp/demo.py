@@ -36,6 +36,7 @@ import numpy as np
 
 from . import toy
 from .ablation import ablate, ablation_study, component_means
+from .probes import head_probes, probe_roles
 from .segmentation import (
     all_foreground,
     centre_blob,
@@ -43,7 +44,7 @@ from .segmentation import (
     segment_maps,
     segmentation_metrics,
 )
-from .spatial import attention_map, attention_rollout, heatmap
+from .spatial import attention_map, attention_rollout, head_map, heatmap
 from .textspan import textspan_heads
 from .zeroshot import accuracy, zero_shot_classifier
 
@@ -101,11 +102,12 @@ def _classifiers(model) -> dict[str, np.ndarray]:
     return out
 
 
-def zero_shot_table(model, classifiers, n: int, seed: int) -> list[dict]:
+def zero_shot_table(model, classifiers, n: int, seed: int, style: str = "textured"
+                    ) -> list[dict]:
     """Zero-shot accuracy per attribute on single-object scenes (count: 1 to 3 objects)."""
     rows = []
-    single = toy.generate(n, seed=seed, n_objects=1)
-    multi = toy.generate(n, seed=seed + 1)
+    single = toy.generate(n, seed=seed, n_objects=1, style=style)
+    multi = toy.generate(n, seed=seed + 1, style=style)
     emb_single = model.encode_image(list(single.images))
     emb_multi = model.encode_image(list(multi.images))
     for attr in ATTRIBUTES:
@@ -141,15 +143,95 @@ def head_roles(df, about: list[str], texts: list[str], top: int = 5) -> list[dic
     return rows
 
 
-def worst_group(emb: np.ndarray, y: np.ndarray, group: np.ndarray, classifier) -> tuple[float, float]:
+def worst_group(emb: np.ndarray, y: np.ndarray, group: np.ndarray, classifier
+                ) -> tuple[float, float, list[float]]:
+    """Worst-group accuracy, average accuracy and the accuracy of each group (sorted ids)."""
     pred = (emb @ classifier).argmax(1)
     accs = [float((pred[group == g] == y[group == g]).mean()) for g in np.unique(group)]
-    return min(accs), float((pred == y).mean())
+    return min(accs), float((pred == y).mean()), accs
+
+
+def probe_ground_truth(model, roles: list[dict], n: int, seed: int, style: str
+                       ) -> dict[str, Any]:
+    """Fit linear probes per head and attribute (:func:`clipdecomp.probes.head_probes`) and
+    set ``probe_role`` / ``probe_lift`` / ``agrees`` on each row of ``roles`` (in place).
+
+    Shape, colour, size, position and background are probed on scenes of one object, count on
+    scenes of one to three.
+
+    Returns
+    -------
+    dict with ``agreement`` (share of heads whose TextSpan role is the probes' attribute),
+    ``agreement_specific`` (the same over the specific heads) and ``probes`` (every row)
+    """
+    single = toy.generate(n, seed=seed, n_objects=1, style=style)
+    multi = toy.generate(n, seed=seed + 1, style=style)
+    d1 = model.decompose(list(single.images), progress=False)
+    d2 = model.decompose(list(multi.images), progress=False)
+    lab = single.labels
+    labels = {a: lab[a][:, 0] for a in ("shape", "color", "size", "position")}
+    labels["background"] = lab["background"]
+    n_classes = {a: len(toy.ATTRIBUTES[a]) for a in ATTRIBUTES}
+    rows = head_probes(d1.heads, labels, n_classes=n_classes, seed=seed)
+    rows += head_probes(d2.heads, {"count": multi.labels["n_objects"] - 1},
+                        n_classes=n_classes, seed=seed)
+    best = probe_roles(rows)
+    for r in roles:
+        b = best[(r["layer"], r["head"])]
+        r["probe_role"], r["probe_lift"] = b["attribute"], float(b["lift"])
+        r["agrees"] = r["probe_role"] == r["role"]
+    spec = [r for r in roles if r["specific"]]
+    return {"agreement": float(np.mean([r["agrees"] for r in roles])),
+            "agreement_specific": float(np.mean([r["agrees"] for r in spec])) if spec else None,
+            "probes": rows}
+
+
+_FORMS = {"shape": "a {}", "position": "an object in the {}", "color": "a {} object",
+          "background": "a scene on {}", "size": "a {} object", "count": "{} objects"}
+
+
+def _right_wrong_texts(batch, attribute: str) -> tuple[list[str], list[str]]:
+    """Per image of one-object scenes: a text naming its ``attribute`` value and one naming
+    another value (half the class list further on)."""
+    names = toy.ATTRIBUTES[attribute]
+    idx = batch.labels["background"] if attribute == "background" else \
+        batch.labels[attribute][:, 0]
+    wrong = (idx + len(names) // 2) % len(names)
+    form = _FORMS[attribute]
+    return [form.format(names[i]) for i in idx], [form.format(names[i]) for i in wrong]
+
+
+def head_contrast(model, dec, batch, layer: int, head: int, attribute: str) -> dict[str, Any]:
+    """How much more a head's map lights the object for the right text than for a wrong one.
+
+    For each image (one object), the right text names the object's ``attribute`` value
+    ("a star", "an object in the top left") and the wrong text another value; the contrast is
+    the mean of the head's map (:func:`clipdecomp.spatial.head_map`) over the patches the
+    object covers, right text minus wrong text.
+
+    Returns
+    -------
+    dict with ``layer``, ``head``, ``attribute``, ``contrast`` (mean over images), ``share``
+    (of images where the right text lights the object more) and ``texts`` (of image 0)
+    """
+    right, wrong = _right_wrong_texts(batch, attribute)
+    names = sorted(set(right) | set(wrong))
+    emb = dict(zip(names, model.encode_text(names, normalize=True)))
+    g = int(round((model.config.n_tokens - 1) ** 0.5))
+    patch = model.config.image_size // g
+    fg = batch.foreground.reshape(len(batch), g, patch, g, patch).mean((2, 4)) > 0.25
+    vals = np.zeros(len(batch))
+    for i in range(len(batch)):
+        m = (head_map(dec, layer, head, emb[right[i]])[i]
+             - head_map(dec, layer, head, emb[wrong[i]])[i])
+        vals[i] = float(m[fg[i]].mean()) if fg[i].any() else 0.0
+    return {"layer": layer, "head": head, "attribute": attribute, "contrast": float(vals.mean()),
+            "share": float((vals > 0).mean()), "texts": [right[0], wrong[0]]}
 
 
 def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, seed: int = 0,
              full: bool = False, progress: bool = True, model: Any = None,
-             figures: bool = True) -> dict[str, Any]:
+             figures: bool = True, style: str | None = None) -> dict[str, Any]:
     """Run every analysis on the embedded model and write figures; returns the numbers.
 
     Parameters
@@ -161,6 +243,8 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     progress : show progress bars and print the report
     model : a loaded CLIP (default: :func:`clipdecomp.load` with no arguments)
     figures : write the PNG figures
+    style : world style of the generated scenes (default: the one the shipped model was
+        trained on, ``clipdecomp.toy.MODEL_STYLE``)
 
     Returns
     -------
@@ -172,6 +256,7 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = n_images * (8 if full else 1)
+    style = style or toy.MODEL_STYLE
     model = model if model is not None else load()
     say = print if progress else (lambda *a, **k: None)
     say(f"model: {model.config.name} ({model.config.layers} layers x {model.config.heads} "
@@ -180,13 +265,13 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     classifiers = _classifiers(model)
 
     # 1. zero-shot accuracy per attribute
-    zs = zero_shot_table(model, classifiers, n, seed)
+    zs = zero_shot_table(model, classifiers, n, seed, style)
     say("\nzero-shot accuracy (held-out generated images):")
     for r in zs:
         say(f"  {r['attribute']:<11s} {100 * r['accuracy']:5.1f}%   chance {100 * r['chance']:5.1f}%")
 
     # 2. decompose a general collection, TextSpan on every head
-    scenes = toy.generate(n, seed=seed + 2)
+    scenes = toy.generate(n, seed=seed + 2, style=style)
     dec = model.decompose(list(scenes.images), progress=progress)
     texts, about = description_pool()
     pool_emb = model.encode_text(texts)
@@ -194,16 +279,25 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     df = textspan_heads(dec, pool_emb, texts, layers=layers, n_texts=5,
                         rank=min(80, model.config.embed_dim), progress=False)
     roles = head_roles(df, about, texts)
-    say("\nhead roles (TextSpan, first 5 texts; * = at least 4 of 5 about one attribute):")
+    truth = probe_ground_truth(model, roles, max(4 * n, 512), seed + 7, style)
+    say("\nhead roles (TextSpan, first 5 texts; * = at least 4 of 5 about one attribute; "
+        "probe = what linear probes on the head's terms find most, lift over chance):")
     for r in roles:
         if r["layer"] >= model.config.layers - 2:
             say(f"  L{r['layer']}.H{r['head']} {r['role']:<10s}{'*' if r['specific'] else ' '} "
-                f"{r['variance_explained']:.2f}  " + " | ".join(r["texts"][:3]))
+                f"probe {r['probe_role']:<10s} {r['probe_lift']:.2f} "
+                f"{'=' if r['agrees'] else 'x'}  {r['variance_explained']:.2f}  "
+                + " | ".join(r["texts"][:3]))
     n_specific = sum(r["specific"] for r in roles)
-    say(f"  {n_specific} of {len(roles)} heads are specific to one property")
+    by_role = {a: sum(r["specific"] and r["role"] == a for r in roles) for a in ATTRIBUTES}
+    say(f"  {n_specific} of {len(roles)} heads are specific to one property: "
+        + ", ".join(f"{a} {k}" for a, k in by_role.items()))
+    say(f"  TextSpan and the probes agree on {100 * truth['agreement']:.0f}% of the heads"
+        + ("" if truth["agreement_specific"] is None else
+           f" ({100 * truth['agreement_specific']:.0f}% of the specific ones)"))
 
     # 3. mean-ablation table (colour classification on single-object scenes)
-    single = toy.generate(n, seed=seed + 3, n_objects=1)
+    single = toy.generate(n, seed=seed + 3, n_objects=1, style=style)
     dec1 = model.decompose(list(single.images), progress=False)
     means = component_means(dec)
     abl = ablation_study(dec1, single.labels["color"][:, 0], classifiers["color"], means)
@@ -212,7 +306,7 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
         say(f"  {r['ablation']:<36s} {100 * r['accuracy']:5.1f}%")
 
     # 4. zero-shot segmentation against the true masks (colour classes)
-    seg_imgs = toy.generate(n, seed=seed + 4, n_objects=1)
+    seg_imgs = toy.generate(n, seed=seed + 4, n_objects=1, style=style)
     segdec = model.decompose(list(seg_imgs.images), spatial=True, attn=True, progress=False)
     size = model.config.image_size
     ours = segment_decomposition(segdec, classifiers["color"])
@@ -234,8 +328,8 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
             f"{100 * r['map']:5.1f}")
 
     # 5. spurious correlation: ablate the background heads
-    train = toy.spurious_split(n, seed=seed + 5, train=True)
-    test = toy.spurious_split(max(n, 64), seed=seed + 6, train=False)
+    train = toy.spurious_split(n, seed=seed + 5, train=True, style=style)
+    test = toy.spurious_split(max(n, 64), seed=seed + 6, train=False, style=style)
     cls_names = ["circle", "square"]
     clf = zero_shot_classifier(model, cls_names, templates=toy.TEMPLATES["shape"])
     dtrain = model.decompose(list(train.images), progress=False)
@@ -244,27 +338,47 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
                 and r["share"] >= 0.6]
     tmeans = component_means(dtrain)
     y, group = test.labels["y"], test.labels["group"]
-    wg0, avg0 = worst_group(dtest.embedding, y, group, clf)
+    wg0, avg0, groups0 = worst_group(dtest.embedding, y, group, clf)
     rep = ablate(dtest, heads=bg_heads, means=tmeans)
-    wg1, avg1 = worst_group(rep, y, group, clf)
+    wg1, avg1, groups1 = worst_group(rep, y, group, clf)
+    group_names = [f"{c} on {b}" for c in cls_names for b in ("water", "grass")]
     spurious = {"background_heads": [list(h) for h in bg_heads], "worst_group_before": wg0,
-                    "average_before": avg0, "worst_group_after": wg1, "average_after": avg1}
+                "average_before": avg0, "worst_group_after": wg1, "average_after": avg1,
+                "groups": group_names, "groups_before": groups0, "groups_after": groups1}
     say(f"\nspurious split (circle/square on water/grass), {len(bg_heads)} background heads "
         f"ablated: worst-group {100 * wg0:.1f}% -> {100 * wg1:.1f}%, "
         f"average {100 * avg0:.1f}% -> {100 * avg1:.1f}%")
+    for name, a0, a1 in zip(group_names, groups0, groups1):
+        say(f"  {name:<18s} {100 * a0:5.1f}% -> {100 * a1:5.1f}%")
 
-    report = {"zero_shot": zs, "heads": roles, "ablation": abl.to_dict("records"), "segmentation": seg,
-                  "spurious": spurious}
+    # 6. heat maps of a position head and a shape head: right text against a wrong one
+    contrasts = []
+    for attr in ("position", "shape"):
+        cand = [r for r in roles if r["role"] == attr] or \
+            [max(roles, key=lambda r: [p["lift"] for p in truth["probes"] if
+                                       (p["layer"], p["head"], p["attribute"]) ==
+                                       (r["layer"], r["head"], attr)][0])]
+        top = max(cand, key=lambda r: (r["specific"], r["variance_explained"]))
+        contrasts.append(head_contrast(model, segdec, seg_imgs, top["layer"], top["head"], attr))
+    say("\nhead maps, right text minus wrong text over the object (mean; share of images > 0):")
+    for c in contrasts:
+        say(f"  L{c['layer']}.H{c['head']} {c['attribute']:<9s} {c['contrast']:+.4f}  "
+            f"{100 * c['share']:.0f}%   e.g. '{c['texts'][0]}' vs '{c['texts'][1]}'")
+
+    report = {"style": style, "zero_shot": zs, "heads": roles,
+              "head_probes": {k: v for k, v in truth.items() if k != "probes"},
+              "probes": truth["probes"], "ablation": abl.to_dict("records"),
+              "segmentation": seg, "spurious": spurious, "head_maps": contrasts}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
     if figures:
-        _figures(out, model, segdec, seg_imgs, methods, df, abl, texts)
+        _figures(out, model, segdec, seg_imgs, methods, df, abl, texts, contrasts)
     say(f"\nfigures and report.json written to {out.resolve()} "
         f"({time.perf_counter() - t_start:.1f} s)")
     return report
 
 
-def _figures(out: Path, model, segdec, seg_imgs, methods, df, abl, texts) -> None:
+def _figures(out: Path, model, segdec, seg_imgs, methods, df, abl, texts, contrasts) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,6 +402,30 @@ def _figures(out: Path, model, segdec, seg_imgs, methods, df, abl, texts) -> Non
     maps = maps - maps.mean(axis=1, keepdims=True)
     fig = plot_text_maps(seg_imgs.images[0], maps[0], probe_texts, shared_scale=True)
     fig.savefig(out / "heatmaps.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    # the position head and the shape head, right text against a wrong one, on four images
+    side = seg_imgs.images.shape[1]
+    fig, axes = plt.subplots(len(contrasts), 12, figsize=(18, 1.9 * len(contrasts)),
+                             squeeze=False)
+    for r, c in enumerate(contrasts):
+        right, wrong = _right_wrong_texts(seg_imgs, c["attribute"])
+        for i in range(4):
+            emb = model.encode_text([right[i], wrong[i]], normalize=True)
+            m = np.stack([head_map(segdec, c["layer"], c["head"], e)[i] for e in emb])
+            lim = float(np.abs(m).max()) or 1.0
+            axes[r, 3 * i].imshow(seg_imgs.images[i])
+            axes[r, 3 * i].set_title(f"L{c['layer']}.H{c['head']} ({c['attribute']})",
+                                     fontsize=7)
+            for j, text in enumerate((right[i], wrong[i])):
+                ax = axes[r, 3 * i + 1 + j]
+                ax.imshow(seg_imgs.images[i])
+                ax.imshow(m[j], cmap="bwr", vmin=-lim, vmax=lim, alpha=0.6,
+                          extent=(-0.5, side - 0.5, side - 0.5, -0.5))
+                short = text.replace("an object in the ", "").replace("a ", "", 1)
+                ax.set_title(("right: " if j == 0 else "wrong: ") + short, fontsize=7)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.savefig(out / "head_maps.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     fig = plot_methods(seg_imgs.images[0], {k: v.scores[0] for k, v in methods.items()
                                             if "all" not in k}, gt_mask=seg_imgs.foreground[0])

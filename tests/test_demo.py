@@ -29,7 +29,19 @@ def test_demo_runs_and_reports(tmp_path):
     for name in ("heatmaps.png", "segmentation.png", "head_roles.png", "ablation.png"):
         assert (out / name).stat().st_size > 1000, name
     report = json.loads((out / "report.json").read_text())
-    assert set(report) == {"zero_shot", "heads", "ablation", "segmentation", "spurious"}
+    assert set(report) == {"style", "zero_shot", "heads", "head_probes", "probes", "ablation",
+                           "segmentation", "spurious", "head_maps"}
+    assert (out / "head_maps.png").stat().st_size > 1000
+    assert report["style"] == toy.MODEL_STYLE
+    # every head carries the probes' verdict beside TextSpan's, and the agreement is their mean
+    heads = report["heads"]
+    assert all(r["probe_role"] in toy.ATTRIBUTES for r in heads)
+    agree = np.mean([r["probe_role"] == r["role"] for r in heads])
+    assert report["head_probes"]["agreement"] == pytest.approx(agree)
+    sp = report["spurious"]
+    assert min(sp["groups_before"]) == pytest.approx(sp["worst_group_before"])
+    assert min(sp["groups_after"]) == pytest.approx(sp["worst_group_after"])
+    assert [c["attribute"] for c in report["head_maps"]] == ["position", "shape"]
     zs = {r["attribute"]: r for r in report["zero_shot"]}
     # colour is what the embedded model learned best: far above chance on any seed
     assert zs["color"]["accuracy"] > 3 * zs["color"]["chance"]
@@ -80,3 +92,27 @@ def test_description_pool_is_tagged():
     assert len(texts) == len(set(texts)) == len(about)
     assert set(about) == {"shape", "color", "size", "position", "background", "count"}
     assert np.mean([a == "background" for a in about]) > 0.1
+
+
+def test_head_contrast_against_direct_token_sums():
+    """The contrast is the right text's head map minus the wrong one's over the object's
+    patches, recomputed here from the per-token terms."""
+    import clipdecomp
+    from clipdecomp.demo import _right_wrong_texts, head_contrast
+
+    model = clipdecomp.load()
+    batch = toy.generate(6, seed=11, n_objects=1, style=toy.MODEL_STYLE)
+    dec = model.decompose(list(batch.images), spatial=True)
+    got = head_contrast(model, dec, batch, 4, 2, "position")
+    right, wrong = _right_wrong_texts(batch, "position")
+    g = model.config.image_size // model.config.patch_size
+    fg = batch.foreground.reshape(6, g, 8, g, 8).mean((2, 4)) > 0.25
+    vals = []
+    for i in range(6):
+        e = model.encode_text([right[i], wrong[i]], normalize=True).astype(np.float64)
+        tok = dec.tokens[i, 4, 1:, 2].astype(np.float64)  # [N-1, D]
+        diff = (tok @ e[0] - tok @ e[1]).reshape(g, g)
+        vals.append(diff[fg[i]].mean())
+    assert got["contrast"] == pytest.approx(np.mean(vals), rel=1e-4, abs=1e-7)
+    assert got["share"] == pytest.approx(np.mean(np.array(vals) > 0))
+    assert toy.POSITIONS[batch.labels["position"][0, 0]] in right[0]

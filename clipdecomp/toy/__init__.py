@@ -12,6 +12,9 @@ Examples
 (8, 64, 64, 3)
 >>> names, texts = toy.prompts("shape")
 """
+from __future__ import annotations
+
+import json
 from pathlib import Path
 
 from clipdecomp.toy.world import (
@@ -25,6 +28,7 @@ from clipdecomp.toy.world import (
     POSITIONS,
     SHAPES,
     SIZES,
+    STYLES,
     TEMPLATES,
     ShapesBatch,
     generate,
@@ -36,6 +40,26 @@ from clipdecomp.toy.world import (
 
 MODEL_DIR: Path = Path(__file__).resolve().parent / "model"
 
+
+def model_style(model_dir: str | Path = MODEL_DIR) -> str:
+    """The world style (a key of ``STYLES``) a toy model folder was trained on.
+
+    Read from its ``training_info.json`` ("textured" when the file or the field is missing).
+
+    Examples
+    --------
+    >>> model_style() in STYLES
+    True
+    """
+    info = Path(model_dir) / "training_info.json"
+    if not info.exists():
+        return "textured"
+    return json.loads(info.read_text()).get("style", "textured")
+
+
+#: the world style of the shipped model: scenes generated for it should use this style
+MODEL_STYLE: str = model_style()
+
 __all__ = [
     "ATTRIBUTES",
     "BACKGROUNDS",
@@ -45,12 +69,15 @@ __all__ = [
     "IMAGE_SIZE",
     "MAX_OBJECTS",
     "MODEL_DIR",
+    "MODEL_STYLE",
     "POSITIONS",
     "SHAPES",
     "SIZES",
+    "STYLES",
     "TEMPLATES",
     "ShapesBatch",
     "generate",
+    "model_style",
     "prompts",
     "shape_mask",
     "spurious_split",
