@@ -217,7 +217,7 @@ def head_contrast(model, dec, batch, layer: int, head: int, attribute: str) -> d
     right, wrong = _right_wrong_texts(batch, attribute)
     names = sorted(set(right) | set(wrong))
     emb = dict(zip(names, model.encode_text(names, normalize=True)))
-    g = int(round((model.config.n_tokens - 1) ** 0.5))
+    g = round((model.config.n_tokens - 1) ** 0.5)
     patch = model.config.image_size // g
     fg = batch.foreground.reshape(len(batch), g, patch, g, patch).mean((2, 4)) > 0.25
     vals = np.zeros(len(batch))
@@ -355,9 +355,9 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     contrasts = []
     for attr in ("position", "shape"):
         cand = [r for r in roles if r["role"] == attr] or \
-            [max(roles, key=lambda r: [p["lift"] for p in truth["probes"] if
+            [max(roles, key=lambda r: next(p["lift"] for p in truth["probes"] if
                                        (p["layer"], p["head"], p["attribute"]) ==
-                                       (r["layer"], r["head"], attr)][0])]
+                                       (r["layer"], r["head"], attr)))]
         top = max(cand, key=lambda r: (r["specific"], r["variance_explained"]))
         contrasts.append(head_contrast(model, segdec, seg_imgs, top["layer"], top["head"], attr))
     say("\nhead maps, right text minus wrong text over the object (mean; share of images > 0):")

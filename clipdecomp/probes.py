@@ -129,7 +129,7 @@ def head_probes(terms: np.ndarray, labels: Mapping[str, np.ndarray],
         if y.shape != (n,):
             raise ValueError(f"labels[{attr!r}] must have shape ({n},), got {y.shape}")
         idx = rng.permutation(np.flatnonzero(y >= 0))
-        cut = int(round(train_frac * len(idx)))
+        cut = round(train_frac * len(idx))
         tr, te = idx[:cut], idx[cut:]
         if len(te) == 0 or len(np.unique(y[tr])) < 2:
             raise ValueError(f"too few labelled images for the {attr!r} probe")
@@ -143,7 +143,7 @@ def head_probes(terms: np.ndarray, labels: Mapping[str, np.ndarray],
                 acc = float((pred == y[te]).mean())
                 row = {"layer": layer, "head": head, "attribute": attr, "accuracy": acc,
                        "chance": chance, "lift": (acc - chance) / (1 - chance),
-                       "n_test": int(len(te))}
+                       "n_test": len(te)}
                 if attr == position_key:
                     row["cell_distance"] = _cell_distance(pred, y[te])
                 rows.append(row)

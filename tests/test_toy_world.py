@@ -587,8 +587,8 @@ def test_training_resumes_step_for_step(tmp_path, monkeypatch):
 
     small = train.eval_sets(n=8, style="smooth")
     monkeypatch.setattr(train, "eval_sets", lambda **kw: small)
-    kw = dict(seed=0, steps=4, batch=8, lr=1e-3, warmup=1, style="smooth", attr_weight=1.0,
-              spurious_frac=0.25, log_every=100)
+    kw = {"seed": 0, "steps": 4, "batch": 8, "lr": 1e-3, "warmup": 1, "style": "smooth", "attr_weight": 1.0,
+              "spurious_frac": 0.25, "log_every": 100}
     whole = train.train(str(tmp_path / "whole"), **kw)
     train.train(str(tmp_path / "split"), max_steps=2, **kw)
     resumed = train.train(str(tmp_path / "split"), resume=True, **kw)
