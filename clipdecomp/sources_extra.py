@@ -302,7 +302,8 @@ def cifar(root: str | os.PathLike, name: str | None = None, train: bool = False)
         if not (d / meta_name).is_file():
             continue
         meta = safe_load_pickle(d / meta_name)
-        classes = [str(c) for c in _key(meta, names_key)]
+        classes = [c.decode("utf-8") if isinstance(c, bytes) else str(c)
+                   for c in _key(meta, names_key)]
         paths, labels = [], []
         for f in tr if train else test:
             p = d / f

@@ -262,8 +262,13 @@ def _reference_repaired(heads_last: np.ndarray, last_layers: Sequence[int], abla
     out = mlp_means.sum(axis=0) + head_means[:first].sum(axis=(0, 1))
     out = np.broadcast_to(out, (heads_last.shape[0], out.shape[0])).copy()
     mask = np.zeros((len(last_layers), head_means.shape[1]), bool)
+    n_heads = head_means.shape[1]
     for layer, h in ablate:
-        layer = int(layer) % n_layers
+        layer, h = int(layer), int(h)
+        if not (-n_layers <= layer < n_layers and 0 <= h < n_heads):
+            raise ValueError(f"head ({layer}, {h}) is out of range for a model with {n_layers} "
+                             f"layers of {n_heads} heads")
+        layer %= n_layers
         if layer >= first:
             mask[list(last_layers).index(layer), int(h)] = True
     for j, layer in enumerate(last_layers):
