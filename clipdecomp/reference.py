@@ -60,8 +60,7 @@ def _model_name(reader: Any, given: str | None = None) -> str:
     if path:
         name = os.path.basename(path.rstrip("/"))
         for ext in (".safetensors", ".bin", ".pt", ".pth"):
-            if name.endswith(ext):
-                name = name[: -len(ext)]
+            name = name.removesuffix(ext)
         return name
     ck = (reader.metadata.get("model") or {}).get("checkpoint") or {}
     return str(ck.get("name") or "model").split(".")[0]
@@ -354,7 +353,7 @@ def textspan_store(store: Any, text_embeddings: np.ndarray, texts: Sequence[str]
         x += res.reconstruct(heads[:, lays.index(layer), h])
     correct = _top1_correct(x, labels, np.asarray(classifier, np.float64))
     n_unique = len({t for r in results.values() for t in r.texts})
-    return {"table": df, "results": results, "n_images": int(len(labels)), "layers": lays,
+    return {"table": df, "results": results, "n_images": len(labels), "layers": lays,
             "accuracy": _reference_percent(correct, len(labels)), "n_unique": n_unique}
 
 

@@ -51,7 +51,7 @@ def patch_token_maps(token_embeddings: np.ndarray, classifier: np.ndarray,
     if z.ndim != 3:
         raise ValueError(f"token_embeddings must be [B, N, D], got shape {z.shape}")
     b, n, d = z.shape
-    g = int(round(np.sqrt(n - 1)))
+    g = round(np.sqrt(n - 1))
     if n < 2 or g * g != n - 1:
         raise ValueError(f"{n} tokens are not a class token plus a square patch grid")
     w = _check_classifier(classifier, d).astype(np.float64)

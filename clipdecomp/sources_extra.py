@@ -250,7 +250,7 @@ def _cifar_batch(path: str) -> np.ndarray:
     """uint8 [n, 32, 32, 3] images of one batch file (cached: one read per process)."""
     d = safe_load_pickle(path)
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a dict, got {type(d).__name__}")
+        raise ValueError(f"{path}: expected a dict, got {type(d).__name__}")  # noqa: TRY004
     data = np.asarray(_key(d, "data"))
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{path}: 'data' must be uint8 [n, 3072], got {data.dtype} {data.shape}")

@@ -79,7 +79,7 @@ def test_imagenet_val_follows_torchvision_order(imagenet):
 
 
 def test_imagenet_val_errors(imagenet, tmp_path):
-    val, devkit, truth = imagenet
+    val, _devkit, truth = imagenet
     with pytest.raises(ValueError, match="ground_truth"):
         imagenet_val(val)  # no devkit found beside the images
     short = tmp_path / "short"

@@ -165,7 +165,7 @@ def test_waterbirds_command(wb, capsys):
     out = capsys.readouterr().out
     dec = StoreReader(wb.store).decomposition()
     _, repl = oracle_replaced(dec.heads, dec.mlps, wb.clf, [(5, 1), (4, 3)])
-    row = [ln for ln in out.splitlines() if ln.startswith("heads ablated")][0].split()
+    row = next(ln for ln in out.splitlines() if ln.startswith("heads ablated")).split()
     assert float(row[2]) == pytest.approx(100 * np.mean(repl == wb.y), abs=0.006)
     assert "waterbird on land" in out and "worst_group" in out
     # the preset of a model the store was not made with is refused clearly
