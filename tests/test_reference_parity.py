@@ -472,3 +472,17 @@ def test_segeval_says_which_settings(tmp_path, capsys, monkeypatch):
     assert "resized and cropped like the images" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         segeval_main(base + ["--reference", "--mask-resize", "image"])
+
+
+def test_reconstruction_curve_reference_mode_is_the_completeness_accuracy(world):
+    from clipdecomp.textspan import textspan_reconstruction_curve
+
+    attn, mlp, labels = _npy(world, "attn"), _npy(world, "mlp"), _npy(world, "labels")
+    _, acc, _ = oracle_completeness(attn, mlp, world.clf, world.text, world.pool, labels,
+                                    n_last=2, iters=3, rank=80)
+    df = textspan_reconstruction_curve(attn, mlp, labels, world.clf, world.text, world.pool,
+                                       layers=[4, 5], n_texts_list=(3,), rank=80,
+                                       rank_mode="reference", progress=False)
+    assert 100 * df[df.setting == "text span"].accuracy.iloc[0] == pytest.approx(acc)
+    picks = oracle_textspan(attn[:, 5, 1], world.text, 3, 80)[0]
+    assert df.attrs["results"][(5, 1)].indices.tolist() == picks
