@@ -157,7 +157,7 @@ def waterbirds_source(root: str | os.PathLike, split: str = "test"):
     Examples
     --------
     >>> src = waterbirds_source("waterbird_complete95_forest2water2")       # doctest: +SKIP
-    >>> src.classes
+    >>> src.classes                                                         # doctest: +SKIP
     ['landbird', 'waterbird']
     """
     from .dataset import ImageSource
