@@ -13,7 +13,7 @@ $(VENV)/.stamp: pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel
 	$(VPY) -m pip install -q "torch==2.13.0"
 	$(VPY) -m pip install -q numpy pillow tokenizers tqdm pandas matplotlib huggingface_hub \
-	    pytest transformers safetensors scikit-learn h5py nbformat nbclient ipykernel \
+	    pytest transformers safetensors scikit-learn scipy h5py nbformat nbclient ipykernel \
 	    zarr "dask[distributed]" hypothesis
 	touch $@
 

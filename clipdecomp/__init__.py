@@ -37,6 +37,7 @@ from .textspan import (
     textspan_heads,
     textspan_reconstruction_curve,
 )
+from .waterbirds import group_accuracy, waterbirds_ablation, worst_group_accuracy
 from .zeroshot import accuracy, zero_shot_classifier
 
 
@@ -84,6 +85,7 @@ __all__ = [
     "encode_pool",
     "format_head_table",
     "get_memory_budget",
+    "group_accuracy",
     "has_bf16",
     "head_map",
     "head_maps",
@@ -103,5 +105,7 @@ __all__ = [
     "textspan_heads",
     "textspan_reconstruction_curve",
     "upsample",
+    "waterbirds_ablation",
+    "worst_group_accuracy",
     "zero_shot_classifier",
 ]

@@ -2,6 +2,9 @@
 
     clipdecomp demo      [--out DIR] [--n-images N]        the main job, on the embedded model
     clipdecomp run       SOURCE --model M --out STORE ...   a whole collection into a Zarr store
+    clipdecomp textspan  STORE --pool P --layers -4:        TextSpan head table and its accuracy
+    clipdecomp ablate    STORE                              the paper's mean-ablation table
+    clipdecomp waterbirds STORE --preset ViT-L-14           Waterbirds head ablation, per group
     clipdecomp segeval   --data gtsegs_ijcv.mat --model M   the ImageNet-segmentation benchmark
     clipdecomp info      [MODEL] [--precision P]            what a checkpoint holds, the CPU path
     clipdecomp pretrained                                   the known (model, pretrained) names
@@ -45,6 +48,9 @@ def main(argv=None) -> int:
         "demo": ("clipdecomp.demo", "demo_main"),
         "run": ("clipdecomp.dataset", "run_main"),
         "segeval": ("clipdecomp.imagenet_seg", "segeval_main"),
+        "textspan": ("clipdecomp.reference", "textspan_main"),
+        "ablate": ("clipdecomp.reference", "ablate_main"),
+        "waterbirds": ("clipdecomp.waterbirds", "waterbirds_main"),
     }
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())

@@ -44,6 +44,9 @@ IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif",
 )
 LAYOUTS = ("auto", "folder", "classes", "list")
+# layouts of clipdecomp.sources_extra: the reference's data sets in their official layouts
+EXTRA_LAYOUTS = ("imagenet-val", "cifar10", "cifar100", "waterbirds")
+_VIRTUAL = "::"  # "<pickle file>::<row>": an image inside a pickled array (CIFAR)
 
 __all__ = [
     "ImageSource",
@@ -231,18 +234,24 @@ def open_source(source: Any, layout: str = "auto") -> ImageSource:
     Parameters
     ----------
     source : str, PathLike, sequence of paths, or ImageSource
-    layout : {"auto", "folder", "classes", "list"}
+    layout : {"auto", "folder", "classes", "list", "imagenet-val", "cifar10", "cifar100", \
+"waterbirds"}
         ``auto``: a file is a list file; a folder whose top level holds sub-folders and no
-        image files is a class-per-folder layout; any other folder is an image folder.
+        image files is a class-per-folder layout; any other folder is an image folder. The
+        last four are the official layouts of :mod:`clipdecomp.sources_extra`.
 
     Examples
     --------
     >>> open_source("photos", layout="folder")          # doctest: +SKIP
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    if layout not in LAYOUTS + EXTRA_LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS + EXTRA_LAYOUTS}, not {layout!r}")
     if isinstance(source, ImageSource):
         return source
+    if layout in EXTRA_LAYOUTS:
+        from .sources_extra import open_extra
+
+        return open_extra(source, layout)
     if not isinstance(source, (str, os.PathLike)):
         paths = [os.path.abspath(os.fspath(p)) for p in source]
         return ImageSource("list", "/", paths, np.full(len(paths), -1, np.int64))
@@ -491,9 +500,14 @@ def load_image(preprocess: Callable, path: str) -> tuple[np.ndarray | None, str]
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: truncated files fail here, not later
-            im = im.convert("RGB")
+        if _VIRTUAL in os.path.basename(path):  # a row of a pickled array (CIFAR)
+            from .sources_extra import read_virtual_image
+
+            im = Image.fromarray(read_virtual_image(path))
+        else:
+            with Image.open(path) as im:
+                im.load()  # decode now: truncated files fail here, not later
+                im = im.convert("RGB")
         px = np.asarray(preprocess([im]), dtype=np.float32)
         if px.ndim == 4:
             px = px[0]
@@ -937,7 +951,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="compute threads per process")
     p.add_argument("--loader", default=None, metavar="MODULE:FUNCTION",
                    help="load the model with FUNCTION(path, **kwargs) instead of clipdecomp.load")
-    p.add_argument("--layout", default="auto", choices=LAYOUTS)
+    p.add_argument("--layout", default="auto", choices=LAYOUTS + EXTRA_LAYOUTS,
+                   help="how to read SOURCE (imagenet-val: official validation layout with the "
+                   "devkit; cifar10/cifar100: the Python pickles; waterbirds: metadata.csv, "
+                   "test split)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--dtype", default="float32", choices=["float16", "float32"])
@@ -952,6 +969,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-seconds", type=float, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--reference-npy", default=None, metavar="DIR",
+                   help="also write the reference's .npy files ({dataset}_attn_{model}.npy, "
+                   "_mlp_, _cls_attn_, _labels) into DIR once the store is finished")
+    p.add_argument("--npy-dataset", default=None,
+                   help="data-set word of the .npy names (default from --layout: imagenet, "
+                   "CIFAR10, CIFAR100, binary_waterbirds; else the folder name)")
+    p.add_argument("--npy-model", default=None,
+                   help="model word of the .npy names (default: --model's base name)")
     return p
 
 
@@ -968,6 +993,14 @@ def run_from_args(args: argparse.Namespace) -> int:
             decode_threads=args.decode_threads, checkpoint_seconds=args.checkpoint_seconds,
             overwrite=args.overwrite,
         )
+        if args.reference_npy:
+            from .reference import write_reference_npy
+
+            written = write_reference_npy(args.out, args.reference_npy, args.npy_dataset,
+                                          args.npy_model)
+            if not args.no_progress:
+                for path in written.values():
+                    print(f"wrote {path}")
     except ValueError as e:
         print(f"clipdecomp run: error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from .segmentation import (
     segment_maps,
 )
 from .spatial import attention_map, attention_rollout
+from .zeroshot import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES, TEMPLATE_SETS
 
 if TYPE_CHECKING:
     from typing import Self
@@ -47,48 +48,12 @@ __all__ = [
     "write_gtsegs_like",
 ]
 
-# The 80 prompt templates OpenAI published with CLIP for ImageNet zero-shot classification
-# (the paper's classifier is the normalised mean over them).
-OPENAI_IMAGENET_TEMPLATES: tuple[str, ...] = (
-    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
-    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
-    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.",
-    "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
-    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
-    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.",
-    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
-    "a painting of the {}.", "a painting of a {}.", "a pixelated photo of the {}.",
-    "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
-    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
-    "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.",
-    "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
-    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
-    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
-    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.",
-    "a photo of a nice {}.", "a photo of a weird {}.", "a blurry photo of a {}.",
-    "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
-    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.",
-    "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.", "art of the {}.",
-    "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.",
-    "the plushie {}.", "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.",
-    "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
-    "a tattoo of the {}.",
-)
-# OpenAI's 7-template subset: about as accurate, 11 times cheaper to build.
-SIMPLE_IMAGENET_TEMPLATES: tuple[str, ...] = (
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
-)
-_TEMPLATE_SETS = {
-    "openai": OPENAI_IMAGENET_TEMPLATES,
-    "simple": SIMPLE_IMAGENET_TEMPLATES,
-    "single": ("a photo of a {}.",),
-}
+_TEMPLATE_SETS = TEMPLATE_SETS
+_MASK_WORDS = {"squash": "squashed to the input size (reference)",
+               "image": "resized and cropped like the images"}
 
-METHODS = ("decomposition", "raw attention", "attention rollout", "all foreground",
-           "centre blob")
+METHODS = ("decomposition", "patch tokens", "raw attention", "attention rollout",
+           "all foreground", "centre blob")
 
 
 def _h5py() -> Any:
@@ -330,8 +295,9 @@ def _classifier_in_chunks(model: Any, names: Sequence[str], templates: Sequence[
 # the evaluation
 
 def evaluate_segmentation(model: Any, dataset: Any, classifier: np.ndarray, batch_size: int = 8,
-                          limit: int | None = None, mask_resize: str = "image",
-                          progress: bool = False) -> Any:
+                          limit: int | None = None, mask_resize: str = "squash",
+                          progress: bool = False, normalize: str = "image",
+                          save_maps: str | os.PathLike | None = None) -> Any:
     """Run the benchmark: the decomposition's zero-shot masks and the baselines.
 
     Parameters
@@ -342,16 +308,23 @@ def evaluate_segmentation(model: Any, dataset: Any, classifier: np.ndarray, batc
     classifier : [D, C] zero-shot classifier
     batch_size : images per forward pass
     limit : evaluate the first ``limit`` images only
-    mask_resize : "image" (masks follow the model's image preprocessing, ``resize_mode`` of its
-        config) or "squash" (masks resized to S x S, as the reference code; see
-        :func:`transform_mask`)
+    mask_resize : "squash" (default: masks resized to S x S while the images are resized and
+        centre-cropped, as the reference code; on non-square images the masks are then
+        shifted against the pixels) or "image" (masks follow the model's image preprocessing,
+        ``resize_mode`` of its config, so that they line up; see :func:`transform_mask`)
     progress : show a progress bar with the running scores of the decomposition
+    normalize : "image" (min-max per image) or "batch" (over each batch of ``batch_size``
+        images, as the reference; identical for batch size 1, the reference's default)
+    save_maps : folder for one ``.npz`` per image with every method's map, scores and mask
+        (:func:`clipdecomp.seg_baselines.save_maps`)
 
     Returns
     -------
-    pandas.DataFrame indexed by method ("decomposition", "raw attention", "attention rollout",
-    "all foreground", "centre blob") with columns pixel_accuracy, miou, map (percent) and
-    n_images
+    pandas.DataFrame indexed by method ("decomposition", "patch tokens" (each patch token's
+    own ``ln_post(x) @ proj``, see :mod:`clipdecomp.seg_baselines`), "raw attention",
+    "attention rollout", "all foreground", "centre blob") with columns pixel_accuracy, miou,
+    map (percent) and n_images; ``attrs["mask_resize"]`` and ``attrs["normalize"]`` say which
+    settings made it
 
     Examples
     --------
@@ -360,6 +333,9 @@ def evaluate_segmentation(model: Any, dataset: Any, classifier: np.ndarray, batc
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from .seg_baselines import patch_token_maps
+    from .seg_baselines import save_maps as _save_maps
+
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
     if n <= 0:
         raise ValueError("no images to evaluate")
@@ -367,7 +343,9 @@ def evaluate_segmentation(model: Any, dataset: Any, classifier: np.ndarray, batc
     if mask_resize not in ("image", "squash"):
         raise ValueError(f"mask_resize must be 'image' or 'squash', got {mask_resize!r}")
     mode = getattr(model.config, "resize_mode", "shortest") if mask_resize == "image" else "squash"
-    meters = {m: SegmentationMeter() for m in METHODS}
+    # the patch-token baseline needs the tokens' own projections (clipdecomp's CLIP has them)
+    methods = [m for m in METHODS if m != "patch tokens" or hasattr(model, "token_embeddings")]
+    meters = {m: SegmentationMeter() for m in methods}
     spatial = keep_tokens(model.config, batch_size)  # small models: one forward pass, no probe
     with tqdm(total=n, disable=not progress, unit="img", desc="segeval") as bar:
         for start in range(0, n, batch_size):
@@ -376,16 +354,24 @@ def evaluate_segmentation(model: Any, dataset: Any, classifier: np.ndarray, batc
             gt = np.stack([transform_mask(mk, size, mode) for _, mk in items])
             b = len(items)
             dec = model.decompose(images, spatial=spatial, attn=True)
-            ours = segment_decomposition(dec, classifier, size=size)
-            results = {
-                "decomposition": ours,
-                "raw attention": segment_maps(attention_map(dec), size),
-                "attention rollout": segment_maps(attention_rollout(dec), size),
+            ours = segment_decomposition(dec, classifier, size=size, normalize=normalize)
+            results = {"decomposition": ours}
+            if "patch tokens" in meters:
+                pmaps, _ = patch_token_maps(model.token_embeddings(images, batch_size=b),
+                                            classifier, ours.classes)
+                results["patch tokens"] = segment_maps(pmaps, size, ours.classes,
+                                                       normalize=normalize)
+            results |= {
+                "raw attention": segment_maps(attention_map(dec), size, normalize=normalize),
+                "attention rollout": segment_maps(attention_rollout(dec), size,
+                                                  normalize=normalize),
                 "all foreground": all_foreground(b, size),
                 "centre blob": centre_blob(b, size),
             }
             for name, res in results.items():
                 meters[name].update(res.scores, gt, masks=res.masks, degenerate=res.degenerate)
+            if save_maps is not None:
+                _save_maps(save_maps, start, results, gt)
             bar.update(b)
             if progress:
                 m = meters["decomposition"].compute()
@@ -397,7 +383,10 @@ def evaluate_segmentation(model: Any, dataset: Any, classifier: np.ndarray, batc
         rows.append({"method": name, "pixel_accuracy": 100 * m["pixel_accuracy"],
                      "miou": 100 * m["miou"], "map": 100 * m["map"],
                      "n_images": m["n_images"]})
-    return pd.DataFrame(rows).set_index("method")
+    table = pd.DataFrame(rows).set_index("method")
+    table.attrs["mask_resize"] = mask_resize
+    table.attrs["normalize"] = normalize
+    return table
 
 
 def _read_lines(path: str) -> list[str]:
@@ -457,15 +446,32 @@ def segeval_main(argv: Sequence[str] | None = None) -> int:
                          "there")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N images")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--mask-resize", default="image", choices=["image", "squash"],
-                    help="image: masks resized and cropped exactly like the images (default); "
-                         "squash: masks resized to S x S, as the reference code does")
+    ap.add_argument("--reference", action="store_true",
+                    help="every choice of the reference code: --mask-resize squash, "
+                         "--normalize batch, --batch-size 1")
+    ap.add_argument("--mask-resize", default=None, choices=["squash", "image"],
+                    help="squash (default, the reference): masks resized to S x S while the "
+                         "images are resized and centre-cropped; image: masks resized and "
+                         "cropped exactly like the images")
+    ap.add_argument("--normalize", default=None, choices=["image", "batch"],
+                    help="min-max normalisation per image (default) or over each batch "
+                         "(the reference; the same at batch size 1)")
+    ap.add_argument("--save-maps", default=None, metavar="DIR",
+                    help="write one .npz per image with every method's map, scores and mask")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="save the table as CSV")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
+    if args.reference:
+        for name, value in (("mask_resize", "squash"), ("normalize", "batch")):
+            if getattr(args, name) not in (None, value):
+                ap.error(f"--reference sets --{name.replace('_', '-')} {value}")
+            setattr(args, name, value)
+        args.batch_size = 1
+    args.mask_resize = args.mask_resize or "squash"
+    args.normalize = args.normalize or "image"
 
     import clipdecomp
 
@@ -475,11 +481,14 @@ def segeval_main(argv: Sequence[str] | None = None) -> int:
     classifier = _get_classifier(model, args)
     table = evaluate_segmentation(model, dataset, classifier, batch_size=args.batch_size,
                                   limit=args.limit, mask_resize=args.mask_resize,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, normalize=args.normalize,
+                                  save_maps=args.save_maps)
     dataset.close()
     print(f"\nImageNet-segmentation, {int(table['n_images'].iloc[0])} images, model "
           f"{args.model}" + (f" ({args.pretrained})" if args.pretrained else "")
-          + f", masks: {args.mask_resize}")
+          + f", masks: {_MASK_WORDS[args.mask_resize]}, min-max: per {args.normalize}"
+          + (f", batch size {args.batch_size}" if args.normalize == "batch" else "")
+          + (" (the reference's settings)" if args.reference else ""))
     print(table.to_string(float_format=lambda x: f"{x:.2f}"))
     if args.out:
         table.to_csv(args.out)

@@ -606,6 +606,46 @@ class CLIP:
                 bar.update(px.shape[0])
         return _normalize(out) if normalize else out
 
+    def token_embeddings(self, images: Any, batch_size: int | None = None,
+                         progress: bool = False) -> np.ndarray:
+        """Every token's own projection ``ln_post(x_L[n]) @ proj``, float32 ``[B, N, D]``.
+
+        Token 0 is the class token (its row is ``encode_image(normalize=False)``); tokens 1..N-1
+        are the patches in row-major grid order. Their dot products with class directions give
+        the plain patch-token segmentation baseline (:func:`clipdecomp.seg_baselines.
+        patch_token_maps`).
+
+        Parameters
+        ----------
+        images : path, PIL.Image, array, or a list of these
+        batch_size : int, optional
+            Images per forward pass (default 8).
+        progress : bool
+
+        Examples
+        --------
+        >>> model.token_embeddings(["cat.jpg"]).shape                     # doctest: +SKIP
+        (1, 197, 512)
+        """
+        bs = self._batch_arg(batch_size, _BATCH)
+        if not _is_float_array(images):
+            images = as_image_list(images)
+        n = self._count(images)
+        c = self.config
+        plan = plan_memory(c, n, self._budget(), decompose=False, threads=self.threads,
+                           batch_size=bs)
+        if plan.batch_size < 1:
+            raise _too_big(plan, "token_embeddings", "")
+        out = np.empty((n, c.n_tokens, c.embed_dim), dtype=np.float32)
+        with _progress(n, progress, "token_embeddings") as bar:
+            for s, px in self._batches(images, plan.batch_size):
+                r = self._run(px, token_embeddings=True)
+                out[s:s + px.shape[0]] = r["token_embeddings"]
+                _check_finite(r["embedding"], s, "token_embeddings")
+                del r
+                bar.update(px.shape[0])
+        return out
+
     @staticmethod
     def _batch_arg(batch_size: int | None, default: int) -> int:
         if batch_size is None:

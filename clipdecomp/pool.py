@@ -24,31 +24,56 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_POOL", "encode_pool", "generate_descriptions", "load_pool"]
+__all__ = ["DEFAULT_POOL", "POOLS", "encode_pool", "generate_descriptions", "load_pool"]
 
-DEFAULT_POOL: Path = Path(__file__).resolve().parent / "data" / "descriptions.txt"
+_DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_POOL: Path = _DATA / "descriptions.txt"
+
+#: Description pools shipped with clipdecomp, by name: the package's own (``clipdecomp``, the
+#: default) and the two text sets of the paper's reference code (MIT licence, see
+#: ``data/reference/NOTICE``), read verbatim as the reference reads them (one text a line,
+#: only the line break removed) so that picks and written tables match it.
+POOLS: dict[str, Path] = {
+    "clipdecomp": DEFAULT_POOL,
+    "image_descriptions_general": _DATA / "reference" / "image_descriptions_general.txt",
+    "google_3498_english": _DATA / "reference" / "google_3498_english.txt",
+}
+_VERBATIM = ("image_descriptions_general", "google_3498_english")
 
 
 def load_pool(path: str | os.PathLike | None = None) -> list[str]:
-    """Read a description pool: one text a line; blank lines and ``#`` comments skipped.
+    """Read a description pool by name or from a file: one text a line.
 
     Parameters
     ----------
-    path : path, optional
-        A text file (UTF-8). Default: the pool shipped with clipdecomp.
+    path : str or path, optional
+        A name in :data:`POOLS` (``"clipdecomp"``, ``"image_descriptions_general"``,
+        ``"google_3498_english"``) or a text file (UTF-8). Default: clipdecomp's own pool.
 
     Returns
     -------
     list of str
-        The descriptions, in file order, stripped, duplicates removed (first kept).
+        The descriptions, in file order. Files and clipdecomp's pool: stripped, blank lines
+        and ``#`` comments skipped, duplicates removed (first kept). The reference's pools:
+        every line as the reference reads it (line break removed, nothing else).
 
     Examples
     --------
     >>> pool = load_pool()
     >>> len(pool) >= 3000
     True
+    >>> len(load_pool("google_3498_english"))
+    3498
     """
+    if isinstance(path, str) and path in POOLS:
+        name, path = path, POOLS[path]
+        if name in _VERBATIM:
+            with open(path, encoding="utf-8") as f:
+                return [line.replace("\n", "") for line in f]
     path = DEFAULT_POOL if path is None else Path(path)
+    if not path.is_file():
+        raise ValueError(f"no description pool {str(path)!r}: give a text file or one of "
+                         f"{sorted(POOLS)}")
     seen: set[str] = set()
     out = []
     with open(path, encoding="utf-8") as f:

@@ -2,10 +2,13 @@
 
 The paper retrieves, for a head with a clear TextSpan role ("colours", "locations"...), the
 images whose term of that head is closest to a query's: the head's output space then acts as an
-image similarity of its own. :class:`HeadIndex` keeps the unit-normalised terms of the chosen
-head(s) over a collection and answers exact cosine top-k queries, in memory (float32) or from
-a float16 memory-mapped file on disk that is written chunk by chunk (collections larger than
-memory).
+image similarity of its own. :class:`HeadIndex` keeps the terms of the chosen head(s) over a
+collection and answers exact top-k queries, in memory (float32) or from a memory-mapped file on
+disk that is written chunk by chunk (collections larger than memory). Two rankings:
+``metric="cosine"`` (unit-normalised terms, float16 on disk) and ``metric="dot"`` (the raw
+terms, float32 on disk: the ranking of the reference notebook ``nns.ipynb``, which scores
+``terms @ query_terms``). :meth:`HeadIndex.from_store` builds one from a store's kept layers,
+reading only the layers it needs, one chunk at a time.
 
 Shapes: N indexed images, Q queries, L layers, H heads, D embedding dim, k results.
 """
@@ -25,6 +28,13 @@ __all__ = ["HeadIndex", "HeadIndexWriter", "show_retrieval"]
 _META = "meta.json"
 _VECTORS = "vectors.f16"
 _BLOCK = 65536  # index rows scored at a time
+METRICS = ("cosine", "dot")
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return metric
 
 
 def _as_heads(heads: Any) -> list[tuple[int, int]]:
@@ -41,8 +51,10 @@ def _as_heads(heads: Any) -> list[tuple[int, int]]:
     return out
 
 
-def _head_vectors(chunk: Any, heads: list[tuple[int, int]]) -> np.ndarray:
-    """Unit-normalised summed terms of ``heads`` for a chunk, float32 [B, D]."""
+def _head_vectors(chunk: Any, heads: list[tuple[int, int]], normalize: bool = True
+                  ) -> np.ndarray:
+    """Summed terms of ``heads`` for a chunk (unit-normalised unless not ``normalize``),
+    float32 [B, D]."""
     arr = chunk.heads if hasattr(chunk, "heads") else chunk
     arr = np.asarray(arr)
     if arr.ndim != 4:
@@ -50,6 +62,8 @@ def _head_vectors(chunk: Any, heads: list[tuple[int, int]]) -> np.ndarray:
     layers = np.array([p[0] for p in heads])
     hs = np.array([p[1] for p in heads])
     x = arr[:, layers, hs].sum(axis=1, dtype=np.float64)  # [B, D]
+    if not normalize:
+        return x.astype(np.float32)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norm, 1e-30)).astype(np.float32)
 
@@ -62,7 +76,8 @@ def _chunks(source: Any) -> Iterable[Any]:
 
 
 class HeadIndexWriter:
-    """Write a float16 on-disk :class:`HeadIndex` one chunk at a time.
+    """Write an on-disk :class:`HeadIndex` one chunk at a time (float16 unit vectors for
+    ``metric="cosine"``, float32 raw terms for ``metric="dot"``).
 
     Examples
     --------
@@ -75,7 +90,9 @@ class HeadIndexWriter:
     15
     """
 
-    def __init__(self, path: str | os.PathLike, heads: Any):
+    def __init__(self, path: str | os.PathLike, heads: Any, metric: str = "cosine"):
+        self.metric = _check_metric(metric)
+        self.dtype = "<f2" if metric == "cosine" else "<f4"
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.heads = _as_heads(heads)
@@ -85,19 +102,23 @@ class HeadIndexWriter:
 
     def add(self, chunk: Any) -> None:
         """Append a chunk: head terms [B, L, H, D] or a Decomposition (example: the class)."""
-        vec = _head_vectors(chunk, self.heads)
+        vec = _head_vectors(chunk, self.heads, self.metric == "cosine")
+        self._write(vec)
+
+    def _write(self, vec: np.ndarray) -> None:
         if self.dim is None:
             self.dim = vec.shape[1]
         elif vec.shape[1] != self.dim:
             raise ValueError(f"chunk of dim {vec.shape[1]}, index of dim {self.dim}")
-        self._file.write(np.ascontiguousarray(vec, "<f2").tobytes())
+        self._file.write(np.ascontiguousarray(vec, self.dtype).tobytes())
         self.n += vec.shape[0]
 
     def close(self) -> HeadIndex:
         """Finish the file and open the index (example: the class)."""
         if not self._file.closed:
             self._file.close()
-            meta = {"n": self.n, "dim": self.dim or 0, "heads": self.heads, "dtype": "<f2"}
+            meta = {"n": self.n, "dim": self.dim or 0, "heads": self.heads, "dtype": self.dtype,
+                    "metric": self.metric}
             (self.path / _META).write_text(json.dumps(meta))
         return HeadIndex.open(self.path)
 
@@ -109,7 +130,7 @@ class HeadIndexWriter:
 
 
 class HeadIndex:
-    """Exact cosine top-k search over the terms of one head or a set of heads.
+    """Exact top-k search (cosine or dot product) over the terms of one head or a set of heads.
 
     Build it with :meth:`build` (from head terms, a Decomposition or an iterable of chunks),
     save it with :meth:`save` and open it again, memory-mapped, with :meth:`open`.
@@ -117,13 +138,17 @@ class HeadIndex:
     Parameters
     ----------
     vectors : ndarray [N, D]
-        Unit-normalised (summed) head terms; float32 in memory or a float16 memmap.
+        (Summed) head terms: unit-normalised for ``metric="cosine"``, as they are for
+        ``"dot"``; float32 in memory or a memmap.
     heads : list of (layer, head)
         The head(s) whose terms are indexed (summed when several).
     model : CLIP, optional
         Lets :meth:`query` take raw images (decomposed with ``model.decompose``).
     path : path, optional
         Where the index lives on disk, if it does.
+    metric : {"cosine", "dot"}
+        How :meth:`query` ranks: cosine similarity, or the dot product of the raw terms (the
+        reference notebook's ranking).
 
     Examples
     --------
@@ -141,7 +166,9 @@ class HeadIndex:
         heads: Any,
         model: Any = None,
         path: str | os.PathLike | None = None,
+        metric: str = "cosine",
     ):
+        self.metric = _check_metric(metric)
         self.vectors = vectors
         self.heads = _as_heads(heads)
         self.model = model
@@ -155,6 +182,7 @@ class HeadIndex:
         heads: Any,
         path: str | os.PathLike | None = None,
         model: Any = None,
+        metric: str = "cosine",
     ) -> HeadIndex:
         """Index the terms of ``heads`` over a collection.
 
@@ -168,6 +196,8 @@ class HeadIndex:
             Write a float16 index there (chunk by chunk, never holding the whole collection)
             and return it memory-mapped. Default: a float32 index in memory.
         model : CLIP, optional
+            See the class parameters.
+        metric : {"cosine", "dot"}
             See the class parameters.
 
         Returns
@@ -184,18 +214,72 @@ class HeadIndex:
         >>> len(HeadIndex.build(chunks, heads=(1, 0), path=tempfile.mkdtemp()))
         50
         """
+        _check_metric(metric)
         if path is not None:
-            with HeadIndexWriter(path, heads) as writer:
+            with HeadIndexWriter(path, heads, metric=metric) as writer:
                 for chunk in _chunks(source):
                     writer.add(chunk)
             index = writer.close()
             index.model = model
             return index
         hs = _as_heads(heads)
-        parts = [_head_vectors(chunk, hs) for chunk in _chunks(source)]
+        parts = [_head_vectors(chunk, hs, metric == "cosine") for chunk in _chunks(source)]
         if not parts:
             raise ValueError("no data to index")
-        return cls(np.concatenate(parts, axis=0), hs, model=model)
+        return cls(np.concatenate(parts, axis=0), hs, model=model, metric=metric)
+
+    @classmethod
+    def from_store(
+        cls,
+        store: Any,
+        heads: Any,
+        path: str | os.PathLike | None = None,
+        model: Any = None,
+        metric: str = "cosine",
+    ) -> HeadIndex:
+        """Index ``heads`` over a clipdecomp store, reading only their layers, chunk by chunk.
+
+        Row i of the index is row i of the store (skipped or unfinished rows hold zeros and
+        score 0; pass their rows as ``exclude`` to :meth:`query` to leave them out).
+
+        Parameters
+        ----------
+        store : StoreReader or path
+            A store written by :func:`clipdecomp.run_dataset`; the heads' layers must be kept.
+        heads : (layer, head) or list of (layer, head)
+            Model layer numbers (negative allowed), as in :meth:`build`.
+        path, model, metric
+            As in :meth:`build`.
+
+        Returns
+        -------
+        HeadIndex
+
+        Examples
+        --------
+        >>> index = HeadIndex.from_store("val.zarr", heads=(11, 3), metric="dot")  # doctest: +SKIP
+        >>> idx, scores = index.query(0, k=15)                                     # doctest: +SKIP
+        """
+        from .store import StoreReader
+
+        _check_metric(metric)
+        reader = store if hasattr(store, "iter_chunks") else StoreReader(store)
+        n_layers = int(reader.metadata["shapes"]["layers"])
+        hs = _as_heads(heads)
+        wanted = sorted({layer % n_layers if layer < 0 else layer for layer, _ in hs})
+        reader._layer_positions(wanted)  # raises if a layer is not kept
+        local = [(wanted.index(layer % n_layers if layer < 0 else layer), h) for layer, h in hs]
+        if path is not None:
+            writer = HeadIndexWriter(path, hs, metric=metric)
+            with writer:
+                for _, chunk in reader.iter_chunks("heads", layers=wanted):
+                    writer._write(_head_vectors(chunk["heads"], local, metric == "cosine"))
+            index = writer.close()
+            index.model = model
+            return index
+        parts = [_head_vectors(chunk["heads"], local, metric == "cosine")
+                 for _, chunk in reader.iter_chunks("heads", layers=wanted)]
+        return cls(np.concatenate(parts, axis=0), hs, model=model, metric=metric)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the index to a directory (float16 vectors + ``meta.json``).
@@ -209,12 +293,9 @@ class HeadIndex:
         >>> len(HeadIndex.open(path))
         4
         """
-        with HeadIndexWriter(path, self.heads) as writer:
+        with HeadIndexWriter(path, self.heads, metric=self.metric) as writer:
             for r0 in range(0, len(self), _BLOCK):
-                block = np.asarray(self.vectors[r0 : r0 + _BLOCK], np.float32)
-                writer.dim = block.shape[1]
-                writer._file.write(np.ascontiguousarray(block, "<f2").tobytes())
-                writer.n += block.shape[0]
+                writer._write(np.asarray(self.vectors[r0 : r0 + _BLOCK], np.float32))
 
     @classmethod
     def open(cls, path: str | os.PathLike, model: Any = None) -> HeadIndex:
@@ -226,7 +307,8 @@ class HeadIndex:
             vectors = np.zeros((0, dim), np.float16)
         else:
             vectors = np.memmap(path / _VECTORS, dtype=meta["dtype"], mode="r", shape=(n, dim))
-        return cls(vectors, [tuple(p) for p in meta["heads"]], model=model, path=path)
+        return cls(vectors, [tuple(p) for p in meta["heads"]], model=model, path=path,
+                   metric=meta.get("metric", "cosine"))
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
@@ -239,18 +321,20 @@ class HeadIndex:
     def _query_vectors(self, query: Any) -> tuple[np.ndarray, bool]:
         if isinstance(query, (int, np.integer)):
             return np.asarray(self.vectors[int(query)], np.float32)[None], True
+        cosine = self.metric == "cosine"
         if hasattr(query, "heads"):
-            return _head_vectors(query, self.heads), False
+            return _head_vectors(query, self.heads, cosine), False
         if (isinstance(query, np.ndarray) and query.dtype != object and query.ndim in (1, 2, 4)
                 and not self._is_pixels(query)):
             if query.ndim == 4:
-                return _head_vectors(query, self.heads), False
+                return _head_vectors(query, self.heads, cosine), False
             q = np.asarray(query, np.float64)
             single = q.ndim == 1
             q = q.reshape(-1, q.shape[-1])
             if q.shape[1] != self.dim:
                 raise ValueError(f"query vectors must be [Q, {self.dim}], got {query.shape}")
-            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
+            if cosine:
+                q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
             return q.astype(np.float32), single
         if self.model is None:
             raise TypeError(
@@ -263,7 +347,7 @@ class HeadIndex:
         if isinstance(query, np.ndarray) and query.dtype == np.uint8 and query.ndim == 4:
             query = list(query)  # a stack of uint8 images [Q, H, W, 3]
         dec = self.model.decompose([query] if single else query)
-        return _head_vectors(dec, self.heads), single
+        return _head_vectors(dec, self.heads, cosine), single
 
     def _is_pixels(self, a: np.ndarray) -> bool:
         """Preprocessed pixels [Q, 3, S, S] or a uint8 image, for a model to decompose."""
@@ -280,12 +364,12 @@ class HeadIndex:
         k: int = 10,
         exclude: Sequence[int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cosine top-k.
+        """Exact top-k by the index's metric (cosine or dot product).
 
         Parameters
         ----------
         query : int, ndarray [D] / [Q, D] / [Q, L, H, D], Decomposition, or images
-            An indexed image (its own vector: it comes back first, with score 1), direction
+            An indexed image (its own vector; with cosine it comes back first, score 1), direction
             vector(s) in embedding space (e.g. a text embedding), head terms of new images,
             or images when the index has a ``model``.
         k : int
@@ -297,7 +381,7 @@ class HeadIndex:
         -------
         indices : ndarray int64 [k] (one query) or [Q, k]
         scores : ndarray float32, same shape
-            Cosine similarities, best first (ties: lower index first).
+            Cosine similarities or dot products, best first (ties: lower index first).
         """
         q, single = self._query_vectors(query)
         n = len(self)
@@ -341,7 +425,8 @@ class HeadIndex:
     def __repr__(self) -> str:
         where = f", on disk at {self.path}" if self.path is not None else ""
         heads = ", ".join(f"L{layer}.H{h}" for layer, h in self.heads)
-        return f"HeadIndex({len(self)} images, heads {heads}, dim {self.dim}{where})"
+        metric = "" if self.metric == "cosine" else f", {self.metric}"
+        return f"HeadIndex({len(self)} images, heads {heads}, dim {self.dim}{metric}{where})"
 
 
 def show_retrieval(

@@ -144,8 +144,8 @@ def _mean_threshold(scores: np.ndarray) -> np.ndarray:
         return scores > mean[:, None, None]
 
 
-def segment_maps(maps: np.ndarray, size: int, classes: np.ndarray | None = None
-                 ) -> SegmentationResult:
+def segment_maps(maps: np.ndarray, size: int, classes: np.ndarray | None = None,
+                 normalize: str = "image") -> SegmentationResult:
     """Turn patch maps into scores and masks the paper's way (any method's maps).
 
     Upsample bilinearly to ``size`` (half-pixel centres), clip below at 0, min-max normalise per
@@ -156,6 +156,10 @@ def segment_maps(maps: np.ndarray, size: int, classes: np.ndarray | None = None
     maps : [B, G, G] raw maps (larger = more foreground)
     size : output side S in pixels (the paper: G * patch size = the model's input side)
     classes : optional int [B] recorded in the result
+    normalize : "image" (default) or "batch"
+        ``"batch"``: min-max and the threshold's mean over the whole batch at once, as the
+        reference code does (with its batch size 1 that is per image; with more images a
+        map's scores depend on the other images of its batch).
 
     Returns
     -------
@@ -171,8 +175,12 @@ def segment_maps(maps: np.ndarray, size: int, classes: np.ndarray | None = None
     maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim != 3:
         raise ValueError(f"maps must be [B, G, G], got shape {maps.shape}")
+    if normalize not in ("image", "batch"):
+        raise ValueError(f"normalize must be 'image' or 'batch', got {normalize!r}")
     b = maps.shape[0]
     up = np.maximum(upsample(maps, size), 0.0)  # float32 [B, S, S]
+    if normalize == "batch" and b > 1:
+        return _segment_batch(up, maps, classes)
     flat = up.reshape(b, -1)
     lo = flat.min(axis=1)[:, None, None]
     span = flat.max(axis=1)[:, None, None] - lo
@@ -186,6 +194,22 @@ def segment_maps(maps: np.ndarray, size: int, classes: np.ndarray | None = None
     return SegmentationResult(scores=scores, masks=masks,
                               classes=np.asarray(classes, np.int64), maps=maps,
                               degenerate=degenerate)
+
+
+def _segment_batch(up: np.ndarray, maps: np.ndarray, classes: np.ndarray | None
+                   ) -> SegmentationResult:
+    """Batch-wise min-max and mean threshold (the reference with batch size > 1)."""
+    b = up.shape[0]
+    lo, hi = float(up.min()), float(up.max())
+    span = hi - lo
+    scores = ((up - lo) / span if span > 0 else np.zeros_like(up)).astype(np.float32)
+    mean = np.float32(np.mean(scores, dtype=np.float64))
+    masks = scores > mean
+    degenerate = np.full(b, not span > 0)
+    if classes is None:
+        classes = np.full(b, -1, np.int64)
+    return SegmentationResult(scores=scores, masks=masks, classes=np.asarray(classes, np.int64),
+                              maps=maps, degenerate=degenerate)
 
 
 def _class_directions(classifier: np.ndarray, classes: np.ndarray
@@ -205,7 +229,8 @@ def _check_classifier(classifier: Any, d: int) -> np.ndarray:
 
 
 def segment_decomposition(dec: Any, classifier: np.ndarray, classes: np.ndarray | None = None,
-                          size: int | None = None) -> SegmentationResult:
+                          size: int | None = None, normalize: str = "image"
+                          ) -> SegmentationResult:
     """Zero-shot segmentation of the images of one decomposition (the paper's method).
 
     Parameters
@@ -215,6 +240,7 @@ def segment_decomposition(dec: Any, classifier: np.ndarray, classes: np.ndarray 
     classes : optional int [B]; default the class the image embedding predicts,
         ``argmax(dec.embedding @ classifier)``
     size : output side; default G * patch size (the model's input side)
+    normalize : "image" or "batch" (see :func:`segment_maps`)
 
     Returns
     -------
@@ -239,7 +265,7 @@ def segment_decomposition(dec: Any, classifier: np.ndarray, classes: np.ndarray 
     maps = maps[np.arange(len(classes)), inv]  # [B, G, G]
     if size is None:
         size = maps.shape[-1] * int(dec.config.patch_size)
-    return segment_maps(maps, size, classes)
+    return segment_maps(maps, size, classes, normalize=normalize)
 
 
 def _as_batchable(images: Any) -> Any:

@@ -16,13 +16,17 @@ Conventions (all documented in the reference code, ``compute_complete_text_set.p
 ``yossigandelsman/clip_text_span``):
 
 * texts are projected onto the top ``rank`` right singular vectors of the *uncentred* C;
-  where C has fewer than ``rank`` singular values above ``rtol * s_max`` only those are used.
-  A head's terms span at most ``d + 2`` dimensions (its value space, plus the two directions
-  of LN_post's centring and bias). For ViT-H/14 (d = 80) ``rank = 80`` is below that and both
-  agree; for d + 2 < 80 (ViT-B/16, ViT-L/14: d = 64) the reference also projects onto
-  float32 noise vectors of the null space, which add arbitrary components to the texts (and so
-  change their norms and later deflations) that depend on the SVD routine; clipdecomp drops
-  them, which gives the reference's result with ``rank`` lowered to C's rank;
+  where C has fewer than ``rank`` singular values above ``rtol * s_max`` only those are used
+  (``rank_mode="clean"``, the default). A head's terms span at most ``d + 3`` dimensions (its
+  value space, plus its shares of the out-projection bias, of LN_post's centring and of its
+  bias): 67 for the 64-dim heads of ViT-B/16 and ViT-L/14, 83 for ViT-H/14 (d = 80), where
+  ``rank = 80`` is below it and both modes agree. For d + 3 < 80 the reference also projects
+  onto float32 noise vectors of the null space, which add arbitrary components to the texts
+  (and so change their norms and later deflations) that depend on the SVD routine; the
+  default drops them, which gives the reference's result with ``rank`` lowered to C's rank.
+  ``rank_mode="reference"`` keeps them, exactly as the reference does (a float32 NumPy SVD of
+  the terms, the top ``rank`` vectors whatever their singular values), so that its head tables
+  come out pick for pick; it needs the terms themselves (not only their moments);
 * the pick criterion is the standard deviation over images of ``C t`` with torch's default
   unbiased estimate (divide by ``N - 1``); reported variances use the same ``N - 1``;
 * computation is float64 (the reference runs float32 on a GPU; near-ties may break
@@ -224,6 +228,32 @@ def _build_result(texts, picks, stds, variances, dirs, total, mean, rank, recon=
     )
 
 
+RANK_MODES = ("clean", "reference")
+
+
+def _check_rank_mode(rank_mode: str) -> str:
+    if rank_mode not in RANK_MODES:
+        raise ValueError(f"rank_mode must be one of {RANK_MODES}, got {rank_mode!r}")
+    return rank_mode
+
+
+def _reference_projection(head_outputs: np.ndarray, text_embeddings: np.ndarray,
+                          rank: int) -> tuple[np.ndarray, int]:
+    """Texts projected as the reference does: float32 SVD, top ``rank`` vectors, no cut-off.
+
+    The reference takes ``V = vh[:rank]`` of ``np.linalg.svd`` of its float32 head terms and
+    maps the texts by ``V^T (V V^T)^-1 V``, all in float32; the vectors beyond C's rank are
+    rounding noise of that SVD, which this keeps on purpose. Returns float64 [M, D], and the
+    number of vectors used.
+    """
+    c32 = np.ascontiguousarray(head_outputs, dtype=np.float32)
+    t32 = np.ascontiguousarray(text_embeddings, dtype=np.float32)
+    _, _, vh = np.linalg.svd(c32, full_matrices=False)
+    vh = vh[: int(rank)]
+    proj = vh.T @ (np.linalg.inv(vh @ vh.T) @ vh)  # [D, D] float32
+    return (proj @ t32.T).T.astype(np.float64), int(vh.shape[0])
+
+
 # ---------------------------------------------------------------------------- reference
 def textspan(
     head_outputs: np.ndarray,
@@ -232,6 +262,7 @@ def textspan(
     n_texts: int = 20,
     rank: int = 80,
     rtol: float = 1e-5,
+    rank_mode: str = "clean",
 ) -> TextSpanResult:
     """TextSpan of one head, with the reference steps, on its terms held in memory.
 
@@ -258,6 +289,11 @@ def textspan(
         Singular vectors to project the texts on (reference default 80).
     rtol : float
         Singular values at or below ``rtol * s_max`` count as zero (see the module notes).
+    rank_mode : {"clean", "reference"}
+        ``"clean"`` (default): project on at most ``rank`` singular vectors with nonzero
+        singular values. ``"reference"``: project on the top ``rank`` right singular vectors of
+        a float32 SVD of the terms even where C has lower rank (the reference code's
+        ``replace_with_iterative_removal``, pick for pick; ``rtol`` is not used).
 
     Returns
     -------
@@ -283,10 +319,13 @@ def textspan(
     texts = _as_texts(texts, t.shape[0])
 
     # 1. top right singular vectors of the uncentred C
-    _, s, vh = np.linalg.svd(c, full_matrices=False)
-    keep = int(min(rank, np.count_nonzero(s > rtol * s[0]) if s[0] > 0 else 0))
-    vh = vh[:keep]
-    t = (t @ vh.T) @ vh  # [M, D]
+    if _check_rank_mode(rank_mode) == "reference":
+        t, keep = _reference_projection(head_outputs, text_embeddings, rank)
+    else:
+        _, s, vh = np.linalg.svd(c, full_matrices=False)
+        keep = int(min(rank, np.count_nonzero(s > rtol * s[0]) if s[0] > 0 else 0))
+        vh = vh[:keep]
+        t = (t @ vh.T) @ vh  # [M, D]
     # 2. centre
     mean = c.mean(axis=0)
     c = c - mean
@@ -462,11 +501,14 @@ def textspan_heads(
     rank: int = 80,
     progress: bool = True,
     heads: Iterable[tuple[int, int]] | None = None,
+    rank_mode: str = "clean",
 ):
     """TextSpan of every head of some layers: the paper's head tables.
 
     Runs :func:`textspan_from_stats` per head (same picks as the reference steps, much
-    faster); for arrays and decompositions the moments are computed first.
+    faster); for arrays and decompositions the moments are computed first. With
+    ``rank_mode="reference"`` it runs :func:`textspan` on each head's terms instead (the
+    reference's projection needs them), which reproduces the reference's tables pick for pick.
 
     Parameters
     ----------
@@ -484,6 +526,8 @@ def textspan_heads(
         Show a tqdm bar over heads.
     heads : iterable of (layer, head), optional
         Analyse only these heads (overrides ``layers``).
+    rank_mode : {"clean", "reference"}
+        As in :func:`textspan`; ``"reference"`` needs head terms, not HeadStats.
 
     Returns
     -------
@@ -507,7 +551,11 @@ def textspan_heads(
 
     stats = None
     arr = None
+    reference = _check_rank_mode(rank_mode) == "reference"
     if hasattr(source, "sum_outer"):
+        if reference:
+            raise ValueError("rank_mode='reference' needs the head terms (an array or a "
+                             "decomposition), not their statistics")
         stats = source
         n_layers = stats.n_layers
         n_heads = stats.sum.shape[1]
@@ -530,12 +578,17 @@ def textspan_heads(
 
     rows, results = [], {}
     for layer, h in _progress(pairs, len(pairs), progress, "TextSpan"):
-        if stats is not None:
-            moments = stats.head(layer, h)
+        if reference:
+            res = textspan(arr[:, layer, h], t, texts, n_texts=n_texts, rank=rank,
+                           rank_mode="reference")
+            res.reconstruction = None
         else:
-            c = arr[:, layer, h].astype(np.float64)
-            moments = (c.mean(axis=0), c.T @ c / len(c), len(c))
-        res = textspan_from_stats(moments, t, texts, n_texts=n_texts, rank=rank)
+            if stats is not None:
+                moments = stats.head(layer, h)
+            else:
+                c = arr[:, layer, h].astype(np.float64)
+                moments = (c.mean(axis=0), c.T @ c / len(c), len(c))
+            res = textspan_from_stats(moments, t, texts, n_texts=n_texts, rank=rank)
         res.layer, res.head = layer, h
         results[(layer, h)] = res
         rows.append(
@@ -613,6 +666,7 @@ def textspan_reconstruction_curve(
     rank: int = 80,
     means: Any = None,
     progress: bool = True,
+    rank_mode: str = "clean",
 ):
     """Zero-shot accuracy when the analysed heads are replaced by their TextSpan reconstruction.
 
@@ -642,6 +696,8 @@ def textspan_reconstruction_curve(
         Head means for the ablation (default: the mean over these N images, as the
         reference).
     progress : bool
+    rank_mode : {"clean", "reference"}
+        As in :func:`textspan`.
 
     Returns
     -------
@@ -672,6 +728,7 @@ def textspan_reconstruction_curve(
         raise ValueError(f"mlps must be [{n}, {n_layers + 1}, {dim}], got {mlps.shape}")
     labels = np.asarray(labels)
     w = np.asarray(classifier, np.float64)
+    reference = _check_rank_mode(rank_mode) == "reference"
     lays = _default_layers(layers, n_layers)
     others = [x for x in range(n_layers) if x not in lays]
     if means is None:
@@ -696,7 +753,12 @@ def textspan_reconstruction_curve(
     for layer, h in _progress(pairs, len(pairs), progress, "TextSpan"):
         c = heads[:, layer, h].astype(np.float64)
         mu = c.mean(axis=0)
-        res = textspan_from_stats((mu, c.T @ c / n, n), t, texts, n_texts=kmax, rank=rank)
+        if reference:
+            res = textspan(heads[:, layer, h], t, texts, n_texts=kmax, rank=rank,
+                           rank_mode="reference")
+            res.reconstruction = None
+        else:
+            res = textspan_from_stats((mu, c.T @ c / n, n), t, texts, n_texts=kmax, rank=rank)
         res.layer, res.head = layer, h
         results[(layer, h)] = res
         u = res.directions

@@ -15,11 +15,56 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
-__all__ = ["DEFAULT_TEMPLATES", "SIMPLE_TEMPLATES", "accuracy", "zero_shot_classifier"]
+__all__ = [
+    "CLIPDECOMP_TEMPLATES",
+    "DEFAULT_TEMPLATES",
+    "OPENAI_IMAGENET_TEMPLATES",
+    "SIMPLE_IMAGENET_TEMPLATES",
+    "SIMPLE_TEMPLATES",
+    "TEMPLATE_SETS",
+    "accuracy",
+    "templates_by_name",
+    "zero_shot_classifier",
+]
 
-#: The package's default prompt set: varied renderings, sizes, qualities and framings of an
-#: object, in the spirit of CLIP's ImageNet prompts.
-DEFAULT_TEMPLATES: list[str] = [
+
+# The 80 prompt templates OpenAI published with CLIP for ImageNet zero-shot classification
+# (the paper's classifier is the normalised mean over them).
+OPENAI_IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
+    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
+    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.",
+    "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
+    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.",
+    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
+    "a painting of the {}.", "a painting of a {}.", "a pixelated photo of the {}.",
+    "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
+    "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.",
+    "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.",
+    "a photo of a nice {}.", "a photo of a weird {}.", "a blurry photo of a {}.",
+    "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.",
+    "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.", "art of the {}.",
+    "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.",
+    "the plushie {}.", "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.",
+    "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+# OpenAI's 7-template subset: about as accurate, 11 times cheaper to build.
+SIMPLE_IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+)
+#: clipdecomp's own prompt set: varied renderings, sizes, qualities and framings of an object,
+#: in the spirit of CLIP's ImageNet prompts (``templates="clipdecomp"``).
+CLIPDECOMP_TEMPLATES: list[str] = [
     "a photo of a {}.",
     "a picture of a {}.",
     "an image of a {}.",
@@ -80,6 +125,44 @@ DEFAULT_TEMPLATES: list[str] = [
 #: A one-prompt set, for quick checks.
 SIMPLE_TEMPLATES: list[str] = ["a photo of a {}."]
 
+#: The default of :func:`zero_shot_classifier`: OpenAI's 80 ImageNet templates, which the paper's
+#: reference code uses for every classifier.
+DEFAULT_TEMPLATES: list[str] = list(OPENAI_IMAGENET_TEMPLATES)
+
+#: Prompt sets by name (``zero_shot_classifier(..., templates="openai")``, ``--templates``).
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "openai": OPENAI_IMAGENET_TEMPLATES,
+    "simple": SIMPLE_IMAGENET_TEMPLATES,
+    "single": tuple(SIMPLE_TEMPLATES),
+    "clipdecomp": tuple(CLIPDECOMP_TEMPLATES),
+}
+
+
+def templates_by_name(name: str) -> list[str]:
+    """The prompt set called ``name`` in :data:`TEMPLATE_SETS`.
+
+    Parameters
+    ----------
+    name : {"openai", "simple", "single", "clipdecomp"}
+        ``openai``: OpenAI's 80 ImageNet templates (the default, as the paper);
+        ``simple``: OpenAI's 7-template subset; ``single``: "a photo of a {}.";
+        ``clipdecomp``: this package's own set.
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> len(templates_by_name("openai")), templates_by_name("single")
+    (80, ['a photo of a {}.'])
+    """
+    try:
+        return list(TEMPLATE_SETS[name])
+    except KeyError:
+        raise ValueError(f"unknown template set {name!r}; choose from {sorted(TEMPLATE_SETS)}"
+                         ) from None
+
 Template = Union[str, Callable[[str], str]]
 
 
@@ -104,9 +187,11 @@ def zero_shot_classifier(
     model : CLIP
         Anything with ``encode_text(list_of_str, normalize=True) -> [T, D]``.
     classnames : sequence of str [C]
-    templates : iterable of str or callable, optional
-        Prompts with ``'{}'`` where the class name goes, or callables ``name -> prompt``.
-        Default: :data:`DEFAULT_TEMPLATES`.
+    templates : str, or iterable of str or callable, optional
+        Prompts with ``'{}'`` where the class name goes, or callables ``name -> prompt``, or
+        the name of a set in :data:`TEMPLATE_SETS`. Default: OpenAI's 80 ImageNet templates
+        (:data:`DEFAULT_TEMPLATES`), as the paper's code; ``"clipdecomp"`` is this package's
+        own set.
     batch_size : int
         Prompts per ``encode_text`` call.
 
@@ -120,7 +205,11 @@ def zero_shot_classifier(
     >>> W = zero_shot_classifier(model, ["cat", "dog"])          # doctest: +SKIP
     >>> pred = (model.encode_image(images) @ W).argmax(1)        # doctest: +SKIP
     """
-    templates = list(DEFAULT_TEMPLATES if templates is None else templates)
+    if templates is None:
+        templates = DEFAULT_TEMPLATES
+    elif isinstance(templates, str):
+        templates = templates_by_name(templates)
+    templates = list(templates)
     classnames = list(classnames)
     if not templates or not classnames:
         raise ValueError("need at least one template and one class name")

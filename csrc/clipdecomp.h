@@ -108,6 +108,7 @@ typedef struct {
     int attn;         /* fill attn_cls (B, L, H, N) and attn_mean (B, L, N, N) */
     int threads;      /* <= 0: OpenMP default */
     cd_cancel_fn cancel; void *cancel_ctx;   /* may be NULL */
+    int token_embeddings; /* fill token_embeddings (B, N, D) */
 } cd_vision_opts;
 
 /* Everything one cd_encode_image call produced. One allocation (`block`) holds all arrays;
@@ -125,6 +126,8 @@ typedef struct {
     float *probe_out;   /* (B, L, N, H, T) == tokens @ probe^T */
     float *attn_cls;    /* (B, L, H, N) softmax attention of the class token */
     float *attn_mean;   /* (B, L, N, N) attention averaged over heads */
+    float *token_embeddings; /* (B, N, D) ln_post(x_L[n]) @ proj for every token n: the
+                              * tokens' own projections (the patch-token baseline) */
     void *block;        /* owner of all of the above */
     size_t block_bytes;
 } cd_vision_result;

@@ -1079,6 +1079,10 @@ static cd_status vision_forward_chunk(vision_ctx *vc, const float *images) {
         ch->stats[3 * (size_t)b + 1] = sigma;
     }
     cd_matmul(emb, ch->rows2, &w->proj, NULL, Bc, 0);
+    if (o->token_embeddings) {  /* every token through ln_post and proj (ch->ln is free now) */
+        layernorm_forward(ch->ln, NULL, NULL, ch->x, w->ln_post_w, w->ln_post_b, R, W, c->ln_eps);
+        cd_matmul(r->token_embeddings + (size_t)vc->b0 * N * D, ch->ln, &w->proj, NULL, R, 0);
+    }
     for (int b = 0; b < Bc; b++) {
         double s = 0.0;
         for (int j = 0; j < D; j++) s += (double)emb[(size_t)b * D + j] * emb[(size_t)b * D + j];
@@ -1189,6 +1193,7 @@ static cd_status encode_image_impl(const cd_model *m, const float *images, int B
         {&r->tokens, Bs, Ls, Ns, Hs * Ds, o->tokens},
         {&r->probe_out, Bs, Ls, Ns, Hs * (size_t)T, o->probe != NULL},
         {&r->attn_cls, Bs, Ls, Hs, Ns, o->attn}, {&r->attn_mean, Bs, Ls, Ns, Ns, o->attn},
+        {&r->token_embeddings, Bs, Ns, Ds, 1, o->token_embeddings},
     };
     plan_item items[16];
     int k = 0;

@@ -317,11 +317,12 @@ static PyObject *view(PyObject *owner, float *data, int nd, const npy_intp *dims
 
 static PyObject *Model_encode_image(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"pixels", "heads", "mlps", "cls_to_cls", "tokens", "probe", "attn",
-                             "threads", NULL};
+                             "threads", "token_embeddings", NULL};
     PyObject *pix_obj, *probe_obj = Py_None;
-    int heads = 0, mlps = 0, cls = 0, tokens = 0, attn = 0, threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$ppppOpi:encode_image", kwlist, &pix_obj,
-                                     &heads, &mlps, &cls, &tokens, &probe_obj, &attn, &threads))
+    int heads = 0, mlps = 0, cls = 0, tokens = 0, attn = 0, threads = 0, tok_emb = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$ppppOpip:encode_image", kwlist, &pix_obj,
+                                     &heads, &mlps, &cls, &tokens, &probe_obj, &attn, &threads,
+                                     &tok_emb))
         return NULL;
     const cd_config *c = cd_model_config(self->m);
     const int S = c->image_size, D = c->embed_dim;
@@ -359,6 +360,7 @@ static PyObject *Model_encode_image(ModelObject *self, PyObject *args, PyObject 
     o.cls_to_cls = cls;
     o.tokens = tokens;
     o.attn = attn;
+    o.token_embeddings = tok_emb;
     o.threads = threads > 0 ? threads : 0;
     if (probe) {
         o.probe = (const float *)PyArray_DATA(probe);
@@ -398,6 +400,7 @@ static PyObject *Model_encode_image(ModelObject *self, PyObject *args, PyObject 
         {"probe", r->probe_out, 5, {Bn, L, N, H, T}},
         {"attn_cls", r->attn_cls, 4, {Bn, L, H, N}},
         {"attn_mean", r->attn_mean, 4, {Bn, L, N, N}},
+        {"token_embeddings", r->token_embeddings, 3, {Bn, N, Dn}},
     };
     for (size_t i = 0; i < sizeof outs / sizeof outs[0]; i++) {
         if (!outs[i].data) continue;

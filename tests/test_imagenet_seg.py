@@ -201,7 +201,7 @@ def test_evaluate_on_a_stand_in_model(mat_file):
     model = StandInModel()
     clf = np.random.default_rng(1).normal(size=(model.D, 7)).astype(np.float32)
     ds = ImageNetSegmentation(path)
-    table = evaluate_segmentation(model, ds, clf, batch_size=2, limit=4)
+    table = evaluate_segmentation(model, ds, clf, batch_size=2, limit=4, mask_resize="image")
     assert model.batches == [2, 2]
     assert list(table.index) == ["decomposition", "raw attention", "attention rollout",
                                  "all foreground", "centre blob"]
@@ -289,7 +289,7 @@ def test_segeval_end_to_end_on_a_random_weight_model(mat_file, tmp_path, capsys)
                          str(tmp_path / "clf.npy"), "--batch-size", "2", "--out", str(out),
                          "--no-progress"]) == 0
     table = pd.read_csv(out, index_col=0)
-    assert len(table) == 5 and (table["n_images"] == len(SIZES)).all()
+    assert len(table) == 6 and (table["n_images"] == len(SIZES)).all()  # with patch tokens
     vals = table[["pixel_accuracy", "miou", "map"]].to_numpy()
     assert np.isfinite(vals).all() and (vals >= 0).all() and (vals <= 100).all()
     assert "decomposition" in capsys.readouterr().out
