@@ -495,6 +495,102 @@ def texture_schedule(step: int, total: int, flat_frac: float, ramp_frac: float) 
     return float(min(1.0, (t - flat_frac) / ramp_frac))
 
 
+def pretrain_vision(out: str, seed: int = 0, steps: int = 1000, batch: int = 64,
+                    lr: float = 5e-4, warmup: int = 50, threads: int = 1, bf16: bool = False,
+                    style: str = "smooth", log_every: int = 100, ckpt_minutes: float = 4.0,
+                    max_steps: int | None = None, resume: bool = False) -> CLIP:
+    """Warm-start the image tower: classify shape, colour, size, position and background of
+    one-object scenes with a linear head per attribute on the image embedding.
+
+    Contrastive training from scratch lets the text tower merge captions that differ only in
+    the shape or position word while the images cannot yet tell them apart, and then the
+    images get no pull towards those attributes (benchmarks/SHAPE_LEARNING.md). Supervised
+    labels pull on every attribute from the first step. The heads are dropped afterwards;
+    ``out/vision/state.pt`` is a whole CLIP state (its text tower as drawn) for
+    :func:`train`'s ``init`` with ``fresh_text=True``.
+
+    Batches are ``generate(batch, seed=seed * 1_000_003 + 7919 * s + 2**45, n_objects=1)``;
+    resumable from ``out/vision/resume.pt`` like :func:`train`. Logs held-out accuracy of the
+    heads (512 scenes) every ``log_every`` steps.
+    """
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    outp = Path(out) / "vision"
+    outp.mkdir(parents=True, exist_ok=True)
+    log = open(outp / "train.log", "a")  # noqa: SIM115
+
+    def say(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    tok = build_tokenizer()
+    model = CLIP(tok.get_vocab_size())
+    attrs = ("shape", "color", "size", "position", "background")
+    dim = model.visual.proj.shape[1]
+    heads = nn.ModuleDict({a: nn.Linear(dim, len(world.ATTRIBUTES[a])) for a in attrs})
+    params = list(model.visual.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
+    test = world.generate(512, seed=4242, n_objects=1, style=style)
+    step, t0, last = 0, time.time(), time.time()
+    args = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup,
+            "style": style}
+    if resume and (outp / "resume.pt").exists():
+        r = torch.load(outp / "resume.pt", map_location="cpu")
+        if r["args"] != args:
+            raise ValueError(f"cannot resume {outp}: arguments differ: {r['args']} vs {args}")
+        model.load_state_dict(r["model"])
+        heads.load_state_dict(r["heads"])
+        opt.load_state_dict(r["opt"])
+        step = r["step"]
+        say(f"resumed at step {step}/{steps}")
+
+    def labels_of(b) -> dict[str, torch.Tensor]:
+        out = {a: torch.from_numpy(b.labels[a][:, 0]) for a in attrs if a != "background"}
+        out["background"] = torch.from_numpy(b.labels["background"])
+        return out
+
+    def save() -> None:
+        torch.save(model.state_dict(), outp / "state.pt")
+        torch.save({"model": model.state_dict(), "heads": heads.state_dict(),
+                    "opt": opt.state_dict(), "step": step, "args": args}, outp / "resume.tmp")
+        os.replace(outp / "resume.tmp", outp / "resume.pt")
+
+    stop = min(steps, max_steps) if max_steps is not None else steps
+    while step < stop:
+        cur = lr * (step + 1) / warmup if step < warmup else \
+            0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        for g in opt.param_groups:
+            g["lr"] = cur
+        b = world.generate(batch, seed=seed * 1_000_003 + 7919 * step + 2**45, n_objects=1,
+                           style=style)
+        y = labels_of(b)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            e = model.encode_image(to_pixels(b.images)).float()
+            loss = sum(F.cross_entropy(heads[a](e).float(), y[a]) for a in attrs) / len(attrs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % log_every == 0 or step == stop:
+            with torch.no_grad():
+                e = torch.cat([model.encode_image(to_pixels(test.images[i : i + 256]))
+                               for i in range(0, len(test), 256)])
+                yt = labels_of(test)
+                accs = {a: float((heads[a](e).argmax(1) == yt[a]).float().mean()) for a in attrs}
+            say(f"step {step}/{steps} lr={cur:.2e} loss={loss.item():.4f} "
+                + " ".join(f"{a}={v:.3f}" for a, v in accs.items())
+                + f" ({(time.time() - t0) / 60:.1f} min)")
+        if time.time() - last > ckpt_minutes * 60:
+            save()
+            last = time.time()
+    save()
+    log.close()
+    return model
+
+
 def _score(acc: dict[str, float]) -> float:
     """What "best" means for a checkpoint: the mean zero-shot accuracy plus the lowest one."""
     v = list(acc.values())
@@ -751,6 +847,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pretrain-vision", type=int, default=0, metavar="STEPS",
+                    help="only warm-start the image tower with attribute labels for STEPS "
+                         "steps (into OUT/vision/; then train with --init OUT/vision/state.pt "
+                         "--fresh-text)")
     ap.add_argument("--eval", metavar="MODEL_DIR", default=None,
                     help="only print the zero-shot accuracy of an exported model folder")
     a = ap.parse_args(argv)
@@ -765,6 +865,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.out is None:
         ap.error("--out is required for training")
+    if a.pretrain_vision:
+        pretrain_vision(a.out, a.seed, a.pretrain_vision, a.batch, a.lr, a.warmup, a.threads,
+                        a.bf16, a.style, a.log_every, max_steps=a.max_steps, resume=a.resume)
+        return
     train(a.out, a.seed, a.minutes, a.steps, a.batch, a.lr, a.log_every, threads=a.threads,
           max_steps=a.max_steps, warmup=a.warmup, init=a.init, hard_frac=a.hard_frac,
           focus_frac=a.focus_frac, flat_frac=a.flat_frac, ramp_frac=a.ramp_frac,
