@@ -596,3 +596,34 @@ def test_training_resumes_step_for_step(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, msg=k, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="arguments differ"):
         train.train(str(tmp_path / "split"), resume=True, **{**kw, "lr": 2e-3})
+
+
+def test_vision_warm_start_resumes_and_feeds_train(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    kw = {"seed": 1, "steps": 3, "batch": 4, "lr": 1e-3, "warmup": 1, "log_every": 100,
+          "n_test": 8}
+    whole = train.pretrain_vision(str(tmp_path / "a"), **kw)
+    train.pretrain_vision(str(tmp_path / "b"), max_steps=1, **kw)
+    resumed = train.pretrain_vision(str(tmp_path / "b"), resume=True, **kw)
+    for (k, x), y in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=k, rtol=1e-5, atol=1e-6)
+    # only the image tower was trained: the text tower is as drawn
+    torch.manual_seed(1)
+    drawn = train.CLIP(train.build_tokenizer().get_vocab_size()).state_dict()
+    for k, v in whole.state_dict().items():
+        if k.startswith("visual."):
+            continue
+        torch.testing.assert_close(v, drawn[k], msg=k)
+    assert any(not torch.equal(v, drawn[k]) for k, v in whole.state_dict().items()
+               if k.startswith("visual."))
+    # its state.pt starts a contrastive run
+    small = train.eval_sets(n=8, style="smooth")
+    monkeypatch.setattr(train, "eval_sets", lambda **kw: small)
+    model = train.train(str(tmp_path / "c"), steps=1, batch=8, lr=0.0, warmup=1,
+                        init=str(tmp_path / "a" / "vision" / "state.pt"), fresh_text=True,
+                        style="smooth")
+    for k, v in model.state_dict().items():
+        if k.startswith("visual."):
+            torch.testing.assert_close(v, whole.state_dict()[k], msg=k)

@@ -498,7 +498,8 @@ def texture_schedule(step: int, total: int, flat_frac: float, ramp_frac: float) 
 def pretrain_vision(out: str, seed: int = 0, steps: int = 1000, batch: int = 64,
                     lr: float = 5e-4, warmup: int = 50, threads: int = 1, bf16: bool = False,
                     style: str = "smooth", log_every: int = 100, ckpt_minutes: float = 4.0,
-                    max_steps: int | None = None, resume: bool = False) -> CLIP:
+                    max_steps: int | None = None, resume: bool = False, n_test: int = 512
+                    ) -> CLIP:
     """Warm-start the image tower: classify shape, colour, size, position and background of
     one-object scenes with a linear head per attribute on the image embedding.
 
@@ -511,7 +512,7 @@ def pretrain_vision(out: str, seed: int = 0, steps: int = 1000, batch: int = 64,
 
     Batches are ``generate(batch, seed=seed * 1_000_003 + 7919 * s + 2**45, n_objects=1)``;
     resumable from ``out/vision/resume.pt`` like :func:`train`. Logs held-out accuracy of the
-    heads (512 scenes) every ``log_every`` steps.
+    heads (``n_test`` scenes) every ``log_every`` steps.
     """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -532,7 +533,7 @@ def pretrain_vision(out: str, seed: int = 0, steps: int = 1000, batch: int = 64,
     heads = nn.ModuleDict({a: nn.Linear(dim, len(world.ATTRIBUTES[a])) for a in attrs})
     params = list(model.visual.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
-    test = world.generate(512, seed=4242, n_objects=1, style=style)
+    test = world.generate(n_test, seed=4242, n_objects=1, style=style)
     step, t0, last = 0, time.time(), time.time()
     args = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup,
             "style": style}
