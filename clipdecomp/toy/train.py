@@ -498,8 +498,8 @@ def texture_schedule(step: int, total: int, flat_frac: float, ramp_frac: float) 
 def pretrain_vision(out: str, seed: int = 0, steps: int = 1000, batch: int = 64,
                     lr: float = 5e-4, warmup: int = 50, threads: int = 1, bf16: bool = False,
                     style: str = "smooth", log_every: int = 100, ckpt_minutes: float = 4.0,
-                    max_steps: int | None = None, resume: bool = False, n_test: int = 512
-                    ) -> CLIP:
+                    max_steps: int | None = None, resume: bool = False, n_test: int = 512,
+                    init: str | None = None, weights: dict[str, float] | None = None) -> CLIP:
     """Warm-start the image tower: classify shape, colour, size, position and background of
     one-object scenes with a linear head per attribute on the image embedding.
 
@@ -512,7 +512,10 @@ def pretrain_vision(out: str, seed: int = 0, steps: int = 1000, batch: int = 64,
 
     Batches are ``generate(batch, seed=seed * 1_000_003 + 7919 * s + 2**45, n_objects=1)``;
     resumable from ``out/vision/resume.pt`` like :func:`train`. Logs held-out accuracy of the
-    heads (``n_test`` scenes) every ``log_every`` steps.
+    heads (``n_test`` scenes) every ``log_every`` steps. ``init`` continues from an earlier
+    warm-start's ``resume.pt`` (weights and heads; a new optimiser and schedule), and
+    ``weights`` weighs the attributes' losses (default 1 each; the sum is divided by their
+    total).
     """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -535,8 +538,14 @@ def pretrain_vision(out: str, seed: int = 0, steps: int = 1000, batch: int = 64,
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
     test = world.generate(n_test, seed=4242, n_objects=1, style=style)
     step, t0, last = 0, time.time(), time.time()
+    w = {a: 1.0 for a in attrs} if weights is None else {a: float(weights.get(a, 0.0))
+                                                          for a in attrs}
     args = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup,
-            "style": style}
+            "style": style, "init": init, "weights": w}
+    if init is not None:
+        r = torch.load(init, map_location="cpu")
+        model.load_state_dict(r["model"])
+        heads.load_state_dict(r["heads"])
     if resume and (outp / "resume.pt").exists():
         r = torch.load(outp / "resume.pt", map_location="cpu")
         if r["args"] != args:
@@ -569,7 +578,8 @@ def pretrain_vision(out: str, seed: int = 0, steps: int = 1000, batch: int = 64,
         y = labels_of(b)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             e = model.encode_image(to_pixels(b.images)).float()
-            loss = sum(F.cross_entropy(heads[a](e).float(), y[a]) for a in attrs) / len(attrs)
+            loss = sum(w[a] * F.cross_entropy(heads[a](e).float(), y[a]) for a in attrs
+                       if w[a]) / sum(w.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -852,6 +862,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="only warm-start the image tower with attribute labels for STEPS "
                          "steps (into OUT/vision/; then train with --init OUT/vision/state.pt "
                          "--fresh-text)")
+    ap.add_argument("--vision-init", default=None,
+                    help="with --pretrain-vision: continue from this warm-start resume.pt")
+    ap.add_argument("--vision-weights", default=None,
+                    help="with --pretrain-vision: attribute loss weights, e.g. "
+                         "shape=1,color=0.25")
     ap.add_argument("--eval", metavar="MODEL_DIR", default=None,
                     help="only print the zero-shot accuracy of an exported model folder")
     a = ap.parse_args(argv)
@@ -867,8 +882,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.out is None:
         ap.error("--out is required for training")
     if a.pretrain_vision:
+        weights = None if a.vision_weights is None else {
+            k: float(v) for k, v in (kv.split("=") for kv in a.vision_weights.split(","))}
         pretrain_vision(a.out, a.seed, a.pretrain_vision, a.batch, a.lr, a.warmup, a.threads,
-                        a.bf16, a.style, a.log_every, max_steps=a.max_steps, resume=a.resume)
+                        a.bf16, a.style, a.log_every, max_steps=a.max_steps, resume=a.resume,
+                        init=a.vision_init, weights=weights)
         return
     train(a.out, a.seed, a.minutes, a.steps, a.batch, a.lr, a.log_every, threads=a.threads,
           max_steps=a.max_steps, warmup=a.warmup, init=a.init, hard_frac=a.hard_frac,
