@@ -37,6 +37,7 @@ from .textspan import (
     textspan_heads,
     textspan_reconstruction_curve,
 )
+from .viz import Atlas, report
 from .zeroshot import accuracy, zero_shot_classifier
 
 
@@ -66,6 +67,7 @@ def StoreReader(path, *args, **kwargs):
 
 __all__ = [
     "CLIP",
+    "Atlas",
     "ComponentMeans",
     "Decomposition",
     "HeadIndex",
@@ -92,6 +94,7 @@ __all__ = [
     "load",
     "load_ablation",
     "load_pool",
+    "report",
     "run_dataset",
     "segment",
     "segmentation_metrics",

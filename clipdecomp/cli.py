@@ -2,6 +2,7 @@
 
     clipdecomp demo      [--out DIR] [--n-images N]        the main job, on the embedded model
     clipdecomp run       SOURCE --model M --out STORE ...   a whole collection into a Zarr store
+    clipdecomp report    STORE --pool NAME --out atlas.html  the HTML atlas of a store
     clipdecomp segeval   --data gtsegs_ijcv.mat --model M   the ImageNet-segmentation benchmark
     clipdecomp info      [MODEL] [--precision P]            what a checkpoint holds, the CPU path
     clipdecomp pretrained                                   the known (model, pretrained) names
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
     commands = {
         "demo": ("clipdecomp.demo", "demo_main"),
         "run": ("clipdecomp.dataset", "run_main"),
+        "report": ("clipdecomp.viz.atlas", "report_main"),
         "segeval": ("clipdecomp.imagenet_seg", "segeval_main"),
     }
     if not argv or argv[0] in ("-h", "--help"):

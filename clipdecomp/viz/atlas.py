@@ -164,7 +164,9 @@ def _thumb_uri(img: Any, size: int) -> str:
     from ..preprocess import load_image
 
     # the centre square, as the model's preprocessing crops it, so that maps line up
-    im = ImageOps.fit(load_image(img), (size, size))
+    im = load_image(img)
+    side = min(size, *im.size)                  # never enlarged
+    im = ImageOps.fit(im, (side, side))
     buf = io.BytesIO()
     if features.check("webp"):
         im.save(buf, format="WEBP", quality=80, method=4)
