@@ -459,7 +459,11 @@ def _run_chromium(exe: str, tmp: Path, *args: str) -> subprocess.CompletedProces
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
            "--hide-scrollbars", "--no-first-run", "--mute-audio",
            f"--user-data-dir={tmp / 'profile'}", "--virtual-time-budget=15000", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    # the browser is not ours: no sanitizer runtime preloaded into it (tests/sanitize.sh)
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS",
+                                                            "UBSAN_OPTIONS")}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False,
+                          env=env)
 
 
 def _selftest(exe: str, path: Path, tmp: Path) -> dict:
