@@ -292,9 +292,6 @@ class _DecSource:
         self.images = images
         self.source = f"{self.n} images in memory"
 
-    def valid_rows(self) -> np.ndarray:
-        return np.arange(self.n)
-
     def iter_layer(self, layer: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield np.arange(self.n), np.asarray(self.dec.heads[:, layer], np.float32)
 
@@ -349,10 +346,6 @@ class _StoreSource:
         self.root = src.get("root") or ""
         self.source = f"{src.get('layout', '?')} {self.root}"
         self._paths: dict[int, str] = {}
-
-    def valid_rows(self) -> np.ndarray:
-        parts = [rows for rows, _ in self.store.iter_chunks([], valid_only=True)]
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def iter_layer(self, layer: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for rows, c in self.store.iter_chunks(["heads"], layers=[layer], valid_only=True):
@@ -501,18 +494,21 @@ def _head_maps(src: Any, want: dict, dirs: dict, progress: bool) -> tuple[dict, 
     u = np.stack([dirs[k] for k in keys]).astype(np.float32)          # [K, D]
     out = {}
     g = math.isqrt(int(src.config.n_tokens) - 1)        # N = 1 + G*G
-    try:
-        for s in range(0, len(rows), _BATCH):
-            batch = rows[s:s + _BATCH]
-            sub = src.spatial(np.asarray(batch))
-            p = np.asarray(sub.probe(u))                              # [b, L, N, H, K]
-            for i, r in enumerate(batch):
-                for key in per_row[r]:
-                    m = p[i, key[0], 1:, key[1], col[key]]
-                    out[(r, key)] = m.reshape(g, g)
-    except (ValueError, FileNotFoundError) as e:
-        return {}, f"no head maps: {e}"
-    return out, None
+    notes = []
+    for s in range(0, len(rows), _BATCH):
+        batch = rows[s:s + _BATCH]
+        try:
+            p = np.asarray(src.spatial(np.asarray(batch)).probe(u))   # [b, L, N, H, K]
+        except (ValueError, FileNotFoundError) as e:                   # no tokens, no pixels
+            notes.append(str(e))
+            continue
+        for i, r in enumerate(batch):
+            for key in per_row[r]:
+                out[(r, key)] = p[i, key[0], 1:, key[1], col[key]].reshape(g, g)
+    if not notes:
+        return out, None
+    what = "no head maps" if not out else "head maps missing for some images"
+    return out, f"{what}: {notes[0]}"
 
 
 def _combine_acc(parts: list[tuple[float, int]]) -> float | None:
