@@ -873,6 +873,7 @@ def report(
         "zero_shot": zero_shot and {k: (_r(v) if isinstance(v, float) else v)
                                     for k, v in zero_shot.items()},
         "ablation": ablation, "ablation_note": abl_note,
+        "ablation_means_n": None if means is None else int(getattr(means, "n", 0)),
         "textspan": {"n_texts": max(len(r.texts) for r in results.values()),
                      "pool": len(pool_texts) or None},
         "roles": {"colors": colors, "other": "#c9c9c9"},
