@@ -206,8 +206,8 @@ def pool_categories(path: str | os.PathLike | None = None) -> dict[str, str]:
     Examples
     --------
     >>> cats = pool_categories()
-    >>> cats["a red object"] if "a red object" in cats else "colours"
-    'colours'
+    >>> cats["Something bright red"], sorted(set(cats.values()))[:2]
+    ('colours', ['animals', 'art movements'])
     """
     from ..pool import DEFAULT_POOL
 

@@ -536,3 +536,31 @@ def test_browser_catches_a_broken_image_and_a_script_error(world, chromium, tmp_
     assert r["broken"] > 0
     assert any("failed to load IMG" in e for e in r["errors"])
     assert any("start:" in e for e in r["errors"])
+
+
+def test_view_with_given_texts(world):
+    texts = ["a red object", "a scene on grass", "a circle"]
+    atlas = report(world.dec, world.batch.images, pool=(world.texts, world.pool_emb),
+                   texts=texts, heads=[(5, 1)], n_show=2, views=[2])
+    v = atlas.data["views"][0]
+    assert v["texts"] == texts and "predicted" not in v
+    t = _unit(world.model.encode_text(texts))
+    emb = _unit(world.model.encode_image([world.batch.images[2]])[0])
+    np.testing.assert_allclose(v["similarity"], t @ emb, atol=1e-4)
+    want = np.einsum("lhd,td->tlh", world.dec.heads[2].astype(np.float64), t).reshape(3, -1)
+    np.testing.assert_allclose(v["contributions"], want, atol=2e-6, rtol=1e-4)
+    assert atlas.data["zero_shot"] is None and "no labels" in atlas.data["ablation_note"]
+
+
+def test_texts_cannot_break_out_of_the_page(world):
+    import copy
+
+    data = copy.deepcopy(world.atlas.data)
+    evil = "</script><script>alert(1)</script><!--"
+    data["heads"][0]["texts"][0]["text"] = evil
+    data["title"] = evil
+    page = Atlas(data).html()
+    template = (Path(clipdecomp.__file__).parent / "viz" / "atlas_template.html").read_text()
+    assert page.count("</script>") == template.count("</script>")
+    assert "<!--" not in page
+    assert _embedded_json(page)["heads"][0]["texts"][0]["text"] == evil
