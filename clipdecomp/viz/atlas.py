@@ -516,8 +516,8 @@ def _combine_acc(parts: list[tuple[float, int]]) -> float | None:
     return None if n == 0 else sum(a * c for a, c in parts) / n
 
 
-def _accuracies(src: Any, labels: Any, classifier: np.ndarray, means: Any, repair: Any,
-                want_ablation: bool) -> tuple[dict, list | None, str | None]:
+def _accuracies(src: Any, labels: Any, classifier: np.ndarray, means: Any,
+                repair: Any) -> tuple[dict, list | None, str | None]:
     """Zero-shot accuracy (and of the repaired embeddings), and the mean-ablation table,
     accumulated chunk by chunk (each is a mean over images)."""
     from ..ablation import ablation_study
@@ -526,7 +526,7 @@ def _accuracies(src: Any, labels: Any, classifier: np.ndarray, means: Any, repai
     zs, rep, table = [], [], {}
     note = None
     full = len(src.kept) == src.n_layers
-    if want_ablation and not full:
+    if not full:
         note = (f"the mean-ablation curve needs every layer's heads; the store keeps layers "
                 f"{list(src.kept)}")
     for rows, c in src.iter_full():
@@ -540,7 +540,7 @@ def _accuracies(src: Any, labels: Any, classifier: np.ndarray, means: Any, repai
         zs.append((accuracy(emb, y, classifier, topk=1), len(y)))
         if repair is not None:
             rep.append((accuracy(_repaired(src, c, repair), y, classifier, topk=1), len(y)))
-        if want_ablation and full:
+        if full:
             df = ablation_study(c, y, classifier, means)
             for name, la, acc in df.itertuples(index=False):
                 table.setdefault((name, int(la)), []).append((acc, len(y)))
@@ -609,6 +609,94 @@ def neuron_cards(source: Any) -> list[dict]:
     if effects is None:
         return []
     raise NotImplementedError("neuron effects are not drawn yet")  # pragma: no cover
+
+
+def _classification(src: Any, labels: Any, classnames: Any, classifier: Any, templates: Any,
+                    model: Any) -> tuple:
+    """Checked (labels [N] or None, class names, classifier [D, C] or None)."""
+    from ..zeroshot import zero_shot_classifier
+
+    if isinstance(src, _StoreSource):
+        if labels is None:
+            labels = np.asarray(src.store.labels[:])
+        if classnames is None and classifier is None:
+            classnames = src.store.classes
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != src.n or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be {src.n} integers (-1: no label); got "
+                             f"{labels.dtype} of shape {labels.shape}")
+    if classifier is None and classnames is not None:
+        if model is None:
+            raise ValueError("a zero-shot classifier from classnames needs model=...")
+        classifier = zero_shot_classifier(model, list(classnames), templates=templates)
+    if classifier is None:
+        return labels, classnames, None
+    classifier = np.asarray(classifier, np.float32)
+    dim = int(src.config.embed_dim)
+    if classifier.ndim != 2 or classifier.shape[0] != dim:
+        raise ValueError(f"classifier must be [{dim}, C]; got {classifier.shape}")
+    if classnames is None:
+        classnames = [f"class {i}" for i in range(classifier.shape[1])]
+    classnames = [str(c) for c in classnames]
+    if len(classnames) != classifier.shape[1]:
+        raise ValueError(f"{len(classnames)} class names for {classifier.shape[1]} classes")
+    if labels is not None and labels.max(initial=-1) >= classifier.shape[1]:
+        raise ValueError(f"label {int(labels.max())} out of range for "
+                         f"{classifier.shape[1]} classes")
+    return labels, classnames, classifier
+
+
+def _directions(results: dict, pool_texts: list, pool_emb: Any, model: Any) -> dict:
+    """(layer, head) -> the unit embedding [D] of the head's first TextSpan text."""
+    dirs = {}
+    for key, res in results.items():
+        j = int(res.indices[0])
+        if pool_emb is not None and j < len(pool_texts) and pool_texts[j] == res.texts[0]:
+            v = np.asarray(pool_emb[j], np.float64)
+        else:
+            if model is None:
+                raise ValueError("encoding the heads' first texts needs model=...")
+            v = np.asarray(model.encode_text([res.texts[0]])[0], np.float64)
+        dirs[key] = v / np.linalg.norm(v)
+    return dirs
+
+
+def _card(key: tuple, res: Any, role: Any, rows: np.ndarray, p: np.ndarray, top: np.ndarray,
+          bottom: np.ndarray, nearest: tuple, maps: dict, maps_note: Any) -> dict:
+    """One head card (JSON-ready)."""
+    def item(i: int) -> dict:
+        r = int(rows[i])
+        out = {"row": r, "value": _r(p[i])}
+        if (r, key) in maps:
+            out["map"] = quantise(maps[(r, key)])
+        return out
+
+    counts, edges = np.histogram(p, bins=_HIST_BINS)
+    nr, ns = nearest
+    return {
+        "id": f"L{key[0]}.H{key[1]}", "layer": key[0], "head": key[1], "role": role,
+        "variance_explained": _r(res.cumulative[-1]),
+        "texts": [{"text": t, "fraction": _r(f)} for t, f in zip(res.texts, res.fraction)],
+        "direction": res.texts[0],
+        "top": [item(i) for i in top], "bottom": [item(i) for i in bottom],
+        "nearest": {"query": int(rows[top[0]]), "rows": [int(r) for r in nr],
+                    "scores": [_r(s) for s in ns]},
+        "hist": {"edges": [_r(e) for e in edges], "counts": [int(c) for c in counts]},
+        "maps_note": maps_note,
+    }
+
+
+def _thumbnails(src: Any, shown: set, size: int) -> tuple[dict, dict]:
+    """Data URIs and names of the shown rows; a crossed grey square for unreadable files."""
+    thumbs, names = {}, {}
+    for r in sorted(shown):
+        try:
+            thumbs[str(r)] = _thumb_uri(src.image(r), size)
+        except (FileNotFoundError, ValueError):
+            thumbs[str(r)] = _thumb_uri(_placeholder(size), size)
+        names[str(r)] = src.name(r)
+    return thumbs, names
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,7 +795,6 @@ def report(
     >>> atlas.save("atlas.html")                                          # doctest: +SKIP
     """
     from ..ablation import component_means
-    from ..zeroshot import zero_shot_classifier
 
     if n_texts < 1 or n_show < 1:
         raise ValueError("n_texts and n_show must be at least 1")
@@ -716,39 +803,15 @@ def report(
     cfg = src.config
     n_layers, n_heads = src.n_layers, src.n_heads
 
-    # labels and the classifier
-    if isinstance(src, _StoreSource):
-        if labels is None:
-            labels = np.asarray(src.store.labels[:])
-        if classnames is None and classifier is None:
-            classnames = src.store.classes
-    if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
-        if labels.shape[0] != src.n or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must be {src.n} integers (-1: no label); got "
-                             f"{labels.dtype} of shape {labels.shape}")
-    if classifier is None and classnames is not None:
-        if model is None:
-            raise ValueError("a zero-shot classifier from classnames needs model=...")
-        classifier = zero_shot_classifier(model, list(classnames), templates=templates)
-    if classifier is not None:
-        classifier = np.asarray(classifier, np.float32)
-        if classifier.ndim != 2 or classifier.shape[0] != cfg.embed_dim:
-            raise ValueError(f"classifier must be [{cfg.embed_dim}, C]; got {classifier.shape}")
-        if classnames is None:
-            classnames = [f"class {i}" for i in range(classifier.shape[1])]
-        if len(classnames) != classifier.shape[1]:
-            raise ValueError(f"{len(classnames)} class names for {classifier.shape[1]} classes")
-        if labels is not None and labels.max(initial=-1) >= classifier.shape[1]:
-            raise ValueError(f"label {int(labels.max())} out of range for "
-                             f"{classifier.shape[1]} classes")
+    labels, classnames, classifier = _classification(src, labels, classnames, classifier,
+                                                     templates, model)
     spec = _repair_spec(repair, src)
     if spec is not None and classifier is None:
         raise ValueError("repair= needs a classifier (classnames= or classifier=)")
 
-    # TextSpan
+    # TextSpan (a given table needs the pool only for its texts' embeddings, if at all)
     pool_texts, pool_emb, cats = ([], None, {})
-    if textspan is None or texts is None:
+    if textspan is None or pool is not None:
         pool_texts, pool_emb, cats = _resolve_pool(pool, model, progress)
     if textspan is not None:
         results = dict(textspan.attrs["results"])
@@ -763,16 +826,7 @@ def report(
     head_role = _head_roles(results, roles, cats, top=min(5, n_texts))
 
     # the direction of each head: the unit embedding of its first text
-    dirs = {}
-    for key, res in results.items():
-        if pool_emb is not None and len(pool_texts) > int(res.indices[0]) \
-                and pool_texts[int(res.indices[0])] == res.texts[0]:
-            v = np.asarray(pool_emb[int(res.indices[0])], np.float64)
-        else:
-            if model is None:
-                raise ValueError("encoding the heads' first texts needs model=...")
-            v = np.asarray(model.encode_text([res.texts[0]])[0], np.float64)
-        dirs[key] = v / np.linalg.norm(v)
+    dirs = _directions(results, pool_texts, pool_emb, model)
 
     rows, proj = _projections(src, dirs)
     if len(rows) < 2:
@@ -790,7 +844,8 @@ def report(
         view_rows = [int(r) for r in rows[:int(views)]]
     else:
         view_rows = [int(r) for r in views]
-        bad = [r for r in view_rows if r not in set(rows.tolist())]
+        valid = set(rows.tolist())
+        bad = [r for r in view_rows if r not in valid]
         if bad:
             raise ValueError(f"views {bad} are not valid image rows")
     view_data = _views(src, view_rows, texts, classifier, classnames, labels, spec, model)
@@ -808,52 +863,21 @@ def report(
         if means is None:
             means = (component_means(src.store.stats) if isinstance(src, _StoreSource)
                      else component_means(src.dec))
-        zero_shot, ablation, abl_note = _accuracies(src, labels, classifier, means, spec, True)
+        zero_shot, ablation, abl_note = _accuracies(src, labels, classifier, means, spec)
         zero_shot["classes"] = len(classnames)
     elif labels is None:
         abl_note = "no labels: zero-shot accuracy and the mean-ablation curve need them"
     else:
         abl_note = "no classifier: give classnames= (or classifier=)"
 
-    # the cards
-    cards = []
-    shown: set[int] = set(view_rows)
-    for key in sorted(results):
-        res, p = results[key], proj[key]
-
-        def item(i: int, p=p, key=key) -> dict:
-            r = int(rows[i])
-            shown.add(r)
-            out = {"row": r, "value": _r(p[i])}
-            if (r, key) in maps:
-                out["map"] = quantise(maps[(r, key)])
-            return out
-
-        counts, edges = np.histogram(p, bins=_HIST_BINS)
-        nr, ns = nearest[key]
-        shown.update(int(r) for r in nr)
-        shown.add(int(rows[top[key][0]]))
-        cards.append({
-            "id": f"L{key[0]}.H{key[1]}", "layer": key[0], "head": key[1],
-            "role": head_role.get(key),
-            "variance_explained": _r(res.cumulative[-1]),
-            "texts": [{"text": t, "fraction": _r(f)} for t, f in zip(res.texts, res.fraction)],
-            "direction": res.texts[0],
-            "top": [item(i) for i in top[key]],
-            "bottom": [item(i) for i in bottom[key]],
-            "nearest": {"query": int(rows[top[key][0]]),
-                        "rows": [int(r) for r in nr], "scores": [_r(s) for s in ns]},
-            "hist": {"edges": [_r(e) for e in edges], "counts": [int(c) for c in counts]},
-            "maps_note": maps_note,
-        })
-
-    thumbs, names = {}, {}
-    for r in sorted(shown):
-        try:
-            thumbs[str(r)] = _thumb_uri(src.image(r), thumb_size)
-        except (FileNotFoundError, ValueError):
-            thumbs[str(r)] = _thumb_uri(_placeholder(thumb_size), thumb_size)
-        names[str(r)] = src.name(r)
+    # the cards, and the thumbnail of every image shown anywhere (once)
+    cards = [_card(key, results[key], head_role.get(key), rows, proj[key], top[key],
+                   bottom[key], nearest[key], maps, maps_note) for key in sorted(results)]
+    shown = set(view_rows)
+    for c in cards:
+        shown.update(t["row"] for t in c["top"] + c["bottom"])
+        shown.update(c["nearest"]["rows"] + [c["nearest"]["query"]])
+    thumbs, names = _thumbnails(src, shown, thumb_size)
     class_of = {}
     if labels is not None and classnames is not None:
         class_of = {str(r): str(classnames[labels[r]]) for r in sorted(shown) if labels[r] >= 0}
