@@ -112,7 +112,7 @@ class Atlas:
         # an iframe keeps the page's script and styles apart from the notebook's
         doc = html.escape(self.html(), quote=True)
         return (f'<iframe srcdoc="{doc}" style="width:100%;height:860px;border:1px solid #ddd;'
-                'border-radius:4px" sandbox="allow-scripts"></iframe>')
+                'border-radius:4px"></iframe>')
 
     def __repr__(self) -> str:
         d = self.data

@@ -289,7 +289,7 @@ def test_size_budget_vit_b_shape(tmp_path):
 
 def test_repr_html_is_an_isolated_iframe(world):
     out = world.atlas._repr_html_()
-    assert out.startswith("<iframe srcdoc=") and 'sandbox="allow-scripts"' in out
+    assert out.startswith("<iframe srcdoc=") and out.endswith("</iframe>")
     src = re.match(r'<iframe srcdoc="(.*?)" style=', out, re.DOTALL).group(1)
     assert html.unescape(src) == world.atlas.html()
     assert "Atlas(model: 36 head cards" in repr(world.atlas)
@@ -564,3 +564,25 @@ def test_texts_cannot_break_out_of_the_page(world):
     assert page.count("</script>") == template.count("</script>")
     assert "<!--" not in page
     assert _embedded_json(page)["heads"][0]["texts"][0]["text"] == evil
+
+
+@pytest.mark.browser
+def test_browser_renders_the_notebook_iframe(world, chromium, tmp_path):
+    """What Jupyter shows: the page inside its srcdoc iframe, scripts running there."""
+    page = ("<!DOCTYPE html><html><body><p>cell output</p>" + world.atlas._repr_html_()
+            + '<pre id="out"></pre><script>window.addEventListener("load", function () {'
+            ' var d = document.querySelector("iframe").contentDocument;'
+            ' var imgs = Array.prototype.slice.call(d.images);'
+            ' document.getElementById("out").textContent = JSON.stringify({'
+            ' cards: d.querySelectorAll(".head-card").length,'
+            ' active: d.querySelectorAll(".head-card.active").length,'
+            ' images: imgs.length, loaded: imgs.filter(function (i) {'
+            ' return i.naturalWidth > 0; }).length}); });</script></body></html>')
+    path = tmp_path / "notebook.html"
+    path.write_text(page, encoding="utf-8")
+    p = _run_chromium(chromium, tmp_path, "--dump-dom", path.resolve().as_uri())
+    m = re.search(r'<pre id="out">(.*?)</pre>', p.stdout, re.DOTALL)
+    assert m and m.group(1), p.stdout[-2000:]
+    r = json.loads(html.unescape(m.group(1)))
+    assert r["cards"] == len(world.atlas.data["heads"]) and r["active"] == 1
+    assert r["images"] > 0 and r["loaded"] == r["images"]
