@@ -376,8 +376,9 @@ def store(tmp_path_factory):
 
 def test_store_atlas_reads_what_it_needs(world, store):
     reader, _ = store
+    means = clipdecomp.component_means(reader.stats)
     atlas = report(reader, pool=(world.texts, world.pool_emb), model=world.model, n_show=4,
-                   views=2)
+                   views=2, repair={"heads": [(5, 0), (4, 3)], "means": means})
     d = atlas.data
     assert sorted({c["layer"] for c in d["heads"]}) == [4, 5] and len(d["heads"]) == 12
     assert d["ablation"] is None and "keeps layers [4, 5]" in d["ablation_note"]
@@ -404,6 +405,13 @@ def test_store_atlas_reads_what_it_needs(world, store):
             want = np.einsum("lhd,d->lh", heads[v["row"]], dvec).ravel()
             np.testing.assert_allclose(v["contributions"][t], want, atol=2e-6, rtol=1e-4)
         assert v["label"] == names[labels[v["row"]]]
+    # the repair: L5.H0 and L4.H3 at the store's means (stored layers 4, 5 are positions 0, 1)
+    mh = reader.stats.head_sum / reader.stats.n
+    rep = emb - heads[:, 1, 0] - heads[:, 0, 3] + mh[5, 0] + mh[4, 3]
+    rpred = (rep @ clf).argmax(1)
+    assert d["zero_shot"]["repaired_accuracy"] == pytest.approx(np.mean(rpred == labels))
+    for v in d["views"]:
+        assert v["repaired"] == names[rpred[v["row"]]]
     # the thumbnails are the listed source files, re-read
     assert all(name.endswith(".png") for name in d["names"].values())
 
