@@ -22,10 +22,11 @@ JPEG, numbers as embedded JSON, a little plain JavaScript; no server, no network
 * Neuron cards, once stores hold neuron effects (:func:`neuron_cards` is the hook; it returns
   nothing today).
 
-Size budget: the file holds the page (about 25 KB), each image shown anywhere once (a WebP
-thumbnail of ``thumb_size`` px, 1-4 KB) and, per head card, ``3 * n_show`` maps quantised to
-one byte a patch. An atlas of 36 heads x 16 images stays under 1 MB, and the tests hold it
-under 10 MB for 144 heads x 64 images of a 14 x 14 patch grid.
+Size budget: the file holds the page (30 KB), each image shown anywhere once (a WebP
+thumbnail of ``thumb_size`` px: 1-6 KB) and, per head card, ``2 * n_show`` maps quantised to
+one byte a patch plus a few hundred numbers. The budget, held by the tests: **under 1 MB for
+36 heads x 16 images** (the embedded model: about 0.2 MB), **under 3 MB for 144 heads x 64
+images** with 14 x 14 maps and noisy 224-pixel images (a ViT-B/16: about 1.2 MB).
 
 Shapes: N images, L layers, H heads, D embedding dim, G patches per side, T texts.
 """
