@@ -502,6 +502,10 @@ def test_browser_renders_every_card_and_image(world, chromium, tmp_path):
     assert r["canvases"] == r["drawn"] == r["painted"] > 0
     assert r["click"]["cell"] and r["click"]["visible"]
     assert r["click"]["shown"] == r["click"]["target"]
+    # the search box dims the heads none of whose texts contain the query
+    q = r["find"]["query"].lower()
+    hits = sum(any(q in t["text"].lower() for t in c["texts"]) for c in world.atlas.data["heads"])
+    assert r["find"]["first"] and r["find"]["dimmed"] == 36 - hits
 
 
 @pytest.mark.browser
