@@ -480,24 +480,25 @@ def _nearest(src: Any, queries: dict, k: int) -> dict:
     return out
 
 
-def _head_maps(src: Any, want: dict, dirs: dict, progress: bool) -> tuple[dict, str | None]:
-    """(row, layer, head) -> map [G, G] of the head along its direction, for the shown rows.
+def _head_maps(src: Any, want: list, dirs: dict) -> tuple[dict, str | None]:
+    """(row, (layer, head)) -> map [G, G] of the head along its direction, for the shown rows.
 
-    ``dec.probe`` over the directions of every head, in batches of images; equal to
-    :func:`~clipdecomp.spatial.head_map` of each (layer, head) and direction.
+    ``dec.probe`` (per-token terms, or the forward pass run again on the kept pixels) on the
+    directions the images of a batch need; equal to :func:`~clipdecomp.spatial.head_map` of
+    each (layer, head) and direction.
     """
     per_row: dict = {}
     for r, key in want:
         per_row.setdefault(r, []).append(key)
     rows = sorted(per_row)
-    keys = sorted(dirs)
-    col = {k: i for i, k in enumerate(keys)}
-    u = np.stack([dirs[k] for k in keys]).astype(np.float32)          # [K, D]
     out = {}
     g = math.isqrt(int(src.config.n_tokens) - 1)        # N = 1 + G*G
     notes = []
     for s in range(0, len(rows), _BATCH):
         batch = rows[s:s + _BATCH]
+        keys = sorted({key for r in batch for key in per_row[r]})
+        col = {k: i for i, k in enumerate(keys)}
+        u = np.stack([dirs[k] for k in keys]).astype(np.float32)      # [K, D]
         try:
             p = np.asarray(src.spatial(np.asarray(batch)).probe(u))   # [b, L, N, H, K]
         except (ValueError, FileNotFoundError) as e:                   # no tokens, no pixels
@@ -856,7 +857,7 @@ def report(
     for key in proj:
         for i in list(top[key]) + list(bottom[key]):
             want.add((int(rows[i]), key))
-    maps, maps_note = _head_maps(src, sorted(want), dirs, progress)
+    maps, maps_note = _head_maps(src, sorted(want), dirs)
 
     # accuracies, the ablation curve
     zero_shot, ablation, abl_note = None, None, None
