@@ -995,7 +995,8 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pool", default="default",
                     help="TextSpan's description pool: 'default' (shipped) or a text file")
     ap.add_argument("--model", default=None,
-                    help="checkpoint path or name (default: the one the store records)")
+                    help="checkpoint path or name, or 'embedded' (default: the one the store "
+                    "records)")
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--act", default=None, choices=["gelu", "quick_gelu"])
     ap.add_argument("--texts", default=None,
@@ -1017,10 +1018,12 @@ def report_main(argv: Sequence[str] | None = None) -> int:
         kwargs = {k: v for k, v in (("pretrained", args.pretrained), ("act", args.act)) if v}
         if path is None:
             recorded = store.metadata["model"].get("spec") or {}
-            path = recorded.get("path")
+            if not recorded.get("path"):
+                raise ValueError("the store does not record where its model is: pass --model "
+                                 "PATH (or --model embedded for clipdecomp's own)")
+            path = recorded["path"]
             kwargs = {**recorded.get("kwargs", {}), **kwargs}
-            kwargs.pop("threads", None)
-        model = load(path, **kwargs)
+        model = load(None if path == "embedded" else path, **kwargs)
         texts = None if args.texts is None else [t.strip() for t in args.texts.split("|")
                                                  if t.strip()]
         atlas = report(store, pool=args.pool, model=model, texts=texts, n_texts=args.n_texts,
