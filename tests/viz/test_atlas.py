@@ -599,3 +599,28 @@ def test_browser_renders_the_notebook_iframe(world, chromium, tmp_path):
     r = json.loads(html.unescape(m.group(1)))
     assert r["cards"] == len(world.atlas.data["heads"]) and r["active"] == 1
     assert r["images"] > 0 and r["loaded"] == r["images"]
+
+
+def test_cli_report_store_without_model_path(world, store, tmp_path):
+    """A store made from a model object records no path: the command asks for --model."""
+    from clipdecomp.dataset import run_dataset
+
+    reader, _ = store
+    src = Path(reader.metadata["source"]["root"])
+    out_store = tmp_path / "nopath.zarr"
+    run_dataset(world.model, src, out_store, chunk_size=8, layers="-1:", progress=False)
+    pool = tmp_path / "pool.txt"
+    pool.write_text("# colours\n" + "\n".join(world.texts[:60]) + "\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLIPDECOMP_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "a.html"
+    cmd = [sys.executable, "-m", "clipdecomp", "report", str(out_store), "--pool", str(pool),
+           "--out", str(out), "--no-progress", "--texts", "a red object|a scene on grass"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 2 and "pass --model" in p.stderr
+    p = subprocess.run(cmd + ["--model", "embedded"], env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = _embedded_json(out.read_text(encoding="utf-8"))
+    assert len(data["heads"]) == 6 and data["textspan"]["pool"] == 60
+    assert data["views"][0]["texts"] == ["a red object", "a scene on grass"]
+    assert {c["role"] for c in data["heads"]} == {"colours"}      # the pool file's section
