@@ -6,7 +6,7 @@ CC      ?= gcc
 CSRC    := $(filter-out csrc/module.c,$(wildcard csrc/*.c))
 CFLAGS_CORE := -O2 -g -std=c11 -fopenmp -Wall -Wextra -Icsrc
 
-.PHONY: venv build test test-c test-py test-sanitize demo bench clean
+.PHONY: venv build test test-c test-py test-browser test-sanitize demo bench clean
 
 $(VENV)/.stamp: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -61,6 +61,11 @@ test-py: build
 	$(VPY) -m pytest -q tests
 
 test: test-c test-py
+
+# the atlas in headless Chromium alone (also part of test-py; skipped there without Chromium;
+# .ci/run installs it with apt-get install chromium)
+test-browser: build
+	CLIPDECOMP_REQUIRE_BROWSER=1 $(VPY) -m pytest -q -m browser tests/viz
 
 # the pytest suite against an ASan + UBSan build of the extension (build/sanitize/)
 test-sanitize: venv

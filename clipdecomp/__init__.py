@@ -38,6 +38,7 @@ from .textspan import (
     textspan_reconstruction_curve,
 )
 from .waterbirds import group_accuracy, waterbirds_ablation, worst_group_accuracy
+from .viz import Atlas, report
 from .zeroshot import accuracy, zero_shot_classifier
 
 
@@ -67,6 +68,7 @@ def StoreReader(path, *args, **kwargs):
 
 __all__ = [
     "CLIP",
+    "Atlas",
     "ComponentMeans",
     "Decomposition",
     "HeadIndex",
@@ -94,6 +96,7 @@ __all__ = [
     "load",
     "load_ablation",
     "load_pool",
+    "report",
     "run_dataset",
     "segment",
     "segmentation_metrics",

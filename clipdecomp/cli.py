@@ -5,6 +5,7 @@
     clipdecomp textspan  STORE --pool P --layers -4:        TextSpan head table and its accuracy
     clipdecomp ablate    STORE                              the paper's mean-ablation table
     clipdecomp waterbirds STORE --preset ViT-L-14           Waterbirds head ablation, per group
+    clipdecomp report    STORE --pool NAME --out atlas.html  the HTML atlas of a store
     clipdecomp segeval   --data gtsegs_ijcv.mat --model M   the ImageNet-segmentation benchmark
     clipdecomp info      [MODEL] [--precision P]            what a checkpoint holds, the CPU path
     clipdecomp pretrained                                   the known (model, pretrained) names
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     commands = {
         "demo": ("clipdecomp.demo", "demo_main"),
         "run": ("clipdecomp.dataset", "run_main"),
+        "report": ("clipdecomp.viz.atlas", "report_main"),
         "segeval": ("clipdecomp.imagenet_seg", "segeval_main"),
         "textspan": ("clipdecomp.reference", "textspan_main"),
         "ablate": ("clipdecomp.reference", "ablate_main"),

@@ -13,7 +13,8 @@ then, all with clipdecomp's own functions,
 5. repairs a spurious correlation: worst-group accuracy on a Waterbirds-like split before and
    after mean-ablating the heads whose TextSpan texts are about the background;
 
-and writes figures (heat maps, the head-role table, the ablation curve) into ``--out``.
+and writes figures (heat maps, the head-role table, the ablation curve) and the HTML atlas
+(``atlas.html``, :func:`clipdecomp.report`) into ``--out``.
 ``--full`` uses the larger sample sizes behind the README's table.
 
 Examples
@@ -46,6 +47,7 @@ from .segmentation import (
 )
 from .spatial import attention_map, attention_rollout, head_map, heatmap
 from .textspan import textspan_heads
+from .viz.atlas import report as atlas_report
 from .zeroshot import accuracy, zero_shot_classifier
 
 #: attributes with their class lists, in the order the report prints them
@@ -373,6 +375,16 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
 
     if figures:
         _figures(out, model, segdec, seg_imgs, methods, df, abl, texts, contrasts)
+        # the same heads, images and repair, to browse: one HTML file beside the figures
+        atlas = atlas_report(segdec, seg_imgs.images, pool=(texts, pool_emb), textspan=df,
+                       roles={(r["layer"], r["head"]): r["role"] for r in roles},
+                       labels=seg_imgs.labels["color"][:, 0], classifier=classifiers["color"],
+                       classnames=toy.prompts("color")[0], repair={"heads": bg_heads,
+                                                                   "means": tmeans},
+                       source_name="generated single-object scenes, colour labels",
+                       title="clipdecomp demo: the embedded shapes-world CLIP"
+                       ).save(out / "atlas.html")
+        say(f"\natlas: {atlas.resolve()}")
     say(f"\nfigures and report.json written to {out.resolve()} "
         f"({time.perf_counter() - t_start:.1f} s)")
     return report

@@ -26,8 +26,10 @@ def test_demo_runs_and_reports(tmp_path):
     p = _run("demo", "--n-images", "32", "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "out"
-    for name in ("heatmaps.png", "segmentation.png", "head_roles.png", "ablation.png"):
+    for name in ("heatmaps.png", "segmentation.png", "head_roles.png", "ablation.png",
+                 "atlas.html"):
         assert (out / name).stat().st_size > 1000, name
+    assert f"atlas: {(out / 'atlas.html').resolve()}" in p.stdout
     report = json.loads((out / "report.json").read_text())
     assert set(report) == {"style", "zero_shot", "heads", "head_probes", "probes", "ablation",
                            "segmentation", "spurious", "head_maps"}
