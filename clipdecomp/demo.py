@@ -25,7 +25,6 @@ Examples
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -34,18 +33,18 @@ from typing import Any
 
 import numpy as np
 
-from . import toy
-from .ablation import ablate, ablation_study, component_means
-from .segmentation import (
+from clipdecomp import toy
+from clipdecomp.methods.ablation import ablate, ablation_study, component_means
+from clipdecomp.methods.segmentation import (
     all_foreground,
     centre_blob,
     segment_decomposition,
     segment_maps,
     segmentation_metrics,
 )
-from .spatial import attention_map, attention_rollout, heatmap
-from .textspan import textspan_heads
-from .zeroshot import accuracy, zero_shot_classifier
+from clipdecomp.methods.spatial import attention_map, attention_rollout, heatmap
+from clipdecomp.methods.textspan import textspan_heads
+from clipdecomp.methods.zeroshot import accuracy, zero_shot_classifier
 
 #: attributes with their class lists, in the order the report prints them
 ATTRIBUTES = ("shape", "color", "size", "position", "background", "count")
@@ -166,7 +165,7 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     -------
     dict with keys ``zero_shot``, ``heads``, ``ablation``, ``segmentation``, ``spurious``
     """
-    from .loading import load
+    from clipdecomp.engine.loading import load
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -270,8 +269,8 @@ def _figures(out: Path, model, segdec, seg_imgs, methods, df, abl, texts) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import plot_ablation_curve, plot_head_table
-    from .spatial_plots import plot_methods, plot_text_maps
+    from clipdecomp.viz.plots import plot_ablation_curve, plot_head_table
+    from clipdecomp.viz.spatial_plots import plot_methods, plot_text_maps
 
     # the image's own colour and background against two others; each map minus the mean of
     # the four, so that what all texts share (mostly "an object is here") cancels out
@@ -299,21 +298,3 @@ def _figures(out: Path, model, segdec, seg_imgs, methods, df, abl, texts) -> Non
     fig = plot_ablation_curve(abl)
     fig.savefig(out / "ablation.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def demo_main(argv=None) -> int:
-    """Entry point of ``clipdecomp demo``."""
-    ap = argparse.ArgumentParser(prog="clipdecomp demo", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="clipdecomp-demo", help="folder for figures and report")
-    ap.add_argument("--n-images", type=int, default=128, help="images per experiment")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--full", action="store_true", help="8x the images (the README's numbers)")
-    ap.add_argument("--no-figures", action="store_true")
-    args = ap.parse_args(argv)
-    run_demo(args.out, n_images=args.n_images, seed=args.seed, full=args.full,
-             figures=not args.no_figures)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(demo_main())

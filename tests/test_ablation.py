@@ -4,16 +4,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clipdecomp.ablation import (
+from clipdecomp.methods.ablation import (
     ComponentMeans,
     RepairedCLIP,
     ablate,
     ablation_study,
     component_means,
     load_ablation,
-    plot_ablation_curve,
 )
-from clipdecomp.stats import HeadStats
+from clipdecomp.methods.stats import HeadStats
+from clipdecomp.viz.plots import plot_ablation_curve
 
 L, H, D = 4, 3, 8
 

@@ -8,8 +8,10 @@ from test_dataset import Probe, checkpoint, write_images
 from test_store_resume import assert_same_store
 
 import clipdecomp
-from clipdecomp.dataset import ModelSpec, run_dataset, run_main
-from clipdecomp.store import StoreReader
+from clipdecomp.cli import run_main
+from clipdecomp.data.runner import run_dataset
+from clipdecomp.data.store import StoreReader
+from clipdecomp.engine.loading import ModelSpec
 
 distributed = pytest.importorskip("distributed")
 
@@ -40,7 +42,7 @@ def _cached_models(client):
     """Per worker: the ids of the models its process has loaded."""
 
     def ids():
-        from clipdecomp import distributed as d
+        from clipdecomp.data import distributed as d
 
         return sorted(id(m) for m, _ in d._MODELS.values())
 

@@ -19,20 +19,15 @@ import pytest
 from PIL import Image
 
 import clipdecomp
-from clipdecomp.ablation import component_means
-from clipdecomp.dataset import (
-    ModelSpec,
-    class_folders,
-    image_folder,
-    list_file,
-    open_source,
-    parse_layers,
-    run_dataset,
-    run_main,
-)
-from clipdecomp.stats import HeadStats
-from clipdecomp.store import StoreReader
-from clipdecomp.textspan import textspan_heads
+from clipdecomp.cli import run_main
+from clipdecomp.data.runner import run_dataset
+from clipdecomp.data.sources import class_folders, image_folder, list_file, open_source
+from clipdecomp.data.store import StoreReader
+from clipdecomp.engine.loading import ModelSpec
+from clipdecomp.engine.selection import parse_layers
+from clipdecomp.methods.ablation import component_means
+from clipdecomp.methods.stats import HeadStats
+from clipdecomp.methods.textspan import textspan_heads
 
 # ------------------------------------------------------------------------------ the model
 
@@ -306,7 +301,7 @@ def test_mismatching_store_is_refused(world, tmp_path, b16, b32):
 
 
 def test_fingerprint_sees_the_weights_not_the_header(tmp_path):
-    from clipdecomp.dataset import checkpoint_fingerprint
+    from clipdecomp.data.chunks import checkpoint_fingerprint
 
     a = np.random.default_rng(0).bytes(3 << 20)
     (tmp_path / "a.bin").write_bytes(a)

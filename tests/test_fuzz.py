@@ -7,7 +7,7 @@ dtypes, duplicate keys, deeply nested or garbled JSON. Every mutant goes through
 
 * the C parser and loader, ``clipdecomp._core.Model(path, config)`` (both layouts), and on
   success a forward pass with the decomposition;
-* the Python reader, :class:`clipdecomp.safetensors_io.SafetensorsFile` (every tensor read);
+* the Python reader, :class:`clipdecomp.engine.safetensors_io.SafetensorsFile` (every tensor read);
 * :func:`clipdecomp.load` on a directory holding the file and its config;
 
 and must either succeed or raise ``OSError``, ``ValueError`` or ``MemoryError``. When the C core
@@ -53,8 +53,8 @@ except ImportError:           # run as a script from the source tree
 import oracle
 
 import clipdecomp
-from clipdecomp.config import read_config_file
-from clipdecomp.safetensors_io import SafetensorsFile
+from clipdecomp.engine.config import read_config_file
+from clipdecomp.engine.safetensors_io import SafetensorsFile
 
 CORPUS = HERE / "fuzz_corpus"
 EXPECTED = (OSError, ValueError, MemoryError)

@@ -17,20 +17,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import clipdecomp
-from clipdecomp.imagenet_seg import (
+from clipdecomp import cli
+from clipdecomp.cli import segeval_main
+from clipdecomp.data.imagenet_seg import (
     OPENAI_IMAGENET_TEMPLATES,
     ImageNetSegmentation,
     _classifier_in_chunks,
     evaluate_segmentation,
     imagenet_classnames,
-    segeval_main,
     transform_mask,
     write_gtsegs_like,
 )
-from clipdecomp.preprocess import preprocess
-from clipdecomp.segmentation import segment_decomposition, segmentation_metrics
-from clipdecomp.zeroshot import zero_shot_classifier
+from clipdecomp.engine.preprocess import preprocess
+from clipdecomp.methods.segmentation import segment_decomposition, segmentation_metrics
+from clipdecomp.methods.zeroshot import zero_shot_classifier
 
 
 def random_items(sizes, seed=0):
@@ -232,7 +232,7 @@ def test_classifier_in_chunks_equals_one_call():
 def test_segeval_command_with_a_stand_in_model(mat_file, tmp_path, monkeypatch, capsys):
     path, _, _ = mat_file
     model = StandInModel()
-    monkeypatch.setattr(clipdecomp, "load", lambda *a, **k: model, raising=False)
+    monkeypatch.setattr(cli, "load", lambda *a, **k: model)
     classes = tmp_path / "classes.txt"
     classes.write_text("circle\nsquare\n\nstar\n")
     out = tmp_path / "results.csv"

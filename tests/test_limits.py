@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 
 import clipdecomp
-from clipdecomp import model as model_mod
-from clipdecomp import preprocess as pp
-from clipdecomp.config import ModelConfig
-from clipdecomp.safetensors_io import SafetensorsError, SafetensorsFile
-from clipdecomp.tokenizer import Tokenizer, _bytes_to_unicode
+from clipdecomp.engine import model as model_mod
+from clipdecomp.engine import preprocess as pp
+from clipdecomp.engine.config import ModelConfig
+from clipdecomp.engine.safetensors_io import SafetensorsError, SafetensorsFile
+from clipdecomp.engine.tokenizer import Tokenizer, _bytes_to_unicode
 
 core = pytest.importorskip("clipdecomp._core")
 

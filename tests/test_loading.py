@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import clipdecomp
-from clipdecomp import hub
-from clipdecomp.config import (
+from clipdecomp.engine import hub
+from clipdecomp.engine.config import (
     ModelConfig,
     config_from_hf,
     config_from_open_clip,
@@ -19,7 +19,7 @@ from clipdecomp.config import (
     read_config_file,
     resolve_act,
 )
-from clipdecomp.safetensors_io import SafetensorsFile
+from clipdecomp.engine.safetensors_io import SafetensorsFile
 
 # ---------------------------------------------------------------------------------------------
 # open_clip configs

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import clipdecomp
-from clipdecomp.safetensors_io import SafetensorsError, SafetensorsFile
+from clipdecomp.engine.safetensors_io import SafetensorsError, SafetensorsFile
 
 # ---------------------------------------------------------------------------------------------
 # helpers to break a safetensors file
@@ -247,7 +247,7 @@ CORE_SCRIPT = textwrap.dedent("""
 
 
 def test_core_survives_broken_files(base, tmp_path, core):
-    from clipdecomp.config import read_config_file
+    from clipdecomp.engine.config import read_config_file
 
     cfg = read_config_file(base / "open_clip_config.json")[0].to_core_dict()
     s = cfg["image_size"]

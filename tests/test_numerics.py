@@ -11,10 +11,10 @@ import oracle
 import pytest
 
 import clipdecomp
-from clipdecomp import model as model_mod
-from clipdecomp.config import ModelConfig
-from clipdecomp.decomposition import check_identity
-from clipdecomp.safetensors_io import SafetensorsFile
+from clipdecomp.engine import model as model_mod
+from clipdecomp.engine.config import ModelConfig
+from clipdecomp.engine.decomposition import check_identity
+from clipdecomp.engine.safetensors_io import SafetensorsFile
 
 core = pytest.importorskip("clipdecomp._core")
 

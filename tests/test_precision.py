@@ -136,7 +136,7 @@ def test_decomposition_in_bf16(bf16_models, name):
     # the folds stay float32: the terms add up to the bf16 embedding to bf16 accuracy
     total = d16.heads.sum((1, 2), dtype=np.float64) + d16.mlps.sum(1, dtype=np.float64)
     unit = d16.embedding / np.linalg.norm(d16.embedding, axis=1, keepdims=True)
-    assert np.abs(total - unit).max() < clipdecomp.decomposition.IDENTITY_TOL_BF16
+    assert np.abs(total - unit).max() < clipdecomp.engine.decomposition.IDENTITY_TOL_BF16
     # each term within bf16's reach of fp32's
     top = max(np.abs(d32.heads).max(), np.abs(d32.mlps).max())
     assert np.abs(d16.heads - d32.heads).max() < 3e-2 * top

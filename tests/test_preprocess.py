@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipdecomp.preprocess import center_crop_box, load_image, preprocess, resize_size
+from clipdecomp.engine.preprocess import center_crop_box, load_image, preprocess, resize_size
 
 try:
     from transformers.models.clip.image_processing_pil_clip import (
@@ -153,7 +153,7 @@ def test_load_image_returns_rgb(tmp_path):
 
 def test_uint8_batch_array_is_a_batch_of_images():
     """A stacked uint8 [B, H, W, 3] array means B images, as a list of them does."""
-    from clipdecomp.preprocess import preprocess
+    from clipdecomp.engine.preprocess import preprocess
 
     rng = np.random.default_rng(7)
     batch = rng.integers(0, 256, (3, 20, 28, 3), dtype=np.uint8)

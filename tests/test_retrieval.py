@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from clipdecomp import retrieval
-from clipdecomp.retrieval import HeadIndex, HeadIndexWriter, show_retrieval
+from clipdecomp.methods import retrieval
+from clipdecomp.methods.retrieval import HeadIndex, HeadIndexWriter
+from clipdecomp.viz.plots import plot_retrieval_grid
 
 
 def brute_force(vectors, queries, k):
@@ -114,11 +115,11 @@ def test_writer_and_grid(tmp_path, heads):
             writer.add(np.zeros((2, 3, 4, 5)))
     assert len(HeadIndex.open(tmp_path / "w")) == 10
     images = (np.random.default_rng(0).random((10, 8, 8, 3)) * 255).astype(np.uint8)
-    fig = show_retrieval(images, np.array([[1, 2], [3, 4]]), np.ones((2, 2)),
+    fig = plot_retrieval_grid(images, np.array([[1, 2], [3, 4]]), np.ones((2, 2)),
                          query_images=images[:2], titles=["a", "b"])
     assert len(fig.axes) == 6
     chw = np.random.default_rng(0).normal(size=(10, 3, 8, 8))  # preprocessed pixels
-    assert len(show_retrieval(chw, np.array([0, 1, 2])).axes) == 3
+    assert len(plot_retrieval_grid(chw, np.array([0, 1, 2])).axes) == 3
 
 
 def test_index_on_real_model(b16):

@@ -1,4 +1,4 @@
-"""Zero-shot segmentation and its metrics (clipdecomp.segmentation).
+"""Zero-shot segmentation and its metrics (clipdecomp.methods.segmentation).
 
 References: scikit-learn (average_precision_score, accuracy_score, jaccard_score,
 confusion_matrix) for the metrics, and the paper's evaluation steps written out in PyTorch
@@ -18,7 +18,7 @@ from sklearn.metrics import (
     jaccard_score,
 )
 
-from clipdecomp.segmentation import (
+from clipdecomp.methods.segmentation import (
     SegmentationMeter,
     SegmentationResult,
     all_foreground,
@@ -371,7 +371,7 @@ def test_segment_on_a_random_weight_model(random_model, monkeypatch):
     assert res.classes.tolist() == chosen.tolist()
     np.testing.assert_allclose(res.maps, maps, atol=1e-5, rtol=1e-4)
     # the same through dec.probe (tokens not kept: the core re-runs the forward pass)
-    import clipdecomp.segmentation as seg
+    import clipdecomp.methods.segmentation as seg
 
     monkeypatch.setattr(seg, "TOKEN_BUDGET", 0)
     via_probe = segment(model, images, w, batch_size=2)
@@ -394,7 +394,7 @@ def _toy():
 
 
 def test_toy_world_segmentation_beats_trivial_masks():
-    from clipdecomp.zeroshot import zero_shot_classifier
+    from clipdecomp.methods.zeroshot import zero_shot_classifier
 
     model, world = _toy()
     batch = world.generate(32, seed=7, n_objects=1)

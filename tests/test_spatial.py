@@ -1,4 +1,4 @@
-"""Heat maps, per-head maps, attention baselines and bilinear upsampling (clipdecomp.spatial).
+"""Heat maps, per-head maps, attention baselines and bilinear upsampling (clipdecomp.methods.spatial).
 
 References: plain NumPy einsum over dec.tokens (float64), a PyTorch attention rollout, and
 torch.nn.functional.interpolate for the upsampling. The decompositions are stand-ins with the
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from clipdecomp import spatial
-from clipdecomp.spatial import (
+from clipdecomp.methods import spatial
+from clipdecomp.methods.spatial import (
     attention_map,
     attention_rollout,
     head_map,
@@ -259,7 +259,7 @@ def random_model(tmp_path_factory):
 
 def make_random_model(folder):
     import clipdecomp
-    from clipdecomp.config import ModelConfig
+    from clipdecomp.engine.config import ModelConfig
 
     try:
         from clipdecomp import _core
@@ -296,7 +296,7 @@ def test_real_model_heatmap_equals_tokens(random_model):
 # ------------------------------------------------------------------------------------- plots
 
 def test_overlay_draws_the_upsampled_map_over_the_image():
-    from clipdecomp.spatial_plots import overlay
+    from clipdecomp.viz.spatial_plots import overlay
 
     img = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     heat = np.random.default_rng(1).normal(size=(5, 5))
@@ -309,7 +309,7 @@ def test_overlay_draws_the_upsampled_map_over_the_image():
 
 
 def test_plot_panels():
-    from clipdecomp.spatial_plots import plot_head_grid, plot_methods, plot_text_maps
+    from clipdecomp.viz.spatial_plots import plot_head_grid, plot_methods, plot_text_maps
 
     rng = np.random.default_rng(0)
     img = rng.normal(size=(3, 16, 16)).astype(np.float32)  # preprocessed pixels

@@ -17,7 +17,7 @@ import pickle
 import numpy as np
 import pytest
 
-from clipdecomp.stats import BUFFER_ROWS, HeadStats
+from clipdecomp.methods.stats import BUFFER_ROWS, HeadStats
 
 U32 = 2.0**-24
 

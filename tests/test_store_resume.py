@@ -15,8 +15,8 @@ import zarr
 from test_dataset import Probe, checkpoint, write_images
 
 import clipdecomp
-from clipdecomp.dataset import run_dataset
-from clipdecomp.store import StoreReader
+from clipdecomp.data.runner import run_dataset
+from clipdecomp.data.store import StoreReader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("embedding", "heads", "mlps", "cls_to_cls", "ok", "error", "paths", "labels")
@@ -58,7 +58,7 @@ def test_sigkill_at_random_points_then_resume(collection, tmp_path):
     n_chunks = full.n_chunks
     assert n_chunks == 13
     out = str(tmp_path / "killed.zarr")
-    cmd = [sys.executable, "-m", "clipdecomp.dataset", str(imgs), "--model", mpath,
+    cmd = [sys.executable, "-m", "clipdecomp", "run", str(imgs), "--model", mpath,
            "--loader", "test_dataset:load_slow", "--threads", "1", "--out", out,
            "--no-progress", *opts]
     env = dict(os.environ, OMP_NUM_THREADS="1", PROBE_DELAY="0.03",

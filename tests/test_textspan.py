@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clipdecomp.stats import HeadStats
-from clipdecomp.textspan import (
+from clipdecomp.methods.stats import HeadStats
+from clipdecomp.methods.textspan import (
     TextSpanResult,
     format_head_table,
     textspan,
@@ -263,7 +263,7 @@ def test_reconstruction_curve_matches_direct_computation():
 
 # ---------------------------------------------------------------------------- the pool
 def test_shipped_pool():
-    from clipdecomp.pool import DEFAULT_POOL, generate_descriptions, load_pool
+    from clipdecomp.data.text_pool import DEFAULT_POOL, generate_descriptions, load_pool
 
     pool = load_pool()
     assert len(pool) >= 3000
@@ -285,7 +285,7 @@ def test_shipped_pool():
 
 
 def test_load_user_pool(tmp_path):
-    from clipdecomp.pool import load_pool
+    from clipdecomp.data.text_pool import load_pool
 
     p = tmp_path / "pool.txt"
     p.write_text("# my pool\nA red car\n\n  A blue boat  \nA red car\n# end\n", encoding="utf-8")
@@ -305,7 +305,7 @@ class CountingTextModel:
 
 
 def test_encode_pool_cache(tmp_path):
-    from clipdecomp.pool import encode_pool
+    from clipdecomp.data.text_pool import encode_pool
 
     texts = [f"description {i}" for i in range(10)]
     model = CountingTextModel()
@@ -352,7 +352,11 @@ def test_textspan_on_real_model(b16):
 
 
 def test_plots_of_head_tables():
-    from clipdecomp.plots import plot_head_table, plot_reconstruction_curve, plot_textspan_variance
+    from clipdecomp.viz.plots import (
+        plot_head_table,
+        plot_reconstruction_curve,
+        plot_textspan_variance,
+    )
 
     rng = np.random.default_rng(21)
     heads = rng.normal(size=(80, 5, 3, 10)) * np.geomspace(1, 0.1, 10)

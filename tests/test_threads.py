@@ -19,10 +19,10 @@ import oracle
 import pytest
 
 import clipdecomp
-from clipdecomp import model as model_mod
-from clipdecomp.config import ModelConfig
-from clipdecomp.safetensors_io import SafetensorsFile
-from clipdecomp.tokenizer import Tokenizer, _bytes_to_unicode, default_tokenizer
+from clipdecomp.engine import model as model_mod
+from clipdecomp.engine.config import ModelConfig
+from clipdecomp.engine.safetensors_io import SafetensorsFile
+from clipdecomp.engine.tokenizer import Tokenizer, _bytes_to_unicode, default_tokenizer
 
 pytest.importorskip("clipdecomp._core")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import regex
 
-from clipdecomp.tokenizer import DEFAULT_BPE, Tokenizer, default_tokenizer
+from clipdecomp.engine.tokenizer import DEFAULT_BPE, Tokenizer, default_tokenizer
 
 TEXTS = ["a photo of a cat", "Hello, World!! 123 it's", "naïve café — résumé",
          "  many   spaces\tand\nnewlines ", "emoji 😀 test", "&amp; html &lt;b&gt;",

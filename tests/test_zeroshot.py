@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from clipdecomp.zeroshot import DEFAULT_TEMPLATES, accuracy, zero_shot_classifier
+from clipdecomp.methods.zeroshot import DEFAULT_TEMPLATES, accuracy, zero_shot_classifier
 
 
 class HashTextModel:

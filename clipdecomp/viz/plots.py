@@ -39,7 +39,7 @@ def plot_head_table(
     cmap: str = "viridis",
     title: str | None = None,
 ):
-    """The heads of a :func:`~clipdecomp.textspan.textspan_heads` table, as a figure.
+    """The heads of a :func:`~clipdecomp.methods.textspan.textspan_heads` table, as a figure.
 
     Parameters
     ----------
@@ -186,7 +186,7 @@ def plot_retrieval_grid(
         ``images[i]`` is a path, PIL image, uint8 HWC array or float CHW array (e.g. an array
         [N, S, S, 3], a list of paths).
     indices : ndarray int [k] or [Q, k]
-        From :meth:`HeadIndex.query <clipdecomp.retrieval.HeadIndex.query>`.
+        From :meth:`HeadIndex.query <clipdecomp.methods.retrieval.HeadIndex.query>`.
     scores : ndarray [k] or [Q, k], optional
         Shown above each image.
     query_images : sequence, optional
@@ -249,7 +249,7 @@ def plot_textspan_variance(results: Any, ax: Any = None, title: str | None = Non
     Examples
     --------
     >>> import numpy as np
-    >>> from clipdecomp.textspan import textspan
+    >>> from clipdecomp.methods.textspan import textspan
     >>> rng = np.random.default_rng(0)
     >>> res = textspan(rng.normal(size=(40, 5)), np.eye(5), n_texts=4, rank=5)
     >>> fig = plot_textspan_variance(res)

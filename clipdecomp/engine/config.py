@@ -570,7 +570,7 @@ def config_from_tensors(shapes: Mapping[str, tuple[int, ...]], act: str,
     Parameters
     ----------
     shapes : dict
-        Tensor name -> shape, e.g. from :func:`clipdecomp.safetensors_io.read_header`.
+        Tensor name -> shape, e.g. from :func:`clipdecomp.engine.safetensors_io.read_header`.
     act : str
         The activation: it cannot be read from weights, so it must be given.
     name, source : str
@@ -706,7 +706,7 @@ def resolve_act(act: str | None, config: ModelConfig | None, explicit: bool,
     source : str
         What was loaded, for the error message.
     table_act : str or None
-        The activation of the pretrained table (:mod:`clipdecomp.hub`) for this checkpoint;
+        The activation of the pretrained table (:mod:`clipdecomp.engine.hub`) for this checkpoint;
         it ranks after ``act=`` and before the config, as in open_clip.
 
     Returns

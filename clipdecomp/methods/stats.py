@@ -1,6 +1,6 @@
 """Streaming statistics of head terms: running sums and sums of outer products.
 
-TextSpan (see :mod:`clipdecomp.textspan`) and mean ablation depend on the head terms of a
+TextSpan (see :mod:`clipdecomp.methods.textspan`) and mean ablation depend on the head terms of a
 data set only through their mean and their second moment. :class:`HeadStats` keeps, per
 attention head, the number of images, the sum of its terms and the sum of their outer
 products, in float64, while batches of images stream through the model; the terms themselves
@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from clipdecomp.engine import core
 
 __all__ = ["HeadStats"]
 
@@ -70,7 +72,7 @@ class HeadStats:
         layers you will analyse.
         The per-head sums (cheap) are always kept for every layer, and so are the sums of the
         MLP and class-to-class terms when the updates carry them: :func:`component_means
-        <clipdecomp.ablation.component_means>` turns them into the means of mean ablation.
+        <clipdecomp.methods.ablation.component_means>` turns them into the means of mean ablation.
     chunk : int
         Not used any more (the products run in the C core); accepted and saved so that older
         code and files keep working.
@@ -163,14 +165,12 @@ class HeadStats:
 
     def _add_rows(self, x: np.ndarray) -> None:
         """Add float32 rows x [n, K, D] to the float64 accumulators (in place, C core)."""
-        from clipdecomp import _core
-
         # the core adds in place: the accumulators must be writeable C-contiguous float64
         # (arrays set from outside, e.g. read-only loads, are copied once here)
         self._sum_outer = np.require(self._sum_outer, np.float64, ["C", "A", "W"])
         self._sum = np.require(self._sum, np.float64, ["C", "A", "W"])
         dim = self._sum_outer.shape[-1]
-        _core._moments_update(
+        core.moments_update(
             self._sum_outer.reshape(-1, dim, dim), self._sum.reshape(-1, dim), x
         )
 

@@ -6,7 +6,7 @@ references, one row per image: an image is stored as ``[3, W, H]`` uint8 (MATLAB
 ``H x W x 3`` seen from HDF5), and a ground truth is a 1x1 cell whose element is the ``[W, H]``
 mask. :class:`ImageNetSegmentation` reads them lazily as ``(uint8 [H, W, 3], bool [H, W])``.
 
-``clipdecomp segeval`` (:func:`segeval_main`) runs the paper's zero-shot segmentation on it with
+``clipdecomp segeval`` (:func:`clipdecomp.cli.segeval_main`) runs the paper's zero-shot segmentation on it with
 any CLIP, beside the raw-attention and attention-rollout baselines from the same forward pass and
 two trivial ones, and prints pixel accuracy, mIoU and mAP.
 
@@ -14,7 +14,6 @@ Shapes: B images, S model input side, H x W original image size, D embedding dim
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .segmentation import (
+from clipdecomp import assets
+from clipdecomp.methods.segmentation import (
     SegmentationMeter,
     all_foreground,
     centre_blob,
@@ -31,7 +31,7 @@ from .segmentation import (
     segment_decomposition,
     segment_maps,
 )
-from .spatial import attention_map, attention_rollout
+from clipdecomp.methods.spatial import attention_map, attention_rollout
 
 if TYPE_CHECKING:
     from typing import Self
@@ -42,7 +42,7 @@ __all__ = [
     "ImageNetSegmentation",
     "evaluate_segmentation",
     "imagenet_classnames",
-    "segeval_main",
+    "segeval_classifier",
     "transform_mask",
     "write_gtsegs_like",
 ]
@@ -81,7 +81,7 @@ SIMPLE_IMAGENET_TEMPLATES: tuple[str, ...] = (
     "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
     "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
 )
-_TEMPLATE_SETS = {
+TEMPLATE_SETS = {
     "openai": OPENAI_IMAGENET_TEMPLATES,
     "simple": SIMPLE_IMAGENET_TEMPLATES,
     "single": ("a photo of a {}.",),
@@ -109,7 +109,7 @@ def imagenet_classnames() -> list[str]:
     >>> len(names), names[0]
     (1000, 'tench')
     """
-    path = Path(__file__).parent / "data" / "imagenet_classes.txt"
+    path = assets.path("imagenet_classes.txt")
     names = path.read_text(encoding="utf-8").splitlines()
     return [n for n in names if n.strip()]
 
@@ -275,7 +275,7 @@ def transform_mask(mask: np.ndarray, size: int, resize_mode: str = "shortest") -
     mask : [H, W] (nonzero = foreground)
     size : model input side S
     resize_mode : "shortest" resizes the shorter side to S and takes the centre S x S, the
-        geometry of CLIP's image preprocessing (``clipdecomp.preprocess``, torchvision's
+        geometry of CLIP's image preprocessing (``clipdecomp.engine.preprocess``, torchvision's
         rounding), so that mask and pixels line up; "squash" resizes straight to S x S. The
         reference evaluation code squashes the masks while cropping the images, so on
         non-square images its masks are shifted against the pixels.
@@ -292,7 +292,7 @@ def transform_mask(mask: np.ndarray, size: int, resize_mode: str = "shortest") -
     """
     from PIL import Image
 
-    from .preprocess import center_crop_box, resize_size
+    from clipdecomp.engine.preprocess import center_crop_box, resize_size
 
     m = np.asarray(mask)
     if m.ndim != 2:
@@ -317,7 +317,7 @@ def _classifier_in_chunks(model: Any, names: Sequence[str], templates: Sequence[
     """``zeroshot.zero_shot_classifier`` a few classes at a time, with a progress bar."""
     from tqdm.auto import tqdm
 
-    from .zeroshot import zero_shot_classifier
+    from clipdecomp.methods.zeroshot import zero_shot_classifier
 
     cols = []
     for start in tqdm(range(0, len(names), chunk), disable=not progress, desc="classifier",
@@ -408,84 +408,43 @@ def _read_lines(path: str) -> list[str]:
     return names
 
 
-def _get_classifier(model: Any, args: argparse.Namespace) -> np.ndarray:
-    d = int(model.config.embed_dim)
-    if args.classifier and os.path.exists(args.classifier):
-        clf = np.load(args.classifier).astype(np.float32)
-        if clf.ndim != 2 or d not in clf.shape:
-            raise ValueError(f"{args.classifier}: expected a [D={d}, C] classifier, "
-                             f"got {clf.shape}")
-        if clf.shape[0] != d:  # stored as [C, D]
-            clf = np.ascontiguousarray(clf.T)
-        print(f"classifier: {args.classifier} ({clf.shape[1]} classes)", file=sys.stderr)
-        return clf
-    names = _read_lines(args.classes) if args.classes else imagenet_classnames()
-    templates = _TEMPLATE_SETS[args.templates]
-    print(f"building the zero-shot classifier: {len(names)} classes x {len(templates)} "
-          "templates", file=sys.stderr)
-    clf = _classifier_in_chunks(model, names, templates, progress=not args.no_progress)
-    if args.classifier:
-        np.save(args.classifier, clf)
-        print(f"saved the classifier to {args.classifier}", file=sys.stderr)
-    return clf
+def segeval_classifier(model: Any, classifier: str | None = None, classes: str | None = None,
+                       templates: str = "openai", progress: bool = True) -> np.ndarray:
+    """The [D, C] zero-shot classifier of ``clipdecomp segeval``.
 
-
-def segeval_main(argv: Sequence[str] | None = None) -> int:
-    """``clipdecomp segeval``: zero-shot segmentation on ImageNet-segmentation.
+    Parameters
+    ----------
+    model : CLIP
+    classifier : str, optional
+        A ``.npy`` [D, C] (or [C, D]) classifier: loaded when the file exists, else built and
+        saved there.
+    classes : str, optional
+        Text file, one class name a line (default: the ImageNet-1k classes).
+    templates : {"openai", "simple"}
+        Prompt templates of the classifier.
+    progress : bool
 
     Examples
     --------
-    ``clipdecomp segeval --data gtsegs_ijcv.mat --model ViT-B-16 --pretrained openai
-    --classifier clf_b16.npy --out results.csv``
+    >>> clf = segeval_classifier(model, classes="classes.txt", templates="simple")  # doctest: +SKIP
     """
-    ap = argparse.ArgumentParser(
-        prog="clipdecomp segeval",
-        description="Zero-shot segmentation on the ImageNet-segmentation benchmark "
-                    "(gtsegs_ijcv.mat), as in Gandelsman et al. (ICLR 2024): the decomposition's "
-                    "maps beside raw attention, attention rollout and trivial baselines.")
-    ap.add_argument("--data", required=True, help="path of gtsegs_ijcv.mat")
-    ap.add_argument("--model", required=True, help="checkpoint path or model name")
-    ap.add_argument("--pretrained", default=None, help="pretrained tag (with a model name)")
-    ap.add_argument("--act", default=None, choices=["gelu", "quick_gelu"],
-                    help="MLP activation, when the checkpoint does not say")
-    ap.add_argument("--classes", default=None,
-                    help="text file, one class name a line (default: the ImageNet-1k classes)")
-    ap.add_argument("--templates", default="openai", choices=sorted(_TEMPLATE_SETS),
-                    help="prompt templates of the classifier (default: OpenAI's 80, as the paper)")
-    ap.add_argument("--classifier", default=None,
-                    help=".npy [D, C] classifier: loaded if the file exists, else built and saved "
-                         "there")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N images")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--mask-resize", default="image", choices=["image", "squash"],
-                    help="image: masks resized and cropped exactly like the images (default); "
-                         "squash: masks resized to S x S, as the reference code does")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None, help="save the table as CSV")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    if args.batch_size < 1:
-        ap.error("--batch-size must be >= 1")
+    d = int(model.config.embed_dim)
+    if classifier and os.path.exists(classifier):
+        clf = np.load(classifier).astype(np.float32)
+        if clf.ndim != 2 or d not in clf.shape:
+            raise ValueError(f"{classifier}: expected a [D={d}, C] classifier, "
+                             f"got {clf.shape}")
+        if clf.shape[0] != d:  # stored as [C, D]
+            clf = np.ascontiguousarray(clf.T)
+        print(f"classifier: {classifier} ({clf.shape[1]} classes)", file=sys.stderr)
+        return clf
+    names = _read_lines(classes) if classes else imagenet_classnames()
+    prompt_set = TEMPLATE_SETS[templates]
+    print(f"building the zero-shot classifier: {len(names)} classes x {len(prompt_set)} "
+          "templates", file=sys.stderr)
+    clf = _classifier_in_chunks(model, names, prompt_set, progress=progress)
+    if classifier:
+        np.save(classifier, clf)
+        print(f"saved the classifier to {classifier}", file=sys.stderr)
+    return clf
 
-    import clipdecomp
-
-    dataset = ImageNetSegmentation(args.data)
-    model = clipdecomp.load(args.model, pretrained=args.pretrained, act=args.act,
-                            threads=args.threads)
-    classifier = _get_classifier(model, args)
-    table = evaluate_segmentation(model, dataset, classifier, batch_size=args.batch_size,
-                                  limit=args.limit, mask_resize=args.mask_resize,
-                                  progress=not args.no_progress)
-    dataset.close()
-    print(f"\nImageNet-segmentation, {int(table['n_images'].iloc[0])} images, model "
-          f"{args.model}" + (f" ({args.pretrained})" if args.pretrained else "")
-          + f", masks: {args.mask_resize}")
-    print(table.to_string(float_format=lambda x: f"{x:.2f}"))
-    if args.out:
-        table.to_csv(args.out)
-        print(f"saved {args.out}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(segeval_main())

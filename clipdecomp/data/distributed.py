@@ -1,7 +1,7 @@
 """Run :func:`clipdecomp.run_dataset` on a Dask cluster.
 
 Each task is one chunk of the store. A worker loads the model once per process, from a
-:class:`~clipdecomp.dataset.ModelSpec` (path + load arguments; never a pickled model), keeps it in
+:class:`~clipdecomp.engine.loading.ModelSpec` (path + load arguments; never a pickled model), keeps it in
 a module-level cache, decodes and decomposes the chunk, and writes its rows straight into the
 store (chunk-aligned writes, so workers never touch the same file). The statistics of the chunk go
 back to the client, which adds them up and commits them with the chunk's done marker: the same
@@ -25,18 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from clipdecomp import store as _store
-from clipdecomp.dataset import (
+from clipdecomp.data import store as _store
+from clipdecomp.data.chunks import (
     ChunkTask,
-    ImageSource,
-    ModelSpec,
     _print_summary,
     _summary,
     iter_chunk_results,
     model_identity,
     prepare_store,
 )
-from clipdecomp.store import StoreReader
+from clipdecomp.data.sources import ImageSource
+from clipdecomp.data.store import StoreReader
+from clipdecomp.engine.loading import ModelSpec
 
 __all__ = ["local_client", "run_distributed", "worker_model"]
 

@@ -10,13 +10,18 @@ import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import ModelConfig
-from .decomposition import IDENTITY_TOL, IDENTITY_TOL_BF16, Decomposition, check_identity
-from .preprocess import (
+from clipdecomp.engine.config import ModelConfig
+from clipdecomp.engine.decomposition import (
+    IDENTITY_TOL,
+    IDENTITY_TOL_BF16,
+    Decomposition,
+    check_identity,
+)
+from clipdecomp.engine.preprocess import (
     _check_pixel_shape,
     _check_pixels,
     _is_float_array,
@@ -24,7 +29,11 @@ from .preprocess import (
     preprocess,
     preprocess_items,
 )
-from .tokenizer import Tokenizer
+from clipdecomp.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from clipdecomp.engine.loading import ModelSpec
+    from clipdecomp.methods.ablation import RepairedCLIP
 
 __all__ = ["CLIP", "MemoryPlan", "available_memory", "debug_enabled", "default_threads",
            "get_memory_budget", "plan_memory", "set_debug", "set_memory_budget"]
@@ -414,6 +423,9 @@ class CLIP:
         self.act_source = act_source
         self.threads = threads
         self.memory_budget = None
+        #: how :func:`clipdecomp.load` was called for this model (what Dask workers load);
+        #: None for a model made otherwise
+        self.spec: ModelSpec | None = None
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -504,7 +516,7 @@ class CLIP:
         Parameters
         ----------
         images : path, PIL.Image, uint8 array, float array, or a list of these
-            See :func:`clipdecomp.preprocess.preprocess`.
+            See :func:`clipdecomp.engine.preprocess.preprocess`.
 
         Examples
         --------
@@ -785,6 +797,25 @@ class CLIP:
                 bar.update(px.shape[0])
         return out
 
+    # -- derived models ------------------------------------------------------------------------
+
+    def repaired(self, heads: Any = (), **kwargs: Any) -> RepairedCLIP:
+        """An encoder whose ``encode_image`` returns embeddings with ``heads`` mean-ablated.
+
+        The same as :class:`clipdecomp.methods.ablation.RepairedCLIP` ``(self, heads, ...)``,
+        which holds the code (imported here, on call, so the engine does not depend on the
+        methods at import).
+
+        Examples
+        --------
+        >>> fixed = model.repaired(heads=[(5, 2)], means=means)   # doctest: +SKIP
+        >>> fixed.encode_image(images).shape                        # doctest: +SKIP
+        (8, 512)
+        """
+        from clipdecomp.methods.ablation import RepairedCLIP
+
+        return RepairedCLIP(self, heads=heads, **kwargs)
+
     # -- pickling ------------------------------------------------------------------------------
 
     def __reduce__(self):
@@ -800,6 +831,7 @@ class CLIP:
             "logit_scale": self.logit_scale, "act_source": self.act_source,
             "threads": self._threads if self._threads_given else None,
             "memory_budget": self._memory_budget, "precision": self.precision,
+            "spec": self.spec,
         }
         return (_restore, (state,))
 
@@ -830,7 +862,7 @@ def _tokenizer_spec(tok: Tokenizer | None) -> tuple:
     """How to make ``tok`` again: from its files when it came from files, else itself."""
     if tok is None:
         return ("none",)
-    from . import tokenizer as _tk
+    from clipdecomp.engine import tokenizer as _tk
 
     src = str(getattr(tok, "source", ""))
     ctx = tok.context_length
@@ -846,7 +878,7 @@ def _tokenizer_spec(tok: Tokenizer | None) -> tuple:
 
 
 def _make_tokenizer(spec: tuple) -> Tokenizer | None:
-    from . import tokenizer as _tk
+    from clipdecomp.engine import tokenizer as _tk
 
     kind = spec[0]
     if kind == "none":
@@ -862,7 +894,7 @@ def _make_tokenizer(spec: tuple) -> Tokenizer | None:
 
 def _restore(state: dict) -> CLIP:
     """Unpickle a :class:`CLIP`: open its weights file again."""
-    from .loading import _open_core, set_core_precision
+    from clipdecomp.engine import core as _core
 
     path = state["path"]
     if not os.path.isfile(path):
@@ -872,11 +904,12 @@ def _restore(state: dict) -> CLIP:
     if state.get("size") is not None and size != state["size"]:
         raise ValueError(f"{path}: the weights file changed since the model was pickled "
                          f"({state['size']} bytes then, {size} now)")
-    core = _open_core(path, state["config"], state["layout"] or "auto")
+    core = _core.open_model(path, state["config"], state["layout"] or "auto")
     if state.get("precision", "fp32") != "fp32":   # bf16 pickled where the CPU had it, or not
-        set_core_precision(core, "bf16" if state["precision"] == "bf16" else "bf16-emulated")
+        _core.set_precision(core, "bf16" if state["precision"] == "bf16" else "bf16-emulated")
     model = CLIP(core, state["config"], tokenizer=_make_tokenizer(state["tokenizer"]),
                  logit_scale=state["logit_scale"], path=path, threads=state["threads"],
                  act_source=state["act_source"])
     model.memory_budget = state["memory_budget"]
+    model.spec = state.get("spec")
     return model

@@ -11,7 +11,7 @@ and refuses a vocabulary where it is not.
 
 The vocabulary comes from a ``tokenizer.json`` (transformers / open_clip hub repos), from a
 ``vocab.json`` + ``merges.txt`` pair, or from the ``bpe_simple_vocab_16e6.txt.gz`` merges file
-of OpenAI's CLIP (bundled in ``clipdecomp/data``; MIT licence, as shipped by OpenAI's CLIP and by
+of OpenAI's CLIP (bundled in ``clipdecomp/assets``; MIT licence, as shipped by OpenAI's CLIP and by
 open_clip), from which the vocabulary is rebuilt the way OpenAI's tokenizer builds it.
 
 Text is cleaned as open_clip cleans it: HTML entities unescaped (twice), whitespace collapsed,
@@ -27,11 +27,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from clipdecomp import assets
+
 __all__ = ["DEFAULT_BPE", "Tokenizer", "default_tokenizer", "find_tokenizer"]
 
 #: the bundled OpenAI CLIP merges file
-DEFAULT_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                           "bpe_simple_vocab_16e6.txt.gz")
+DEFAULT_BPE = str(assets.path("bpe_simple_vocab_16e6.txt.gz"))
 _SOT_NAMES = ("<|startoftext|>", "<start_of_text>")
 _EOT_NAMES = ("<|endoftext|>", "<end_of_text>")
 #: CLIP's pre-tokenisation: contractions, letter runs, single digits, punctuation runs

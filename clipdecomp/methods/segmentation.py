@@ -30,7 +30,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from .spatial import heatmap, upsample
+from clipdecomp.methods.spatial import heatmap, upsample
 
 __all__ = [
     "SegmentationMeter",
@@ -264,7 +264,7 @@ def segment(model: Any, images: Any, classifier: np.ndarray, batch_size: int = 8
     model : a ``clipdecomp`` CLIP
     images : anything ``model.preprocess`` takes (paths, PIL images, uint8 [B, H, W, 3] arrays,
         lists of them) or float32 [B, 3, S, S] already preprocessed
-    classifier : [D, C] zero-shot classifier, e.g. ``clipdecomp.zeroshot.zero_shot_classifier``
+    classifier : [D, C] zero-shot classifier, e.g. ``clipdecomp.methods.zeroshot.zero_shot_classifier``
     batch_size : images per forward pass
     progress : show a progress bar
     classes : optional int [B]; segment these classes instead of the predicted ones
@@ -278,7 +278,7 @@ def segment(model: Any, images: Any, classifier: np.ndarray, batch_size: int = 8
     --------
     >>> import clipdecomp
     >>> model = clipdecomp.load()                                        # doctest: +SKIP
-    >>> from clipdecomp.zeroshot import zero_shot_classifier
+    >>> from clipdecomp.methods.zeroshot import zero_shot_classifier
     >>> clf = zero_shot_classifier(model, ["circle", "square"])          # doctest: +SKIP
     >>> res = segment(model, images, clf)                                # doctest: +SKIP
     >>> res.masks.shape                                                  # doctest: +SKIP

@@ -1,7 +1,7 @@
 """The description pool of TextSpan: load it, encode it (cached), and how it was made.
 
 TextSpan picks, for each head, texts out of a pool of short image descriptions. clipdecomp
-ships a pool of its own (``clipdecomp/data/descriptions.txt``, one description a line, ``#``
+ships a pool of its own (``clipdecomp/assets/descriptions.txt``, one description a line, ``#``
 lines are section titles) covering objects, animals, people, scenes, landscapes, countries,
 colours, textures, shapes, materials, counts, styles, moods, lighting, weather, times of day,
 art movements, viewpoints and the shapes world of the toy model. Any text file with one
@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from clipdecomp import assets
+
 __all__ = ["DEFAULT_POOL", "encode_pool", "generate_descriptions", "load_pool"]
 
-DEFAULT_POOL: Path = Path(__file__).resolve().parent / "data" / "descriptions.txt"
+DEFAULT_POOL: Path = assets.path("descriptions.txt")
 
 
 def load_pool(path: str | os.PathLike | None = None) -> list[str]:
@@ -162,7 +164,7 @@ def encode_pool(
 
 # =============================================================================================
 # How descriptions.txt was written (not needed at run time):
-#   python -c "from clipdecomp.pool import write_descriptions; write_descriptions()"
+#   python -c "from clipdecomp.data.text_pool import write_descriptions; write_descriptions()"
 
 _VOWEL_EXCEPTIONS_AN = ("hour", "honest", "heir")
 _VOWEL_EXCEPTIONS_A = ("uni", "use", "usu", "eu", "one", "ukulele", "u-")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["HeadIndex", "HeadIndexWriter", "show_retrieval"]
+__all__ = ["HeadIndex", "HeadIndexWriter"]
 
 _META = "meta.json"
 _VECTORS = "vectors.f16"
@@ -342,27 +342,3 @@ class HeadIndex:
         where = f", on disk at {self.path}" if self.path is not None else ""
         heads = ", ".join(f"L{layer}.H{h}" for layer, h in self.heads)
         return f"HeadIndex({len(self)} images, heads {heads}, dim {self.dim}{where})"
-
-
-def show_retrieval(
-    images: Any,
-    indices: np.ndarray,
-    scores: np.ndarray | None = None,
-    query_images: Any = None,
-    titles: Sequence[str] | None = None,
-    size: float = 1.6,
-):
-    """Grid of retrieved images (one row per query); returns the matplotlib Figure.
-
-    See :func:`clipdecomp.plots.plot_retrieval_grid`.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> imgs = np.zeros((10, 8, 8, 3), np.uint8)
-    >>> fig = show_retrieval(imgs, np.array([1, 2, 3]), np.array([0.9, 0.8, 0.7]))
-    """
-    from .plots import plot_retrieval_grid
-
-    return plot_retrieval_grid(images, indices, scores, query_images=query_images,
-                               titles=titles, size=size)

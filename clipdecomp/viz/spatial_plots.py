@@ -6,7 +6,7 @@ shown twice in Jupyter, nothing accumulates in pyplot's figure list; the Figure 
 as the last expression of a cell), or draws into ``ax`` where it takes one.
 
 Maps may be patch grids ``[G, G]`` or pixel maps ``[S, S]``: they are resampled bilinearly
-(:func:`clipdecomp.spatial.upsample`) to the image shown. A non-square image is shown as the
+(:func:`clipdecomp.methods.spatial.upsample`) to the image shown. A non-square image is shown as the
 model sees it: its centre square, the crop of CLIP's preprocessing.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .spatial import upsample
+from clipdecomp.methods.spatial import upsample
 
 __all__ = ["overlay", "plot_head_grid", "plot_methods", "plot_text_maps"]
 

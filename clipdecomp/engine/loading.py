@@ -8,7 +8,7 @@ What ``load`` accepts:
   or ``model.safetensors`` with those files (a downloaded hub repository, a
   ``save_pretrained`` output);
 * an open_clip name with ``pretrained=``: ``load("ViT-B-16", pretrained="openai")``, from the
-  table of :mod:`clipdecomp.hub`; ``pretrained`` may also be a local weights file, the
+  table of :mod:`clipdecomp.engine.hub`; ``pretrained`` may also be a local weights file, the
   geometry then coming from the architecture name;
 * a Hugging Face Hub repository, ``"hf-hub:ORG/REPO"`` or ``"ORG/REPO"``.
 
@@ -16,18 +16,21 @@ Pickled weights (``.bin``, ``.pt``, ``.pth``) are refused: only safetensors are 
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from . import hub
-from .config import (
+from clipdecomp.engine import core as _core
+from clipdecomp.engine import hub
+from clipdecomp.engine.config import (
     ModelConfig,
     config_from_open_clip,
     config_from_tensors,
@@ -38,12 +41,14 @@ from .config import (
     read_config_file,
     resolve_act,
 )
-from .hub import list_pretrained
-from .model import CLIP
-from .safetensors_io import SafetensorsFile
-from .tokenizer import Tokenizer, default_tokenizer, find_tokenizer
+from clipdecomp.engine.core import PRECISIONS
+from clipdecomp.engine.hub import list_pretrained
+from clipdecomp.engine.model import CLIP
+from clipdecomp.engine.safetensors_io import SafetensorsFile
+from clipdecomp.engine.tokenizer import Tokenizer, default_tokenizer, find_tokenizer
 
-__all__ = ["CONVERT_HINT", "LAYOUTS", "list_pretrained", "load"]
+__all__ = ["CONVERT_HINT", "LAYOUTS", "ModelSpec", "checkpoint_path", "list_pretrained", "load",
+           "spec_of"]
 
 #: layouts the C core reads
 LAYOUTS = ("auto", "open_clip", "hf")
@@ -193,7 +198,7 @@ def _read_config(config: Any, src: _Source, shapes: dict[str, tuple[int, ...]],
         if isinstance(config, Mapping):
             if "model_cfg" in config or "vision_cfg" in config:
                 return config_from_open_clip(config, name=src.name, source="config=")
-            from .config import config_from_hf
+            from clipdecomp.engine.config import config_from_hf
 
             return config_from_hf(config, name=src.name, source="config="), True
         return read_config_file(os.fspath(config), name=src.name)
@@ -260,7 +265,7 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         Nothing at the path, or no weights file in the directory.
     ValueError
         Pickled weights (with how to convert them), an unknown layout or model name, a
-        malformed safetensors file (:class:`clipdecomp.safetensors_io.SafetensorsError`), no
+        malformed safetensors file (:class:`clipdecomp.engine.safetensors_io.SafetensorsError`), no
         way to know the activation (pass ``act=``), or a config the C core cannot run.
     ImportError, RuntimeError
         Hub names without ``huggingface_hub`` installed, or without network / cached copy.
@@ -279,7 +284,7 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         if pretrained is not None:
             raise ValueError("pretrained= needs a model name, e.g. load('ViT-B-16', "
                              "pretrained='openai')")
-        from .toy import MODEL_DIR
+        from clipdecomp.toy import MODEL_DIR
         if not (MODEL_DIR / "open_clip_config.json").exists():
             raise FileNotFoundError(f"the embedded model is missing from {MODEL_DIR}: "
                                     "reinstall clipdecomp")
@@ -339,48 +344,133 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         if ls.size == 1 and np.isfinite(ls[0]):
             logit_scale = float(np.exp(np.float64(ls[0])))
 
-    core = _open_core(weights, cfg, found)
-    set_core_precision(core, precision)
-    return CLIP(core, cfg, tokenizer=tokenizer, logit_scale=logit_scale, path=weights,
-                threads=threads, act_source=act_source)
+    core = _core.open_model(weights, cfg, found)
+    _core.set_precision(core, precision)
+    model = CLIP(core, cfg, tokenizer=tokenizer, logit_scale=logit_scale, path=weights,
+                 threads=threads, act_source=act_source)
+    model.spec = ModelSpec.of_call(path_or_name, pretrained=pretrained, act=act, threads=threads,
+                                   layout=layout, config=config, tokenizer=tokenizer,
+                                   precision=precision)
+    return model
 
 
-PRECISIONS = ("fp32", "bf16", "bf16-emulated")
+# ----------------------------------------------------------------------------------------------
+# how a model is loaded again (Dask workers, pickling)
 
 
-def has_bf16() -> bool:
-    """Whether ``precision="bf16"`` runs natively here (AVX512_BF16, avx512 path in use).
+@dataclasses.dataclass
+class ModelSpec:
+    """How to load a model: ``loader(path, **kwargs)``; what Dask workers receive.
+
+    Parameters
+    ----------
+    path : str
+        Checkpoint path or model name, as for :func:`clipdecomp.load`.
+    kwargs : dict
+        Keyword arguments of the loader (``pretrained``, ``act``, ``threads``...).
+    loader : callable or "module:function", optional
+        Default :func:`clipdecomp.load`.
 
     Examples
     --------
-    >>> import clipdecomp
-    >>> isinstance(clipdecomp.has_bf16(), bool)
+    >>> spec = ModelSpec("ViT-B-16.safetensors", {"act": "quick_gelu"})   # doctest: +SKIP
+    >>> model = spec.load()                                                # doctest: +SKIP
+    """
+
+    path: str
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    loader: Any = None
+
+    #: the defaults of :func:`load`; a spec records only the arguments that differ
+    LOAD_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "pretrained": None, "act": None, "threads": None, "layout": "auto", "config": None,
+        "tokenizer": None, "precision": "fp32"}
+
+    @classmethod
+    def of_call(cls, path_or_name: str | os.PathLike | None, **kwargs: Any) -> ModelSpec:
+        """The spec of ``load(path_or_name, **kwargs)``: every argument that differs from its
+        default is kept, so a worker loads the same model (``precision="bf16"`` included).
+        A local path is made absolute; nothing (the embedded model) stays ``None`` -> its
+        folder.
+
+        Examples
+        --------
+        >>> ModelSpec.of_call(None, precision="bf16").kwargs
+        {'precision': 'bf16'}
+        """
+        if path_or_name is None:
+            from clipdecomp.toy import MODEL_DIR
+
+            path = str(MODEL_DIR)
+        else:
+            path = os.fspath(path_or_name)
+            if os.path.exists(path):
+                path = os.path.abspath(path)
+        given = {k: v for k, v in kwargs.items()
+                 if k not in cls.LOAD_DEFAULTS or v != cls.LOAD_DEFAULTS[k]}
+        return cls(path, given)
+
+    def _loader(self) -> Callable:
+        if self.loader is None:
+            return load
+        if isinstance(self.loader, str):
+            mod, _, name = self.loader.partition(":")
+            if not name:
+                raise ValueError(f"loader must be 'module:function', not {self.loader!r}")
+            return getattr(importlib.import_module(mod), name)
+        return self.loader
+
+    def load(self) -> Any:
+        """Load the model."""
+        return self._loader()(self.path, **self.kwargs)
+
+    def key(self) -> str:
+        """A string that identifies this spec (the per-worker cache key)."""
+        ld = self.loader
+        if callable(ld):
+            ld = f"{getattr(ld, '__module__', '?')}:{getattr(ld, '__qualname__', repr(ld))}"
+        return json.dumps([self.path, ld, self.kwargs], sort_keys=True, default=str)
+
+
+def spec_of(model: Any) -> ModelSpec:
+    """The :class:`ModelSpec` of a model: a spec or path as is, else the model's own record of
+    its checkpoint (attribute ``spec``, or ``path`` plus ``load_kwargs`` and its activation).
+    Run with it, a store checks that the workers' model has the config of this one."""
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return ModelSpec(os.fspath(model))
+    spec = getattr(model, "spec", None)
+    if isinstance(spec, ModelSpec):
+        return spec
+    if isinstance(spec, dict) and "path" in spec:
+        return ModelSpec(spec["path"], dict(spec.get("kwargs", {})), spec.get("loader"))
+    path = checkpoint_path(model)
+    if path is None:
+        raise ValueError(
+            "Dask workers load the model themselves: pass a ModelSpec(path, kwargs) or a "
+            "checkpoint path instead of a model object"
+        )
+    kwargs = dict(getattr(model, "load_kwargs", None) or {})
+    act = getattr(getattr(model, "config", None), "act", None)
+    if act is not None:
+        kwargs.setdefault("act", act)  # whatever decided it at load time, the workers use it
+    return ModelSpec(path, kwargs)
+
+
+def checkpoint_path(model: Any, spec: ModelSpec | None = None) -> str | None:
+    """The weights file of ``model`` (or of ``spec``) when there is one on this machine: the
+    one place that guesses where a model object came from.
+
+    Examples
+    --------
+    >>> checkpoint_path(load()).endswith(".safetensors")
     True
     """
-    from . import _core
-    return bool(_core.has_bf16())
-
-
-def set_core_precision(core: Any, precision: str) -> str:
-    """Convert a freshly opened core model to ``precision``; returns the precision in effect
-    (``"bf16"`` becomes ``"bf16-emulated"``, with a warning, on a CPU without AVX512_BF16)."""
-    if precision == "fp32":
-        return "fp32"
-    if precision == "bf16" and not has_bf16():
-        warnings.warn("precision='bf16': this CPU has no AVX512_BF16 (or the avx512 path is "
-                      "off), so bf16 is emulated: the same bf16 roundings and numbers, computed "
-                      "by the float32 kernels at float32 speed and memory", RuntimeWarning,
-                      stacklevel=3)
-        precision = "bf16-emulated"
-    core.set_precision(precision)
-    return precision
-
-
-def _open_core(weights: str, cfg: ModelConfig, layout: str) -> Any:
-    try:
-        from . import _core
-    except ImportError as e:
-        raise ImportError(
-            "the C extension clipdecomp._core is not built: run `pip install .` or `python "
-            f"setup.py build_ext --inplace` in the source tree ({e})") from None
-    return _core.Model(weights, cfg.to_core_dict(), layout)
+    for attr in ("checkpoint_path", "path", "checkpoint", "weights_path", "_path"):
+        v = getattr(model, attr, None)
+        if isinstance(v, (str, os.PathLike)) and os.path.isfile(v):
+            return os.path.abspath(os.fspath(v))
+    if spec is not None and os.path.isfile(spec.path):
+        return os.path.abspath(spec.path)
+    return None

@@ -21,7 +21,7 @@ Skipped images (unreadable or corrupt files) keep their row: ``ok`` is False, ``
 reason, and every float array holds zeros there (never NaN). They are left out of the
 statistics. Rows of chunks that are not done yet are zeros too, with ``ok`` False.
 
-Statistics (float64, over rows with ``ok``; the names of :class:`clipdecomp.stats.HeadStats`)::
+Statistics (float64, over rows with ``ok``; the names of :class:`clipdecomp.methods.stats.HeadStats`)::
 
     n                  []                 number of valid rows
     embedding_sum      [D]
@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from clipdecomp.stats import HeadStats
+from clipdecomp.methods.stats import HeadStats
 
 FORMAT = "clipdecomp-store"
 FORMAT_VERSION = 1
@@ -103,7 +103,7 @@ def _json_default(o: Any) -> Any:
 class Moments:
     """Float64 sums of the decomposition terms over valid images, mergeable exactly.
 
-    The fields mean what the same names mean in :class:`clipdecomp.stats.HeadStats` (plus the
+    The fields mean what the same names mean in :class:`clipdecomp.methods.stats.HeadStats` (plus the
     embedding sum); unlike ``HeadStats.update``, the second moments are added once per chunk of
     rows (:meth:`add_outer`), which keeps their cost small next to the model's.
 
@@ -234,7 +234,7 @@ def compare_metadata(stored: dict, wanted: dict, where: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# writing (used by clipdecomp.dataset and clipdecomp.distributed)
+# writing (used by clipdecomp.data.runner and clipdecomp.data.distributed)
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -256,7 +256,7 @@ def create_store(
     labels: np.ndarray,
     overwrite: bool = False,
 ):
-    """Create an empty store for ``meta`` (see :func:`clipdecomp.dataset.run_dataset`)."""
+    """Create an empty store for ``meta`` (see :func:`clipdecomp.data.runner.run_dataset`)."""
     zarr = _zarr()
     path = os.fspath(path)
     if os.path.exists(path) and os.listdir(path) and not overwrite:
@@ -414,7 +414,7 @@ def append_run(path: str | os.PathLike, summary: dict) -> None:
 
 def _config_object(cfg: dict) -> Any:
     try:
-        from clipdecomp.config import ModelConfig
+        from clipdecomp.engine.config import ModelConfig
 
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         return ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v)
@@ -424,7 +424,7 @@ def _config_object(cfg: dict) -> Any:
 
 
 class StoreStats(HeadStats):
-    """The statistics of a store: a :class:`~clipdecomp.stats.HeadStats` (so TextSpan and mean
+    """The statistics of a store: a :class:`~clipdecomp.methods.stats.HeadStats` (so TextSpan and mean
     ablation take it as it is) that also knows the embedding sum and the means of every term.
 
     Attributes
@@ -536,7 +536,7 @@ class StoreReader:
     Attributes
     ----------
     embedding, heads, mlps, cls_to_cls, labels, paths, ok, error, done : zarr.Array
-        The stored arrays (see :mod:`clipdecomp.store`), read lazily.
+        The stored arrays (see :mod:`clipdecomp.data.store`), read lazily.
     n, chunk_size, n_chunks : int
     layers : tuple of int
         The layers whose heads are stored (``heads[:, j]`` is layer ``layers[j]``).

@@ -274,7 +274,7 @@ def _import_hub():
 def _is_hf_clip(path: str) -> bool:
     import json
 
-    from .config import is_hf_clip_config
+    from clipdecomp.engine.config import is_hf_clip_config
 
     try:
         with open(path, "r", encoding="utf-8") as fh:
@@ -366,6 +366,6 @@ def download(repo: str, revision: str | None = None, cache_dir: str | None = Non
         raise RuntimeError(
             f"Hugging Face Hub repository {repo!r} has no safetensors weights (looked for "
             f"{', '.join(weight_files)}){hint}. clipdecomp reads only .safetensors; convert "
-            "the pickled weights once (see clipdecomp.loading.CONVERT_HINT), or try a "
+            "the pickled weights once (see clipdecomp.engine.loading.CONVERT_HINT), or try a "
             "conversion branch with revision='refs/pr/N'")
     return weights

@@ -8,7 +8,7 @@ explain most of the variance of ``C``. Two implementations pick the same texts:
     The reference steps, on the head terms held in memory (also returns the reconstruction).
 :func:`textspan_from_stats`
     The same algorithm on the head's mean and second moment only (see :class:`HeadStats
-    <clipdecomp.stats.HeadStats>`): the variance of ``C t`` is ``t^T S t``, so one product
+    <clipdecomp.methods.stats.HeadStats>`): the variance of ``C t`` is ``t^T S t``, so one product
     ``G = T S`` and a few rank-one updates per pick replace the ``N x M x D`` product of every
     pick. Seconds for all heads of the last layers of a ViT-H instead of a GPU job.
 
@@ -249,7 +249,7 @@ def textspan(
     head_outputs : ndarray [N, D]
         Terms of one head over N images (``dec.heads[:, l, h]``).
     text_embeddings : ndarray [M, D]
-        Unit-normalised embeddings of the text pool (see :func:`clipdecomp.pool.encode_pool`).
+        Unit-normalised embeddings of the text pool (see :func:`clipdecomp.data.text_pool.encode_pool`).
     texts : sequence of str [M], optional
         The pool's texts (default: ``"text i"``).
     n_texts : int
@@ -359,7 +359,7 @@ def textspan_from_stats(
     Parameters
     ----------
     stats : HeadStats or tuple
-        A :class:`~clipdecomp.stats.HeadStats` (with ``head=(layer, head)`` when it holds
+        A :class:`~clipdecomp.methods.stats.HeadStats` (with ``head=(layer, head)`` when it holds
         several heads), or ``(mean [D], second_moment [D, D], n)`` with the uncentred second
         moment ``E[x x^T]``.
     text_embeddings : ndarray [M, D]

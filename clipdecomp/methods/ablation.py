@@ -25,7 +25,6 @@ __all__ = [
     "ablation_study",
     "component_means",
     "load_ablation",
-    "plot_ablation_curve",
 ]
 
 
@@ -125,7 +124,7 @@ def component_means(
     source : Decomposition, list of Decomposition, ndarray [B, L, H, D], HeadStats
         The reference images' terms: one decomposition, several (weighted by their sizes),
         the head terms as an array (with ``mlps`` / ``cls_to_cls`` arrays beside), or
-        streaming statistics (:class:`~clipdecomp.stats.HeadStats`, fed with decompositions so
+        streaming statistics (:class:`~clipdecomp.methods.stats.HeadStats`, fed with decompositions so
         that it also summed the MLP and class-to-class terms).
     mlps : ndarray [B, L+1, D], optional
         With an array ``source``.
@@ -354,7 +353,7 @@ def ablation_study(
         Terms of the evaluation images (``heads``, ``mlps``, ``cls_to_cls``).
     labels : ndarray int [B]
     classifier : ndarray [D, C]
-        Zero-shot classifier (:func:`clipdecomp.zeroshot.zero_shot_classifier`).
+        Zero-shot classifier (:func:`clipdecomp.methods.zeroshot.zero_shot_classifier`).
     means : ComponentMeans, optional
         Default: means over ``dec`` itself (what the reference does).
 
@@ -378,7 +377,7 @@ def ablation_study(
     """
     import pandas as pd
 
-    from .zeroshot import accuracy
+    from clipdecomp.methods.zeroshot import accuracy
 
     heads = np.asarray(_get(dec, "heads"))
     mlps = np.asarray(_get(dec, "mlps"))
@@ -408,21 +407,6 @@ def ablation_study(
         name = f"attention layers 0-{layer}" if layer else "attention layer 0"
         rows.append((name, layer + 1, acc(current + mlp_sum)))
     return pd.DataFrame(rows, columns=["ablation", "layers_ablated", "accuracy"])
-
-
-def plot_ablation_curve(df, ax=None, title: str | None = None):
-    """Accuracy against the number of attention layers mean-ablated (see :mod:`.plots`).
-
-    Examples
-    --------
-    >>> import pandas as pd
-    >>> df = pd.DataFrame({"ablation": ["baseline", "attention layer 0"],
-    ...                    "layers_ablated": [0, 1], "accuracy": [0.8, 0.7]})
-    >>> fig = plot_ablation_curve(df)
-    """
-    from .plots import plot_ablation_curve as _plot
-
-    return _plot(df, ax=ax, title=title)
 
 
 # ---------------------------------------------------------------------------- repaired model

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import ModelConfig
+from clipdecomp.engine.config import ModelConfig
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import CLIP
+    from clipdecomp.engine.model import CLIP
 
 __all__ = ["IDENTITY_TOL", "IDENTITY_TOL_BF16", "Decomposition", "check_identity"]
 
@@ -39,7 +39,7 @@ def check_identity(heads: np.ndarray, mlps: np.ndarray, embedding: np.ndarray,
 
     ``heads.sum((1, 2)) + mlps.sum(1)`` must equal ``embedding / norm`` and, when given,
     ``tokens.sum(2)`` must equal ``heads``, to ``tol`` (absolute; the terms are parts of a unit
-    vector). This is what debug mode (:func:`clipdecomp.model.set_debug`,
+    vector). This is what debug mode (:func:`clipdecomp.engine.model.set_debug`,
     ``CLIPDECOMP_DEBUG=1``) runs after every batch.
 
     Parameters
@@ -259,6 +259,23 @@ class Decomposition:
             raise ValueError("neither per-token terms nor the pixels were kept; call "
                              "model.decompose(images, spatial=True)")
         return self._model._probe(self.pixels, d, batch_size=batch_size, progress=progress)
+
+    def heatmap(self, text_embeddings: np.ndarray, layers: Any = None,
+                heads: Any = None) -> np.ndarray:
+        """Each patch's contribution to the similarity with each text, float32 [B, T, G, G].
+
+        The same as :func:`clipdecomp.methods.spatial.heatmap` ``(self, ...)``, which holds the
+        code (imported here, on call, so the engine does not depend on the methods at import).
+
+        Examples
+        --------
+        >>> dec = model.decompose(images, spatial=True)             # doctest: +SKIP
+        >>> dec.heatmap(model.encode_text(["a dog", "grass"])).shape  # doctest: +SKIP
+        (2, 2, 14, 14)
+        """
+        from clipdecomp.methods.spatial import heatmap
+
+        return heatmap(self, text_embeddings, layers=layers, heads=heads)
 
     def summed(self) -> np.ndarray:
         """``heads.sum((1, 2)) + mlps.sum(1)``: float32 ``[B, D]``, equal to

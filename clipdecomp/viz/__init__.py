@@ -1,0 +1,1 @@
+"""Every figure: methods return data, this layer draws it (matplotlib, imported lazily)."""
