@@ -6,6 +6,8 @@ SVD of the uncentred data, texts projected with ``V^T (V V^T)^-1 V``, centring, 
 greedy pick / reconstruct / deflate loop with the unbiased standard deviation (torch's default).
 """
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -263,7 +265,16 @@ def test_reconstruction_curve_matches_direct_computation():
 
 # ---------------------------------------------------------------------------- the pool
 def test_shipped_pool():
-    from clipdecomp.data.text_pool import DEFAULT_POOL, generate_descriptions, load_pool
+    import importlib.util
+
+    from clipdecomp.data.text_pool import DEFAULT_POOL, load_pool
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_description_pool.py"
+    spec = importlib.util.spec_from_file_location("make_description_pool", script)
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    generate_descriptions = maker.generate_descriptions
+    assert maker.DEFAULT_POOL == DEFAULT_POOL
 
     pool = load_pool()
     assert len(pool) >= 3000
