@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from clipdecomp import toy
+from clipdecomp.engine.helpers import progress_bar
 from clipdecomp.methods.ablation import ablate, ablation_study, component_means
 from clipdecomp.methods.segmentation import (
     all_foreground,
@@ -85,11 +86,7 @@ def description_pool() -> tuple[list[str], list[str]]:
 
 
 def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc)
+    return progress_bar(it, enabled=enabled, desc=desc)
 
 
 def _classifiers(model) -> dict[str, np.ndarray]:

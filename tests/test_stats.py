@@ -16,10 +16,9 @@ import pickle
 
 import numpy as np
 import pytest
+from oracle import outer_tol
 
 from clipdecomp.methods.stats import BUFFER_ROWS, HeadStats
-
-U32 = 2.0**-24
 
 
 def random_heads(seed, n=90, n_layers=4, n_heads=3, d=10):
@@ -27,14 +26,6 @@ def random_heads(seed, n=90, n_layers=4, n_heads=3, d=10):
     return (rng.normal(size=(n, n_layers, n_heads, d)) * 2 + 1).astype(np.float32)
 
 
-def outer_tol(c, rows=512):
-    """Largest |error| of sum over rows of x x^T from the core, for terms c [n, D] (float64 copy
-    of the float32 rows), chunks of at most ``rows`` rows (see the module docstring)."""
-    n = len(c)
-    sd, m = c.std(0), np.abs(c.mean(0))
-    return (min(rows, n) + 4) * U32 * n * np.outer(sd, sd) + 1e-13 * n * (
-        np.outer(m, m) + np.outer(sd, sd)
-    )
 
 
 def assert_outer_close(got, c, rows=512):

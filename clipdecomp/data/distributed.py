@@ -36,6 +36,7 @@ from clipdecomp.data.chunks import (
 )
 from clipdecomp.data.sources import ImageSource
 from clipdecomp.data.store import StoreReader
+from clipdecomp.engine.helpers import optional_import, progress_bar
 from clipdecomp.engine.loading import ModelSpec
 
 __all__ = ["local_client", "run_distributed", "worker_model"]
@@ -46,14 +47,9 @@ _MODELS_LOCK = threading.Lock()
 _POOL: cf.ThreadPoolExecutor | None = None
 
 
-def _dask():
-    try:
-        import distributed
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "running on a cluster needs dask.distributed: pip install 'clipdecomp[data]'"
-        ) from e
-    return distributed
+def _dask() -> Any:
+    return optional_import(
+        "distributed", "running on a cluster needs dask.distributed: pip install 'clipdecomp[data]'")
 
 
 def worker_model(spec: ModelSpec) -> tuple[Any, threading.Lock]:
@@ -169,7 +165,6 @@ def run_distributed(
             client = own = distributed.Client(scheduler)
         else:
             client = own = local_client(int(workers or 2))
-    from tqdm.auto import tqdm
 
     try:
         identity = client.submit(identity_task, spec, pure=False).result()
@@ -187,8 +182,8 @@ def run_distributed(
                               checkpoint_seconds)
         tasks = state.tasks(source)
         todo = state.rows_to_do(len(source))
-        bar = tqdm(total=len(source), initial=len(source) - todo, unit="img",
-                   disable=not progress, desc="clipdecomp", dynamic_ncols=True)
+        bar = progress_bar(total=len(source), initial=len(source) - todo, unit="img",
+                           enabled=progress, desc="clipdecomp", dynamic_ncols=True)
         t0 = time.perf_counter()
         interrupted = True
         tag = uuid.uuid4().hex[:8]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipdecomp import assets
+from clipdecomp.engine.helpers import optional_import, progress_bar
 from clipdecomp.methods.segmentation import (
     SegmentationMeter,
     all_foreground,
@@ -92,12 +93,8 @@ METHODS = ("decomposition", "raw attention", "attention rollout", "all foregroun
 
 
 def _h5py() -> Any:
-    try:
-        import h5py
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading gtsegs_ijcv.mat needs h5py: pip install h5py "
-                          "(or pip install 'clipdecomp[data]')") from e
-    return h5py
+    return optional_import("h5py", "reading gtsegs_ijcv.mat needs h5py: pip install h5py "
+                                   "(or pip install 'clipdecomp[data]')")
 
 
 def imagenet_classnames() -> list[str]:
@@ -315,13 +312,11 @@ def transform_mask(mask: np.ndarray, size: int, resize_mode: str = "shortest") -
 def _classifier_in_chunks(model: Any, names: Sequence[str], templates: Sequence[str],
                           progress: bool, chunk: int = 25) -> np.ndarray:
     """``zeroshot.zero_shot_classifier`` a few classes at a time, with a progress bar."""
-    from tqdm.auto import tqdm
-
     from clipdecomp.methods.zeroshot import zero_shot_classifier
 
     cols = []
-    for start in tqdm(range(0, len(names), chunk), disable=not progress, desc="classifier",
-                      unit_scale=chunk, unit="class"):
+    for start in progress_bar(range(0, len(names), chunk), enabled=progress, desc="classifier",
+                              unit_scale=chunk, unit="class"):
         cols.append(zero_shot_classifier(model, names[start:start + chunk], templates))
     return np.concatenate(cols, axis=1)
 
@@ -358,8 +353,6 @@ def evaluate_segmentation(model: Any, dataset: Any, classifier: np.ndarray, batc
     >>> table = evaluate_segmentation(model, ImageNetSegmentation(p), clf)   # doctest: +SKIP
     """
     import pandas as pd
-    from tqdm.auto import tqdm
-
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
     if n <= 0:
         raise ValueError("no images to evaluate")
@@ -369,7 +362,7 @@ def evaluate_segmentation(model: Any, dataset: Any, classifier: np.ndarray, batc
     mode = getattr(model.config, "resize_mode", "shortest") if mask_resize == "image" else "squash"
     meters = {m: SegmentationMeter() for m in METHODS}
     spatial = keep_tokens(model.config, batch_size)  # small models: one forward pass, no probe
-    with tqdm(total=n, disable=not progress, unit="img", desc="segeval") as bar:
+    with progress_bar(total=n, enabled=progress, unit="img", desc="segeval") as bar:
         for start in range(0, n, batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, n))]
             images = [im for im, _ in items]

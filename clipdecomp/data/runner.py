@@ -35,6 +35,7 @@ from clipdecomp.data.chunks import (
 )
 from clipdecomp.data.sources import open_source
 from clipdecomp.data.store import StoreReader
+from clipdecomp.engine.helpers import progress_bar
 from clipdecomp.engine.loading import ModelSpec, spec_of
 
 log = logging.getLogger("clipdecomp.data.runner")
@@ -149,10 +150,8 @@ def run_dataset(
     todo = state.rows_to_do(len(src))
     n_threads = decode_threads or min(4, os.cpu_count() or 1)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(src), initial=len(src) - todo, unit="img", disable=not progress,
-               desc="clipdecomp", dynamic_ncols=True)
+    bar = progress_bar(total=len(src), initial=len(src) - todo, unit="img", enabled=progress,
+                       desc="clipdecomp", dynamic_ncols=True)
     root = _store._zarr().open_group(out, mode="r+")
     t0 = time.perf_counter()
     interrupted = True

@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from clipdecomp.engine import core
+from clipdecomp.engine.helpers import optional_import
 from clipdecomp.methods.stats import HeadStats
 
 FORMAT = "clipdecomp-store"
@@ -63,14 +65,9 @@ ROW_FIELDS = FLOAT_FIELDS + ("labels", "paths", "ok", "error")
 STAT_FIELDS = ("n", "embedding_sum", "head_sum", "mlp_sum", "cls_sum", "sum_outer")
 
 
-def _zarr():
-    try:
-        import zarr
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "clipdecomp stores need zarr: pip install 'clipdecomp[data]' (or pip install zarr)"
-        ) from e
-    return zarr
+def _zarr() -> Any:
+    return optional_import(
+        "zarr", "clipdecomp stores need zarr: pip install 'clipdecomp[data]' (or pip install zarr)")
 
 
 def _now() -> str:
@@ -168,10 +165,19 @@ class Moments:
         self.cls_sum += cls_to_cls.astype(np.float64).sum(0)
 
     def add_outer(self, heads_kept: np.ndarray) -> None:
-        """Add ``x x^T`` of every row of heads_kept [n, Lk, H, D] (rows of zeros add nothing)."""
-        for j in range(heads_kept.shape[1]):
-            x = np.ascontiguousarray(heads_kept[:, j].transpose(1, 0, 2), dtype=np.float64)
-            self.sum_outer[j] += np.matmul(x.transpose(0, 2, 1), x)  # [H, D, D]
+        """Add ``x x^T`` of every row of heads_kept [n, Lk, H, D] (rows of zeros add nothing).
+
+        The products are the C core's (:func:`clipdecomp.engine.core.moments_update`, as in
+        :class:`~clipdecomp.methods.stats.HeadStats`): float32 over centred chunks of rows,
+        summed in float64."""
+        x = np.asarray(heads_kept, np.float32)
+        n, lk, h, d = x.shape
+        if n == 0 or lk == 0:
+            return
+        # the core also sums the rows; the store keeps head_sum over every layer in add_rows
+        discard = np.zeros((lk * h, d), np.float64)
+        core.moments_update(self.sum_outer.reshape(lk * h, d, d), discard,
+                            np.ascontiguousarray(x.reshape(n, lk * h, d)))
 
     def merge(self, other: Moments) -> Moments:
         """Add another Moments in place (same shapes) and return self."""

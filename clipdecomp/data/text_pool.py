@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from clipdecomp import assets
+from clipdecomp.engine.helpers import progress_bar
+from clipdecomp.engine.loading import checkpoint_path
 
 __all__ = ["DEFAULT_POOL", "encode_pool", "load_pool"]
 
@@ -67,12 +69,10 @@ def _model_key(model: Any) -> str:
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
     h.update(repr(cfg).encode())
-    for attr in ("path", "checkpoint", "checkpoint_path", "filename"):
-        p = getattr(model, attr, None)
-        if isinstance(p, (str, os.PathLike)) and os.path.exists(p):
-            st = os.stat(p)
-            h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
-            break
+    p = checkpoint_path(model)
+    if p is not None:
+        st = os.stat(p)
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
     # the weights themselves, through what they do to a fixed text (robust to copies/renames)
     probe = np.asarray(model.encode_text(["a photo of a dog on the grass."], normalize=True))
     h.update(np.round(probe.astype(np.float64), 3).tobytes())
@@ -136,13 +136,7 @@ def encode_pool(
             except (OSError, ValueError):
                 pass  # a broken cache file: recompute
     starts = range(0, len(texts), batch_size)
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="encoding pool", total=len(starts))
-        except ImportError:  # pragma: no cover
-            pass
+    starts = progress_bar(starts, desc="encoding pool", total=len(starts), enabled=progress)
     parts = [
         np.asarray(model.encode_text(texts[i : i + batch_size], normalize=True), np.float32)
         for i in starts

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipdecomp.engine.config import ModelConfig
+from clipdecomp.engine.helpers import format_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from clipdecomp.engine.model import CLIP
@@ -24,12 +25,6 @@ IDENTITY_TOL = 1e-3
 #: the same for a bf16 model, whose folds stay float32 while its forward rounds to bf16 (measured
 #: residuals: 3e-5 to 2e-4, benchmarks/PRECISION.md; bf16 keeps 8 bits, 2**-8 = 4e-3)
 IDENTITY_TOL_BF16 = 1e-2
-
-
-def _mb(nbytes: float) -> str:
-    if nbytes < 2**20:
-        return f"{nbytes / 2**10:,.1f} KiB"
-    return f"{nbytes / 2**20:,.0f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:,.1f} GiB"
 
 
 def check_identity(heads: np.ndarray, mlps: np.ndarray, embedding: np.ndarray,
@@ -192,7 +187,7 @@ class Decomposition:
         if self._tokens is None:
             raise ValueError(
                 "per-token terms were not computed: call model.decompose(images, spatial=True) "
-                f"to keep them (B*L*N*H*D floats, {_mb(self._token_bytes())} here), or use "
+                f"to keep them (B*L*N*H*D floats, {format_bytes(self._token_bytes())} here), or use "
                 "dec.probe(directions) for token scores along a few directions without storing "
                 "them")
         return self._tokens
@@ -325,7 +320,7 @@ class Decomposition:
                  f"(L={c.layers} layers, H={c.heads} heads, N={c.n_tokens} tokens, "
                  f"D={c.embed_dim})")]
         for k, v in self.arrays().items():
-            lines.append(f"  {k:<11}{list(v.shape)!s:<24}{_mb(v.nbytes)}")
+            lines.append(f"  {k:<11}{list(v.shape)!s:<24}{format_bytes(v.nbytes)}")
         if self._tokens is None:
             lines.append("  tokens     not kept (decompose(..., spatial=True)); probe() re-runs")
         if self._attn_cls is None:

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from clipdecomp.engine.helpers import optional_import
+
 __all__ = [
     "AUX_FILES",
     "WEIGHT_FILES",
@@ -258,17 +260,14 @@ def arch_config(model: str) -> dict[str, Any] | None:
 
 
 def _import_hub():
-    try:
-        import huggingface_hub  # noqa: F401
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise ImportError(
-            "loading from the Hugging Face Hub needs the huggingface_hub package: "
-            "`pip install huggingface_hub` (or `pip install clipdecomp[hub]`); or download the "
-            "repository yourself and pass its directory to clipdecomp.load") from None
+    hf = optional_import(
+        "huggingface_hub",
+        "loading from the Hugging Face Hub needs the huggingface_hub package: "
+        "`pip install huggingface_hub` (or `pip install clipdecomp[hub]`); or download the "
+        "repository yourself and pass its directory to clipdecomp.load")
     from huggingface_hub import errors
 
-    return hf_hub_download, errors
+    return hf.hf_hub_download, errors
 
 
 def _is_hf_clip(path: str) -> bool:

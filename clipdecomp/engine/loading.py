@@ -467,7 +467,7 @@ def checkpoint_path(model: Any, spec: ModelSpec | None = None) -> str | None:
     >>> checkpoint_path(load()).endswith(".safetensors")
     True
     """
-    for attr in ("checkpoint_path", "path", "checkpoint", "weights_path", "_path"):
+    for attr in ("checkpoint_path", "path", "checkpoint", "weights_path", "filename", "_path"):
         v = getattr(model, attr, None)
         if isinstance(v, (str, os.PathLike)) and os.path.isfile(v):
             return os.path.abspath(os.fspath(v))

@@ -21,6 +21,7 @@ from clipdecomp.engine.decomposition import (
     Decomposition,
     check_identity,
 )
+from clipdecomp.engine.helpers import format_bytes, progress_bar
 from clipdecomp.engine.preprocess import (
     _check_pixel_shape,
     _check_pixels,
@@ -75,13 +76,6 @@ def default_threads() -> int:
 
 
 # -- memory budget ---------------------------------------------------------------------------
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:,.1f} {unit}"
-    return f"{int(n)} bytes"
 
 
 def available_memory() -> int:
@@ -343,9 +337,9 @@ def _too_big(plan: MemoryPlan, what: str, hint: str) -> MemoryError:
     one = plan.need(1) - results
     return MemoryError(
         f"{what} of {plan.images} image{'s' if plan.images != 1 else ''} needs about "
-        f"{_fmt_bytes(plan.need(1))} even one image at a time ({_fmt_bytes(results)} for the "
-        f"results, {_fmt_bytes(one)} to compute), more than the memory budget of "
-        f"{_fmt_bytes(plan.budget)}. {hint}Raise the budget with "
+        f"{format_bytes(plan.need(1))} even one image at a time ({format_bytes(results)} for the "
+        f"results, {format_bytes(one)} to compute), more than the memory budget of "
+        f"{format_bytes(plan.budget)}. {hint}Raise the budget with "
         "clipdecomp.set_memory_budget(bytes), model.memory_budget or the environment variable "
         "CLIPDECOMP_MEMORY_BUDGET, or pass fewer images per call.")
 
@@ -368,10 +362,8 @@ def _check_finite(embedding: np.ndarray, start: int, what: str) -> None:
                       "weights or the pixels hold extreme values)", RuntimeWarning, stacklevel=3)
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, unit="img", desc=desc)
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    return progress_bar(total=total, enabled=enabled, unit="img", desc=desc)
 
 
 class CLIP:

@@ -49,7 +49,7 @@ def parse_layers(layers: Any, n_layers: int) -> tuple[int, ...]:
             if ":" in tok:
                 parts = [int(p) if p else None for p in tok.split(":")]
                 if len(parts) > 3:
-                    raise ValueError(f"bad layer slice {tok!r}")
+                    raise LayerSelectionError(f"bad layer slice {tok!r}")
                 items.append(slice(*parts))
             else:
                 items.append(int(tok))
@@ -62,10 +62,12 @@ def parse_layers(layers: Any, n_layers: int) -> tuple[int, ...]:
         if isinstance(it, slice):
             out.update(range(L)[it])
             continue
+        if isinstance(it, bool) or not isinstance(it, (int, np.integer)):
+            raise TypeError(f"layers must be ints, slices or a string like '-4:', got {it!r}")
         i = int(it)
         if not -L <= i < L:
-            raise ValueError(f"layer {i} is out of range for a model with {L} layers")
+            raise LayerSelectionError(f"layer {i} is out of range for a model with {L} layers")
         out.add(i + L if i < 0 else i)
     if not out:
-        raise ValueError(f"the layer selection {layers!r} selects no layer")
+        raise LayerSelectionError(f"the layer selection {layers!r} selects no layer")
     return tuple(sorted(out))

@@ -30,6 +30,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from clipdecomp.engine.helpers import progress_bar
 from clipdecomp.methods.spatial import heatmap, upsample
 
 __all__ = [
@@ -284,8 +285,6 @@ def segment(model: Any, images: Any, classifier: np.ndarray, batch_size: int = 8
     >>> res.masks.shape                                                  # doctest: +SKIP
     (4, 64, 64)
     """
-    from tqdm.auto import tqdm
-
     images = _as_batchable(images)
     n = len(images)
     if n == 0:
@@ -298,7 +297,7 @@ def segment(model: Any, images: Any, classifier: np.ndarray, batch_size: int = 8
             raise ValueError(f"classes has {len(classes)} entries for {n} images")
     spatial = keep_tokens(getattr(model, "config", None), batch_size)
     parts = []
-    with tqdm(total=n, disable=not progress, unit="img", desc="segment") as bar:
+    with progress_bar(total=n, enabled=progress, unit="img", desc="segment") as bar:
         for start in range(0, n, batch_size):
             chunk = images[start:start + batch_size]
             dec = model.decompose(chunk, spatial=spatial)

@@ -20,6 +20,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from clipdecomp.engine.selection import parse_layers
+
 __all__ = [
     "attention_map",
     "attention_rollout",
@@ -99,7 +101,7 @@ def _selection(n_layers: int, n_heads: int, layers: LayerSel, heads: HeadSel) ->
             (hi,) = _index_list(pair[1], n_heads, "head")
             sel[li, hi] = True
         return sel
-    ls = range(n_layers) if layers is None else _index_list(layers, n_layers, "layer")
+    ls = parse_layers(layers, n_layers)
     hs = range(n_heads) if head_items is None else _index_list(head_items, n_heads, "head")
     for li in ls:
         sel[li, list(hs)] = True

@@ -28,33 +28,19 @@ K = Ls * H selected heads.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from clipdecomp.engine import core
+from clipdecomp.engine.selection import parse_layers
 
 __all__ = ["HeadStats"]
 
 #: rows per float32 product of the C core (CD_MOMENTS_CHUNK of csrc/moments.h), the default
 #: size of the staging buffer
 BUFFER_ROWS = 512
-
-
-def _as_layers(layers: Iterable[int] | None, n_layers: int) -> tuple[int, ...]:
-    """Normalise a layer selection (negative indices allowed) to sorted unique indices."""
-    if layers is None:
-        return tuple(range(n_layers))
-    out = []
-    for layer in layers:
-        layer = int(layer)
-        if not -n_layers <= layer < n_layers:
-            raise ValueError(f"layer {layer} out of range for a model with {n_layers} layers")
-        out.append(layer % n_layers)
-    if not out:
-        raise ValueError("layers must name at least one layer")
-    return tuple(sorted(set(out)))
 
 
 class HeadStats:
@@ -208,7 +194,7 @@ class HeadStats:
     # ------------------------------------------------------------------ accumulation
     def _init(self, n_layers: int, n_heads: int, dim: int, mlps: bool, cls: bool) -> None:
         self.n_layers = n_layers
-        self.layers = _as_layers(self._requested_layers, n_layers)
+        self.layers = parse_layers(self._requested_layers, n_layers)
         ls = len(self.layers)
         self._buf, self._pending = None, 0
         self._sum = np.zeros((ls, n_heads, dim), np.float64)

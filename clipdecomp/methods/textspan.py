@@ -40,6 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from clipdecomp.engine.helpers import progress_bar
+from clipdecomp.engine.selection import parse_layers
+
 __all__ = [
     "TextSpanResult",
     "format_head_table",
@@ -438,19 +441,13 @@ def textspan_from_stats(
 
 # ---------------------------------------------------------------------------- many heads
 def _default_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
-    if layers is None:
-        return list(range(max(0, n_layers - 4), n_layers))
-    return sorted({int(x) % n_layers for x in layers})
+    """The chosen layers (see :func:`~clipdecomp.engine.selection.parse_layers`); default: the
+    last four, where the paper finds the direct effects."""
+    return list(parse_layers(f"{-min(4, n_layers)}:" if layers is None else layers, n_layers))
 
 
 def _progress(it, total: int, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return it
-    return tqdm(it, total=total, desc=desc)
+    return progress_bar(it, total=total, enabled=enabled, desc=desc)
 
 
 def textspan_heads(

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdecomp.engine.selection import parse_layers
 from clipdecomp.methods.spatial import upsample
 
 __all__ = ["overlay", "plot_head_grid", "plot_methods", "plot_text_maps"]
@@ -210,7 +211,7 @@ def plot_head_grid(maps: np.ndarray, image: Any = None, layers: Sequence[int] | 
     if maps.ndim != 4:
         raise ValueError(f"maps must be [L, H, G, G]; got {maps.shape}")
     n_layers, n_heads = maps.shape[:2]
-    ls = [i % n_layers for i in (range(n_layers) if layers is None else layers)]
+    ls = list(parse_layers(layers, n_layers))
     hs = [i % n_heads for i in (range(n_heads) if heads is None else heads)]
     img = None if image is None else _image(image)
     sub = maps[np.ix_(ls, hs)]
