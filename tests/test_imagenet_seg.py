@@ -158,7 +158,7 @@ class StandInDec:
         self.attn_mean = attn.mean(2)
         self.has_tokens = False
 
-    def probe(self, directions):
+    def project_tokens(self, directions):
         return np.einsum("blnhd,td->blnht", self._tokens, directions).astype(np.float32)
 
 

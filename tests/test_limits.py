@@ -21,6 +21,7 @@ import clipdecomp
 from clipdecomp.engine import model as model_mod
 from clipdecomp.engine import preprocess as pp
 from clipdecomp.engine.config import ModelConfig
+from clipdecomp.engine.helpers import format_bytes
 from clipdecomp.engine.safetensors_io import SafetensorsError, SafetensorsFile
 from clipdecomp.engine.tokenizer import Tokenizer, _bytes_to_unicode
 
@@ -219,7 +220,7 @@ def test_small_budget_splits_batches_with_the_same_results(tiny):
     px = pixels(7, seed=5)
     ref = model.decompose(px, spatial=True, attn=True, batch_size=7)
     directions = np.random.default_rng(2).standard_normal((3, cfg["embed_dim"]))
-    ref_probe = model.decompose(px, batch_size=7).probe(directions, batch_size=7)
+    ref_probe = model.decompose(px, batch_size=7).project_tokens(directions, batch_size=7)
     ref_emb = model.encode_image(px, batch_size=7)
     plan = model.estimate_memory(7, spatial=True, attn=True, batch_size=7)
     assert plan.batch_size == 7
@@ -236,7 +237,7 @@ def test_small_budget_splits_batches_with_the_same_results(tiny):
         probe_plan = model_mod.plan_memory(model.config, 7, 1, decompose=False, probe=3,
                                            threads=model.threads)
         model.memory_budget = probe_plan.need(3)
-        got = model.decompose(px, batch_size=7).probe(directions, batch_size=7)
+        got = model.decompose(px, batch_size=7).project_tokens(directions, batch_size=7)
         np.testing.assert_array_equal(got, ref_probe)
         assert spy.batches[-3:] == [3, 3, 1]
         enc_plan = model_mod.plan_memory(model.config, 7, 1, decompose=False,
@@ -259,9 +260,9 @@ def test_memory_error_names_need_and_budget(tiny):
             model.decompose(pixels(3), spatial=True)
         msg = str(e.value)
         assert "decompose with spatial=True of 3 images" in msg
-        assert model_mod._fmt_bytes(plan.need(1)) in msg
-        assert f"memory budget of {model_mod._fmt_bytes(plan.need(1) - 1)}" in msg
-        assert "dec.probe" in msg and "set_memory_budget" in msg
+        assert format_bytes(plan.need(1)) in msg
+        assert f"memory budget of {format_bytes(plan.need(1) - 1)}" in msg
+        assert "dec.project_tokens" in msg and "set_memory_budget" in msg
         model.decompose(pixels(3))                     # without tokens it fits
     finally:
         model.memory_budget = None

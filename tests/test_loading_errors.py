@@ -210,7 +210,7 @@ def test_nan_input(model):
     with pytest.raises(ValueError, match="NaN"):
         model.decompose(px)
     with pytest.raises(ValueError, match="NaN"):
-        model.decompose(np.zeros((1, 3, s, s), np.float32)).probe(
+        model.decompose(np.zeros((1, 3, s, s), np.float32)).project_tokens(
             np.full((1, model.config.embed_dim), np.nan))
 
 

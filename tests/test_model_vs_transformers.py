@@ -257,18 +257,18 @@ def test_batching_and_subsets(b16):
     assert "tokens" in repr(all_) and "heads" in repr(all_)
 
 
-def test_probe_both_routes(b32):
+def test_project_tokens_both_routes(b32):
     model = loaded(b32, "hf")
     px = random_pixels(b32, 3, seed=7)
     rng = np.random.default_rng(7)
     dirs = rng.standard_normal((4, b32.model.config.projection_dim)).astype(np.float32)
     spatial = model.decompose(px, spatial=True)
     want = np.einsum("blnhd,td->blnht", spatial.tokens.astype(np.float64), dirs)
-    assert rel(spatial.probe(dirs), want) < 1e-5
+    assert rel(spatial.project_tokens(dirs), want) < 1e-5
     rerun = model.decompose(px)                 # tokens not kept: the core re-runs on pixels
-    got = rerun.probe(dirs, batch_size=2)
+    got = rerun.project_tokens(dirs, batch_size=2)
     assert got.shape == want.shape
     assert rel(got, want) < 1e-4
-    assert rel(rerun.probe(dirs[0]), want[..., :1]) < 1e-4
+    assert rel(rerun.project_tokens(dirs[0]), want[..., :1]) < 1e-4
     with pytest.raises(ValueError, match="directions"):
-        rerun.probe(dirs[:, :5])
+        rerun.project_tokens(dirs[:, :5])

@@ -65,7 +65,7 @@ def test_non_finite_probe_directions_are_refused(model):
     d = np.ones((2, CFG["embed_dim"]), np.float32)
     d[1, 5] = np.inf
     with pytest.raises(ValueError, match="directions contain NaN or infinite values"):
-        dec.probe(d)
+        dec.project_tokens(d)
     with pytest.raises(ValueError, match=r"probe contains a non-finite value at index \[1, 5\]"):
         model._core.encode_image(pixels(1), probe=d)
 

@@ -52,7 +52,7 @@ class ArrayDec:
             raise ValueError("tokens were not kept")
         return self._tokens
 
-    def probe(self, directions):
+    def project_tokens(self, directions):
         self.probe_calls += 1
         return np.einsum("blnhd,td->blnht", self._tokens, directions).astype(np.float32)
 
@@ -370,7 +370,7 @@ def test_segment_on_a_random_weight_model(random_model, monkeypatch):
     maps, chosen = reference_patch_maps(np.asarray(dec.tokens), np.asarray(dec.embedding), w)
     assert res.classes.tolist() == chosen.tolist()
     np.testing.assert_allclose(res.maps, maps, atol=1e-5, rtol=1e-4)
-    # the same through dec.probe (tokens not kept: the core re-runs the forward pass)
+    # the same through dec.project_tokens (tokens not kept: the core re-runs the forward pass)
     import clipdecomp.methods.segmentation as seg
 
     monkeypatch.setattr(seg, "TOKEN_BUDGET", 0)

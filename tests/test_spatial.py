@@ -66,7 +66,7 @@ class StandInDec:
             raise ValueError("no attention: decompose with attn=True")
         return self._attn_mean
 
-    def probe(self, directions: np.ndarray) -> np.ndarray:
+    def project_tokens(self, directions: np.ndarray) -> np.ndarray:
         self.probe_calls += 1
         return np.einsum("blnhd,td->blnht", self._tokens, directions).astype(np.float32)
 

@@ -361,7 +361,7 @@ def evaluate_segmentation(model: Any, dataset: Any, classifier: np.ndarray, batc
         raise ValueError(f"mask_resize must be 'image' or 'squash', got {mask_resize!r}")
     mode = getattr(model.config, "resize_mode", "shortest") if mask_resize == "image" else "squash"
     meters = {m: SegmentationMeter() for m in METHODS}
-    spatial = keep_tokens(model.config, batch_size)  # small models: one forward pass, no probe
+    spatial = keep_tokens(model.config, batch_size)  # small models: one forward pass, no projection
     with progress_bar(total=n, enabled=progress, unit="img", desc="segeval") as bar:
         for start in range(0, n, batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, n))]

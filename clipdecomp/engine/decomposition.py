@@ -1,7 +1,7 @@
 """The result of ``CLIP.decompose``: the image embedding split into heads, tokens and MLPs.
 
 Shapes: B images, L layers, H heads, N = 1 + G*G tokens (class token first), D embedding dim,
-T probe directions. Every term follows the reference convention of the paper's code (see
+T directions of ``project_tokens``. Every term follows the reference convention of the paper's code (see
 ``notes/decomposition.md``) and is divided by ``||embedding||``, so that for every image
 
     heads.sum((1, 2)) + mlps.sum(1) == embedding / norm[:, None]
@@ -147,7 +147,7 @@ class Decomposition:
         self._tokens = tokens
         self._attn_cls = attn_cls
         self._attn_mean = attn_mean
-        self.pixels = pixels            # [B, 3, S, S] float32, kept for probe(); may be None
+        self.pixels = pixels            # [B, 3, S, S] float32, kept for project_tokens(); may be None
         self._model = model
 
     # -- arrays --------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ class Decomposition:
             raise ValueError(
                 "per-token terms were not computed: call model.decompose(images, spatial=True) "
                 f"to keep them (B*L*N*H*D floats, {format_bytes(self._token_bytes())} here), or use "
-                "dec.probe(directions) for token scores along a few directions without storing "
+                "dec.project_tokens(directions) for token scores along a few directions without storing "
                 "them")
         return self._tokens
 
@@ -210,12 +210,12 @@ class Decomposition:
 
     # -- derived -------------------------------------------------------------------------------
 
-    def probe(self, directions: np.ndarray, batch_size: int | None = None,
-              progress: bool = False) -> np.ndarray:
+    def project_tokens(self, directions: np.ndarray, batch_size: int | None = None,
+                       progress: bool = False) -> np.ndarray:
         """Project every (layer, token, head) term on a few directions.
 
-        ``probe(directions) == tokens @ directions.T``. When the tokens were kept it is that
-        product; otherwise the C core re-runs the forward pass on the stored pixels and computes
+        ``project_tokens(directions) == tokens @ directions.T``. When the tokens were kept it is
+        that product; otherwise the C core re-runs the forward pass on the stored pixels and computes
         the projections in head space (N * d * T per head), never forming the tokens.
 
         Parameters
@@ -236,7 +236,7 @@ class Decomposition:
         Examples
         --------
         >>> t = model.encode_text(["a dog", "a cat"])                     # doctest: +SKIP
-        >>> dec.probe(t).shape                                            # doctest: +SKIP
+        >>> dec.project_tokens(t).shape                                   # doctest: +SKIP
         (2, 12, 197, 12, 2)
         """
         d = np.asarray(directions, dtype=np.float32)
@@ -253,7 +253,7 @@ class Decomposition:
         if self.pixels is None or self._model is None:
             raise ValueError("neither per-token terms nor the pixels were kept; call "
                              "model.decompose(images, spatial=True)")
-        return self._model._probe(self.pixels, d, batch_size=batch_size, progress=progress)
+        return self._model._project_tokens(self.pixels, d, batch_size=batch_size, progress=progress)
 
     def heatmap(self, text_embeddings: np.ndarray, layers: Any = None,
                 heads: Any = None) -> np.ndarray:
@@ -322,7 +322,7 @@ class Decomposition:
         for k, v in self.arrays().items():
             lines.append(f"  {k:<11}{list(v.shape)!s:<24}{format_bytes(v.nbytes)}")
         if self._tokens is None:
-            lines.append("  tokens     not kept (decompose(..., spatial=True)); probe() re-runs")
+            lines.append("  tokens     not kept (decompose(..., spatial=True)); project_tokens() re-runs")
         if self._attn_cls is None:
             lines.append("  attn_*     not kept (decompose(..., attn=True))")
         return "\n".join(lines)

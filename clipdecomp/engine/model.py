@@ -697,7 +697,7 @@ class CLIP:
             Show a tqdm progress bar.
         keep_pixels : bool
             Keep the preprocessed pixels in the result (float32 ``[B, 3, S, S]``), so that
-            ``probe`` can re-run the model without ``spatial=True``.
+            ``project_tokens`` can re-run the model without ``spatial=True``.
 
         Returns
         -------
@@ -727,7 +727,7 @@ class CLIP:
                            keep_pixels=keep_pixels, threads=self.threads, batch_size=bs)
         if plan.batch_size < 1:
             raise _too_big(plan, "decompose" + (" with spatial=True" if spatial else ""),
-                           "Per-token terms take L*N*H*D floats per image: dec.probe(directions) "
+                           "Per-token terms take L*N*H*D floats per image: dec.project_tokens(directions) "
                            "gives token scores without keeping them. " if spatial else "")
         shapes = {
             "embedding": (c.embed_dim,), "ln_stats": (3,),
@@ -767,8 +767,8 @@ class CLIP:
                              attn_mean=out.get("attn_mean"), pixels=out.get("pixels"),
                              model=self)
 
-    def _probe(self, pixels: np.ndarray, directions: np.ndarray,
-               batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+    def _project_tokens(self, pixels: np.ndarray, directions: np.ndarray,
+                        batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         """Token scores ``[B, L, N, H, T]`` of preprocessed pixels along ``directions [T, D]``."""
         c = self.config
         t = directions.shape[0]

@@ -10,9 +10,9 @@ The method, exactly as the paper evaluates it on ImageNet-segmentation:
 
 Step 2 is linear in the classifier column, so the score of patch p is the dot product of its
 vector with ``w_c - mean_k w_k``: one direction per predicted class, which the core evaluates in
-head space (``dec.probe``) without materialising the tokens. (When a batch's token terms fit in
+head space (``dec.project_tokens``) without materialising the tokens. (When a batch's token terms fit in
 ``TOKEN_BUDGET``, as for small models, :func:`segment` keeps them instead and saves the second
-forward pass that ``probe`` needs.)
+forward pass that ``project_tokens`` needs.)
 
 Metrics (over a data set): pixel accuracy and mean IoU over the two classes (background,
 foreground) from intersections and unions summed over all images, and the mean over images of the
@@ -49,7 +49,7 @@ __all__ = [
 Threshold = Union[str, float]
 
 # Below this many bytes of token terms per batch, decompose keeps the tokens (one forward pass);
-# above it the maps come from dec.probe, which re-runs the forward without storing them.
+# above it the maps come from dec.project_tokens, which re-runs the forward without storing them.
 TOKEN_BUDGET = 256 * 2**20
 
 

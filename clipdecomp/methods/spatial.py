@@ -130,7 +130,7 @@ def heatmap(dec: Any, text_embeddings: np.ndarray, layers: LayerSel = None,
     the MLP terms, add up to the cosine similarity of image and text.
 
     Uses ``dec.tokens`` when the decomposition kept them (``spatial=True``); otherwise asks the
-    core for ``dec.probe(text_embeddings)``, computed in head space without materialising tokens.
+    core for ``dec.project_tokens(text_embeddings)``, computed in head space without materialising tokens.
 
     Parameters
     ----------
@@ -168,7 +168,7 @@ def heatmap(dec: Any, text_embeddings: np.ndarray, layers: LayerSel = None,
             acc += t.sum(axis=2, dtype=np.float64)
         out = acc @ texts.T.astype(np.float64)  # [B, N-1, T]
     else:
-        probe = np.asarray(dec.probe(texts))  # [B, L, N, H, T]
+        probe = np.asarray(dec.project_tokens(texts))  # [B, L, N, H, T]
         out = np.zeros((b, n - 1, texts.shape[0]), np.float64)
         for li in np.flatnonzero(sel.any(1)):
             hs = np.flatnonzero(sel[li])
@@ -209,7 +209,7 @@ def head_maps(dec: Any, direction: np.ndarray) -> np.ndarray:
         # on the whole (contiguous) array, so that no copy of the tokens is made
         per = np.tensordot(tokens, u[0].astype(tokens.dtype), axes=([4], [0]))[:, :, 1:]
     else:
-        per = np.asarray(dec.probe(u))[:, :, 1:, :, 0]  # [B, L, N-1, H]
+        per = np.asarray(dec.project_tokens(u))[:, :, 1:, :, 0]  # [B, L, N-1, H]
     per = np.asarray(per, np.float32).transpose(0, 1, 3, 2)  # [B, L, H, N-1]
     return np.ascontiguousarray(per.reshape(b, n_layers, n_heads, g, g))
 
