@@ -102,8 +102,8 @@ def zero_shot_table(model, classifiers, n: int, seed: int) -> list[dict]:
     rows = []
     single = toy.generate(n, seed=seed, n_objects=1)
     multi = toy.generate(n, seed=seed + 1)
-    emb_single = model.encode_image(list(single.images))
-    emb_multi = model.encode_image(list(multi.images))
+    emb_single = model.encode_image(list(single.images), normalize=True)
+    emb_multi = model.encode_image(list(multi.images), normalize=True)
     for attr in ATTRIBUTES:
         if attr == "count":
             labels, emb = multi.labels["n_objects"] - 1, emb_multi
@@ -185,7 +185,7 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     scenes = toy.generate(n, seed=seed + 2)
     dec = model.decompose(list(scenes.images), progress=progress)
     texts, about = description_pool()
-    pool_emb = model.encode_text(texts)
+    pool_emb = model.encode_text(texts, normalize=True)
     layers = list(range(model.config.layers))
     df = textspan_heads(dec, pool_emb, texts, layers=layers, n_texts=5,
                         rank=min(80, model.config.embed_dim), progress=False)
@@ -280,7 +280,7 @@ def _figures(out: Path, model, segdec, seg_imgs, methods, df, abl, texts) -> Non
 
     probe_texts = [f"{a(own_c)} object", f"{a(other_c)} object", f"a scene on {own_b}",
                    f"a scene on {other_b}"]
-    maps = heatmap(segdec, model.encode_text(probe_texts))        # [B, T, G, G]
+    maps = heatmap(segdec, model.encode_text(probe_texts, normalize=True))        # [B, T, G, G]
     maps = maps - maps.mean(axis=1, keepdims=True)
     fig = plot_text_maps(seg_imgs.images[0], maps[0], probe_texts, shared_scale=True)
     fig.savefig(out / "heatmaps.png", dpi=110, bbox_inches="tight")

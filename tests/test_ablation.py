@@ -173,7 +173,7 @@ def test_repaired_clip(tmp_path, data):
     expected = ablate(model.decompose(images), means=means, **kw).astype(np.float64)
     un = rep.encode_image(images, normalize=False)
     np.testing.assert_allclose(un, expected * dec.norm[images, None], rtol=1e-5, atol=1e-5)
-    unit = rep.encode_image(images)
+    unit = rep.encode_image(images, normalize=True)
     np.testing.assert_allclose(unit, expected / np.linalg.norm(expected, axis=1, keepdims=True),
                                atol=1e-6)
     # nothing ablated: the model's own embedding
@@ -181,13 +181,13 @@ def test_repaired_clip(tmp_path, data):
     np.testing.assert_allclose(plain.encode_image(images, normalize=False),
                                dec.embedding[images], rtol=1e-5)
     # passthrough and persistence
-    assert rep.encode_text(["x"]).shape == (1, D) and rep.config.name == "stand-in"
+    assert rep.encode_text(["x"], normalize=True).shape == (1, D) and rep.config.name == "stand-in"
     rep.save(tmp_path / "rep.npz")
     spec, m2 = load_ablation(tmp_path / "rep.npz")
     np.testing.assert_array_equal(m2.heads, means.heads)
     assert spec == {"heads": [(2, 2), (3, 1)], "mlps": [1], "cls_to_cls": [0]}
     back = RepairedCLIP.load(tmp_path / "rep.npz", model)
-    np.testing.assert_array_equal(back.encode_image(images), unit)
+    np.testing.assert_array_equal(back.encode_image(images, normalize=True), unit)
     with pytest.raises(ValueError, match="means"):
         RepairedCLIP(model)
 
@@ -206,7 +206,8 @@ def test_repaired_clip_on_real_model(b16):
     rep = RepairedCLIP(model, means=means, **kw)
     expected = ablate(model.decompose(pixels), means=means, **kw).astype(np.float64)
     np.testing.assert_allclose(
-        rep.encode_image(pixels), expected / np.linalg.norm(expected, axis=1, keepdims=True),
+        rep.encode_image(pixels, normalize=True),
+        expected / np.linalg.norm(expected, axis=1, keepdims=True),
         atol=1e-5)
     # the same sum, term by term from the decomposition's arrays
     dec = model.decompose(pixels)
@@ -223,7 +224,8 @@ def test_repaired_clip_on_real_model(b16):
     # raw images go through the model's preprocessing as encode_image does
     images = [(np.random.default_rng(i).random((70, 80, 3)) * 255).astype(np.uint8)
               for i in range(3)]
-    np.testing.assert_allclose(plain.encode_image(images), model.encode_image(images),
+    np.testing.assert_allclose(plain.encode_image(images, normalize=True),
+                               model.encode_image(images, normalize=True),
                                atol=1e-5)
     assert rep.config is model.config and rep.tokenize is not None
     with pytest.raises(ValueError, match="L=4"):

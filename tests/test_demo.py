@@ -52,7 +52,7 @@ def test_demo_matches_library_calls():
     rows = zero_shot_table(model, {a: clf for a in ("shape", "color", "size", "position",
                                                      "background", "count")}, 16, seed=3)
     batch = toy.generate(16, seed=3, n_objects=1)
-    emb = model.encode_image(list(batch.images))
+    emb = model.encode_image(list(batch.images), normalize=True)
     want = float(((emb @ clf).argmax(1) == batch.labels["color"][:, 0]).mean())
     assert {r["attribute"]: r for r in rows}["color"]["accuracy"] == pytest.approx(want)
 

@@ -129,19 +129,20 @@ def test_text_longer_than_the_context(tiny):
     ids = model.tokenize([long_text, "ab"])
     assert ids.shape == (2, c)
     assert ids[0, 0] == V - 2 and ids[0, -1] == V - 1      # cut, end token kept last
-    np.testing.assert_array_equal(model.encode_text([long_text]), model.encode_text(ids[:1]))
+    np.testing.assert_array_equal(model.encode_text([long_text], normalize=True),
+                                  model.encode_text(ids[:1], normalize=True))
     f = SafetensorsFile(path)
     want = oracle.encode_text({k: f.read(k) for k in f}, cfg, ids[:1])
     got = model.encode_text(ids[:1], normalize=False)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=rf"context length {c}; got shape \(1, {c + 1}\)"):
-        model.encode_text(np.zeros((1, c + 1), np.int32))
+        model.encode_text(np.zeros((1, c + 1), np.int32), normalize=True)
     with pytest.raises(ValueError, match=rf"longer than the model's context of {c} tokens"):
         model.tokenize(["x"], context_length=c + 1)
     with pytest.raises(ValueError, match=rf"ids must have shape \[T, {c}\]"):
         model._core.encode_text(np.zeros((1, c + 5), np.int32))
     with pytest.raises(ValueError, match=rf"token ids must lie in \[0, {V}\)"):
-        model.encode_text(np.full((1, c), V, np.int32))
+        model.encode_text(np.full((1, c), V, np.int32), normalize=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def test_decompression_bomb_names_the_file(tiny, tmp_path, monkeypatch):
                                          "MAX_IMAGE_PIXELS"):
         model.preprocess(p)
     with pytest.raises(ValueError, match="bomb.png: refused"):
-        model.encode_image([str(p)])
+        model.encode_image([str(p)], normalize=True)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10**8)
     assert model.preprocess(p).shape == (1, 3, 16, 16)
 
@@ -168,7 +169,7 @@ def test_truncated_image_file(tiny, tmp_path):
     Image.new("RGB", (40, 30), (200, 10, 10)).save(p)
     p.write_bytes(p.read_bytes()[:60])
     with pytest.raises(ValueError, match="cut.png: not an image Pillow can read"):
-        model.encode_image([str(p)])
+        model.encode_image([str(p)], normalize=True)
 
 
 def test_extreme_aspect_ratio_resamples_only_the_crop(monkeypatch):
@@ -221,7 +222,7 @@ def test_small_budget_splits_batches_with_the_same_results(tiny):
     ref = model.decompose(px, spatial=True, attn=True, batch_size=7)
     directions = np.random.default_rng(2).standard_normal((3, cfg["embed_dim"]))
     ref_probe = model.decompose(px, batch_size=7).project_tokens(directions, batch_size=7)
-    ref_emb = model.encode_image(px, batch_size=7)
+    ref_emb = model.encode_image(px, batch_size=7, normalize=True)
     plan = model.estimate_memory(7, spatial=True, attn=True, batch_size=7)
     assert plan.batch_size == 7
     spy = CountingCore(model._core)
@@ -244,7 +245,7 @@ def test_small_budget_splits_batches_with_the_same_results(tiny):
                                          threads=model.threads)
         model.memory_budget = enc_plan.need(1)
         spy.batches.clear()
-        np.testing.assert_array_equal(model.encode_image(px, batch_size=7), ref_emb)
+        np.testing.assert_array_equal(model.encode_image(px, batch_size=7, normalize=True), ref_emb)
         assert spy.batches == [1] * 7
     finally:
         model._core = inner
@@ -294,14 +295,14 @@ def test_budget_settings(tiny, monkeypatch):
         assert model_mod.get_memory_budget() == 2**30
         model.memory_budget = 100                      # the model's own beats both
         with pytest.raises(MemoryError, match="100 bytes"):
-            model.encode_image(pixels(1))
+            model.encode_image(pixels(1), normalize=True)
         model.memory_budget = None
-        assert model.encode_image(pixels(1)).shape == (1, 24)
+        assert model.encode_image(pixels(1), normalize=True).shape == (1, 24)
     finally:
         model_mod.set_memory_budget(None)
     monkeypatch.setenv("CLIPDECOMP_MEMORY_BUDGET", "lots")
     with pytest.raises(ValueError, match="CLIPDECOMP_MEMORY_BUDGET"):
-        model.encode_image(pixels(1))
+        model.encode_image(pixels(1), normalize=True)
 
 
 @pytest.mark.parametrize("text,want", [("512M", 512 * 2**20), ("2GiB", 2 * 2**30),

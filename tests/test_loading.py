@@ -227,7 +227,8 @@ def test_load_file_directory_and_config(b16, tmp_path):
         m = clipdecomp.load(lone / "w.safetensors", config=given, threads=1)
         assert m.config.replace(name="") == a.config.replace(name="")
     px = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
-    assert np.allclose(m.encode_image(px), a.encode_image(px), atol=1e-6)
+    assert np.allclose(m.encode_image(px, normalize=True), a.encode_image(px, normalize=True),
+                       atol=1e-6)
     # no config at all: act= makes it loadable, the geometry coming from the shapes
     with pytest.warns(UserWarning, match="no config file"):
         g = clipdecomp.load(lone / "w.safetensors", act="gelu", threads=1)
@@ -289,12 +290,13 @@ def test_checkpoint_without_text_tower(b32, tmp_path):
     m = clipdecomp.load(d, threads=1)
     assert not m.config.has_text and m.logit_scale is None and m.tokenizer is None
     with pytest.raises(ValueError, match="no text tower"):
-        m.encode_text(["a cat"])
+        m.encode_text(["a cat"], normalize=True)
     with pytest.raises(ValueError, match="no tokenizer"):
         m.tokenize(["a cat"])
     px = np.zeros((1, 3, 96, 96), np.float32)
     full = clipdecomp.load(b32.dirs[("open_clip", "F32")], threads=1)
-    assert np.allclose(m.encode_image(px), full.encode_image(px), atol=1e-6)
+    assert np.allclose(m.encode_image(px, normalize=True), full.encode_image(px, normalize=True),
+                       atol=1e-6)
 
 
 @pytest.mark.usefixtures("core")

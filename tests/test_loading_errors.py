@@ -195,7 +195,7 @@ def test_image_that_is_not_an_image(model, tmp_path):
     bad = tmp_path / "holiday.jpg"
     bad.write_text("<html>404</html>")
     with pytest.raises(ValueError, match="holiday.jpg"):
-        model.encode_image([str(bad)])
+        model.encode_image([str(bad)], normalize=True)
     with pytest.raises(ValueError, match=r"images\[2\]"):
         model.decompose([np.zeros((9, 9, 3), np.uint8)] * 2 + [np.zeros((9, 9), np.float32)],
                         batch_size=2)
@@ -206,7 +206,7 @@ def test_nan_input(model):
     px = np.zeros((2, 3, s, s), np.float32)
     px[1, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        model.encode_image(px)
+        model.encode_image(px, normalize=True)
     with pytest.raises(ValueError, match="NaN"):
         model.decompose(px)
     with pytest.raises(ValueError, match="NaN"):
@@ -217,11 +217,11 @@ def test_nan_input(model):
 def test_bad_text_ids(model):
     c = model.config
     with pytest.raises(ValueError, match="context length"):
-        model.encode_text(np.zeros((2, c.context_length + 1), np.int32))
+        model.encode_text(np.zeros((2, c.context_length + 1), np.int32), normalize=True)
     with pytest.raises(ValueError, match=r"\[0, 100\)"):
-        model.encode_text(np.full((1, c.context_length), c.vocab_size, np.int32))
+        model.encode_text(np.full((1, c.context_length), c.vocab_size, np.int32), normalize=True)
     with pytest.raises(ValueError, match="strings"):
-        model.encode_text(np.zeros((2, c.context_length), np.float32))
+        model.encode_text(np.zeros((2, c.context_length), np.float32), normalize=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,9 +53,9 @@ def test_non_finite_pixels_are_refused(model, bad):
     with pytest.raises(ValueError, match=r"1 NaN / infinite value \(1 image; first in image 3\)"):
         model.decompose(px)
     with pytest.raises(ValueError, match=r"images\[3\]: pixels contain 1 NaN"):
-        model.encode_image(list(px))
+        model.encode_image(list(px), normalize=True)
     with pytest.raises(ValueError, match=r"first in image 3"):
-        model.encode_image(px, batch_size=2)            # found in the second batch, named right
+        model.encode_image(px, batch_size=2, normalize=True)  # found in batch 2, named right
     with pytest.raises(ValueError, match=r"non-finite value \((nan|inf)\) at index \[3, 1, 2, 3\]"):
         model._core.encode_image(px)
 
@@ -171,7 +171,7 @@ def test_huge_embeddings_normalise(tmp_path, weights):
     m = clipdecomp.load(write(tmp_path, sd, name="huge"), config=ModelConfig(**CFG))
     raw = m.encode_image(pixels(3), normalize=False).astype(np.float64)
     assert np.isfinite(raw).all() and np.abs(raw).max() > 1e19
-    unit = m.encode_image(pixels(3))
+    unit = m.encode_image(pixels(3), normalize=True)
     np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True),
                                rtol=1e-6, atol=1e-7)
     dec = m.decompose(pixels(3))
@@ -187,7 +187,7 @@ def test_overflowing_forward_pass_warns(tmp_path, weights):
     m = clipdecomp.load(write(tmp_path, sd, name="over"), config=ModelConfig(**CFG))
     with pytest.warns(RuntimeWarning, match=r"encode_image: the embeddings of 3 image\(s\) \(the "
                                             r"first is image 0\) are NaN or infinite"):
-        m.encode_image(pixels(3))
+        m.encode_image(pixels(3), normalize=True)
     with pytest.warns(RuntimeWarning, match="decompose: the embeddings of 3 image"):
         m.decompose(pixels(3))
 

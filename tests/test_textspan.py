@@ -323,7 +323,7 @@ def test_encode_pool_cache(tmp_path):
     first = encode_pool(model, texts, cache_dir=tmp_path, batch_size=4, progress=False)
     assert first.shape == (10, 8) and first.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1, atol=1e-6)
-    np.testing.assert_allclose(first, model.encode_text(texts), atol=1e-6)
+    np.testing.assert_allclose(first, model.encode_text(texts, normalize=True), atol=1e-6)
     assert len(list(tmp_path.glob("pool-*.npy"))) == 1
     calls = model.calls
     again = encode_pool(model, texts, cache_dir=tmp_path, progress=False)
@@ -345,7 +345,8 @@ def test_textspan_on_real_model(b16):
 
     model = clipdecomp.load(b16.dirs[("open_clip", "F32")], threads=1)
     texts = [f"text {i}" for i in range(80)]
-    emb = model.encode_text(random_text_ids(b16, 80, seed=3))  # unit text embeddings [80, 40]
+    # unit text embeddings [80, 40]
+    emb = model.encode_text(random_text_ids(b16, 80, seed=3), normalize=True)
     stats = HeadStats()
     decs = []
     for seed in range(4):  # streamed in batches; the heads also kept for the reference

@@ -56,8 +56,9 @@ def job(model, i):
     directions = np.random.default_rng(i).standard_normal((2, 24)).astype(np.float32)
     out = dict(dec.arrays())
     out["probe_rerun"] = model.decompose(px).project_tokens(directions)     # re-runs the forward
-    out["encode_image"] = model.encode_image(px)
-    out["encode_text"] = model.encode_text([TEXTS[i % len(TEXTS)], TEXTS[(i + 1) % len(TEXTS)]])
+    out["encode_image"] = model.encode_image(px, normalize=True)
+    out["encode_text"] = model.encode_text([TEXTS[i % len(TEXTS)], TEXTS[(i + 1) % len(TEXTS)]],
+                                           normalize=True)
     return out
 
 

@@ -477,11 +477,11 @@ def test_shipped_model_with_clipdecomp_zero_shot():
     clipdecomp = _core_or_skip()
     model = clipdecomp.load(toy.MODEL_DIR)
     b = toy.generate(1024, seed=2024, n_objects=1)
-    img = model.encode_image(list(b.images))
+    img = model.encode_image(list(b.images), normalize=True)
     acc = {}
     for attr in ("shape", "color", "size"):
         names, prompts = toy.prompts(attr)
-        txt = model.encode_text([p for ps in prompts for p in ps])
+        txt = model.encode_text([p for ps in prompts for p in ps], normalize=True)
         cls = txt.reshape(len(names), -1, img.shape[1]).mean(1)
         cls /= np.linalg.norm(cls, axis=1, keepdims=True)
         acc[attr] = ((img @ cls.T).argmax(1) == b.labels[attr][:, 0]).mean()

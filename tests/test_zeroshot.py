@@ -107,6 +107,6 @@ def test_classifier_on_real_model(b16):
         e = text_features(b16.model, wrapped.ids([t.replace("{}", c) for t in templates]))
         e /= np.linalg.norm(e, axis=1, keepdims=True)
         np.testing.assert_allclose(w[:, j], e.mean(0) / np.linalg.norm(e.mean(0)), atol=1e-5)
-    emb = model.encode_image(random_pixels(b16, 8))
+    emb = model.encode_image(random_pixels(b16, 8), normalize=True)
     labels = np.argmax(emb @ w, axis=1)
     assert accuracy(emb, labels, w, topk=1) == 1.0

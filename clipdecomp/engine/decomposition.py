@@ -235,7 +235,7 @@ class Decomposition:
 
         Examples
         --------
-        >>> t = model.encode_text(["a dog", "a cat"])                     # doctest: +SKIP
+        >>> t = model.encode_text(["a dog", "a cat"], normalize=True)  # doctest: +SKIP
         >>> dec.project_tokens(t).shape                                   # doctest: +SKIP
         (2, 12, 197, 12, 2)
         """
@@ -265,7 +265,8 @@ class Decomposition:
         Examples
         --------
         >>> dec = model.decompose(images, spatial=True)             # doctest: +SKIP
-        >>> dec.heatmap(model.encode_text(["a dog", "grass"])).shape  # doctest: +SKIP
+        >>> t = model.encode_text(["a dog", "grass"], normalize=True)  # doctest: +SKIP
+        >>> dec.heatmap(t).shape                                        # doctest: +SKIP
         (2, 2, 14, 14)
         """
         from clipdecomp.methods.spatial import heatmap

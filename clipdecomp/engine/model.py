@@ -398,8 +398,9 @@ class CLIP:
     --------
     >>> import clipdecomp
     >>> model = clipdecomp.load("ViT-B-16", pretrained="openai")          # doctest: +SKIP
-    >>> img = model.encode_image(["cat.jpg"])                             # doctest: +SKIP
-    >>> txt = model.encode_text(["a photo of a cat", "a photo of a dog"]) # doctest: +SKIP
+    >>> img = model.encode_image(["cat.jpg"], normalize=True)  # doctest: +SKIP
+    >>> txt = model.encode_text(["a photo of a cat", "a photo of a dog"],  # doctest: +SKIP
+    ...                         normalize=True)
     >>> (model.logit_scale * img @ txt.T).argmax(1)                       # doctest: +SKIP
     array([0])
     """
@@ -571,7 +572,7 @@ class CLIP:
         return self._core.encode_image(np.ascontiguousarray(pixels, dtype=np.float32),
                                        threads=self.threads, **opts)
 
-    def encode_image(self, images: Any, normalize: bool = True,
+    def encode_image(self, images: Any, normalize: bool = False,
                      batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         """Image embeddings, float32 ``[B, D]``.
 
@@ -580,8 +581,8 @@ class CLIP:
         images : path, PIL.Image, array, or a list of these
             Raw images are preprocessed; float ``[B, 3, S, S]`` arrays are used as they are.
         normalize : bool
-            Divide each embedding by its norm (default True, like open_clip's
-            ``encode_image(x, normalize=True)``).
+            Divide each embedding by its norm. Default False, as open_clip's
+            ``encode_image(x, normalize=False)``: the raw projected embedding.
         batch_size : int, optional
             Images per forward pass (default 8).
         progress : bool
@@ -589,7 +590,7 @@ class CLIP:
 
         Examples
         --------
-        >>> model.encode_image(["cat.jpg"]).shape                         # doctest: +SKIP
+        >>> model.encode_image(["cat.jpg"], normalize=True).shape  # doctest: +SKIP
         (1, 512)
         """
         bs = self._batch_arg(batch_size, _BATCH)
@@ -639,7 +640,7 @@ class CLIP:
                              f"[{ids.min()}, {ids.max()}]")
         return np.ascontiguousarray(ids, dtype=np.int32)
 
-    def encode_text(self, texts_or_ids: Any, normalize: bool = True,
+    def encode_text(self, texts_or_ids: Any, normalize: bool = False,
                     batch_size: int | None = None) -> np.ndarray:
         """Text embeddings, float32 ``[T, D]``.
 
@@ -649,13 +650,14 @@ class CLIP:
             Texts are tokenized; ids are used as they are (the feature is read at the position
             of each row's largest id, the end-of-text token).
         normalize : bool
-            Divide each embedding by its norm (default True).
+            Divide each embedding by its norm. Default False, as open_clip's
+            ``encode_text(x, normalize=False)``.
         batch_size : int, optional
             Texts per forward pass (default 256).
 
         Examples
         --------
-        >>> model.encode_text(["a photo of a cat"]).shape                 # doctest: +SKIP
+        >>> model.encode_text(["a photo of a cat"], normalize=True).shape  # doctest: +SKIP
         (1, 512)
         """
         if not self.config.has_text:
@@ -801,7 +803,7 @@ class CLIP:
         Examples
         --------
         >>> fixed = model.repaired(heads=[(5, 2)], means=means)   # doctest: +SKIP
-        >>> fixed.encode_image(images).shape                        # doctest: +SKIP
+        >>> fixed.encode_image(images, normalize=True).shape                        # doctest: +SKIP
         (8, 512)
         """
         from clipdecomp.methods.ablation import RepairedCLIP

@@ -413,7 +413,7 @@ def ablation_study(
 class RepairedCLIP:
     """A CLIP whose image embeddings have some terms mean-ablated.
 
-    Same ``encode_image(images, normalize=True)`` signature and shapes as the wrapped model;
+    Same ``encode_image(images, normalize=False)`` signature and shapes as the wrapped model;
     ``preprocess``, ``tokenize``, ``encode_text``, ``config``, ``logit_scale`` (and any other
     attribute) pass through to it.
 
@@ -434,7 +434,7 @@ class RepairedCLIP:
     Examples
     --------
     >>> repaired = RepairedCLIP(model, heads=[(10, 3)], means=means)   # doctest: +SKIP
-    >>> emb = repaired.encode_image(images)                            # doctest: +SKIP
+    >>> emb = repaired.encode_image(images, normalize=True)  # doctest: +SKIP
     """
 
     def __init__(
@@ -468,7 +468,7 @@ class RepairedCLIP:
             if value:
                 _need(means, name)
 
-    def encode_image(self, images: Any, normalize: bool = True, **kwargs: Any) -> np.ndarray:
+    def encode_image(self, images: Any, normalize: bool = False, **kwargs: Any) -> np.ndarray:
         """Repaired image embeddings, float32 [B, D].
 
         Parameters
@@ -476,13 +476,14 @@ class RepairedCLIP:
         images
             Anything ``model.decompose`` takes (paths, PIL images, uint8 arrays, pixels).
         normalize : bool
-            Unit-normalise (default). Otherwise scale by the original embedding's norm.
+            Unit-normalise. Otherwise (the default, as the model's ``encode_image``) scale by
+            the original embedding's norm.
         **kwargs
             Passed to ``model.decompose`` (``batch_size``, ``progress``).
 
         Examples
         --------
-        >>> repaired.encode_image(["cat.jpg"]).shape                      # doctest: +SKIP
+        >>> repaired.encode_image(["cat.jpg"], normalize=True).shape  # doctest: +SKIP
         (1, 512)
         """
         dec = self.model.decompose(images, **kwargs)
@@ -493,7 +494,7 @@ class RepairedCLIP:
             out *= np.asarray(dec.norm, np.float64)[:, None]
         return out.astype(np.float32)
 
-    def __call__(self, images: Any, normalize: bool = True, **kwargs: Any) -> np.ndarray:
+    def __call__(self, images: Any, normalize: bool = False, **kwargs: Any) -> np.ndarray:
         return self.encode_image(images, normalize=normalize, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

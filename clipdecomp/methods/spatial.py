@@ -135,7 +135,8 @@ def heatmap(dec: Any, text_embeddings: np.ndarray, layers: LayerSel = None,
     Parameters
     ----------
     dec : Decomposition of B images
-    text_embeddings : [T, D] (or [D]) directions, usually ``model.encode_text(texts)``
+    text_embeddings : [T, D] (or [D]) directions, usually unit text embeddings,
+        ``model.encode_text(texts, normalize=True)``
     layers : None (all), a layer index, or a list of them (negative counts from the end)
     heads : None (all), a head index, a list of them, or a list of (layer, head) pairs (then
         ``layers`` must be None)
@@ -147,7 +148,7 @@ def heatmap(dec: Any, text_embeddings: np.ndarray, layers: LayerSel = None,
     Examples
     --------
     >>> dec = model.decompose(images, spatial=True)               # doctest: +SKIP
-    >>> maps = heatmap(dec, model.encode_text(["a dog", "grass"]))  # doctest: +SKIP
+    >>> maps = heatmap(dec, model.encode_text(["a dog", "grass"], normalize=True))  # doctest: +SKIP
     >>> maps.shape                                                # doctest: +SKIP
     (2, 2, 14, 14)
     >>> last4 = heatmap(dec, texts, layers=[-4, -3, -2, -1])      # doctest: +SKIP
@@ -195,7 +196,7 @@ def head_maps(dec: Any, direction: np.ndarray) -> np.ndarray:
 
     Examples
     --------
-    >>> maps = head_maps(dec, model.encode_text(["a dog"])[0])   # doctest: +SKIP
+    >>> maps = head_maps(dec, model.encode_text(["a dog"], normalize=True)[0])   # doctest: +SKIP
     >>> maps.shape                                                # doctest: +SKIP
     (1, 12, 12, 14, 14)
     """
@@ -232,7 +233,7 @@ def head_map(dec: Any, layer: int, head: int, direction: np.ndarray) -> np.ndarr
 
     Examples
     --------
-    >>> m = head_map(dec, -1, 3, model.encode_text(["red"])[0])  # doctest: +SKIP
+    >>> m = head_map(dec, -1, 3, model.encode_text(["red"], normalize=True)[0])  # doctest: +SKIP
     """
     _, n_layers, _, n_heads, d = _shape(dec)
     (li,) = _index_list(layer, n_layers, "layer")

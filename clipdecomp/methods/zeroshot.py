@@ -118,7 +118,7 @@ def zero_shot_classifier(
     Examples
     --------
     >>> W = zero_shot_classifier(model, ["cat", "dog"])          # doctest: +SKIP
-    >>> pred = (model.encode_image(images) @ W).argmax(1)        # doctest: +SKIP
+    >>> pred = (model.encode_image(images, normalize=True) @ W).argmax(1)        # doctest: +SKIP
     """
     templates = list(DEFAULT_TEMPLATES if templates is None else templates)
     classnames = list(classnames)

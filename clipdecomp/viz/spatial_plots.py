@@ -138,7 +138,8 @@ def overlay(image: Any, heat: np.ndarray, ax: Any = None, alpha: float = 0.5, cm
 def plot_text_maps(image: Any, maps: np.ndarray, texts: Sequence[str], alpha: float = 0.5,
                    cmap: str = "jet", shared_scale: bool = False, ncols: int | None = None
                    ) -> Any:
-    """The heat map of each text over one image (e.g. ``heatmap(dec, encode_text(texts))[b]``).
+    """The heat map of each text over one image
+    (e.g. ``heatmap(dec, encode_text(texts, normalize=True))[b]``).
 
     Parameters
     ----------
