@@ -128,7 +128,7 @@ def head_roles(df, about: list[str], texts: list[str], top: int = 5) -> list[dic
     for _, r in df.iterrows():
         first = list(r["texts"])[:top]
         kinds = [tag[t] for t in first]
-        best = max(set(kinds), key=kinds.count)
+        best = max(kinds, key=kinds.count)   # a tie goes to the attribute of the earlier text
         rows.append({"layer": int(r["layer"]), "head": int(r["head"]), "role": best,
                          "share": kinds.count(best) / len(kinds),
                          "specific": kinds.count(best) >= 0.8 * len(kinds),
