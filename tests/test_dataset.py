@@ -424,6 +424,30 @@ def test_model_spec_and_cli(world, tmp_path, capsys):
     assert "settings.dtype" in capsys.readouterr().err
 
 
+def test_model_spec_is_built_from_the_model(world):
+    """What a worker loads is what load() was given: precision, threads, act... included."""
+    import pickle
+
+    from clipdecomp.engine.loading import spec_of
+
+    model = clipdecomp.load(world.model_path, precision="bf16-emulated", threads=1,
+                            act="gelu")
+    spec = spec_of(model)
+    assert spec is model.spec and spec.path == os.path.abspath(world.model_path)
+    assert spec.kwargs == {"precision": "bf16-emulated", "threads": 1, "act": "gelu"}
+    again = spec.load()
+    assert again.precision == model.precision == "bf16-emulated"
+    assert again.threads == 1 and again.config == model.config
+    px = np.random.default_rng(0).random((2, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_array_equal(again.encode_image(px), model.encode_image(px))
+    # a bf16 model is not an fp32 one: the spec of a default load differs
+    assert spec_of(clipdecomp.load(world.model_path)).kwargs == {}
+    # pickling (how Dask ships a model object) keeps the spec
+    assert pickle.loads(pickle.dumps(model)).spec == spec
+    # the embedded model's spec names its folder
+    assert spec_of(clipdecomp.load()).path == str(clipdecomp.toy.MODEL_DIR)
+
+
 def test_store_killed_while_being_created_is_made_again(world, tmp_path):
     import zarr
 
