@@ -6,7 +6,6 @@ SVD of the uncentred data, texts projected with ``V^T (V V^T)^-1 V``, centring, 
 greedy pick / reconstruct / deflate loop with the unbiased standard deviation (torch's default).
 """
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -263,80 +262,6 @@ def test_reconstruction_curve_matches_direct_computation():
     assert df.accuracy.iloc[-1] == pytest.approx(df.accuracy.iloc[1])
 
 
-# ---------------------------------------------------------------------------- the pool
-def test_shipped_pool():
-    import importlib.util
-
-    from clipdecomp.data.text_pool import DEFAULT_POOL, load_pool
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "make_description_pool.py"
-    spec = importlib.util.spec_from_file_location("make_description_pool", script)
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
-    generate_descriptions = maker.generate_descriptions
-    assert maker.DEFAULT_POOL == DEFAULT_POOL
-
-    pool = load_pool()
-    assert len(pool) >= 3000
-    assert len(set(pool)) == len(pool)
-    assert len({t.lower().rstrip(".") for t in pool}) == len(pool)  # no near-duplicates
-    assert all(t and not t.startswith("#") and t == t.strip() for t in pool)
-    assert max(len(t.split()) for t in pool) <= 16  # short descriptions
-    # the shipped file is what the generator writes
-    generated = [t for _, lines in generate_descriptions() for t in lines]
-    assert generated == pool
-    raw = DEFAULT_POOL.read_text(encoding="utf-8").splitlines()
-    assert sum(1 for line in raw if line.strip() and not line.startswith("#")) == len(pool)
-    # breadth: a few words from every family the pool must cover
-    text = "\n".join(pool).lower()
-    for word in ("dog", "red", "texture", "wooden", "japan", "sketch", "watercolor", "sunset",
-                 "rain", "aerial", "impressionist", "three", "gloomy", "circle", "brick",
-                 "indoor", "desert", "candlelight", "top left"):
-        assert word in text, word
-
-
-def test_load_user_pool(tmp_path):
-    from clipdecomp.data.text_pool import load_pool
-
-    p = tmp_path / "pool.txt"
-    p.write_text("# my pool\nA red car\n\n  A blue boat  \nA red car\n# end\n", encoding="utf-8")
-    assert load_pool(p) == ["A red car", "A blue boat"]
-
-
-class CountingTextModel:
-    def __init__(self, seed=0, dim=8):
-        self.seed, self.dim, self.calls = seed, dim, 0
-        self.config = f"Cfg(name='stand-in-{seed}')"
-
-    def encode_text(self, texts, normalize=True):
-        self.calls += 1
-        out = np.stack([np.random.default_rng([self.seed, sum(map(ord, t))]).normal(
-            size=self.dim) for t in texts]).astype(np.float32)
-        return out / np.linalg.norm(out, axis=1, keepdims=True) if normalize else out
-
-
-def test_encode_pool_cache(tmp_path):
-    from clipdecomp.data.text_pool import encode_pool
-
-    texts = [f"description {i}" for i in range(10)]
-    model = CountingTextModel()
-    first = encode_pool(model, texts, cache_dir=tmp_path, batch_size=4, progress=False)
-    assert first.shape == (10, 8) and first.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1, atol=1e-6)
-    np.testing.assert_allclose(first, model.encode_text(texts, normalize=True), atol=1e-6)
-    assert len(list(tmp_path.glob("pool-*.npy"))) == 1
-    calls = model.calls
-    again = encode_pool(model, texts, cache_dir=tmp_path, progress=False)
-    np.testing.assert_array_equal(again, first)
-    assert model.calls == calls + 1  # only the fingerprint probe ran
-    other = CountingTextModel(seed=1)  # other weights: another cache entry
-    encode_pool(other, texts, cache_dir=tmp_path, progress=False)
-    encode_pool(model, texts[:5], cache_dir=tmp_path, progress=False)  # other texts
-    assert len(list(tmp_path.glob("pool-*.npy"))) == 3
-    encode_pool(model, texts, cache_dir=False, progress=False)
-    assert len(list(tmp_path.glob("pool-*.npy"))) == 3
-
-
 # ---------------------------------------------------------------------------- real model
 def test_textspan_on_real_model(b16):
     from checkpoints import random_pixels, random_text_ids
@@ -361,35 +286,3 @@ def test_textspan_on_real_model(b16):
         c = heads[:, layer, h].astype(np.float64)
         picks, _, _ = reference_textspan(c, emb.astype(np.float64), 6, 12)
         assert picked == [texts[j] for j in picks], (layer, h)
-
-
-def test_plots_of_head_tables():
-    from clipdecomp.viz.plots import (
-        plot_head_table,
-        plot_reconstruction_curve,
-        plot_textspan_variance,
-    )
-
-    rng = np.random.default_rng(21)
-    heads = rng.normal(size=(80, 5, 3, 10)) * np.geomspace(1, 0.1, 10)
-    t = unit_rows(rng.normal(size=(40, 10)))
-    df = textspan_heads(heads, t, n_texts=4, rank=10, progress=False)
-    fig = plot_head_table(df)
-    grid = np.asarray(fig.axes[0].images[0].get_array())
-    assert grid.shape == (4, 3)  # layers 1..4 x 3 heads
-    np.testing.assert_allclose(grid, df.variance_explained.to_numpy().reshape(4, 3))
-    text_fig = plot_head_table(df, kind="text", n_show=2)
-    assert text_fig.axes[0].tables
-    fig = plot_textspan_variance(df)
-    lines = fig.axes[0].lines
-    assert len(lines) == 12
-    res = df.attrs["results"][(1, 0)]
-    np.testing.assert_allclose(lines[0].get_ydata(), 100 * res.cumulative)
-    curve = textspan_reconstruction_curve(heads, rng.normal(size=(80, 6, 10)),
-                                          rng.integers(0, 3, 80), rng.normal(size=(10, 3)),
-                                          t, n_texts_list=(1, 3), progress=False)
-    fig = plot_reconstruction_curve(curve)
-    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(),
-                               100 * curve.accuracy.to_numpy()[2:])
-    with pytest.raises(ValueError, match="kind"):
-        plot_head_table(df, kind="pie")

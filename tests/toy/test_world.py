@@ -13,6 +13,7 @@ import re
 import numpy as np
 import pytest
 
+import clipdecomp
 from clipdecomp import toy
 from clipdecomp.toy import world
 
@@ -420,12 +421,6 @@ def test_export_roundtrip(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The shipped model
 
-needs_model = pytest.mark.skipif(
-    not (toy.MODEL_DIR / "open_clip_model.safetensors").exists(),
-    reason="the shipped toy model is not in clipdecomp/toy/model yet",
-)
-
-
 def _torch_model():
     pytest.importorskip("torch")
     from clipdecomp.toy import train
@@ -433,7 +428,6 @@ def _torch_model():
     return train.load_exported(toy.MODEL_DIR)
 
 
-@needs_model
 def test_shipped_model_files():
     cfg = json.loads((toy.MODEL_DIR / "open_clip_config.json").read_text())
     info = json.loads((toy.MODEL_DIR / "training_info.json").read_text())
@@ -442,7 +436,6 @@ def test_shipped_model_files():
     assert size < 10 * 2**20
 
 
-@needs_model
 def test_shipped_model_zero_shot_torch():
     from clipdecomp.toy import train
 
@@ -459,22 +452,7 @@ def test_shipped_model_zero_shot_torch():
     assert acc["size"] > 0.75  # chance 1/2
 
 
-def _core_or_skip():
-    try:
-        import clipdecomp._core
-    except ImportError as e:
-        pytest.skip(f"clipdecomp._core is not built yet ({e}); run "
-                    "`.venv/bin/python setup.py -q build_ext --inplace`")
-    import clipdecomp
-
-    if not hasattr(clipdecomp, "load"):
-        pytest.skip("clipdecomp.load is not available yet")
-    return clipdecomp
-
-
-@needs_model
 def test_shipped_model_with_clipdecomp_zero_shot():
-    clipdecomp = _core_or_skip()
     model = clipdecomp.load(toy.MODEL_DIR)
     b = toy.generate(1024, seed=2024, n_objects=1)
     img = model.encode_image(list(b.images), normalize=True)
@@ -492,9 +470,7 @@ def test_shipped_model_with_clipdecomp_zero_shot():
     assert acc["size"] > 0.75
 
 
-@needs_model
 def test_shipped_model_clipdecomp_matches_torch():
-    clipdecomp = _core_or_skip()
     torch = pytest.importorskip("torch")
     from clipdecomp.toy import train
 

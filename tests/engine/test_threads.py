@@ -24,7 +24,7 @@ from clipdecomp.engine.config import ModelConfig
 from clipdecomp.engine.safetensors_io import SafetensorsFile
 from clipdecomp.engine.tokenizer import Tokenizer, _bytes_to_unicode, default_tokenizer
 
-pytest.importorskip("clipdecomp._core")
+pytestmark = pytest.mark.usefixtures("requires_core")
 
 TEXTS = ["a small red square", "ab", "two circles on grass", "x" * 40, "a dog", "blue"]
 

@@ -42,8 +42,8 @@ def bf16(a: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 33, 17), (50, 517, 96), (13, 1100, 40)])
 @pytest.mark.parametrize("precision", ["bf16-emulated", "bf16"])
-def test_matmul_matches_torch_bf16(core, shape, precision):
-    if precision == "bf16" and not core.has_bf16():
+def test_matmul_matches_torch_bf16(requires_core, shape, precision):
+    if precision == "bf16" and not requires_core.has_bf16():
         pytest.skip("no AVX512_BF16 here (the kernel runs on emulated intrinsics in test_gemm)")
     m, k, oc = shape
     rng = np.random.default_rng(k)
@@ -54,21 +54,21 @@ def test_matmul_matches_torch_bf16(core, shape, precision):
     mag = np.abs(bf16(x)).astype(np.float64) @ np.abs(bf16(w)).T + np.abs(b)
     tol = 4 * np.finfo(np.float32).eps * np.sqrt(k + 1) * mag
     for naive in (False, True):
-        out = core._matmul(x, w, b, naive=naive, precision=precision)
+        out = requires_core._matmul(x, w, b, naive=naive, precision=precision)
         assert np.all(np.abs(out - ref) <= tol), (naive, np.abs(out - ref).max())
     # and the rounding is visible: fp32 differs from it by far more than the tolerance
-    full = core._matmul(x, w, b)
+    full = requires_core._matmul(x, w, b)
     if k > 30:
         assert np.abs(full - ref).max() > 10 * tol.max()
 
 
-def test_matmul_precision_errors(core):
+def test_matmul_precision_errors(requires_core):
     x = np.ones((2, 3), np.float32)
     with pytest.raises(ValueError, match="precision must be"):
-        core._matmul(x, x, precision="fp16")
-    if not core.has_bf16():
+        requires_core._matmul(x, x, precision="fp16")
+    if not requires_core.has_bf16():
         with pytest.raises(ValueError, match="AVX512_BF16"):
-            core._matmul(x, x, precision="bf16")
+            requires_core._matmul(x, x, precision="bf16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,12 +153,12 @@ def test_decomposition_in_bf16(bf16_models, name):
 # API
 
 
-def test_precision_api(checkpoints, core):
+def test_precision_api(checkpoints, requires_core):
     ck = checkpoints["b32_quick"]
     path = ck.dirs[("hf", "F32")]
     with pytest.raises(ValueError, match="unknown precision"):
         clipdecomp.load(path, precision="fp16")
-    if core.has_bf16():
+    if requires_core.has_bf16():
         m = clipdecomp.load(path, precision="bf16")
         assert m.precision == "bf16"
     else:
@@ -166,7 +166,7 @@ def test_precision_api(checkpoints, core):
             m = clipdecomp.load(path, precision="bf16")
         assert m.precision == "bf16-emulated"
     assert "precision bf16" in repr(m)
-    # once only: the core refuses to convert again
+    # once only: the requires_core refuses to convert again
     other = "bf16" if m.precision == "bf16-emulated" else "bf16-emulated"
     with pytest.raises(ValueError, match="once"):
         m._core.set_precision(other)
@@ -187,11 +187,11 @@ def test_precision_api(checkpoints, core):
     assert isinstance(clipdecomp.has_bf16(), bool)
 
 
-def test_generic_path_has_no_bf16(core):
+def test_generic_path_has_no_bf16(requires_core):
     """Forcing a path below avx512 (CLIPDECOMP_ISA=avx2 / generic) leaves no AVX512_BF16."""
-    isa = core.isa()
-    core.set_isa("generic")
+    isa = requires_core.isa()
+    requires_core.set_isa("generic")
     try:
-        assert core.has_bf16() is False
+        assert requires_core.has_bf16() is False
     finally:
-        core.set_isa(isa)
+        requires_core.set_isa(isa)

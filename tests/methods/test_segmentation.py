@@ -343,7 +343,7 @@ def test_segment_batches_like_one_pass():
 
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory):
-    from test_spatial import make_random_model
+    from test_spatial import make_random_model  # tests/methods/test_spatial.py
 
     return make_random_model(tmp_path_factory.mktemp("random_model"))
 
@@ -382,12 +382,7 @@ def test_segment_on_a_random_weight_model(random_model, monkeypatch):
 def _toy():
     import clipdecomp
 
-    if not hasattr(clipdecomp, "load"):
-        pytest.skip("clipdecomp.load is not available (C core not built)")
-    try:
-        model = clipdecomp.load()
-    except (TypeError, FileNotFoundError, OSError, ValueError, ImportError) as e:
-        pytest.skip(f"the shipped shapes-world model is not there yet ({e})")
+    model = clipdecomp.load()   # the embedded model ships with the package: it must load
     from clipdecomp.toy import world
 
     return model, world

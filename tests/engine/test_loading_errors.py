@@ -107,14 +107,14 @@ def test_header_pointing_outside_the_file(base, tmp_path):
         clipdecomp.load(d)
 
 
-def test_missing_tensor(base, tmp_path, core):
+def test_missing_tensor(base, tmp_path, requires_core):
     d = variant(base, tmp_path, "missing", drop=("visual.ln_post.weight",))
     with pytest.raises(Exception, match="visual.ln_post.weight") as e:
         clipdecomp.load(d)
     assert not isinstance(e.value, (SystemExit, KeyboardInterrupt))
 
 
-def test_wrong_shape_tensor(base, tmp_path, core):
+def test_wrong_shape_tensor(base, tmp_path, requires_core):
     f = SafetensorsFile(base / "open_clip_model.safetensors")
     w, dim = f.shape("visual.proj")
     d = variant(base, tmp_path, "shape", replace={"visual.proj": np.zeros((w, dim + 1))})
@@ -122,7 +122,7 @@ def test_wrong_shape_tensor(base, tmp_path, core):
         clipdecomp.load(d)
 
 
-def test_config_that_does_not_match_the_weights(base, tmp_path, core):
+def test_config_that_does_not_match_the_weights(base, tmp_path, requires_core):
     d = tmp_path / "mismatch"
     shutil.copytree(base, d)
     cfg = json.loads((d / "open_clip_config.json").read_text())
@@ -187,7 +187,7 @@ def test_missing_config_without_act(base, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model(base, core):
+def model(base, requires_core):
     return clipdecomp.load(base, threads=1)
 
 
@@ -246,7 +246,7 @@ CORE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_core_survives_broken_files(base, tmp_path, core):
+def test_core_survives_broken_files(base, tmp_path, requires_core):
     from clipdecomp.engine.config import read_config_file
 
     cfg = read_config_file(base / "open_clip_config.json")[0].to_core_dict()
@@ -286,7 +286,7 @@ def test_core_survives_broken_files(base, tmp_path, core):
     results = {ln.split()[1]: ln for ln in out.splitlines() if ln.startswith("RESULT")}
     assert set(results) == {c[0] for c in cases}
     for name, line in results.items():
-        assert "no error" not in line, f"{name}: the core accepted a broken input"
+        assert "no error" not in line, f"{name}: the requires_core accepted a broken input"
     assert "visual.ln_post.weight" in results["missing"]
     assert "visual.proj" in results["wrong_shape"]
     assert "NaN" in results["nan_pixels"] or "nan" in results["nan_pixels"].lower()

@@ -11,12 +11,11 @@ import oracle
 import pytest
 
 import clipdecomp
+from clipdecomp import _core as core
 from clipdecomp.engine import model as model_mod
 from clipdecomp.engine.config import ModelConfig
 from clipdecomp.engine.decomposition import check_identity
 from clipdecomp.engine.safetensors_io import SafetensorsFile
-
-core = pytest.importorskip("clipdecomp._core")
 
 CFG = oracle.tiny_config(text_layers=0)
 

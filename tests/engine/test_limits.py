@@ -18,14 +18,13 @@ import pytest
 from PIL import Image
 
 import clipdecomp
+from clipdecomp import _core as core
 from clipdecomp.engine import model as model_mod
 from clipdecomp.engine import preprocess as pp
 from clipdecomp.engine.config import ModelConfig
 from clipdecomp.engine.helpers import format_bytes
 from clipdecomp.engine.safetensors_io import SafetensorsError, SafetensorsFile
 from clipdecomp.engine.tokenizer import Tokenizer, _bytes_to_unicode
-
-core = pytest.importorskip("clipdecomp._core")
 
 V = 514   # the byte-level test vocabulary below: 256 symbols, 256 word ends, start, end
 

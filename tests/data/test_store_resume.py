@@ -12,25 +12,13 @@ import time
 import numpy as np
 import pytest
 import zarr
-from test_dataset import Probe, checkpoint, write_images
+from runs import Probe, assert_same_store, checkpoint, write_images
 
 import clipdecomp
 from clipdecomp.data.runner import run_dataset
 from clipdecomp.data.store import StoreReader
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = ("embedding", "heads", "mlps", "cls_to_cls", "ok", "error", "paths", "labels")
-SUMS = ("n", "sum_outer", "head_sum", "mlp_sum", "cls_sum", "embedding_sum")
-
-
-def assert_same_store(a: StoreReader, b: StoreReader) -> None:
-    assert a.complete and b.complete
-    for f in FIELDS:
-        np.testing.assert_array_equal(getattr(a, f)[:], getattr(b, f)[:], err_msg=f)
-    sa, sb = a.stats, b.stats
-    for f in SUMS:
-        np.testing.assert_allclose(getattr(sa, f), getattr(sb, f), rtol=1e-12, atol=0,
-                                   err_msg=f)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +47,7 @@ def test_sigkill_at_random_points_then_resume(collection, tmp_path):
     assert n_chunks == 13
     out = str(tmp_path / "killed.zarr")
     cmd = [sys.executable, "-m", "clipdecomp", "run", str(imgs), "--model", mpath,
-           "--loader", "test_dataset:load_slow", "--threads", "1", "--out", out,
+           "--loader", "runs:load_slow", "--threads", "1", "--out", out,
            "--no-progress", *opts]
     env = dict(os.environ, OMP_NUM_THREADS="1", PROBE_DELAY="0.03",
                PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))

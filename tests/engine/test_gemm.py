@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ISAS = ("generic", "avx2", "avx512")
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -51,28 +51,28 @@ SGEMM_SHAPES = [  # M, N, K
 ]
 
 
-def _has(core, name: str) -> bool:
+def _has(requires_core, name: str) -> bool:
     """Whether this CPU runs path ``name`` (leaves the current path unchanged)."""
-    before = core.isa()
+    before = requires_core.isa()
     try:
-        core.set_isa(name)
+        requires_core.set_isa(name)
     except ValueError:
         return False
     finally:
-        core.set_isa(before)
+        requires_core.set_isa(before)
     return True
 
 
 @pytest.fixture(params=ISAS)
-def isa(request, core):
+def isa(request, requires_core):
     """Each instruction-set path in turn (skipped where the CPU lacks it); restored after."""
     name = request.param
-    if not _has(core, name):
+    if not _has(requires_core, name):
         pytest.skip(f"this CPU has no {name} path")
-    before = core.isa()
-    core.set_isa(name)
+    before = requires_core.isa()
+    requires_core.set_isa(name)
     yield name
-    core.set_isa(before)
+    requires_core.set_isa(before)
 
 
 def _rand(rng, *shape):
@@ -91,7 +91,7 @@ def _assert_close(got, exact, bound, k):
 
 @pytest.mark.parametrize("shape", MATMUL_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_matmul_matches_float64(core, isa, shape, with_bias):
+def test_matmul_matches_float64(requires_core, isa, shape, with_bias):
     M, K, OC = shape
     rng = np.random.default_rng(M * 1000 + K + OC)
     x, w = _rand(rng, M, K), _rand(rng, OC, K)
@@ -100,13 +100,13 @@ def test_matmul_matches_float64(core, isa, shape, with_bias):
     exact = x64 @ w64.T + (b.astype(np.float64) if with_bias else 0.0)
     bound = np.abs(x64) @ np.abs(w64).T + (np.abs(b.astype(np.float64)) if with_bias else 0.0)
     for naive in (False, True):
-        out = core._matmul(x, w, b, naive=naive)
+        out = requires_core._matmul(x, w, b, naive=naive)
         assert out.shape == (M, OC) and out.dtype == np.float32
         _assert_close(out, exact, bound, K)
 
 
 @pytest.mark.parametrize("shape", SGEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_sgemm_nt_and_nn_match_float64(core, isa, shape):
+def test_sgemm_nt_and_nn_match_float64(requires_core, isa, shape):
     M, N, K = shape
     rng = np.random.default_rng(M * 1000 + N * 10 + K)
     a, b = _rand(rng, M, K), _rand(rng, N, K)
@@ -114,68 +114,68 @@ def test_sgemm_nt_and_nn_match_float64(core, isa, shape):
     exact, bound = a64 @ b64.T, np.abs(a64) @ np.abs(b64).T
     bt = np.ascontiguousarray(b.T)  # [K, N]
     for naive in (False, True):
-        nt = core._sgemm_nt(a, b, naive=naive)
-        nn = core._sgemm_nn(a, bt, naive=naive)
+        nt = requires_core._sgemm_nt(a, b, naive=naive)
+        nn = requires_core._sgemm_nn(a, bt, naive=naive)
         assert nt.shape == nn.shape == (M, N)
         _assert_close(nt, exact, bound, K)
         _assert_close(nn, exact, bound, K)
 
 
-def test_attention_sized_products(core, isa):
+def test_attention_sized_products(requires_core, isa):
     """q k^T over 197 tokens of width 64, then probabilities @ v, as one attention head does."""
     rng = np.random.default_rng(7)
     q, k, v = (_rand(rng, 197, 64) for _ in range(3))
-    s = core._sgemm_nt(q, k)
+    s = requires_core._sgemm_nt(q, k)
     exact = q.astype(np.float64) @ k.astype(np.float64).T
     _assert_close(s, exact, np.abs(q.astype(np.float64)) @ np.abs(k.astype(np.float64)).T, 64)
     p = np.exp(s - s.max(1, keepdims=True))
     p = (p / p.sum(1, keepdims=True)).astype(np.float32)
-    o = core._sgemm_nn(p, v)
+    o = requires_core._sgemm_nn(p, v)
     p64, v64 = p.astype(np.float64), v.astype(np.float64)
     _assert_close(o, p64 @ v64, np.abs(p64) @ np.abs(v64), 197)
 
 
-def test_matmul_on_model_shape(core, isa):
+def test_matmul_on_model_shape(requires_core, isa):
     """One ViT-B/16 qkv product on two images: several row blocks, column blocks, depth slices."""
     rng = np.random.default_rng(3)
     x, w, b = _rand(rng, 2 * 197, 768), _rand(rng, 3 * 768, 768), _rand(rng, 3 * 768)
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
-    out = core._matmul(x, w, b)
+    out = requires_core._matmul(x, w, b)
     _assert_close(out, x64 @ w64.T + b, np.abs(x64) @ np.abs(w64).T + np.abs(b), 768)
 
 
-def test_paths_agree_bitwise_with_themselves(core, isa):
+def test_paths_agree_bitwise_with_themselves(requires_core, isa):
     """Same inputs, same path: the same bits (no uninitialised memory, no races)."""
     rng = np.random.default_rng(11)
     x, w, b = _rand(rng, 61, 130), _rand(rng, 45, 130), _rand(rng, 45)
-    first = core._matmul(x, w, b)
+    first = requires_core._matmul(x, w, b)
     for _ in range(3):
-        np.testing.assert_array_equal(core._matmul(x, w, b), first)
+        np.testing.assert_array_equal(requires_core._matmul(x, w, b), first)
 
 
-def test_isa_names_and_errors(core):
-    before = core.isa()
+def test_isa_names_and_errors(requires_core):
+    before = requires_core.isa()
     assert before in ISAS
-    assert _has(core, "generic")
-    core.set_isa("generic")
-    assert core.isa() == "generic"
+    assert _has(requires_core, "generic")
+    requires_core.set_isa("generic")
+    assert requires_core.isa() == "generic"
     with pytest.raises(ValueError):
-        core.set_isa("sse9")
-    assert core.isa() == "generic"  # a refused name changes nothing
-    core.set_isa(before)
-    assert core.isa() == before
+        requires_core.set_isa("sse9")
+    assert requires_core.isa() == "generic"  # a refused name changes nothing
+    requires_core.set_isa(before)
+    assert requires_core.isa() == before
 
 
-def test_shape_errors(core):
+def test_shape_errors(requires_core):
     with pytest.raises(ValueError):
-        core._matmul(np.zeros((3, 4), np.float32), np.zeros((5, 6), np.float32))
+        requires_core._matmul(np.zeros((3, 4), np.float32), np.zeros((5, 6), np.float32))
     with pytest.raises(ValueError):
-        core._matmul(np.zeros((3, 4), np.float32), np.zeros((5, 4), np.float32),
+        requires_core._matmul(np.zeros((3, 4), np.float32), np.zeros((5, 4), np.float32),
                      np.zeros(4, np.float32))
     with pytest.raises(ValueError):
-        core._sgemm_nt(np.zeros((3, 4), np.float32), np.zeros((5, 6), np.float32))
+        requires_core._sgemm_nt(np.zeros((3, 4), np.float32), np.zeros((5, 6), np.float32))
     with pytest.raises(ValueError):
-        core._sgemm_nn(np.zeros((3, 4), np.float32), np.zeros((5, 6), np.float32))
+        requires_core._sgemm_nn(np.zeros((3, 4), np.float32), np.zeros((5, 6), np.float32))
 
 
 def _isa_in_subprocess(env_value: str) -> str:
@@ -186,8 +186,8 @@ def _isa_in_subprocess(env_value: str) -> str:
     return out.stdout.strip()
 
 
-def test_env_var_forces_the_path(core):
-    best = max((name for name in ISAS if _has(core, name)), key=ISAS.index)
+def test_env_var_forces_the_path(requires_core):
+    best = max((name for name in ISAS if _has(requires_core, name)), key=ISAS.index)
     assert _isa_in_subprocess("generic") == "generic"
     # a path the CPU lacks (or a name that is none) falls back to the best one it has, never
     # to a crash

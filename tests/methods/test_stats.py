@@ -41,7 +41,7 @@ def assert_outer_close(got, c, rows=512):
     "n, k, d",
     [(1, 1, 1), (1, 3, 7), (5, 2, 17), (200, 3, 97), (513, 2, 33), (1100, 1, 130), (40, 2, 200)],
 )
-def test_core_moments_match_float64(core, n, k, d):
+def test_core_moments_match_float64(requires_core, n, k, d):
     # odd shapes: D below / not a multiple of the vector width and of the 96-row job block,
     # D > 96 (several row blocks and 32-column tiles), one row, n not a multiple of the
     # 512-row chunk; x strided (a view), accumulated onto values already there
@@ -52,7 +52,7 @@ def test_core_moments_match_float64(core, n, k, d):
     start = rng.normal(size=(k, d, d))
     start = start + start.transpose(0, 2, 1)  # symmetric, as an accumulator is
     outer, sums = start.copy(), np.ones((k, d))
-    core._moments_update(outer, sums, x)
+    requires_core._moments_update(outer, sums, x)
     x64 = x.astype(np.float64)
     for h in range(k):
         assert_outer_close(outer[h] - start[h], x64[:, h])
@@ -61,34 +61,34 @@ def test_core_moments_match_float64(core, n, k, d):
     np.testing.assert_array_equal(outer, outer.transpose(0, 2, 1))
     # sums=None: the same second moments, bit for bit
     outer2 = start.copy()
-    core._moments_update(outer2, None, x)
+    requires_core._moments_update(outer2, None, x)
     np.testing.assert_array_equal(outer2, outer)
     # a contiguous copy of the same rows: the same numbers
     outer3 = start.copy()
-    core._moments_update(outer3, None, np.ascontiguousarray(x))
+    requires_core._moments_update(outer3, None, np.ascontiguousarray(x))
     np.testing.assert_array_equal(outer3, outer)
 
 
-def test_core_typical_precision(core):
+def test_core_typical_precision(requires_core):
     # the measured error, for the record: about 1e-7 of the largest entry (float32 within a
     # chunk of 512 rows), far below the worst-case bound
     rng = np.random.default_rng(5)
     x = rng.normal(size=(1500, 1, 64)).astype(np.float32)
     outer = np.zeros((1, 64, 64))
-    core._moments_update(outer, None, x)
+    requires_core._moments_update(outer, None, x)
     want = x[:, 0].astype(np.float64).T @ x[:, 0].astype(np.float64)
     rel = np.abs(outer[0] - want).max() / np.abs(want).max()
     assert 0 < rel < 2e-6
 
 
-def test_large_mean_keeps_float32_precision(core):
+def test_large_mean_keeps_float32_precision(requires_core):
     # rows far from the origin (mean 1000 sd): centring each chunk on its mean keeps the
     # covariance to float32 relative precision; uncentred float32 products would lose it all
     rng = np.random.default_rng(6)
     n, d = 700, 24
     x = (rng.normal(size=(n, 1, d)) + 1000.0).astype(np.float32)
     outer, sums = np.zeros((1, d, d)), np.zeros((1, d))
-    core._moments_update(outer, sums, x)
+    requires_core._moments_update(outer, sums, x)
     c = x[:, 0].astype(np.float64)
     assert_outer_close(outer[0], c)
     cov = (outer[0] - np.outer(sums[0], sums[0]) / n) / (n - 1)
@@ -101,15 +101,15 @@ def test_large_mean_keeps_float32_precision(core):
     assert np.abs(naive_cov - want).max() > 1e3 * np.abs(cov - want).max()
 
 
-def test_core_empty_and_zero_sizes(core):
+def test_core_empty_and_zero_sizes(requires_core):
     outer, sums = np.ones((2, 3, 3)), np.ones((2, 3))
-    core._moments_update(outer, sums, np.zeros((0, 2, 3), np.float32))
+    requires_core._moments_update(outer, sums, np.zeros((0, 2, 3), np.float32))
     assert (outer == 1).all() and (sums == 1).all()
-    core._moments_update(np.zeros((0, 3, 3)), np.zeros((0, 3)), np.zeros((4, 0, 3), np.float32))
-    core._moments_update(np.zeros((2, 0, 0)), None, np.zeros((4, 2, 0), np.float32))
+    requires_core._moments_update(np.zeros((0, 3, 3)), np.zeros((0, 3)), np.zeros((4, 0, 3), np.float32))
+    requires_core._moments_update(np.zeros((2, 0, 0)), None, np.zeros((4, 2, 0), np.float32))
 
 
-def test_core_bad_inputs_raise(core):
+def test_core_bad_inputs_raise(requires_core):
     k, d, n = 2, 5, 4
     x = np.ones((n, k, d), np.float32)
 
@@ -138,17 +138,17 @@ def test_core_bad_inputs_raise(core):
     ]
     for exc, match, args in cases:
         with pytest.raises(exc, match=match):
-            core._moments_update(*args)
+            requires_core._moments_update(*args)
     # memory shared between the arguments
     block = np.zeros(k * d * d + k * d)
     with pytest.raises(ValueError, match="share memory"):
-        core._moments_update(block[: k * d * d].reshape(k, d, d), block[: k * d].reshape(k, d), x)
+        requires_core._moments_update(block[: k * d * d].reshape(k, d, d), block[: k * d].reshape(k, d), x)
     raw = np.zeros(k * d * d)
     with pytest.raises(ValueError, match="share memory"):  # x inside outer
-        core._moments_update(raw.reshape(k, d, d), None,
+        requires_core._moments_update(raw.reshape(k, d, d), None,
                              raw.view(np.float32)[: n * k * d].reshape(n, k, d))
     with pytest.raises(TypeError):
-        core._moments_update(outer, sums)
+        requires_core._moments_update(outer, sums)
     # nothing was written by the refused calls
     assert not outer.any() and not sums.any()
 

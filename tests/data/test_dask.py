@@ -4,8 +4,7 @@ load the model once per process, resume a local run, and run from the command li
 from __future__ import annotations
 
 import pytest
-from test_dataset import Probe, checkpoint, write_images
-from test_store_resume import assert_same_store
+from runs import Probe, assert_same_store, checkpoint, write_images
 
 import clipdecomp
 from clipdecomp.cli import run_main

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "csrc"
 SOURCES = ("ops.c", "gemm.c", "gemm_avx2.c", "gemm_avx512.c", "cpu.c", "tests/test_ops.c")
 SANITIZE = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
