@@ -29,7 +29,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,6 +46,11 @@ from clipdecomp.methods.segmentation import (
 from clipdecomp.methods.spatial import attention_map, attention_rollout, heatmap
 from clipdecomp.methods.textspan import textspan_heads
 from clipdecomp.methods.zeroshot import accuracy, zero_shot_classifier
+
+if TYPE_CHECKING:
+    import pandas as pd
+    
+    from clipdecomp.engine.model import CLIP
 
 #: attributes with their class lists, in the order the report prints them
 ATTRIBUTES = ("shape", "color", "size", "position", "background", "count")
@@ -97,7 +102,7 @@ def _classifiers(model) -> dict[str, np.ndarray]:
     return out
 
 
-def zero_shot_table(model, classifiers, n: int, seed: int) -> list[dict]:
+def zero_shot_table(model: CLIP, classifiers: dict[str, np.ndarray], n: int, seed: int) -> list[dict]:
     """Zero-shot accuracy per attribute on single-object scenes (count: 1 to 3 objects)."""
     rows = []
     single = toy.generate(n, seed=seed, n_objects=1)
@@ -118,7 +123,7 @@ def zero_shot_table(model, classifiers, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def head_roles(df, about: list[str], texts: list[str], top: int = 5) -> list[dict]:
+def head_roles(df: pd.DataFrame, about: list[str], texts: list[str], top: int = 5) -> list[dict]:
     """The role of each head: the attribute most of its first ``top`` TextSpan texts are about.
 
     A head is *specific* when at least 4 of its first 5 texts share one attribute.
@@ -137,7 +142,7 @@ def head_roles(df, about: list[str], texts: list[str], top: int = 5) -> list[dic
     return rows
 
 
-def worst_group(emb: np.ndarray, y: np.ndarray, group: np.ndarray, classifier) -> tuple[float, float]:
+def worst_group(emb: np.ndarray, y: np.ndarray, group: np.ndarray, classifier: np.ndarray) -> tuple[float, float]:
     pred = (emb @ classifier).argmax(1)
     accs = [float((pred[group == g] == y[group == g]).mean()) for g in np.unique(group)]
     return min(accs), float((pred == y).mean())
@@ -219,7 +224,7 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
         "all foreground": all_foreground(len(seg_imgs), size),
         "centred blob": centre_blob(len(seg_imgs), size),
     }
-    seg = []
+    seg: list[dict[str, Any]] = []
     for name, res in methods.items():
         m = segmentation_metrics(res.scores, seg_imgs.foreground, masks=res.masks,
                                  degenerate=res.degenerate)

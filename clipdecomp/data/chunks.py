@@ -239,7 +239,9 @@ class RunState:
         self.out = out
         self.meta = meta
         self.kept = kept
-        self.moments, self.included, self.generation = _store.load_committed(out, kept)
+        moments, self.included, self.generation = _store.load_committed(out, kept)
+        assert moments is not None   # asked with arrays
+        self.moments: Moments = moments
         self.pending: list[int] = []
         if checkpoint_seconds is None:  # small statistics: commit after every chunk
             checkpoint_seconds = 0.0 if self.moments.nbytes <= (64 << 20) else 120.0

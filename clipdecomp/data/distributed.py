@@ -107,7 +107,7 @@ def chunk_task(
     }
 
 
-def local_client(n_workers: int, threads: int | None = None):
+def local_client(n_workers: int, threads: int | None = None) -> Any:
     """A Client on a new LocalCluster of ``n_workers`` single-threaded processes, each with
     ``threads`` compute threads (OMP_NUM_THREADS; default CPUs / n_workers).
 

@@ -168,6 +168,7 @@ class ImageNetSegmentation:
         if not 0 <= i < self._n:
             raise IndexError(f"index {int(index)} out of range for {self._n} images")
         f = self._open()
+        assert self._img_refs is not None and self._gt_refs is not None   # set by _open
         img = np.asarray(f[self._img_refs[i]][()])  # [3, W, H] (or [W, H] for grey)
         if img.ndim == 2:
             img = np.repeat(img.T[:, :, None], 3, axis=2)
@@ -297,13 +298,13 @@ def transform_mask(mask: np.ndarray, size: int, resize_mode: str = "shortest") -
     pil = Image.fromarray((m != 0).astype(np.uint8))
     if resize_mode == "squash":
         if pil.size != (size, size):
-            pil = pil.resize((size, size), Image.NEAREST)
+            pil = pil.resize((size, size), Image.Resampling.NEAREST)
         return np.asarray(pil) != 0
     if resize_mode != "shortest":
         raise ValueError(f"resize_mode must be 'shortest' or 'squash', got {resize_mode!r}")
     nw, nh = resize_size(pil.size[0], pil.size[1], size)
     if (nw, nh) != pil.size:
-        pil = pil.resize((nw, nh), Image.NEAREST)
+        pil = pil.resize((nw, nh), Image.Resampling.NEAREST)
     if (nw, nh) != (size, size):
         pil = pil.crop(center_crop_box(nw, nh, size))
     return np.asarray(pil) != 0

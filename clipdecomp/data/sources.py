@@ -237,9 +237,9 @@ def load_image(preprocess: Callable, path: str) -> tuple[np.ndarray | None, str]
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: truncated files fail here, not later
-            im = im.convert("RGB")
+        with Image.open(path) as f:
+            f.load()  # decode now: truncated files fail here, not later
+            im = f.convert("RGB")
         px = np.asarray(preprocess([im]), dtype=np.float32)
         if px.ndim == 4:
             px = px[0]

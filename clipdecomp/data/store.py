@@ -50,13 +50,16 @@ import os
 import types
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clipdecomp.engine import core
 from clipdecomp.engine.helpers import optional_import
 from clipdecomp.methods.stats import HeadStats
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMAT = "clipdecomp-store"
 FORMAT_VERSION = 1
@@ -261,7 +264,7 @@ def create_store(
     paths: Sequence[str],
     labels: np.ndarray,
     overwrite: bool = False,
-):
+) -> None:
     """Create an empty store for ``meta`` (see :func:`clipdecomp.data.runner.run_dataset`)."""
     zarr = _zarr()
     path = os.fspath(path)
@@ -383,7 +386,7 @@ def commit(path: str | os.PathLike, moments: Moments, included: np.ndarray, gene
 
 
 def write_rows(
-    root,
+    root: Any,
     start: int,
     arrays: dict[str, np.ndarray],
     ok: np.ndarray,
@@ -423,8 +426,9 @@ def _config_object(cfg: dict) -> Any:
         from clipdecomp.engine.config import ModelConfig
 
         names = {f.name for f in dataclasses.fields(ModelConfig)}
-        return ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                              for k, v in cfg.items() if k in names})
+        fields: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v)
+                                  for k, v in cfg.items() if k in names}
+        return ModelConfig(**fields)
     except (ImportError, TypeError, ValueError):
         return types.SimpleNamespace(**cfg)
 
@@ -451,6 +455,8 @@ class StoreStats(HeadStats):
     >>> textspan_heads(st, pool_embeddings, texts)                  # doctest: +SKIP
     """
 
+    embedding_sum: np.ndarray | None = None   # [D]
+
     @classmethod
     def from_moments(cls, m: Moments) -> StoreStats:
         """Wrap float64 sums (:class:`Moments`) without copying."""
@@ -466,9 +472,9 @@ class StoreStats(HeadStats):
         out.embedding_sum = m.embedding_sum
         return out
 
-    def _mean_of(self, x: np.ndarray) -> np.ndarray:
+    def _mean_of(self, x: np.ndarray | None) -> np.ndarray:
         self._check()
-        return x / self.n
+        return self._array(x) / self.n
 
     @property
     def mean_embedding(self) -> np.ndarray:
@@ -491,7 +497,7 @@ class StoreStats(HeadStats):
         return self._mean_of(self.cls_sum)
 
     def __repr__(self) -> str:
-        return f"StoreStats(n={self.n}, layers={list(self.layers)} of {self.n_layers})"
+        return f"StoreStats(n={self.n}, layers={list(self._layers())} of {self.n_layers})"
 
 
 @dataclasses.dataclass
@@ -580,8 +586,16 @@ class StoreReader:
         self.n_chunks = int(self.metadata["shapes"]["n_chunks"])
         self.classes = self.metadata["source"].get("classes")
         self.config = _config_object(self.metadata["model"]["config"])
-        for f in ROW_FIELDS + ("done",):
-            setattr(self, f, self._root[f])
+        # the stored arrays (zarr, read lazily): [N, ...] rows and the per-chunk done flags
+        self.embedding: Any = self._root["embedding"]
+        self.heads: Any = self._root["heads"]
+        self.mlps: Any = self._root["mlps"]
+        self.cls_to_cls: Any = self._root["cls_to_cls"]
+        self.labels: Any = self._root["labels"]
+        self.paths: Any = self._root["paths"]
+        self.ok: Any = self._root["ok"]
+        self.error: Any = self._root["error"]
+        self.done: Any = self._root["done"]
 
     def __len__(self) -> int:
         return self.n
@@ -606,9 +620,11 @@ class StoreReader:
     @property
     def stats(self) -> StoreStats:
         """The committed statistics over the valid rows (:class:`StoreStats`, a HeadStats)."""
-        return StoreStats.from_moments(load_committed(self.path, self.layers)[0])
+        moments = load_committed(self.path, self.layers)[0]
+        assert moments is not None   # asked with arrays
+        return StoreStats.from_moments(moments)
 
-    def skipped(self):
+    def skipped(self) -> pd.DataFrame:
         """The images that could not be read: a DataFrame with columns row, path, reason."""
         import pandas as pd
 
@@ -705,7 +721,7 @@ class StoreReader:
             else:
                 yield sl, out
 
-    def decomposition(self, rows=slice(None), layers: Sequence[int] | int | None = None):
+    def decomposition(self, rows: Any = slice(None), layers: Sequence[int] | int | None = None) -> Any:
         """Load some rows as a :class:`StoredDecomposition` (float32 arrays).
 
         Parameters

@@ -365,7 +365,7 @@ def config_from_open_clip(
     return config, explicit
 
 
-def _open_clip_text(t: Mapping[str, Any], source: str) -> dict[str, int]:
+def _open_clip_text(t: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Text-tower fields from an open_clip text_cfg; an unsupported tower becomes 'none'."""
     context = int(t.get("context_length", 77))
     vocab = int(t.get("vocab_size", 49408))
@@ -548,11 +548,11 @@ def detect_layout(keys: Sequence[str]) -> str | None:
 
 def has_text_tower(keys: Sequence[str], layout: str) -> bool:
     """Whether the checkpoint holds a text tower (token embedding and text projection)."""
-    keys = set(keys)
+    names = set(keys)
     if layout == "open_clip":
-        return "token_embedding.weight" in keys and "text_projection" in keys
-    return ("text_model.embeddings.token_embedding.weight" in keys
-            and "text_projection.weight" in keys)
+        return "token_embedding.weight" in names and "text_projection" in names
+    return ("text_model.embeddings.token_embedding.weight" in names
+            and "text_projection.weight" in names)
 
 
 def _count_blocks(keys: Sequence[str], pattern: re.Pattern[str]) -> int:
@@ -620,7 +620,7 @@ def config_from_tensors(shapes: Mapping[str, tuple[int, ...]], act: str,
     if g * g != n - 1:
         raise ValueError(f"{source}: {n} positions is not 1 + a square grid")
     heads = default_heads(w)
-    text: dict[str, int] = {}
+    text: dict[str, Any] = {}
     if has_text_tower(keys, layout) and all(k in shapes for k in text_keys):
         vocab, tw = need(text_keys[0], 2)
         ctx, _ = need(text_keys[1], 2)

@@ -297,9 +297,9 @@ class Decomposition:
         def take(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else a[index]
 
-        return Decomposition(config=self.config, embedding=take(self.embedding),
-                             ln_stats=take(self.ln_stats), heads=take(self.heads),
-                             mlps=take(self.mlps), cls_to_cls=take(self.cls_to_cls),
+        return Decomposition(config=self.config, embedding=self.embedding[index],
+                             ln_stats=self.ln_stats[index], heads=self.heads[index],
+                             mlps=self.mlps[index], cls_to_cls=self.cls_to_cls[index],
                              tokens=take(self._tokens), attn_cls=take(self._attn_cls),
                              attn_mean=take(self._attn_mean), pixels=take(self.pixels),
                              model=self._model)

@@ -348,8 +348,8 @@ def download(repo: str, revision: str | None = None, cache_dir: str | None = Non
     aux = {name: fetch(name) for name in AUX_FILES}
     weights = None
     for name in weight_files:
-        if name == "model.safetensors" and not (aux.get("config.json")
-                                                and _is_hf_clip(aux["config.json"])):
+        config_json = aux.get("config.json")
+        if name == "model.safetensors" and not (config_json and _is_hf_clip(config_json)):
             continue   # timm's model.safetensors is an image-only timm model, not CLIP
         weights = fetch(name)
         if weights is not None:

@@ -210,10 +210,11 @@ def _read_config(config: Any, src: _Source, shapes: dict[str, tuple[int, ...]],
                                 preprocessor=pre if os.path.isfile(pre) else None)
     if src.arch is not None:
         return config_from_open_clip(src.arch, name=src.name, source=src.name)
-    if act is None and (src.entry is None):
-        return None, False
-    return config_from_tensors(shapes, act or src.entry.act, name=src.name,
-                               source=src.weights), False
+    if act is None:
+        if src.entry is None:
+            return None, False
+        act = src.entry.act
+    return config_from_tensors(shapes, act, name=src.name, source=src.weights), False
 
 
 def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None = None,

@@ -70,7 +70,7 @@ def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, 
     return left, top, left + size, top + size
 
 
-def load_image(item: Any):
+def load_image(item: Any) -> Any:
     """Open one image (path, PIL image, or uint8 array) as an RGB ``PIL.Image``.
 
     Raises
@@ -118,7 +118,7 @@ def load_image(item: Any):
     return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
 
 
-def to_pixels(image, image_size: int, mean: Sequence[float], std: Sequence[float],
+def to_pixels(image: Any, image_size: int, mean: Sequence[float], std: Sequence[float],
               resize_mode: str = "shortest", interpolation: str = "bicubic") -> np.ndarray:
     """One RGB ``PIL.Image`` -> normalised float32 ``[3, S, S]``.
 
@@ -156,9 +156,9 @@ def to_pixels(image, image_size: int, mean: Sequence[float], std: Sequence[float
     else:
         raise ValueError(f"resize_mode {resize_mode!r} is not supported (use 'shortest' or "
                          "'squash'); preprocess the images yourself and pass float arrays")
-    x = np.asarray(image, dtype=np.float32) / np.float32(255.0)          # [S, S, 3]
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))                    # [3, S, S]
+    rgb = np.asarray(image, dtype=np.float32) / np.float32(255.0)          # [S, S, 3]
+    x: np.ndarray = (rgb - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)    # [3, S, S]
 
 
 def _is_float_array(x: Any) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import KeysView
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,7 +155,7 @@ class SafetensorsFile:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def keys(self):
+    def keys(self) -> KeysView[str]:
         """The tensor names, in header order."""
         return self.tensors.keys()
 
@@ -215,7 +216,12 @@ def _object(pairs: list[tuple[str, object]]) -> _Object:
     out = _Object(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
-        out.twice = tuple(k for k, _ in pairs if k in seen or seen.add(k))
+        twice = []
+        for k, _ in pairs:
+            if k in seen:
+                twice.append(k)
+            seen.add(k)
+        out.twice = tuple(twice)
     return out
 
 

@@ -57,7 +57,7 @@ def parse_layers(layers: Any, n_layers: int) -> tuple[int, ...]:
         items = [layers]
     else:
         items = list(layers)
-    out = set()
+    out: set[int] = set()
     for it in items:
         if isinstance(it, slice):
             out.update(range(L)[it])

@@ -24,6 +24,7 @@ import html
 import json
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -152,16 +153,20 @@ class Tokenizer:
         >>> tok = Tokenizer.from_vocab_merges("vocab.json", "merges.txt")   # doctest: +SKIP
         """
         source = "vocab/merges"
-        if not isinstance(vocab, dict):
+        if isinstance(vocab, dict):
+            table: dict[str, int] = vocab
+        else:
             source = os.fspath(vocab)
             with open(source, "r", encoding="utf-8") as fh:
-                vocab = json.load(fh)
-        if not isinstance(merges, (list, tuple)):
+                table = json.load(fh)
+        if isinstance(merges, (str, os.PathLike)):
             with open(os.fspath(merges), "r", encoding="utf-8") as fh:
                 lines = fh.read().split("\n")
-            merges = [tuple(m.split()) for m in lines
-                      if m.strip() and not m.startswith("#version")]
-        return cls(_clip_backend(vocab, list(merges)), context_length, source=source)
+            pairs = [_merge_pair(m) for m in lines if m.strip() and not m.startswith("#version")]
+        else:
+            pairs = [_merge_pair(m) if isinstance(m, str) else (str(m[0]), str(m[1]))
+                     for m in merges]
+        return cls(_clip_backend(table, pairs), context_length, source=source)
 
     @classmethod
     def from_bpe_gz(cls, path: str | os.PathLike[str] = DEFAULT_BPE,
@@ -180,7 +185,7 @@ class Tokenizer:
         path = os.fspath(path)
         with gzip.open(path, "rt", encoding="utf-8") as fh:
             lines = fh.read().split("\n")
-        merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+        merges = [_merge_pair(m) for m in lines[1:49152 - 256 - 2 + 1]]
         symbols = list(_bytes_to_unicode().values())
         vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
         vocab_list += ["<|startoftext|>", "<|endoftext|>"]
@@ -255,7 +260,15 @@ class Tokenizer:
                 f"sot={self.sot_id}, eot={self.eot_id}, source={self.source!r})")
 
 
-def _clip_backend(vocab: dict[str, int], merges: list[tuple[str, str]]):
+def _merge_pair(line: str) -> tuple[str, str]:
+    """One BPE merge, ``"a b"`` -> ``("a", "b")``; ValueError naming a malformed line."""
+    parts = line.split()
+    if len(parts) != 2:
+        raise ValueError(f"a BPE merge is two symbols separated by a space, got {line!r}")
+    return parts[0], parts[1]
+
+
+def _clip_backend(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Any:
     """The CLIP BPE pipeline of the ``tokenizers`` library over a vocab and merges."""
     from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as _Backend

@@ -14,9 +14,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "ComponentMeans",
@@ -339,7 +342,7 @@ def ablation_study(
     labels: np.ndarray,
     classifier: np.ndarray,
     means: ComponentMeans | None = None,
-):
+) -> pd.DataFrame:
     """The paper's mean-ablation table and attention-layer curve, on zero-shot accuracy.
 
     Rows, as in the reference ``compute_ablations.py``: the baseline; all MLP terms ablated

@@ -141,7 +141,7 @@ def _mean_threshold(scores: np.ndarray) -> np.ndarray:
     flat = scores.reshape(len(scores), -1)
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN image: mean NaN, no pixel
-        mean = np.nanmean(flat, axis=1, dtype=np.float64).astype(np.float32)
+        mean = np.asarray(np.nanmean(flat, axis=1, dtype=np.float64), np.float32)
         return scores > mean[:, None, None]
 
 

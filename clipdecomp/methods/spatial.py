@@ -89,7 +89,7 @@ def _selection(n_layers: int, n_heads: int, layers: LayerSel, heads: HeadSel) ->
     ``heads`` may be head indices (combined with ``layers``) or (layer, head) pairs.
     """
     sel = np.zeros((n_layers, n_heads), bool)
-    head_items = None if heads is None else (
+    head_items: list[Any] | None = None if heads is None else (
         [heads] if isinstance(heads, (int, np.integer)) else list(heads))
     if head_items and all(isinstance(x, (tuple, list, np.ndarray)) for x in head_items):
         if layers is not None:

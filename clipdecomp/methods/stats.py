@@ -146,6 +146,7 @@ class HeadStats:
     def _flush(self) -> None:
         """Add the staged rows to ``sum`` and ``sum_outer`` (C core)."""
         if self._pending:
+            assert self._buf is not None   # rows are pending only in the buffer
             self._add_rows(self._buf[: self._pending])
             self._pending = 0
 
@@ -163,10 +164,11 @@ class HeadStats:
     def _stage(self, heads: np.ndarray) -> None:
         """Add the selected layers of heads [B, L, H, D], through the buffer."""
         b, _, n_heads, dim = heads.shape
-        ls = len(self.layers)
+        layers = self._layers()
+        ls = len(layers)
         rows = self.buffer_rows
-        span = self.layers[-1] - self.layers[0] + 1 == ls  # consecutive layers: one slice
-        l0 = self.layers[0]
+        span = layers[-1] - layers[0] + 1 == ls  # consecutive layers: one slice
+        l0 = layers[0]
         i = 0
         while i < b:
             if self._pending == 0 and b - i >= rows and span and heads.dtype == np.float32:
@@ -184,7 +186,7 @@ class HeadStats:
             if span:
                 dst[...] = heads[i : i + m, l0 : l0 + ls]
             else:
-                for j, layer in enumerate(self.layers):
+                for j, layer in enumerate(layers):
                     dst[:, j] = heads[i : i + m, layer]
             self._pending += m
             i += m
@@ -246,7 +248,7 @@ class HeadStats:
         if heads.ndim != 4:
             raise ValueError(f"heads must be [B, L, H, D], got shape {heads.shape}")
         b, n_layers, n_heads, dim = heads.shape
-        if self._sum is None:
+        if self.head_sum is None:
             self._init(n_layers, n_heads, dim, mlps is not None, cls_to_cls is not None)
         elif self.head_sum.shape != (n_layers, n_heads, dim):
             raise ValueError(
@@ -271,6 +273,7 @@ class HeadStats:
         if b == 0:
             return self
         self._stage(heads)  # sum and sum_outer of the selected layers
+        assert self.head_sum is not None
         self.head_sum += heads.sum(axis=0, dtype=np.float64)
         if mlps is not None:
             self.mlp_sum += mlps.sum(axis=0, dtype=np.float64)
@@ -290,17 +293,18 @@ class HeadStats:
         >>> bool(np.allclose(a.merge(b).sum_outer, HeadStats().update(x).sum_outer))
         True
         """
-        if other._sum is None:
+        if other.head_sum is None:
             return self
-        if self._sum is None:
-            self._requested_layers = list(other.layers)
+        if self.head_sum is None:
+            self._requested_layers = list(other._layers())
             self._init(
-                other.n_layers,
+                other._n_layers(),
                 other.head_sum.shape[1],
                 other.head_sum.shape[2],
                 other.mlp_sum is not None,
                 other.cls_sum is not None,
             )
+        assert self.head_sum is not None
         if self.layers != other.layers or self.head_sum.shape != other.head_sum.shape:
             raise ValueError("cannot merge statistics of different layers or shapes")
         if (self.mlp_sum is None) != (other.mlp_sum is None) or (self.cls_sum is None) != (
@@ -308,13 +312,14 @@ class HeadStats:
         ):
             raise ValueError("cannot merge statistics that track different components")
         self.n += other.n
-        self.sum += other.sum
-        self.sum_outer += other.sum_outer
+        total, outer = self._array(self.sum), self._array(self.sum_outer)   # in place
+        total += self._array(other.sum)
+        outer += self._array(other.sum_outer)
         self.head_sum += other.head_sum
         if self.mlp_sum is not None:
-            self.mlp_sum += other.mlp_sum
+            self.mlp_sum += self._array(other.mlp_sum)
         if self.cls_sum is not None:
-            self.cls_sum += other.cls_sum
+            self.cls_sum += self._array(other.cls_sum)
         return self
 
     # ------------------------------------------------------------------ results
@@ -322,17 +327,32 @@ class HeadStats:
         if self.n == 0 or self._sum is None:
             raise ValueError("no data: call update() first")
 
+    @staticmethod
+    def _array(x: np.ndarray | None) -> np.ndarray:
+        """An accumulator known to be set (after the first update)."""
+        assert x is not None, "no data: call update() first"
+        return x
+
+    def _layers(self) -> tuple[int, ...]:
+        """The kept layers, known after the first update."""
+        assert self.layers is not None, "no data: call update() first"
+        return self.layers
+
+    def _n_layers(self) -> int:
+        assert self.n_layers is not None, "no data: call update() first"
+        return self.n_layers
+
     @property
     def mean(self) -> np.ndarray:
         """Mean head term of the selected layers, float64 [Ls, H, D]."""
         self._check()
-        return self.sum / self.n
+        return self._array(self.sum) / self.n
 
     @property
     def second_moment(self) -> np.ndarray:
         """Uncentred second moment ``E[x x^T]``, float64 [Ls, H, D, D]."""
         self._check()
-        return self.sum_outer / self.n
+        return self._array(self.sum_outer) / self.n
 
     def covariance_of(self, ddof: int = 1) -> np.ndarray:
         """Covariance of the head terms, float64 [Ls, H, D, D], dividing by ``n - ddof``.
@@ -366,10 +386,10 @@ class HeadStats:
         0
         """
         self._check()
-        layer = int(layer) % self.n_layers
-        if layer not in self.layers:
-            raise KeyError(f"layer {layer} has no second moments (kept: {list(self.layers)})")
-        return self.layers.index(layer)
+        layer = int(layer) % self._n_layers()
+        if layer not in self._layers():
+            raise KeyError(f"layer {layer} has no second moments (kept: {list(self._layers())})")
+        return self._layers().index(layer)
 
     def head(self, layer: int, head: int) -> tuple[np.ndarray, np.ndarray, int]:
         """``(mean [D], second_moment [D, D], n)`` of one head, the input of TextSpan.
@@ -382,7 +402,8 @@ class HeadStats:
         array([1., 1., 1.])
         """
         i = self.layer_index(layer)
-        return self.sum[i, head] / self.n, self.sum_outer[i, head] / self.n, self.n
+        return (self._array(self.sum)[i, head] / self.n,
+                self._array(self.sum_outer)[i, head] / self.n, self.n)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
@@ -397,10 +418,10 @@ class HeadStats:
         2
         """
         self._check()
-        arrays = {
+        arrays: dict[str, Any] = {
             "n": np.int64(self.n),
             "layers": np.asarray(self.layers, np.int64),
-            "n_layers": np.int64(self.n_layers),
+            "n_layers": np.int64(self._n_layers()),
             "sum": self.sum,
             "sum_outer": self.sum_outer,
             "head_sum": self.head_sum,
@@ -450,6 +471,6 @@ class HeadStats:
         extra = [name for name, v in (("mlps", self.mlp_sum), ("cls_to_cls", self.cls_sum))
                  if v is not None]
         return (
-            f"HeadStats(n={self.n}, layers={list(self.layers)} of {self.n_layers}, heads={h}, "
+            f"HeadStats(n={self.n}, layers={list(self._layers())} of {self.n_layers}, heads={h}, "
             f"dim={d}{', with ' + ' and '.join(extra) if extra else ''})"
         )

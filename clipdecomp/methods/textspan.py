@@ -36,12 +36,15 @@ from __future__ import annotations
 import html
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clipdecomp.engine.helpers import progress_bar
 from clipdecomp.engine.selection import parse_layers
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "TextSpanResult",
@@ -141,7 +144,7 @@ class TextSpanResult:
         u = u / np.linalg.norm(u, axis=1, keepdims=True) if k else u
         return self.mean + (c @ u.T) @ u
 
-    def to_frame(self):
+    def to_frame(self) -> pd.DataFrame:
         """The picks as a pandas DataFrame (text, index, std, variance, fraction, cumulative).
 
         Examples
@@ -459,7 +462,7 @@ def textspan_heads(
     rank: int = 80,
     progress: bool = True,
     heads: Iterable[tuple[int, int]] | None = None,
-):
+) -> pd.DataFrame:
     """TextSpan of every head of some layers: the paper's head tables.
 
     Runs :func:`textspan_from_stats` per head (same picks as the reference steps, much
@@ -530,6 +533,7 @@ def textspan_heads(
         if stats is not None:
             moments = stats.head(layer, h)
         else:
+            assert arr is not None   # no stats: the head terms were given
             c = arr[:, layer, h].astype(np.float64)
             moments = (c.mean(axis=0), c.T @ c / len(c), len(c))
         res = textspan_from_stats(moments, t, texts, n_texts=n_texts, rank=rank)
@@ -548,7 +552,7 @@ def textspan_heads(
     return df
 
 
-def format_head_table(df, n_show: int | None = None, sep: str = "<br>"):
+def format_head_table(df: pd.DataFrame, n_show: int | None = None, sep: str = "<br>") -> Any:
     """A readable view of a :func:`textspan_heads` table for Jupyter.
 
     Parameters
@@ -610,7 +614,7 @@ def textspan_reconstruction_curve(
     rank: int = 80,
     means: Any = None,
     progress: bool = True,
-):
+) -> pd.DataFrame:
     """Zero-shot accuracy when the analysed heads are replaced by their TextSpan reconstruction.
 
     Follows the reference experiment (``compute_complete_text_set.py``): every head of the

@@ -11,7 +11,7 @@ Shapes: B images, D embedding dim, C classes, K templates.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Callable, Union
+from typing import Any, Callable, Union, overload
 
 import numpy as np
 
@@ -136,6 +136,12 @@ def zero_shot_classifier(
     return np.ascontiguousarray(emb.T, dtype=np.float32)
 
 
+@overload
+def accuracy(embeddings: np.ndarray, labels: np.ndarray, classifier: np.ndarray,
+             topk: int) -> float: ...
+@overload
+def accuracy(embeddings: np.ndarray, labels: np.ndarray, classifier: np.ndarray,
+             topk: Sequence[int] = ...) -> tuple[float, ...]: ...
 def accuracy(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -173,7 +179,7 @@ def accuracy(
     if logits.shape[0] != labels.shape[0]:
         raise ValueError(f"{logits.shape[0]} embeddings for {labels.shape[0]} labels")
     single = isinstance(topk, (int, np.integer))
-    ks = [int(topk)] if single else [int(k) for k in topk]
+    ks = [int(topk)] if isinstance(topk, (int, np.integer)) else [int(k) for k in topk]
     kmax = min(max(ks), logits.shape[1])
     # stable descending order: equal scores rank by class index, as argmax does
     order = np.argsort(-logits, axis=1, kind="stable")[:, :kmax]

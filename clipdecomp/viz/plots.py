@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 __all__ = [
     "plot_ablation_curve",
@@ -32,13 +36,13 @@ def _figure(ax: Any, figsize: tuple[float, float]):
 
 
 def plot_head_table(
-    df,
+    df: pd.DataFrame,
     kind: str = "heatmap",
     n_show: int = 3,
     ax: Any = None,
     cmap: str = "viridis",
     title: str | None = None,
-):
+) -> Figure:
     """The heads of a :func:`~clipdecomp.methods.textspan.textspan_heads` table, as a figure.
 
     Parameters
@@ -107,7 +111,7 @@ def plot_head_table(
     return fig
 
 
-def plot_ablation_curve(df, ax: Any = None, title: str | None = None):
+def plot_ablation_curve(df: pd.DataFrame, ax: Any = None, title: str | None = None) -> Figure:
     """Accuracy as attention layers are mean-ablated, from :func:`ablation_study`.
 
     The curve joins the baseline (0 layers) and the cumulative attention rows; the MLP and
@@ -177,7 +181,7 @@ def plot_retrieval_grid(
     query_images: Any = None,
     titles: Sequence[str] | None = None,
     size: float = 1.6,
-):
+) -> Figure:
     """Grid of retrieved images: one row per query, best match first.
 
     Parameters
@@ -232,7 +236,7 @@ def plot_retrieval_grid(
     return fig
 
 
-def plot_textspan_variance(results: Any, ax: Any = None, title: str | None = None):
+def plot_textspan_variance(results: Any, ax: Any = None, title: str | None = None) -> Figure:
     """Cumulative variance explained against the number of TextSpan texts.
 
     Parameters
@@ -279,7 +283,7 @@ def plot_textspan_variance(results: Any, ax: Any = None, title: str | None = Non
     return fig
 
 
-def plot_reconstruction_curve(df, ax: Any = None, title: str | None = None):
+def plot_reconstruction_curve(df: pd.DataFrame, ax: Any = None, title: str | None = None) -> Figure:
     """Accuracy against texts per head, from :func:`textspan_reconstruction_curve`.
 
     Examples

@@ -23,7 +23,8 @@ from clipdecomp.methods.spatial import upsample
 __all__ = ["overlay", "plot_head_grid", "plot_methods", "plot_text_maps"]
 
 
-def _new_figure(figsize: tuple[float, float], layout: str | None = "constrained") -> Any:
+def _new_figure(figsize: tuple[float, float], layout: Any = "constrained") -> Any:
+    """A matplotlib Figure not tied to pyplot (``layout``: "constrained", None...)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize, layout=layout)
