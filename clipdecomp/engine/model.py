@@ -729,8 +729,9 @@ class CLIP:
                            keep_pixels=keep_pixels, threads=self.threads, batch_size=bs)
         if plan.batch_size < 1:
             raise _too_big(plan, "decompose" + (" with spatial=True" if spatial else ""),
-                           "Per-token terms take L*N*H*D floats per image: dec.project_tokens(directions) "
-                           "gives token scores without keeping them. " if spatial else "")
+                           "Per-token terms take L*N*H*D floats per image: "
+                           "dec.project_tokens(directions) gives token scores without keeping "
+                           "them. " if spatial else "")
         shapes = {
             "embedding": (c.embed_dim,), "ln_stats": (3,),
             "heads": (c.layers, c.heads, c.embed_dim), "mlps": (c.layers + 1, c.embed_dim),

@@ -210,7 +210,7 @@ def test_hub_download_from_cache(b32, tmp_path):
 # load(), every way in (needs the C core)
 
 
-@pytest.mark.usefixtures("core")
+@pytest.mark.usefixtures("requires_core")
 def test_load_file_directory_and_config(b16, tmp_path):
     d = b16.dirs[("open_clip", "F32")]
     a = clipdecomp.load(d, threads=1)
@@ -236,7 +236,7 @@ def test_load_file_directory_and_config(b16, tmp_path):
     assert "act gelu (act= argument)" in repr(g)
 
 
-@pytest.mark.usefixtures("core")
+@pytest.mark.usefixtures("requires_core")
 def test_load_through_the_hub_names(b16, monkeypatch):
     weights = b16.file("open_clip")
     asked = []
@@ -255,7 +255,7 @@ def test_load_through_the_hub_names(b16, monkeypatch):
                      "laion/CLIP-ViT-B-16-laion2B-s34B-b88K", "someone/unknown-repo"]
 
 
-@pytest.mark.usefixtures("core")
+@pytest.mark.usefixtures("requires_core")
 def test_load_architecture_name_with_local_weights(b32, monkeypatch, tmp_path):
     spec = b32.model.config
     v, t = spec.vision_config, spec.text_config
@@ -277,7 +277,7 @@ def test_load_architecture_name_with_local_weights(b32, monkeypatch, tmp_path):
         clipdecomp.load("Nope-1", pretrained=str(lone))
 
 
-@pytest.mark.usefixtures("core")
+@pytest.mark.usefixtures("requires_core")
 def test_checkpoint_without_text_tower(b32, tmp_path):
     from safetensors.numpy import save_file
 
@@ -299,7 +299,7 @@ def test_checkpoint_without_text_tower(b32, tmp_path):
                        atol=1e-6)
 
 
-@pytest.mark.usefixtures("core")
+@pytest.mark.usefixtures("requires_core")
 def test_threads_default_and_repr(b32, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     m = clipdecomp.load(b32.dirs[("hf", "F32")])

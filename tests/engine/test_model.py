@@ -22,7 +22,7 @@ from checkpoints import image_features, random_pixels, random_text_ids, text_fea
 
 import clipdecomp
 
-pytestmark = pytest.mark.usefixtures("core")
+pytestmark = pytest.mark.usefixtures("requires_core")
 
 NAMES = ["b32_quick", "b16_gelu"]
 LAYOUTS = ["hf", "open_clip"]

@@ -23,7 +23,7 @@ from checkpoints import image_features, random_pixels, random_text_ids, text_fea
 
 import clipdecomp
 
-pytestmark = pytest.mark.usefixtures("core")
+pytestmark = pytest.mark.usefixtures("requires_core")
 
 
 def rel(ours, ref) -> float:
