@@ -8,10 +8,11 @@ Figure displays itself as the last expression of a cell), or draws into ``ax`` w
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from clipdecomp.viz.images import display_image
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -153,27 +154,6 @@ def plot_ablation_curve(df: pd.DataFrame, ax: Any = None, title: str | None = No
     return fig
 
 
-def _to_image(x: Any) -> np.ndarray:
-    """A displayable HWC array from a path, PIL image, uint8 HWC or float CHW/HWC array."""
-    if isinstance(x, (str, Path)):
-        from PIL import Image
-
-        with Image.open(x) as im:
-            return np.asarray(im.convert("RGB"))
-    if hasattr(x, "convert") and hasattr(x, "size"):  # PIL
-        return np.asarray(x.convert("RGB"))
-    a = np.asarray(x)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = a.transpose(1, 2, 0)  # CHW -> HWC
-    if a.dtype == np.uint8:
-        return a
-    a = a.astype(np.float64)
-    lo, hi = np.nanmin(a), np.nanmax(a)
-    if lo < 0 or hi > 1:  # e.g. normalised pixels: stretch to [0, 1]
-        a = (a - lo) / max(hi - lo, 1e-12)
-    return np.clip(a, 0, 1)
-
-
 def plot_retrieval_grid(
     images: Any,
     indices: np.ndarray,
@@ -219,11 +199,11 @@ def plot_retrieval_grid(
     axes = np.asarray(fig.subplots(rows, max(cols, 1), squeeze=False))
     for r in range(rows):
         if extra:
-            axes[r, 0].imshow(_to_image(query_images[r]))
+            axes[r, 0].imshow(display_image(query_images[r], centre_crop=False))
             axes[r, 0].set_title("query", fontsize=8)
         for c in range(idx.shape[1]):
             ax = axes[r, c + extra]
-            ax.imshow(_to_image(images[int(idx[r, c])]))
+            ax.imshow(display_image(images[int(idx[r, c])], centre_crop=False))
             label = f"#{int(idx[r, c])}"
             if sc is not None:
                 label += f"  {sc[r, c]:.3f}"

@@ -11,7 +11,6 @@ model sees it: its centre square, the crop of CLIP's preprocessing.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from clipdecomp.engine.selection import parse_layers
 from clipdecomp.methods.spatial import upsample
+from clipdecomp.viz.images import display_image
 
 __all__ = ["overlay", "plot_head_grid", "plot_methods", "plot_text_maps"]
 
@@ -28,42 +28,6 @@ def _new_figure(figsize: tuple[float, float], layout: Any = "constrained") -> An
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize, layout=layout)
-
-
-def _image(x: Any) -> np.ndarray:
-    """A displayable [S, S, 3] array (uint8, or float in [0, 1]) of what the model sees.
-
-    Paths, PIL images, uint8 [H, W(, 3)] arrays and float [3, S, S] preprocessed pixels (the
-    latter stretched to [0, 1]). Non-square images are cropped to their centre square with
-    torchvision's rounding, the region CLIP's preprocessing keeps.
-    """
-    if isinstance(x, (str, os.PathLike)):
-        from PIL import Image
-
-        with Image.open(x) as im:
-            x = np.asarray(im.convert("RGB"))
-    elif hasattr(x, "convert") and hasattr(x, "size"):  # a PIL image
-        x = np.asarray(x.convert("RGB"))
-    a = np.asarray(x)
-    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
-        a = a.transpose(1, 2, 0)  # CHW -> HWC
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError(f"an image must be [H, W, 3], [H, W] or [3, S, S]; got {a.shape}")
-    a = a[:, :, :3]
-    if a.dtype != np.uint8:
-        a = a.astype(np.float64)
-        lo, hi = np.nanmin(a), np.nanmax(a)
-        if lo < 0 or hi > 1:  # normalised pixels: stretch to [0, 1] for display
-            a = (a - lo) / max(hi - lo, 1e-12)
-        a = np.clip(a, 0, 1)
-    h, w = a.shape[:2]
-    if h != w:
-        s = min(h, w)
-        top, left = round((h - s) / 2.0), round((w - s) / 2.0)
-        a = a[top:top + s, left:left + s]
-    return a
 
 
 def _resample(m: Any, side: int) -> np.ndarray:
@@ -130,7 +94,7 @@ def overlay(image: Any, heat: np.ndarray, ax: Any = None, alpha: float = 0.5, cm
         ax = fig.add_subplot()
     else:
         fig = ax.figure
-    art = _draw(ax, _image(image), np.asarray(heat), alpha, cmap, vmin, vmax, title, mask)
+    art = _draw(ax, display_image(image), np.asarray(heat), alpha, cmap, vmin, vmax, title, mask)
     if colorbar:
         fig.colorbar(art, ax=ax, shrink=0.8)
     return fig
@@ -165,7 +129,7 @@ def plot_text_maps(image: Any, maps: np.ndarray, texts: Sequence[str], alpha: fl
     maps = np.asarray(maps)
     if maps.ndim != 3 or maps.shape[0] != len(texts):
         raise ValueError(f"maps must be [T, G, G] with T = {len(texts)} texts; got {maps.shape}")
-    img = _image(image)
+    img = display_image(image)
     n = 1 + len(texts)
     ncols = ncols or min(n, 6)
     nrows = -(-n // ncols)
@@ -215,7 +179,7 @@ def plot_head_grid(maps: np.ndarray, image: Any = None, layers: Sequence[int] | 
     n_layers, n_heads = maps.shape[:2]
     ls = list(parse_layers(layers, n_layers))
     hs = [i % n_heads for i in (range(n_heads) if heads is None else heads)]
-    img = None if image is None else _image(image)
+    img = None if image is None else display_image(image)
     sub = maps[np.ix_(ls, hs)]
     lim = float(np.nanmax(np.abs(sub))) or 1.0
     # a fixed layout (the constrained one takes seconds to solve for dozens of panels):
@@ -269,7 +233,7 @@ def plot_methods(image: Any, maps: Mapping[str, np.ndarray], gt_mask: np.ndarray
     >>> len(fig.axes)
     4
     """
-    img = _image(image)
+    img = display_image(image)
     n = 1 + (gt_mask is not None) + len(maps)
     fig = _new_figure((2.3 * n, 2.5))
     axes = fig.subplots(1, n, squeeze=False)[0]
