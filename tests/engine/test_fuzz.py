@@ -315,10 +315,11 @@ _CONFIG_TYPE_ERRORS = (TypeError, OverflowError, AttributeError, KeyError, Index
 
 
 def _from_config_py(e: BaseException) -> bool:
-    """Whether the exception came out of a call into clipdecomp/config.py."""
+    """Whether the exception came out of a call into clipdecomp/engine/config.py."""
     tb = e.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith(os.path.join("clipdecomp", "config.py")):
+        name = tb.tb_frame.f_code.co_filename
+        if name.endswith(os.path.join("clipdecomp", "engine", "config.py")):
             return True
         tb = tb.tb_next
     return False
