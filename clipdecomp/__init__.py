@@ -36,8 +36,9 @@ from clipdecomp.methods.retrieval import HeadIndex
 from clipdecomp.methods.segmentation import segment, segmentation_metrics
 from clipdecomp.methods.spatial import head_maps, heatmap
 from clipdecomp.methods.stats import HeadStats
-from clipdecomp.methods.textspan import format_head_table, textspan, textspan_heads
+from clipdecomp.methods.textspan import textspan, textspan_heads
 from clipdecomp.methods.zeroshot import accuracy, zero_shot_classifier
+from clipdecomp.viz.tables import format_head_table
 
 __version__ = "0.1.0"
 

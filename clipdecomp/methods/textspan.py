@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TextSpanResult",
-    "format_head_table",
     "textspan",
     "textspan_from_stats",
     "textspan_heads",
@@ -550,50 +549,6 @@ def textspan_heads(
     df = pd.DataFrame(rows, columns=["layer", "head", "texts", "variance_explained"])
     df.attrs["results"] = results
     return df
-
-
-def format_head_table(df: pd.DataFrame, n_show: int | None = None, sep: str = "<br>") -> Any:
-    """A readable view of a :func:`textspan_heads` table for Jupyter.
-
-    Parameters
-    ----------
-    df : pandas.DataFrame
-        Output of :func:`textspan_heads`.
-    n_show : int, optional
-        Show only the first ``n_show`` texts of each head.
-    sep : str
-        Separator between texts (``"<br>"``: one per line in HTML; ``"; "`` for plain text).
-
-    Returns
-    -------
-    pandas.io.formats.style.Styler or pandas.DataFrame
-        A Styler (texts left-aligned, variance as a percentage) when jinja2 is installed,
-        otherwise a DataFrame of strings.
-
-    Examples
-    --------
-    >>> import pandas as pd
-    >>> df = pd.DataFrame({"layer": [11], "head": [3], "texts": [["a dog", "a cat"]],
-    ...                    "variance_explained": [0.5]})
-    >>> format_head_table(df, sep="; ").data["texts"].iloc[0]
-    'a dog; a cat'
-    """
-    out = df.copy()
-    escape = sep == "<br>"
-    out["texts"] = [
-        sep.join(html.escape(str(x)) if escape else str(x) for x in (ts if n_show is None
-                                                                     else ts[:n_show]))
-        for ts in df["texts"]
-    ]
-    out = out.set_index(["layer", "head"])
-    try:
-        styler = out.style.format({"variance_explained": "{:.1%}"}).set_properties(
-            subset=["texts"], **{"text-align": "left", "white-space": "pre-wrap"}
-        )
-        return styler
-    except ImportError:
-        out["variance_explained"] = [f"{v:.1%}" for v in out["variance_explained"]]
-        return out
 
 
 # ---------------------------------------------------------------------------- experiment

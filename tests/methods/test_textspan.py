@@ -14,12 +14,12 @@ import pytest
 from clipdecomp.methods.stats import HeadStats
 from clipdecomp.methods.textspan import (
     TextSpanResult,
-    format_head_table,
     textspan,
     textspan_from_stats,
     textspan_heads,
     textspan_reconstruction_curve,
 )
+from clipdecomp.viz.tables import format_head_table
 
 
 def reference_textspan(data, text_features, iters, rank):
