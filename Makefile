@@ -1,4 +1,5 @@
-# clipdecomp -- `make test` sets up .venv, builds the C core and runs every test.
+# clipdecomp -- `make demo` sets up .venv with what the package needs, builds the C core and runs
+# the demo; `make test` adds the test references (torch, transformers, ...) and runs every test.
 PY      ?= python3
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
@@ -6,20 +7,26 @@ CC      ?= gcc
 CSRC    := $(filter-out csrc/module.c,$(wildcard csrc/*.c))
 CFLAGS_CORE := -O2 -g -std=c11 -fopenmp -Wall -Wextra -Icsrc
 
-.PHONY: venv build test test-c test-py test-browser test-sanitize demo bench clean
+.PHONY: venv venv-run build test test-c test-py test-browser test-sanitize typecheck lint demo bench notebooks clean
 
-$(VENV)/.stamp: pyproject.toml
+# what the package itself needs (pyproject's dependencies) and its build: enough for the demo
+$(VENV)/.stamp-run: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel
-	$(VPY) -m pip install -q "torch==2.13.0"
-	$(VPY) -m pip install -q numpy pillow tokenizers tqdm pandas matplotlib huggingface_hub \
-	    pytest transformers safetensors scikit-learn scipy h5py nbformat nbclient ipykernel \
-	    zarr "dask[distributed]" hypothesis
+	$(VPY) -m pip install -q numpy pillow tokenizers tqdm pandas matplotlib
 	touch $@
 
-venv: $(VENV)/.stamp
+# the test references and tools on top: torch and transformers (the oracles), the data extras
+$(VENV)/.stamp-test: $(VENV)/.stamp-run
+	$(VPY) -m pip install -q "torch==2.13.0"
+	$(VPY) -m pip install -q huggingface_hub pytest transformers safetensors scikit-learn scipy h5py \
+	    nbformat nbclient ipykernel zarr "dask[distributed]" hypothesis ruff mypy
+	touch $@
 
-build: venv
+venv-run: $(VENV)/.stamp-run
+venv: $(VENV)/.stamp-test
+
+build: $(VENV)/.stamp-run
 	$(VPY) setup.py -q build_ext --inplace
 
 # C-only test program: the core without Python, plain and under ASan + UBSan.
@@ -57,10 +64,17 @@ test-c: build/test_core build/test_core_san build/test_gemm build/test_moments b
 	ASAN_OPTIONS=detect_leaks=1 ./build/test_ops_san
 	ASAN_OPTIONS=detect_leaks=1 ./build/test_core_san build/fixture
 
-test-py: build
+test-py: build venv
 	$(VPY) -m pytest -q tests
 
-test: test-c test-py
+# mypy over the package (settings in pyproject.toml)
+typecheck: venv
+	$(VPY) -m mypy
+
+lint: venv
+	$(VPY) -m ruff check clipdecomp tests benchmarks scripts
+
+test: test-c test-py typecheck
 
 # the atlas in headless Chromium alone (also part of test-py; skipped there without Chromium;
 # .ci/run installs it with apt-get install chromium)
@@ -74,8 +88,12 @@ test-sanitize: venv
 demo: build
 	$(VPY) -m clipdecomp demo
 
-bench: build
+bench: build venv
 	$(VPY) benchmarks/run.py
+
+# execute every notebook in place, so the committed outputs (and figures) are current
+notebooks: build venv
+	MPLBACKEND=Agg $(VPY) scripts/run_notebooks.py notebooks/*.ipynb
 
 clean:
 	rm -rf build clipdecomp/*.so

@@ -83,11 +83,12 @@ def peak_rss_mib() -> float:
 
 def child(job: dict) -> dict:
     """Run in the measuring subprocess: one run_dataset, its rate and peak memory."""
-    from clipdecomp.dataset import ModelSpec, run_dataset
+    from clipdecomp.data.runner import run_dataset
+    from clipdecomp.engine.loading import ModelSpec
 
     client = None
     if job["workers"]:
-        from clipdecomp.distributed import local_client
+        from clipdecomp.data.distributed import local_client
 
         client = local_client(job["workers"], threads=job["threads"])
     tracemalloc.start()

@@ -5,7 +5,7 @@ The setting of the paper's head tables for ViT-H/14: the 64 heads of the last fo
 Head terms are synthetic (each head: a random 82-dimensional subspace of R^D with decaying
 scales and a mean, like a real head's d + 2 dimensional output span).
 
-Streaming (clipdecomp): one pass of :class:`clipdecomp.stats.HeadStats` over the images (the
+Streaming (clipdecomp): one pass of :class:`clipdecomp.methods.stats.HeadStats` over the images (the
 per-head second moments, ``N D^2`` per head: float32 products over chunks of 512 images, each
 chunk centred on its mean, summed into float64 accumulators by the C core; the timing includes
 adding the last, partial chunk, and the first touch of the accumulators, which the scaling to N
@@ -32,8 +32,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from clipdecomp.stats import HeadStats
-from clipdecomp.textspan import textspan_from_stats
+from clipdecomp.methods.stats import HeadStats
+from clipdecomp.methods.textspan import textspan_from_stats
 
 HEAD_RANK = 82  # d + 2 for ViT-H/14 (d = 80)
 

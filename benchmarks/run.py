@@ -139,7 +139,7 @@ def hwm():
 if which == 'ours':
     import clipdecomp
     m = clipdecomp.load(path, threads=threads)
-    m.encode_image(pixels[:1])
+    m.encode_image(pixels[:1], normalize=True)
     base = reset_peak()
     t0 = time.perf_counter()
     dec = m.decompose(pixels, spatial=True, batch_size=batch)

@@ -9,106 +9,87 @@ An implementation of "Interpreting CLIP's Image Representation via Text-Based De
 >>> dec = model.decompose(list(toy.generate(2, seed=0).images))
 >>> dec.heads.shape                              # [B, L, H, D]
 (2, 6, 6, 128)
+
+The package is built in layers; imports run one way, down (see docs/architecture.md):
+
+    clipdecomp.engine    files and images -> arrays: load, CLIP, Decomposition (the C core)
+    clipdecomp.methods   functions over Decomposition arrays: TextSpan, ablation, maps, ...
+    clipdecomp.data      image sources, the Zarr store, the data-set runner, Dask, text pools
+    clipdecomp.viz       every figure and the HTML atlas (report, Atlas)
+    clipdecomp.toy       the shapes world and the embedded model
+    clipdecomp.cli       the command line
+
+This module only re-exports the names below. ``run_dataset`` and ``StoreReader`` need the
+``data`` extra (zarr, dask) and are imported on first use.
 """
+from __future__ import annotations
+
+from typing import Any
+
+from clipdecomp import toy
+from clipdecomp.engine.core import has_bf16
+from clipdecomp.engine.decomposition import Decomposition
+from clipdecomp.engine.loading import ModelSpec, list_pretrained, load
+from clipdecomp.engine.model import CLIP, set_debug, set_memory_budget
+from clipdecomp.methods.ablation import ablate, ablation_study, component_means
+from clipdecomp.methods.retrieval import HeadIndex
+from clipdecomp.methods.segmentation import segment, segmentation_metrics
+from clipdecomp.methods.spatial import head_maps, heatmap
+from clipdecomp.methods.stats import HeadStats
+from clipdecomp.methods.textspan import textspan, textspan_heads
+from clipdecomp.methods.waterbirds import (
+    group_accuracy,
+    waterbirds_ablation,
+    worst_group_accuracy,
+)
+from clipdecomp.methods.zeroshot import accuracy, zero_shot_classifier
+from clipdecomp.viz.atlas import Atlas, report
+from clipdecomp.viz.tables import format_head_table
+
 __version__ = "0.1.0"
-
-from .ablation import (
-    ComponentMeans,
-    RepairedCLIP,
-    ablate,
-    ablation_study,
-    component_means,
-    load_ablation,
-)
-from .config import ModelConfig
-from .decomposition import Decomposition
-from .loading import has_bf16, list_pretrained, load
-from .model import CLIP, get_memory_budget, set_debug, set_memory_budget
-from .pool import encode_pool, load_pool
-from .retrieval import HeadIndex, show_retrieval
-from .segmentation import SegmentationResult, segment, segmentation_metrics
-from .spatial import attention_map, attention_rollout, head_map, head_maps, heatmap, upsample
-from .stats import HeadStats
-from .textspan import (
-    TextSpanResult,
-    format_head_table,
-    textspan,
-    textspan_from_stats,
-    textspan_heads,
-    textspan_reconstruction_curve,
-)
-from .waterbirds import group_accuracy, waterbirds_ablation, worst_group_accuracy
-from .viz import Atlas, report
-from .zeroshot import accuracy, zero_shot_classifier
-
-
-def _repaired(self, heads=(), **kwargs):
-    """An encoder whose ``encode_image`` returns repaired embeddings (see :class:`RepairedCLIP`)."""
-    return RepairedCLIP(self, heads=heads, **kwargs)
-
-
-CLIP.repaired = _repaired
-Decomposition.heatmap = heatmap
-
-
-def run_dataset(*args, **kwargs):
-    """Stream a collection through the decomposition into a Zarr store; see
-    :func:`clipdecomp.dataset.run_dataset` (imported lazily: zarr and dask are optional)."""
-    from .dataset import run_dataset as _run
-
-    return _run(*args, **kwargs)
-
-
-def StoreReader(path, *args, **kwargs):
-    """Open a store written by :func:`run_dataset`; see :class:`clipdecomp.store.StoreReader`."""
-    from .store import StoreReader as _Reader
-
-    return _Reader(path, *args, **kwargs)
-
 
 __all__ = [
     "CLIP",
     "Atlas",
-    "ComponentMeans",
     "Decomposition",
     "HeadIndex",
     "HeadStats",
-    "ModelConfig",
-    "RepairedCLIP",
-    "SegmentationResult",
+    "ModelSpec",
     "StoreReader",
-    "TextSpanResult",
     "ablate",
     "ablation_study",
     "accuracy",
-    "attention_map",
-    "attention_rollout",
     "component_means",
-    "encode_pool",
     "format_head_table",
-    "get_memory_budget",
     "group_accuracy",
     "has_bf16",
-    "head_map",
     "head_maps",
     "heatmap",
     "list_pretrained",
     "load",
-    "load_ablation",
-    "load_pool",
     "report",
     "run_dataset",
     "segment",
     "segmentation_metrics",
     "set_debug",
     "set_memory_budget",
-    "show_retrieval",
     "textspan",
-    "textspan_from_stats",
     "textspan_heads",
-    "textspan_reconstruction_curve",
-    "upsample",
+    "toy",
     "waterbirds_ablation",
     "worst_group_accuracy",
     "zero_shot_classifier",
 ]
+
+_LAZY = {"run_dataset": "clipdecomp.data.runner", "StoreReader": "clipdecomp.data.store"}
+
+
+def __getattr__(name: str) -> Any:
+    """``run_dataset`` and ``StoreReader``, imported when first asked for (zarr is optional)."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'clipdecomp' has no attribute {name!r}")

@@ -26,7 +26,6 @@ Examples
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -35,20 +34,21 @@ from typing import Any
 
 import numpy as np
 
-from . import toy
-from .ablation import ablate, ablation_study, component_means
-from .probes import head_probes, probe_roles
-from .segmentation import (
+from clipdecomp import toy
+from clipdecomp.engine.helpers import progress_bar
+from clipdecomp.methods.ablation import ablate, ablation_study, component_means
+from clipdecomp.methods.probes import head_probes, probe_roles
+from clipdecomp.methods.segmentation import (
     all_foreground,
     centre_blob,
     segment_decomposition,
     segment_maps,
     segmentation_metrics,
 )
-from .spatial import attention_map, attention_rollout, head_map, heatmap
-from .textspan import textspan_heads
-from .viz.atlas import report as atlas_report
-from .zeroshot import accuracy, zero_shot_classifier
+from clipdecomp.methods.spatial import attention_map, attention_rollout, head_map, heatmap
+from clipdecomp.methods.textspan import textspan_heads
+from clipdecomp.methods.zeroshot import accuracy, zero_shot_classifier
+from clipdecomp.viz.atlas import report as atlas_report
 
 #: attributes with their class lists, in the order the report prints them
 ATTRIBUTES = ("shape", "color", "size", "position", "background", "count")
@@ -89,11 +89,7 @@ def description_pool() -> tuple[list[str], list[str]]:
 
 
 def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc)
+    return progress_bar(it, enabled=enabled, desc=desc)
 
 
 def _classifiers(model) -> dict[str, np.ndarray]:
@@ -110,8 +106,8 @@ def zero_shot_table(model, classifiers, n: int, seed: int, style: str = "texture
     rows = []
     single = toy.generate(n, seed=seed, n_objects=1, style=style)
     multi = toy.generate(n, seed=seed + 1, style=style)
-    emb_single = model.encode_image(list(single.images))
-    emb_multi = model.encode_image(list(multi.images))
+    emb_single = model.encode_image(list(single.images), normalize=True)
+    emb_multi = model.encode_image(list(multi.images), normalize=True)
     for attr in ATTRIBUTES:
         if attr == "count":
             labels, emb = multi.labels["n_objects"] - 1, emb_multi
@@ -136,7 +132,7 @@ def head_roles(df, about: list[str], texts: list[str], top: int = 5) -> list[dic
     for _, r in df.iterrows():
         first = list(r["texts"])[:top]
         kinds = [tag[t] for t in first]
-        best = max(set(kinds), key=kinds.count)
+        best = max(kinds, key=kinds.count)   # a tie goes to the attribute of the earlier text
         rows.append({"layer": int(r["layer"]), "head": int(r["head"]), "role": best,
                          "share": kinds.count(best) / len(kinds),
                          "specific": kinds.count(best) >= 0.8 * len(kinds),
@@ -155,7 +151,7 @@ def worst_group(emb: np.ndarray, y: np.ndarray, group: np.ndarray, classifier
 
 def probe_ground_truth(model, roles: list[dict], n: int, seed: int, style: str
                        ) -> dict[str, Any]:
-    """Fit linear probes per head and attribute (:func:`clipdecomp.probes.head_probes`) and
+    """Fit linear probes per head and attribute (:func:`clipdecomp.methods.probes.head_probes`) and
     set ``probe_role`` / ``probe_lift`` / ``agrees`` on each row of ``roles`` (in place).
 
     Shape, colour, size, position and background are probed on scenes of one object, count on
@@ -208,7 +204,7 @@ def head_contrast(model, dec, batch, layer: int, head: int, attribute: str) -> d
 
     For each image (one object), the right text names the object's ``attribute`` value
     ("a star", "an object in the top left") and the wrong text another value; the contrast is
-    the mean of the head's map (:func:`clipdecomp.spatial.head_map`) over the patches the
+    the mean of the head's map (:func:`clipdecomp.methods.spatial.head_map`) over the patches the
     object covers, right text minus wrong text.
 
     Returns
@@ -252,7 +248,7 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     -------
     dict with keys ``zero_shot``, ``heads``, ``ablation``, ``segmentation``, ``spurious``
     """
-    from .loading import load
+    from clipdecomp.engine.loading import load
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -276,7 +272,7 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     scenes = toy.generate(n, seed=seed + 2, style=style)
     dec = model.decompose(list(scenes.images), progress=progress)
     texts, about = description_pool()
-    pool_emb = model.encode_text(texts)
+    pool_emb = model.encode_text(texts, normalize=True)
     layers = list(range(model.config.layers))
     df = textspan_heads(dec, pool_emb, texts, layers=layers, n_texts=5,
                         rank=min(80, model.config.embed_dim), progress=False)
@@ -319,7 +315,7 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
         "all foreground": all_foreground(len(seg_imgs), size),
         "centred blob": centre_blob(len(seg_imgs), size),
     }
-    seg = []
+    seg: list[dict[str, Any]] = []
     for name, res in methods.items():
         m = segmentation_metrics(res.scores, seg_imgs.foreground, masks=res.masks,
                                  degenerate=res.degenerate)
@@ -396,8 +392,8 @@ def _figures(out: Path, model, segdec, seg_imgs, methods, df, abl, texts, contra
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import plot_ablation_curve, plot_head_table
-    from .spatial_plots import plot_methods, plot_text_maps
+    from clipdecomp.viz.plots import plot_ablation_curve, plot_head_table
+    from clipdecomp.viz.spatial_plots import plot_methods, plot_text_maps
 
     # the image's own colour and background against two others; each map minus the mean of
     # the four, so that what all texts share (mostly "an object is here") cancels out
@@ -410,7 +406,7 @@ def _figures(out: Path, model, segdec, seg_imgs, methods, df, abl, texts, contra
 
     probe_texts = [f"{a(own_c)} object", f"{a(other_c)} object", f"a scene on {own_b}",
                    f"a scene on {other_b}"]
-    maps = heatmap(segdec, model.encode_text(probe_texts))        # [B, T, G, G]
+    maps = heatmap(segdec, model.encode_text(probe_texts, normalize=True))        # [B, T, G, G]
     maps = maps - maps.mean(axis=1, keepdims=True)
     fig = plot_text_maps(seg_imgs.images[0], maps[0], probe_texts, shared_scale=True)
     fig.savefig(out / "heatmaps.png", dpi=110, bbox_inches="tight")
@@ -449,21 +445,3 @@ def _figures(out: Path, model, segdec, seg_imgs, methods, df, abl, texts, contra
     fig = plot_ablation_curve(abl)
     fig.savefig(out / "ablation.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def demo_main(argv=None) -> int:
-    """Entry point of ``clipdecomp demo``."""
-    ap = argparse.ArgumentParser(prog="clipdecomp demo", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="clipdecomp-demo", help="folder for figures and report")
-    ap.add_argument("--n-images", type=int, default=128, help="images per experiment")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--full", action="store_true", help="8x the images (the README's numbers)")
-    ap.add_argument("--no-figures", action="store_true")
-    args = ap.parse_args(argv)
-    run_demo(args.out, n_images=args.n_images, seed=args.seed, full=args.full,
-             figures=not args.no_figures)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(demo_main())

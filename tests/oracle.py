@@ -455,3 +455,19 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], dtype: str = "F32",
         f.write(h)
         for *_, buf in entries:
             f.write(buf)
+
+
+# ---------------------------------------------------------------------------- second moments
+U32 = 2.0**-24
+
+
+def outer_tol(c, rows=512):
+    """Largest |error| of sum over rows of x x^T from the C core (csrc/moments.h), for terms
+    c [n, D] (float64 copy of the float32 rows) added in chunks of at most ``rows`` rows: the
+    float32 dot-product bound of each centred chunk, (rows + 4) u n sd_i sd_j, plus a few float64
+    roundings of n (|m_i m_j| + sd_i sd_j). See tests/methods/test_stats.py for the derivation."""
+    n = len(c)
+    sd, m = c.std(0), np.abs(c.mean(0))
+    return (min(rows, n) + 4) * U32 * n * np.outer(sd, sd) + 1e-13 * n * (
+        np.outer(m, m) + np.outer(sd, sd)
+    )

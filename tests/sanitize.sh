@@ -3,7 +3,7 @@
 #
 #   tests/sanitize.sh                     # the default selection, about 3 minutes on 2 cores
 #   tests/sanitize.sh tests               # everything (about 10 minutes)
-#   tests/sanitize.sh tests/test_fuzz.py  # any pytest arguments instead
+#   tests/sanitize.sh tests/engine/test_fuzz.py  # any pytest arguments instead
 #
 # The default selection is the whole suite but the three files that run the 6-layer toy model
 # end to end (test_toy_world, test_demo, test_notebooks): they go through the same C code as the
@@ -62,7 +62,7 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1${UBSAN_OPTIONS:+:$UBSAN
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 cd "$OUT/src"
 if [ "$#" -eq 0 ]; then
-    set -- tests --ignore=tests/test_toy_world.py --ignore=tests/test_demo.py \
+    set -- tests --ignore=tests/toy/test_world.py --ignore=tests/test_cli_and_demo.py \
         --ignore=tests/test_notebooks.py
 fi
 echo "sanitize.sh: pytest $* (in $OUT/src, LD_PRELOAD=$LD_PRELOAD)"

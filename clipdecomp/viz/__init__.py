@@ -1,4 +1,5 @@
-"""Figures and the HTML atlas: methods return data, viz draws it."""
-from .atlas import Atlas, report
+"""Every figure and the HTML atlas: methods return data, this layer draws it (matplotlib,
+imported lazily)."""
+from clipdecomp.viz.atlas import Atlas, report
 
 __all__ = ["Atlas", "report"]

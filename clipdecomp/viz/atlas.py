@@ -6,19 +6,19 @@ JPEG, numbers as embedded JSON, a little plain JavaScript; no server, no network
 ``file://``) that also renders inline in Jupyter.
 
 * Overview: the model, the images (count, source), zero-shot accuracy when labels exist, the
-  mean-ablation curve (:func:`~clipdecomp.ablation.ablation_study`), and a layer x head grid
+  mean-ablation curve (:func:`~clipdecomp.methods.ablation.ablation_study`), and a layer x head grid
   coloured by each head's TextSpan role and variance explained; a click opens the head's card.
-* Head card: the head's TextSpan texts (:func:`~clipdecomp.textspan.textspan_heads`) with the
+* Head card: the head's TextSpan texts (:func:`~clipdecomp.methods.textspan.textspan_heads`) with the
   share of variance each explains; the top and bottom images by the head's term projected on
   the unit embedding of its first text, with the head's map along that text over them
-  (:func:`~clipdecomp.spatial.head_map`, computed for the shown images only); the images nearest
-  to the top image by this head alone (:class:`~clipdecomp.retrieval.HeadIndex`); a histogram
+  (:func:`~clipdecomp.methods.spatial.head_map`, computed for the shown images only); the images nearest
+  to the top image by this head alone (:class:`~clipdecomp.methods.retrieval.HeadIndex`); a histogram
   of the projection over all images.
 * Image view: for one image and a few texts (the classifier's most likely classes, or texts
   given), each head's contribution to the image-text similarity ``heads[l, h] . text`` as a
   sorted bar chart (with the MLPs beside: all terms add up to the cosine similarity), the
-  per-text heat maps (:func:`~clipdecomp.spatial.heatmap`), the predicted class and the class
-  a repaired model (mean-ablated heads, :func:`~clipdecomp.ablation.ablate`) would give.
+  per-text heat maps (:func:`~clipdecomp.methods.spatial.heatmap`), the predicted class and the class
+  a repaired model (mean-ablated heads, :func:`~clipdecomp.methods.ablation.ablate`) would give.
 * Neuron cards, once stores hold neuron effects (:func:`neuron_cards` is the hook; it returns
   nothing today).
 
@@ -32,14 +32,12 @@ Shapes: N images, L layers, H heads, D embedding dim, G patches per side, T text
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
 import math
 import os
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -47,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Atlas", "neuron_cards", "pool_categories", "report", "report_main"]
+__all__ = ["Atlas", "neuron_cards", "pool_categories", "report"]
 
 _TEMPLATE = Path(__file__).resolve().parent / "atlas_template.html"
 _PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948",
@@ -162,7 +160,7 @@ def _thumb_uri(img: Any, size: int) -> str:
     """A data URI of a small WebP (JPEG where Pillow lacks WebP) thumbnail."""
     from PIL import ImageOps, features
 
-    from ..preprocess import load_image
+    from clipdecomp.engine.preprocess import load_image
 
     # the centre square, as the model's preprocessing crops it, so that maps line up
     im = load_image(img)
@@ -210,7 +208,7 @@ def pool_categories(path: str | os.PathLike | None = None) -> dict[str, str]:
     >>> cats["Something bright red"], sorted(set(cats.values()))[:2]
     ('colours', ['animals', 'art movements'])
     """
-    from ..pool import DEFAULT_POOL
+    from clipdecomp.data.text_pool import DEFAULT_POOL
 
     out: dict[str, str] = {}
     section = None
@@ -226,7 +224,7 @@ def pool_categories(path: str | os.PathLike | None = None) -> dict[str, str]:
 
 def _resolve_pool(pool: Any, model: Any, progress: bool) -> tuple[list[str], np.ndarray, dict]:
     """(texts [M], unit embeddings [M, D], text -> category) from what ``report`` accepts."""
-    from ..pool import encode_pool, load_pool
+    from clipdecomp.data.text_pool import encode_pool, load_pool
 
     cats: dict[str, str] = {}
     if isinstance(pool, tuple) and len(pool) == 2:
@@ -382,13 +380,13 @@ class _StoreSource:
         if self.model is None:
             raise ValueError("the store keeps no per-token terms, and no model was given to "
                              "compute them again for the images shown")
-        from ..preprocess import load_image
+        from clipdecomp.engine.preprocess import load_image
 
         return self.model.decompose([load_image(self._path(int(r))) for r in rows])
 
 
 def _open_source(source: Any, images: Any, model: Any):
-    from ..store import StoreReader, is_store
+    from clipdecomp.data.store import StoreReader, is_store
 
     if isinstance(source, (str, os.PathLike)):
         if not is_store(source):
@@ -410,7 +408,7 @@ def _open_source(source: Any, images: Any, model: Any):
 
 def _textspan(src: Any, pool_texts: list, pool_emb: np.ndarray, heads: Any, n_texts: int,
               rank: int, progress: bool) -> dict:
-    from ..textspan import textspan_heads
+    from clipdecomp.methods.textspan import textspan_heads
 
     pairs = None
     if heads is not None:
@@ -438,28 +436,29 @@ def _projections(src: Any, dirs: dict) -> tuple[np.ndarray, dict]:
     for layer in sorted({k[0] for k in dirs}):
         hs = [k for k in dirs if k[0] == layer]
         u = np.stack([dirs[k] for k in hs]).astype(np.float64)        # [h, D]
-        rows_l = []
+        rows_parts = []
         for rows, heads in src.iter_layer(layer):                     # heads [C, H, D]
             sel = heads[:, [k[1] for k in hs]].astype(np.float64)     # [C, h, D]
             p = np.einsum("chd,hd->hc", sel, u)
             for i, k in enumerate(hs):
                 out[k].append(p[i])
-            rows_l.append(rows)
-        rows_l = np.concatenate(rows_l)
+            rows_parts.append(rows)
+        rows_l = np.concatenate(rows_parts)
         if rows_all is None:
             rows_all = rows_l
         elif not np.array_equal(rows_all, rows_l):  # pragma: no cover - one listing per store
             raise RuntimeError("the store's valid rows differ between layers")
+    assert rows_all is not None
     return rows_all, {k: np.concatenate(v) for k, v in out.items()}
 
 
 def _nearest(src: Any, queries: dict, k: int) -> dict:
     """Per head: the k rows nearest its query row by the head's term alone (cosine).
 
-    A :class:`~clipdecomp.retrieval.HeadIndex` answers each chunk (exact top-k); the chunks'
+    A :class:`~clipdecomp.methods.retrieval.HeadIndex` answers each chunk (exact top-k); the chunks'
     answers are merged, so memory stays one chunk whatever the number of images.
     """
-    from ..retrieval import HeadIndex
+    from clipdecomp.methods.retrieval import HeadIndex
 
     out = {}
     for layer in sorted({key[0] for key in queries}):
@@ -470,7 +469,7 @@ def _nearest(src: Any, queries: dict, k: int) -> dict:
             for key in hs:
                 index = HeadIndex.build(heads[:, None, key[1]][:, :, None], heads=(0, 0))
                 excl = np.flatnonzero(rows == queries[key])
-                idx, sc = index.query(qvec[key], k=k, exclude=excl)
+                idx, sc = index.query(qvec[key], k=k, exclude=excl.tolist())
                 best[key][0].extend(rows[idx].tolist())
                 best[key][1].extend(sc.tolist())
         for key in hs:
@@ -483,8 +482,8 @@ def _nearest(src: Any, queries: dict, k: int) -> dict:
 def _head_maps(src: Any, want: list, dirs: dict) -> tuple[dict, str | None]:
     """(row, (layer, head)) -> map [G, G] of the head along its direction, for the shown rows.
 
-    ``dec.probe`` (per-token terms, or the forward pass run again on the kept pixels) on the
-    directions the images of a batch need; equal to :func:`~clipdecomp.spatial.head_map` of
+    ``dec.project_tokens`` (per-token terms, or the forward pass run again on the kept pixels) on the
+    directions the images of a batch need; equal to :func:`~clipdecomp.methods.spatial.head_map` of
     each (layer, head) and direction.
     """
     per_row: dict = {}
@@ -500,7 +499,7 @@ def _head_maps(src: Any, want: list, dirs: dict) -> tuple[dict, str | None]:
         col = {k: i for i, k in enumerate(keys)}
         u = np.stack([dirs[k] for k in keys]).astype(np.float32)      # [K, D]
         try:
-            p = np.asarray(src.spatial(np.asarray(batch)).probe(u))   # [b, L, N, H, K]
+            p = np.asarray(src.spatial(np.asarray(batch)).project_tokens(u))   # [b, L, N, H, K]
         except (ValueError, FileNotFoundError) as e:                   # no tokens, no pixels
             notes.append(str(e))
             continue
@@ -522,10 +521,12 @@ def _accuracies(src: Any, labels: Any, classifier: np.ndarray, means: Any,
                 repair: Any) -> tuple[dict, list | None, str | None]:
     """Zero-shot accuracy (and of the repaired embeddings), and the mean-ablation table,
     accumulated chunk by chunk (each is a mean over images)."""
-    from ..ablation import ablation_study
-    from ..zeroshot import accuracy
+    from clipdecomp.methods.ablation import ablation_study
+    from clipdecomp.methods.zeroshot import accuracy
 
-    zs, rep, table = [], [], {}
+    zs: list[tuple[float, int]] = []
+    rep: list[tuple[float, int]] = []
+    table: dict[tuple[str, int], list[tuple[float, int]]] = {}
     note = None
     full = len(src.kept) == src.n_layers
     if not full:
@@ -551,8 +552,9 @@ def _accuracies(src: Any, labels: Any, classifier: np.ndarray, means: Any,
         out["repaired_accuracy"] = _combine_acc(rep)
     ablation = None
     if table:
-        ablation = [{"ablation": k[0], "layers_ablated": k[1], "accuracy": _r(_combine_acc(v))}
-                    for k, v in table.items()]
+        accs = {k: _combine_acc(v) for k, v in table.items()}
+        ablation = [{"ablation": k[0], "layers_ablated": k[1],
+                     "accuracy": None if acc is None else _r(acc)} for k, acc in accs.items()]
     return out, ablation, note
 
 
@@ -582,8 +584,8 @@ def _repair_spec(repair: Any, src: Any) -> dict | None:
 
 
 def _repaired(src: Any, c: dict, spec: dict) -> np.ndarray:
-    """Repaired embeddings [B, D] of rows with arrays ``c`` (:func:`~clipdecomp.ablation.ablate`)."""
-    from ..ablation import ComponentMeans, ablate
+    """Repaired embeddings [B, D] of rows with arrays ``c`` (:func:`~clipdecomp.methods.ablation.ablate`)."""
+    from clipdecomp.methods.ablation import ComponentMeans, ablate
 
     means = spec["means"]
     heads = spec["heads"]
@@ -616,7 +618,7 @@ def neuron_cards(source: Any) -> list[dict]:
 def _classification(src: Any, labels: Any, classnames: Any, classifier: Any, templates: Any,
                     model: Any) -> tuple:
     """Checked (labels [N] or None, class names, classifier [D, C] or None)."""
-    from ..zeroshot import zero_shot_classifier
+    from clipdecomp.methods.zeroshot import zero_shot_classifier
 
     if isinstance(src, _StoreSource):
         if labels is None:
@@ -669,7 +671,7 @@ def _card(key: tuple, res: Any, role: Any, rows: np.ndarray, p: np.ndarray, top:
     """One head card (JSON-ready)."""
     def item(i: int) -> dict:
         r = int(rows[i])
-        out = {"row": r, "value": _r(p[i])}
+        out: dict[str, Any] = {"row": r, "value": _r(p[i])}
         if (r, key) in maps:
             out["map"] = quantise(maps[(r, key)])
         return out
@@ -706,7 +708,7 @@ def _thumbnails(src: Any, shown: set, size: int) -> tuple[dict, dict]:
 
 def report(
     source: Any,
-    images: Sequence[Any] | None = None,
+    images: Sequence[Any] | np.ndarray | None = None,
     pool: Any = None,
     texts: Sequence[str] | None = None,
     labels: Any = None,
@@ -796,7 +798,7 @@ def report(
     ...                           labels=batch.labels["color"][:, 0], classnames=names)
     >>> atlas.save("atlas.html")                                          # doctest: +SKIP
     """
-    from ..ablation import component_means
+    from clipdecomp.methods.ablation import component_means
 
     if n_texts < 1 or n_show < 1:
         raise ValueError("n_texts and n_show must be at least 1")
@@ -812,7 +814,9 @@ def report(
         raise ValueError("repair= needs a classifier (classnames= or classifier=)")
 
     # TextSpan (a given table needs the pool only for its texts' embeddings, if at all)
-    pool_texts, pool_emb, cats = ([], None, {})
+    pool_texts: list[str] = []
+    pool_emb: np.ndarray | None = None
+    cats: dict[str, str] = {}
     if textspan is None or pool is not None:
         pool_texts, pool_emb, cats = _resolve_pool(pool, model, progress)
     if textspan is not None:
@@ -821,6 +825,7 @@ def report(
             want = {(int(a) % n_layers, int(b)) for a, b in heads}
             results = {k: v for k, v in results.items() if k in want}
     else:
+        assert pool_emb is not None  # resolved above: no table given
         results = _textspan(src, pool_texts, pool_emb, heads, n_texts, rank, progress)
     results = {k: v for k, v in results.items() if len(v.texts)}
     if not results:
@@ -914,7 +919,7 @@ def report(
 def _views(src: Any, view_rows: list, texts: Any, classifier: Any, classnames: Any,
            labels: Any, spec: Any, model: Any) -> list[dict]:
     """Per image: each head's contribution to the similarity with each text, heat maps."""
-    from ..spatial import heatmap
+    from clipdecomp.methods.spatial import heatmap
 
     if not view_rows:
         return []
@@ -974,64 +979,3 @@ def _views(src: Any, view_rows: list, texts: Any, classifier: Any, classnames: A
             v["maps_note"] = note
         out.append(v)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# command line
-
-def report_main(argv: Sequence[str] | None = None) -> int:
-    """``clipdecomp report STORE --pool NAME --out atlas.html``; returns the exit status.
-
-    Examples
-    --------
-    >>> report_main(["val.zarr", "--pool", "default", "--out", "atlas.html"])  # doctest: +SKIP
-    0
-    """
-    ap = argparse.ArgumentParser(
-        prog="clipdecomp report",
-        description="Write the HTML atlas of a data-set store (made by clipdecomp run).")
-    ap.add_argument("store", help="the Zarr store")
-    ap.add_argument("--out", default="atlas.html", help="the HTML file to write")
-    ap.add_argument("--pool", default="default",
-                    help="TextSpan's description pool: 'default' (shipped) or a text file")
-    ap.add_argument("--model", default=None,
-                    help="checkpoint path or name, or 'embedded' (default: the one the store "
-                    "records)")
-    ap.add_argument("--pretrained", default=None)
-    ap.add_argument("--act", default=None, choices=["gelu", "quick_gelu"])
-    ap.add_argument("--texts", default=None,
-                    help="texts of the image views, separated by '|' (default: top classes)")
-    ap.add_argument("--n-texts", type=int, default=5, help="TextSpan texts per head")
-    ap.add_argument("--n-show", type=int, default=6, help="images per row of a head card")
-    ap.add_argument("--views", type=int, default=4, help="number of image views")
-    ap.add_argument("--title", default=None)
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        from ..loading import load
-        from ..store import StoreReader, is_store
-
-        if not is_store(args.store):
-            raise ValueError(f"{args.store} is not a clipdecomp store (made by clipdecomp run)")
-        store = StoreReader(args.store)
-        path = args.model
-        kwargs = {k: v for k, v in (("pretrained", args.pretrained), ("act", args.act)) if v}
-        if path is None:
-            recorded = store.metadata["model"].get("spec") or {}
-            if not recorded.get("path"):
-                raise ValueError("the store does not record where its model is: pass --model "
-                                 "PATH (or --model embedded for clipdecomp's own)")
-            path = recorded["path"]
-            kwargs = {**recorded.get("kwargs", {}), **kwargs}
-        model = load(None if path == "embedded" else path, **kwargs)
-        texts = None if args.texts is None else [t.strip() for t in args.texts.split("|")
-                                                 if t.strip()]
-        atlas = report(store, pool=args.pool, model=model, texts=texts, n_texts=args.n_texts,
-                       n_show=args.n_show, views=args.views, title=args.title,
-                       progress=not args.no_progress)
-        out = atlas.save(args.out)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"clipdecomp report: error: {e}", file=sys.stderr)
-        return 2
-    print(f"atlas written to {out.resolve()} ({out.stat().st_size / 1e6:.2f} MB)")
-    return 0

@@ -25,7 +25,7 @@ from PIL import Image
 
 import clipdecomp
 from clipdecomp import toy
-from clipdecomp.textspan import textspan
+from clipdecomp.methods.textspan import textspan
 from clipdecomp.viz.atlas import Atlas, dequantise, quantise, report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def world():
     batch = toy.generate(16, seed=7, n_objects=1)
     dec = model.decompose(list(batch.images), spatial=True)
     texts, about = _pool()
-    pool_emb = model.encode_text(texts)
+    pool_emb = model.encode_text(texts, normalize=True)
     names, _ = toy.prompts("color")
     labels = batch.labels["color"][:, 0]
     means = clipdecomp.component_means(dec)
@@ -265,7 +265,7 @@ class _FakeDec:
         out._rng = self._rng
         return out
 
-    def probe(self, u):
+    def project_tokens(self, u):
         maps = self._rng.normal(size=(len(self), 12, 197, 12, 1)).astype(np.float32)
         return np.broadcast_to(maps, (len(self), 12, 197, 12, len(u)))
 
@@ -367,7 +367,8 @@ def store(tmp_path_factory):
         d = root / "src" / toy.COLORS[c]
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"s{i:02d}.png")
-    from clipdecomp.dataset import ModelSpec, run_dataset
+    from clipdecomp.data.runner import run_dataset
+    from clipdecomp.engine.loading import ModelSpec
 
     out = root / "scenes.zarr"
     reader = run_dataset(ModelSpec(str(toy.MODEL_DIR)), root / "src", out, chunk_size=8,
@@ -603,7 +604,7 @@ def test_browser_renders_the_notebook_iframe(world, chromium, tmp_path):
 
 def test_cli_report_store_without_model_path(world, store, tmp_path):
     """A store made from a model object records no path: the command asks for --model."""
-    from clipdecomp.dataset import run_dataset
+    from clipdecomp.data.runner import run_dataset
 
     reader, _ = store
     src = Path(reader.metadata["source"]["root"])

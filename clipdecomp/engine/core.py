@@ -1,0 +1,83 @@
+"""The one door to the C extension ``clipdecomp._core``.
+
+Every call from Python into the C core goes through this module, so the rest of the package
+(and the layers above the engine) never import the extension themselves.
+
+>>> from clipdecomp.engine import core
+>>> isinstance(core.has_bf16(), bool)
+True
+"""
+from __future__ import annotations
+
+import warnings
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from clipdecomp.engine.config import ModelConfig
+
+PRECISIONS = ("fp32", "bf16", "bf16-emulated")
+
+
+def extension() -> ModuleType:
+    """The built extension module; ImportError with how to build it when it is missing."""
+    try:
+        from clipdecomp import _core
+    except ImportError as e:
+        raise ImportError(
+            "the C extension clipdecomp._core is not built: run `pip install .` or `python "
+            f"setup.py build_ext --inplace` in the source tree ({e})") from None
+    return _core
+
+
+def has_bf16() -> bool:
+    """Whether ``precision="bf16"`` runs natively here (AVX512_BF16, avx512 path in use).
+
+    Examples
+    --------
+    >>> import clipdecomp
+    >>> isinstance(clipdecomp.has_bf16(), bool)
+    True
+    """
+    return bool(extension().has_bf16())
+
+
+def isa() -> str:
+    """The SIMD path the core chose on this CPU (e.g. ``"avx2"``)."""
+    return str(extension().isa())
+
+
+def open_model(weights: str, cfg: ModelConfig, layout: str) -> Any:
+    """Open a safetensors checkpoint in the core (``_core.Model``) with the config ``cfg``."""
+    return extension().Model(weights, cfg.to_core_dict(), layout)
+
+
+def set_precision(core_model: Any, precision: str) -> str:
+    """Convert a freshly opened core model to ``precision``; returns the precision in effect
+    (``"bf16"`` becomes ``"bf16-emulated"``, with a warning, on a CPU without AVX512_BF16)."""
+    if precision == "fp32":
+        return "fp32"
+    if precision == "bf16" and not has_bf16():
+        warnings.warn("precision='bf16': this CPU has no AVX512_BF16 (or the avx512 path is "
+                      "off), so bf16 is emulated: the same bf16 roundings and numbers, computed "
+                      "by the float32 kernels at float32 speed and memory", RuntimeWarning,
+                      stacklevel=3)
+        precision = "bf16-emulated"
+    core_model.set_precision(precision)
+    return precision
+
+
+def moments_update(sum_outer: np.ndarray, total: np.ndarray, x: np.ndarray) -> None:
+    """Add rows ``x`` [n, K, D] (float32) to per-head second moments, in place (csrc/moments.c).
+
+    Parameters
+    ----------
+    sum_outer : [K, D, D] float64, C-contiguous, writeable
+        Running sum of ``x[i, k] x[i, k]^T``.
+    total : [K, D] float64, C-contiguous, writeable
+        Running sum of ``x[i, k]``.
+    x : [n, K, D] float32
+    """
+    extension()._moments_update(sum_outer, total, x)

@@ -1,0 +1,118 @@
+"""The main job (``clipdecomp demo``) and the small CLI commands, on a reduced size."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipdecomp import toy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, "-m", "clipdecomp", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+def test_demo_runs_and_reports(tmp_path):
+    p = _run("demo", "--n-images", "32", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "out"
+    for name in ("heatmaps.png", "segmentation.png", "head_roles.png", "ablation.png",
+                 "atlas.html"):
+        assert (out / name).stat().st_size > 1000, name
+    assert f"atlas: {(out / 'atlas.html').resolve()}" in p.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"style", "zero_shot", "heads", "head_probes", "probes", "ablation",
+                           "segmentation", "spurious", "head_maps"}
+    assert (out / "head_maps.png").stat().st_size > 1000
+    assert report["style"] == toy.MODEL_STYLE
+    # every head carries the probes' verdict beside TextSpan's, and the agreement is their mean
+    heads = report["heads"]
+    assert all(r["probe_role"] in toy.ATTRIBUTES for r in heads)
+    agree = np.mean([r["probe_role"] == r["role"] for r in heads])
+    assert report["head_probes"]["agreement"] == pytest.approx(agree)
+    sp = report["spurious"]
+    assert min(sp["groups_before"]) == pytest.approx(sp["worst_group_before"])
+    assert min(sp["groups_after"]) == pytest.approx(sp["worst_group_after"])
+    assert [c["attribute"] for c in report["head_maps"]] == ["position", "shape"]
+    zs = {r["attribute"]: r for r in report["zero_shot"]}
+    # colour is what the embedded model learned best: far above chance on any seed
+    assert zs["color"]["accuracy"] > 3 * zs["color"]["chance"]
+    seg = {r["method"]: r for r in report["segmentation"]}
+    assert seg["decomposition (ours)"]["miou"] > seg["all foreground"]["miou"]
+    cfg = json.loads((toy.MODEL_DIR / "open_clip_config.json").read_text())["model_cfg"]
+    n_heads = cfg["vision_cfg"]["layers"] * cfg["vision_cfg"]["width"] // 32
+    assert len(report["heads"]) == n_heads
+    assert "written to" in p.stdout
+
+
+def test_demo_matches_library_calls():
+    """The numbers the demo prints are the library's: recompute one independently."""
+    import clipdecomp
+    from clipdecomp.demo import zero_shot_table
+
+    model = clipdecomp.load()
+    names, _ = toy.prompts("color")
+    clf = clipdecomp.zero_shot_classifier(model, names, templates=toy.TEMPLATES["color"])
+    rows = zero_shot_table(model, {a: clf for a in ("shape", "color", "size", "position",
+                                                     "background", "count")}, 16, seed=3)
+    batch = toy.generate(16, seed=3, n_objects=1)
+    emb = model.encode_image(list(batch.images), normalize=True)
+    want = float(((emb @ clf).argmax(1) == batch.labels["color"][:, 0]).mean())
+    assert {r["attribute"]: r for r in rows}["color"]["accuracy"] == pytest.approx(want)
+
+
+def test_cli_info_and_pretrained(tmp_path):
+    p = _run("info", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "6 layers" in p.stdout or "layers" in p.stdout
+    assert "SIMD path" in p.stdout and "AVX512_BF16" in p.stdout
+    p = _run("info", "--precision", "bf16-emulated", cwd=tmp_path)
+    assert p.returncode == 0 and "precision bf16-emulated" in p.stdout, p.stderr[-2000:]
+    p = _run("pretrained", cwd=tmp_path)
+    assert p.returncode == 0 and "openai" in p.stdout
+
+
+def test_cli_unknown_command(tmp_path):
+    p = _run("nope", cwd=tmp_path)
+    assert p.returncode == 2 and "unknown command" in p.stderr
+
+
+def test_description_pool_is_tagged():
+    from clipdecomp.demo import description_pool
+
+    texts, about = description_pool()
+    assert len(texts) == len(set(texts)) == len(about)
+    assert set(about) == {"shape", "color", "size", "position", "background", "count"}
+    assert np.mean([a == "background" for a in about]) > 0.1
+
+
+def test_head_contrast_against_direct_token_sums():
+    """The contrast is the right text's head map minus the wrong one's over the object's
+    patches, recomputed here from the per-token terms."""
+    import clipdecomp
+    from clipdecomp.demo import _right_wrong_texts, head_contrast
+
+    model = clipdecomp.load()
+    batch = toy.generate(6, seed=11, n_objects=1, style=toy.MODEL_STYLE)
+    dec = model.decompose(list(batch.images), spatial=True)
+    got = head_contrast(model, dec, batch, 4, 2, "position")
+    right, wrong = _right_wrong_texts(batch, "position")
+    g = model.config.image_size // model.config.patch_size
+    fg = batch.foreground.reshape(6, g, 8, g, 8).mean((2, 4)) > 0.25
+    vals = []
+    for i in range(6):
+        e = model.encode_text([right[i], wrong[i]], normalize=True).astype(np.float64)
+        tok = dec.tokens[i, 4, 1:, 2].astype(np.float64)  # [N-1, D]
+        diff = (tok @ e[0] - tok @ e[1]).reshape(g, g)
+        vals.append(diff[fg[i]].mean())
+    assert got["contrast"] == pytest.approx(np.mean(vals), rel=1e-4, abs=1e-7)
+    assert got["share"] == pytest.approx(np.mean(np.array(vals) > 0))
+    assert toy.POSITIONS[batch.labels["position"][0, 0]] in right[0]
