@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from clipdecomp import store as _store
+from clipdecomp.config import MAX_THREADS, check_size
 from clipdecomp.store import Moments, StoreReader
 
 log = logging.getLogger("clipdecomp.dataset")
@@ -106,7 +107,7 @@ class ImageSource:
         h = hashlib.sha256()
         h.update(json.dumps([self.layout, self.classes]).encode())
         for p, lab in zip(self.paths, self.labels.tolist()):
-            h.update(f"{p}\t{lab}\n".encode())
+            h.update(os.fsencode(p) + f"\t{lab}\n".encode())  # the name's bytes, UTF-8 or not
         return h.hexdigest()
 
     def describe(self) -> dict:
@@ -123,15 +124,67 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _walk_images(top: str) -> list[str]:
-    """Image files under top (recursive, hidden entries skipped), sorted, relative to top."""
-    found = []
-    for d, dirs, files in os.walk(top, followlinks=True):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        rel = os.path.relpath(d, top)
-        for f in sorted(files):
-            if _is_image(f):
-                found.append(f if rel == "." else os.path.join(rel, f))
+def printable_path(path: str) -> str:
+    """A path as valid UTF-8 text: bytes that are not UTF-8 (file names on Linux may hold any
+    bytes) written as ``\\xNN`` escapes. Valid names come back unchanged.
+
+    Examples
+    --------
+    >>> printable_path(os.fsdecode(b"caf\\xe9.jpg"))
+    'caf\\\\xe9.jpg'
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _dir_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _walk_images(top: str, seen: dict | None = None) -> list[str]:
+    """Image files under top (recursive, hidden entries skipped), sorted, relative to top.
+
+    Links are followed, but every real directory is visited once (a link to a parent or a loop
+    of links ends there) and every real file is listed once (by its real path). ``seen``
+    (``{"dirs": set of (st_dev, st_ino), "files": set of real paths}``) may be shared between
+    calls: what one call listed, the next one skips."""
+    seen = {"dirs": set(), "files": set()} if seen is None else seen
+    found: list[str] = []
+    seen["dirs"].add(_dir_id(top))
+    stack = [("", top, os.path.realpath(top))]
+    while stack:
+        rel, path, real = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable folder: nothing to list
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                continue
+            r = os.path.join(rel, e.name) if rel else e.name
+            if is_dir:
+                key = _dir_id(e.path)
+                if key is None or key in seen["dirs"]:
+                    continue
+                seen["dirs"].add(key)
+                subdirs.append((e.is_symlink(), r, e.path))
+            elif _is_image(e.name):
+                rp = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+                if rp not in seen["files"]:
+                    seen["files"].add(rp)
+                    found.append(r)
+        # real folders before linked ones, in name order (the stack pops the last first)
+        for _, r, p in sorted(subdirs, reverse=True):
+            stack.append((r, p, os.path.realpath(p)))
     return sorted(found)
 
 
@@ -165,8 +218,11 @@ def class_folders(root: str | os.PathLike) -> ImageSource:
         d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d))
     )
     paths, labels = [], []
+    # the root and every class folder belong to no other class, whatever links point at them
+    seen: dict = {"dirs": {_dir_id(root)} | {_dir_id(os.path.join(root, c)) for c in classes},
+                  "files": set()}
     for k, c in enumerate(classes):
-        for p in _walk_images(os.path.join(root, c)):
+        for p in _walk_images(os.path.join(root, c), seen):
             paths.append(os.path.join(c, p))
             labels.append(k)
     return ImageSource("classes", root, paths, np.asarray(labels, np.int64), classes)
@@ -188,7 +244,7 @@ def list_file(path: str | os.PathLike) -> ImageSource:
     root = os.path.dirname(path)
     paths: list[str] = []
     raw: list[str | None] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:  # names as bytes
         for i, line in enumerate(f):
             line = line.rstrip("\r\n")
             if not line.strip() or line.lstrip().startswith("#"):
@@ -358,17 +414,11 @@ def checkpoint_fingerprint(path: str | os.PathLike, samples: int = 16, block: in
     --------
     >>> checkpoint_fingerprint("model.safetensors")["size"]   # doctest: +SKIP
     """
+    from clipdecomp.safetensors_io import file_fingerprint
+
     path = os.fspath(path)
-    size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        rest = size - (1 << 20)
-        if rest > 0:
-            for k in range(samples):  # blocks spread evenly, the last one ending the file
-                f.seek((1 << 20) + max(rest - block, 0) * k // max(samples - 1, 1))
-                h.update(f.read(block))
-    return {"name": os.path.basename(path), "size": size, "fingerprint": h.hexdigest()}
+    size, digest = file_fingerprint(path, samples, block)
+    return {"name": os.path.basename(path), "size": size, "fingerprint": digest}
 
 
 def model_identity(model: Any, spec: ModelSpec | None = None) -> dict:
@@ -501,7 +551,7 @@ def load_image(preprocess: Callable, path: str) -> tuple[np.ndarray | None, str]
             return None, "preprocessing gave non-finite pixels"
         return px, ""
     except Exception as e:  # noqa: BLE001 - any failure on one file skips that file only
-        msg = str(e).replace("\n", " ")
+        msg = printable_path(str(e).replace("\n", " "))
         return None, f"{type(e).__name__}: {msg}"
 
 
@@ -703,8 +753,7 @@ def prepare_store(
     cfg = identity["config"]
     L, H, D = int(cfg["layers"]), int(cfg["heads"]), int(cfg["embed_dim"])
     kept = parse_layers(layers, L)
-    if int(chunk_size) < 1:
-        raise ValueError("chunk_size must be >= 1")
+    chunk_size = check_size(chunk_size, "chunk_size")
     N = len(source)
     meta = {
         "format": _store.FORMAT,
@@ -724,7 +773,8 @@ def prepare_store(
         meta = stored
     else:
         overwrite = overwrite or _store.is_unfinished_store(out)
-        _store.create_store(out, _store.jsonable(meta), source.paths, source.labels, overwrite)
+        _store.create_store(out, _store.jsonable(meta), [printable_path(p) for p in source.paths],
+                            source.labels, overwrite)
     return RunState(out, meta, kept, checkpoint_seconds)
 
 
@@ -846,8 +896,12 @@ def run_dataset(
     src = open_source(source, layout)
     if len(src) == 0:
         raise ValueError(f"no images found in {source!r} (layout {src.layout!r})")
-    if int(batch_size) < 1:
-        raise ValueError("batch_size must be >= 1")
+    chunk_size = check_size(chunk_size, "chunk_size")
+    batch_size = check_size(batch_size, "batch_size")
+    if decode_threads is not None:
+        decode_threads = check_size(decode_threads, "decode_threads", maximum=MAX_THREADS)
+    if workers is not None:
+        workers = check_size(workers, "workers")
     if client is not None or scheduler is not None or workers:
         from clipdecomp import distributed as _dist
 
@@ -957,6 +1011,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``clipdecomp run`` from parsed arguments; returns the exit status."""
+    try:
+        if args.threads is not None:
+            check_size(args.threads, "--threads", maximum=MAX_THREADS)
+    except ValueError as e:
+        print(f"clipdecomp run: error: {e}", file=sys.stderr)
+        return 2
     kwargs = {k: v for k, v in (("pretrained", args.pretrained), ("act", args.act),
                                 ("threads", args.threads)) if v is not None}
     spec = ModelSpec(args.model, kwargs, args.loader)

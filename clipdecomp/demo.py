@@ -36,6 +36,7 @@ import numpy as np
 
 from . import toy
 from .ablation import ablate, ablation_study, component_means
+from .config import check_size
 from .segmentation import (
     all_foreground,
     centre_blob,
@@ -171,7 +172,7 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    n = n_images * (8 if full else 1)
+    n = check_size(n_images, "n_images") * (8 if full else 1)
     model = model if model is not None else load()
     say = print if progress else (lambda *a, **k: None)
     say(f"model: {model.config.name} ({model.config.layers} layers x {model.config.heads} "

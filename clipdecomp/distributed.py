@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from clipdecomp import store as _store
+from clipdecomp.config import MAX_THREADS, check_size
 from clipdecomp.dataset import (
     ChunkTask,
     ImageSource,
@@ -120,7 +121,9 @@ def local_client(n_workers: int, threads: int | None = None):
     >>> client = local_client(2)                         # doctest: +SKIP
     """
     distributed = _dask()
-    threads = threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
+    n_workers = check_size(n_workers, "n_workers")
+    threads = check_size(threads, "threads", maximum=MAX_THREADS,
+                         default=max(1, (os.cpu_count() or 1) // n_workers))
     cluster = distributed.LocalCluster(
         n_workers=int(n_workers),
         threads_per_worker=1,

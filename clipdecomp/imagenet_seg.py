@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .config import check_size
 from .segmentation import (
     SegmentationMeter,
     all_foreground,
@@ -360,7 +361,8 @@ def evaluate_segmentation(model: Any, dataset: Any, classifier: np.ndarray, batc
     import pandas as pd
     from tqdm.auto import tqdm
 
-    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    batch_size = check_size(batch_size, "batch_size")
+    n = len(dataset) if limit is None else min(check_size(limit, "limit"), len(dataset))
     if n <= 0:
         raise ValueError("no images to evaluate")
     size = int(model.config.image_size)

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import check_size
+
 __all__ = ["DEFAULT_POOL", "encode_pool", "generate_descriptions", "load_pool"]
 
 DEFAULT_POOL: Path = Path(__file__).resolve().parent / "data" / "descriptions.txt"
@@ -134,6 +136,7 @@ def encode_pool(
                     return out
             except (OSError, ValueError):
                 pass  # a broken cache file: recompute
+    batch_size = check_size(batch_size, "batch_size")
     starts = range(0, len(texts), batch_size)
     if progress:
         try:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import check_size
+
 __all__ = ["HeadIndex", "HeadIndexWriter", "show_retrieval"]
 
 _META = "meta.json"
@@ -299,6 +301,7 @@ class HeadIndex:
         scores : ndarray float32, same shape
             Cosine similarities, best first (ties: lower index first).
         """
+        k = check_size(k, "k")
         q, single = self._query_vectors(query)
         n = len(self)
         excl = None if exclude is None else np.unique(np.asarray(list(exclude), np.int64))

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import check_size
+
 __all__ = [
     "TextSpanResult",
     "format_head_table",
@@ -281,6 +283,7 @@ def textspan(
         raise ValueError("TextSpan needs at least two images")
     t = _check_inputs(text_embeddings, dim)
     texts = _as_texts(texts, t.shape[0])
+    n_texts, rank = check_size(n_texts, "n_texts"), check_size(rank, "rank")
 
     # 1. top right singular vectors of the uncentred C
     _, s, vh = np.linalg.svd(c, full_matrices=False)
@@ -396,6 +399,7 @@ def textspan_from_stats(
     texts = _as_texts(texts, t.shape[0])
     second = (second + second.T) / 2
 
+    n_texts, rank = check_size(n_texts, "n_texts"), check_size(rank, "rank")
     # 1. top eigenvectors of C^T C = right singular vectors of C (eigh: ascending order)
     w, v = np.linalg.eigh(second)
     w, v = w[::-1], v[:, ::-1]
@@ -525,6 +529,7 @@ def textspan_heads(
         else:
             lays = _default_layers(layers, n_layers)
         pairs = [(layer, h) for layer in lays for h in range(n_heads)]
+    n_texts, rank = check_size(n_texts, "n_texts"), check_size(rank, "rank")
     t = np.asarray(text_embeddings)
     texts = _as_texts(texts, t.shape[0])
 
@@ -577,6 +582,8 @@ def format_head_table(df, n_show: int | None = None, sep: str = "<br>"):
     >>> format_head_table(df, sep="; ").data["texts"].iloc[0]
     'a dog; a cat'
     """
+    if n_show is not None:
+        n_show = check_size(n_show, "n_show")
     out = df.copy()
     escape = sep == "<br>"
     out["texts"] = [
@@ -678,7 +685,8 @@ def textspan_reconstruction_curve(
         head_means = heads.mean(axis=0, dtype=np.float64)
     else:
         head_means = np.asarray(getattr(means, "heads", means), np.float64)
-    ks = sorted({int(k) for k in n_texts_list})
+    rank = check_size(rank, "rank")
+    ks = sorted({0 if k == 0 else check_size(k, "n_texts_list entry") for k in n_texts_list})
     kmax = max(ks) if ks else 0
 
     full = heads.sum(axis=(1, 2), dtype=np.float64) + mlps.sum(axis=1, dtype=np.float64)

@@ -15,6 +15,8 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
+from .config import check_size
+
 __all__ = ["DEFAULT_TEMPLATES", "SIMPLE_TEMPLATES", "accuracy", "zero_shot_classifier"]
 
 #: The package's default prompt set: varied renderings, sizes, qualities and framings of an
@@ -120,6 +122,7 @@ def zero_shot_classifier(
     >>> W = zero_shot_classifier(model, ["cat", "dog"])          # doctest: +SKIP
     >>> pred = (model.encode_image(images) @ W).argmax(1)        # doctest: +SKIP
     """
+    batch_size = check_size(batch_size, "batch_size")
     templates = list(DEFAULT_TEMPLATES if templates is None else templates)
     classnames = list(classnames)
     if not templates or not classnames:
@@ -172,8 +175,8 @@ def accuracy(
     labels = np.asarray(labels).reshape(-1)
     if logits.shape[0] != labels.shape[0]:
         raise ValueError(f"{logits.shape[0]} embeddings for {labels.shape[0]} labels")
-    single = isinstance(topk, (int, np.integer))
-    ks = [int(topk)] if single else [int(k) for k in topk]
+    single = np.ndim(topk) == 0
+    ks = [check_size(k, "topk") for k in ([topk] if single else topk)]
     kmax = min(max(ks), logits.shape[1])
     # stable descending order: equal scores rank by class index, as argmax does
     order = np.argsort(-logits, axis=1, kind="stable")[:, :kmax]

@@ -1,0 +1,332 @@
+"""Inputs and situations that used to hang, crash or lose data silently, each checked for the
+right result or a clear exception: folder sources with symlink loops, fork after compute,
+thread counts and size arguments out of range, non-UTF-8 file names, pickled models whose
+weights file changed or whose path was relative.
+
+The model is the embedded shapes-world CLIP (no download, no torch); expected numbers come
+from the same model run in this process (an independent run, not the code under test).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import clipdecomp
+from clipdecomp import toy
+from clipdecomp.dataset import class_folders, image_folder, open_source, run_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return clipdecomp.load(threads=1)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return list(toy.generate(3, seed=0).images)
+
+
+def _png(path, seed=0, size=24):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+# ------------------------------------------------------------------ 1. symlinks in folder sources
+
+
+def test_link_to_a_parent_lists_every_image_once(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "a" / "b").mkdir(parents=True)
+    _png(root / "top.png", 0)
+    _png(root / "a" / "one.png", 1)
+    _png(root / "a" / "b" / "two.png", 2)
+    os.symlink("..", root / "a" / "b" / "up")          # a link to a parent
+    os.symlink(root / "a", root / "alias")              # a second name for a folder
+    src = image_folder(root)
+    assert sorted(src.paths) == ["a/b/two.png", "a/one.png", "top.png"]
+    real = [os.path.realpath(src.abspath(i)) for i in range(len(src))]
+    assert len(set(real)) == len(real)
+
+
+def test_symlink_loops_end(tmp_path):
+    """Two links back to the root make 2**40 paths for a plain os.walk: the listing must end,
+    with each image once (run in a subprocess so that a regression fails instead of hanging)."""
+    root = tmp_path / "loop"
+    (root / "x").mkdir(parents=True)
+    _png(root / "x" / "img.png")
+    _png(root / "r.png", 3)
+    os.symlink(root, root / "x" / "l1")
+    os.symlink(root, root / "x" / "l2")
+    os.symlink("l1", root / "x" / "l3")
+    code = textwrap.dedent(f"""
+        from clipdecomp.dataset import image_folder, open_source
+        print(sorted(image_folder({str(root)!r}).paths))
+        print(len(open_source({str(root)!r}).paths))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                       text=True, timeout=60, env=ENV)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "['r.png', 'x/img.png']"
+    assert lines[1] == "2"
+
+
+def test_class_folders_with_a_link_to_the_root(tmp_path):
+    root = tmp_path / "classes"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        _png(root / c / f"{c}.png")
+    os.symlink(root, root / "dog" / "back")
+    src = class_folders(root)
+    assert src.paths == ["cat/cat.png", "dog/dog.png"]
+    assert src.labels.tolist() == [0, 1]
+
+
+# ------------------------------------------------------------------ 2. fork after compute
+
+_FORK_CHILD = """
+import multiprocessing as mp, warnings, sys
+import numpy as np
+import clipdecomp
+from clipdecomp import toy
+
+model = clipdecomp.load(threads=4)
+imgs = list(toy.generate(3, seed=0).images)
+want_img = model.encode_image(imgs)
+want_dec = model.decompose(imgs).heads
+want_txt = model.encode_text(["a red circle", "a blue square"])
+
+def child(q):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = (model.encode_image(imgs), model.decompose(imgs).heads,
+               model.encode_text(["a red circle", "a blue square"]),
+               clipdecomp.load(threads=4).encode_image(imgs))
+    q.put((out, [str(x.message) for x in w]))
+
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+(img, dec, txt, fresh), msgs = q.get(timeout=60)
+p.join(30)
+assert p.exitcode == 0, p.exitcode
+np.testing.assert_allclose(img, want_img, rtol=0, atol=1e-5)
+np.testing.assert_allclose(fresh, want_img, rtol=0, atol=1e-5)
+np.testing.assert_allclose(dec, want_dec, rtol=0, atol=1e-5)
+np.testing.assert_allclose(txt, want_txt, rtol=0, atol=1e-5)
+assert any("'spawn' or 'forkserver'" in m for m in msgs), msgs
+print("OK")
+"""
+
+
+def test_fork_after_compute_computes_in_the_child():
+    """multiprocessing's fork start method after the model has run OpenMP regions in the
+    parent: the child computes the same numbers (one thread) and says how to get more; it
+    must not hang (the test runs in a subprocess with a timeout)."""
+    env = dict(ENV, OMP_NUM_THREADS="4")
+    try:
+        r = subprocess.run([sys.executable, "-c", _FORK_CHILD], check=False, capture_output=True,
+                       text=True,
+                           timeout=120, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forked child hung in the OpenMP runtime")
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ 3. and 4. sizes and threads
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4", None, np.float64(2.0)])
+def test_check_size_refuses(bad):
+    from clipdecomp.config import check_size
+
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        check_size(bad, "n")
+
+
+def test_check_size_accepts_ints():
+    from clipdecomp.config import check_size
+
+    assert check_size(np.int64(3), "n") == 3
+    assert check_size(None, "n", default=7) == 7
+    with pytest.raises(ValueError, match="too large"):
+        check_size(11, "n", maximum=10)
+
+
+def test_threads_upper_bound(model):
+    from clipdecomp.config import MAX_THREADS
+
+    assert MAX_THREADS >= 1024 and MAX_THREADS >= 4 * (os.cpu_count() or 1)
+    for bad in (40_000, 100_000, MAX_THREADS + 1):
+        with pytest.raises(ValueError, match="threads=.* too large"):
+            clipdecomp.load(threads=bad)
+        with pytest.raises(ValueError, match="too large"):
+            model.threads = bad
+    assert model.threads == 1
+    m = clipdecomp.load(threads=MAX_THREADS)   # the bound itself is allowed (and runs)
+    assert m.threads == MAX_THREADS
+
+
+def test_threads_bound_on_the_command_line(tmp_path, capsys):
+    from clipdecomp.dataset import run_main
+
+    img = tmp_path / "imgs"
+    img.mkdir()
+    _png(img / "a.png")
+    rc = run_main([str(img), "--model", str(toy.MODEL_DIR), "--out", str(tmp_path / "s.zarr"),
+                   "--threads", "40000", "--no-progress"])
+    assert rc == 2
+    assert "--threads=40000 is too large" in capsys.readouterr().err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 1.5, True])
+def test_size_arguments_are_validated(model, images, bad):
+    texts = ["a red circle", "a blue square"]
+    calls = {
+        "encode_text": lambda: model.encode_text(texts, batch_size=bad),
+        "encode_image": lambda: model.encode_image(images, batch_size=bad),
+        "decompose": lambda: model.decompose(images, batch_size=bad),
+        "estimate_memory": lambda: model.estimate_memory(4, batch_size=bad),
+        "estimate_memory images": lambda: model.estimate_memory(bad),
+        "probe": lambda: model.decompose(images[:1]).probe(np.ones((1, 128), np.float32),
+                                                           batch_size=bad),
+        "zero_shot_classifier": lambda: clipdecomp.zero_shot_classifier(
+            model, ["circle"], ["a {}"], batch_size=bad),
+        "accuracy": lambda: clipdecomp.accuracy(np.eye(2), np.array([0, 1]), np.eye(2),
+                                                topk=bad),
+        "accuracy tuple": lambda: clipdecomp.accuracy(np.eye(2), np.array([0, 1]), np.eye(2),
+                                                      topk=(1, bad)),
+        "encode_pool": lambda: clipdecomp.encode_pool(model, texts, cache_dir=False,
+                                                      batch_size=bad, progress=False),
+        "textspan": lambda: clipdecomp.textspan(np.ones((4, 3)), np.eye(3), n_texts=bad),
+        "textspan rank": lambda: clipdecomp.textspan(np.ones((4, 3)), np.eye(3), rank=bad),
+        "textspan_heads": lambda: clipdecomp.textspan_heads(
+            np.ones((4, 1, 1, 3)), np.eye(3), n_texts=bad, progress=False),
+        "HeadStats": lambda: clipdecomp.HeadStats(buffer_rows=bad),
+        "segment": lambda: clipdecomp.segment(model, images, np.ones((128, 2)), batch_size=bad),
+        "run_dataset batch": lambda: run_dataset(model, [__file__], "/nonexistent/x.zarr",
+                                                 batch_size=bad),
+        "run_dataset chunk": lambda: run_dataset(model, [__file__], "/nonexistent/x.zarr",
+                                                 chunk_size=bad),
+        "run_dataset decode_threads": lambda: run_dataset(
+            model, [__file__], "/nonexistent/x.zarr", decode_threads=bad),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="must be a positive int"):
+            call()
+            pytest.fail(f"{name} accepted {bad!r}")
+
+
+def test_encode_text_batches_give_the_same_numbers(model):
+    texts = ["a red circle", "a blue square", "a green triangle"]
+    one = np.concatenate([model.encode_text([t]) for t in texts])
+    np.testing.assert_allclose(model.encode_text(texts, batch_size=2), one, atol=1e-6)
+    np.testing.assert_allclose(model.encode_text(texts, batch_size=np.int32(1)), one, atol=1e-6)
+
+
+def test_retrieval_k_is_validated():
+    from clipdecomp.retrieval import HeadIndex
+
+    idx = HeadIndex.build(np.random.default_rng(0).normal(size=(5, 1, 1, 4)).astype(np.float32),
+                          heads=[(0, 0)])
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        idx.query(0, k=-1)
+    i, _ = idx.query(0, k=2)
+    assert i[0] == 0 and len(i) == 2
+
+
+# ------------------------------------------------------------------ 7. non-UTF-8 file names
+
+
+def test_non_utf8_file_names_are_decomposed(model, tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    _png(root / "plain.png", 0)
+    bad = os.path.join(os.fsencode(root), b"caf\xe9-\xff.png")   # Latin-1 bytes, not UTF-8
+    with open(bad, "wb") as fh:
+        Image.fromarray(np.full((24, 24, 3), 90, np.uint8)).save(fh, format="PNG")
+    src = open_source(root)
+    assert len(src) == 2
+    st = run_dataset(model, root, tmp_path / "s.zarr", chunk_size=2, progress=False)
+    assert st.complete
+    assert st.ok[:].tolist() == [True, True]
+    paths = [str(p) for p in st.paths[:]]
+    assert "caf\\xe9-\\xff.png" in paths        # stored with its bytes escaped
+    want = model.decompose(model.preprocess([Image.open(bad).convert("RGB")])).embedding[0]
+    row = paths.index("caf\\xe9-\\xff.png")
+    np.testing.assert_allclose(st.embedding[row], want, atol=1e-6)
+
+
+def test_non_utf8_list_file(model, tmp_path):
+    _png(tmp_path / "ok.png", 1)
+    name = b"\xff\xfe.png"
+    with open(os.path.join(os.fsencode(tmp_path), name), "wb") as fh:
+        Image.fromarray(np.full((24, 24, 3), 200, np.uint8)).save(fh, format="PNG")
+    (tmp_path / "list.txt").write_bytes(b"ok.png\t0\n" + name + b"\t1\n")
+    src = open_source(tmp_path / "list.txt")
+    assert src.labels.tolist() == [0, 1]
+    st = run_dataset(model, src, tmp_path / "l.zarr", progress=False)
+    assert st.ok[:].tolist() == [True, True]
+    assert str(st.paths[1]) == "\\xff\\xfe.png"
+
+
+# ------------------------------------------------------------------ 12. pickled models
+
+
+def _copy_model(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in os.listdir(toy.MODEL_DIR):
+        p = os.path.join(toy.MODEL_DIR, f)
+        if os.path.isfile(p):
+            (d / f).write_bytes(Path(p).read_bytes())
+    return d
+
+
+def test_unpickle_refuses_weights_changed_in_place(tmp_path, images):
+    d = _copy_model(tmp_path)
+    m = clipdecomp.load(d, threads=1)
+    blob = pickle.dumps(m)
+    np.testing.assert_array_equal(pickle.loads(blob).encode_image(images), m.encode_image(images))
+    w = d / "open_clip_model.safetensors"
+    data = bytearray(w.read_bytes())
+    st = os.stat(w)
+    data[-100:-96] = np.float32(0.123).tobytes()        # one weight, same size
+    w.write_bytes(bytes(data))
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))    # even with the old time stamp
+    with pytest.raises(ValueError, match="changed since the model was pickled"):
+        pickle.loads(blob)
+
+
+def test_unpickle_refuses_a_touched_file(tmp_path):
+    d = _copy_model(tmp_path)
+    m = clipdecomp.load(d, threads=1)
+    blob = pickle.dumps(m)
+    w = d / "open_clip_model.safetensors"
+    st = os.stat(w)
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="modification time"):
+        pickle.loads(blob)
+
+
+def test_pickle_with_a_relative_path_works_elsewhere(tmp_path, images, monkeypatch):
+    _copy_model(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    m = clipdecomp.load("m", threads=1)
+    assert os.path.isabs(m.path)
+    blob = pickle.dumps(m)
+    monkeypatch.chdir("/")
+    np.testing.assert_array_equal(pickle.loads(blob).encode_image(images), m.encode_image(images))
