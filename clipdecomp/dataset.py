@@ -30,6 +30,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -109,6 +110,31 @@ class ImageSource:
         for p, lab in zip(self.paths, self.labels.tolist()):
             h.update(os.fsencode(p) + f"\t{lab}\n".encode())  # the name's bytes, UTF-8 or not
         return h.hexdigest()
+
+    def file_stats(self, content_hash: bool = False) -> np.ndarray:
+        """[N, 4] int64 per file: size, modification time (ns), and 128 bits of a BLAKE2b hash
+        of its bytes when ``content_hash`` (else 0, 0); -1, -1, 0, 0 for a missing file.
+        What a store records to notice a file replaced under the same name."""
+        out = np.zeros((len(self), 4), np.int64)
+        for i in range(len(self)):
+            p = self.abspath(i)
+            try:
+                st = os.stat(p)
+            except OSError:
+                out[i, :2] = -1
+                continue
+            out[i, 0], out[i, 1] = st.st_size, st.st_mtime_ns
+            if content_hash:
+                h = hashlib.blake2b(digest_size=16)
+                try:
+                    with open(p, "rb") as fh:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(block)
+                except OSError:
+                    out[i, :2] = -1
+                    continue
+                out[i, 2:] = np.frombuffer(h.digest(), np.int64)
+        return out
 
     def describe(self) -> dict:
         return {
@@ -390,6 +416,9 @@ def spec_of(model: Any) -> ModelSpec:
     act = getattr(getattr(model, "config", None), "act", None)
     if act is not None:
         kwargs.setdefault("act", act)  # whatever decided it at load time, the workers use it
+    precision = getattr(model, "precision", "fp32")
+    if precision != "fp32":
+        kwargs.setdefault("precision", precision)  # the workers run the same numbers
     return ModelSpec(path, kwargs)
 
 
@@ -435,6 +464,7 @@ def model_identity(model: Any, spec: ModelSpec | None = None) -> dict:
     path = _checkpoint_path(model, spec)
     out = {
         "config": _store.jsonable(cfg),
+        "precision": str(getattr(model, "precision", "fp32")),
         "checkpoint": checkpoint_fingerprint(path) if path else None,
     }
     if spec is not None:
@@ -685,6 +715,10 @@ class RunState:
         self.meta = meta
         self.kept = kept
         self.moments, self.included, self.generation = _store.load_committed(out, kept)
+        digests = _store.load_digests(out)
+        self.has_digests = digests is not None
+        self.digests = digests if digests is not None else [""] * len(self.included)
+        self.rewrite: set[int] = set()   # finished chunks whose files failed verification
         self.pending: list[int] = []
         if checkpoint_seconds is None:  # small statistics: commit after every chunk
             checkpoint_seconds = 0.0 if self.moments.nbytes <= (64 << 20) else 120.0
@@ -698,26 +732,63 @@ class RunState:
     def chunk_size(self) -> int:
         return int(self.meta["settings"]["chunk_size"])
 
+    def verify(self, n: int) -> None:
+        """Check the files of every finished chunk against the digest recorded when it was
+        written (stores without digests: that they decode); the chunks that fail are computed
+        again, their rows only (their statistics were committed from the values computed, not
+        from the files), and a warning says which and why."""
+        if not self.included.any():
+            return
+        root = _store._zarr().open_group(self.out, mode="r")
+        C, bad = self.chunk_size, []
+        for c in np.nonzero(self.included)[0].tolist():
+            s, e = c * C, min(n, c * C + C)
+            try:
+                got = _store.read_digest(root, s, e - s)
+            except Exception as ex:  # noqa: BLE001 - any failure to read is a bad chunk
+                bad.append((c, s, e, (f"its files cannot be read ({type(ex).__name__}: "
+                                     f"{str(ex)[:200]})")))
+                continue
+            want = self.digests[c]
+            if want and got != want:
+                bad.append((c, s, e, ("its files differ from the checksum recorded when it was "
+                                     "written (a chunk file deleted, truncated or changed)")))
+        if bad:
+            self.rewrite = {c for c, *_ in bad}
+            lines = "; ".join(f"chunk {c} (rows {s}..{e - 1}): {why}" for c, s, e, why in bad)
+            warnings.warn(f"{self.out}: {len(bad)} finished chunk(s) are computed again: "
+                          f"{lines}", UserWarning, stacklevel=3)
+            log.warning("recomputing chunks %s of %s", sorted(self.rewrite), self.out)
+
     def tasks(self, source: ImageSource) -> Iterator[ChunkTask]:
-        """The chunks not yet done, in order (made as they are needed)."""
+        """The chunks not yet done (or to be written again), in order (made as needed)."""
         C, N = self.chunk_size, len(source)
-        for c in np.nonzero(~self.included)[0].tolist():
+        todo = ~self.included
+        todo[list(self.rewrite)] = True
+        for c in np.nonzero(todo)[0].tolist():
             s, e = c * C, min(N, c * C + C)
             yield ChunkTask(c, s, [source.abspath(i) for i in range(s, e)])
 
     def rows_to_do(self, n: int) -> int:
         """Rows in the chunks not yet done (n = number of rows of the store)."""
         C = self.chunk_size
-        todo = int(np.count_nonzero(~self.included)) * C
-        if len(self.included) and not self.included[-1]:
-            todo -= len(self.included) * C - n  # the last chunk is short
+        left = ~self.included
+        left[list(self.rewrite)] = True
+        todo = int(np.count_nonzero(left)) * C
+        if len(left) and left[-1]:
+            todo -= len(left) * C - n  # the last chunk is short
         return todo
 
     def add(self, index: int, moments: Moments, ok: np.ndarray, errors: list, paths: list,
-            start: int) -> None:
+            start: int, digest: str = "") -> None:
         """Fold a finished (written) chunk in; commit when due."""
+        if index in self.rewrite:   # a finished chunk written again: the same rows
+            self.rewrite.discard(index)
+            self.rows_done += len(ok)
+            self.rows_ok += int(np.count_nonzero(ok))
         if self.included[index] or index in self.pending:
-            return  # never count a chunk twice
+            return  # never count a chunk's statistics twice
+        self.digests[index] = digest
         self.moments.merge(moments)
         self.pending.append(index)
         self.rows_done += len(ok)
@@ -733,7 +804,8 @@ class RunState:
             return
         inc = self.included.copy()
         inc[self.pending] = True
-        _store.commit(self.out, self.moments, inc, self.generation + 1)
+        _store.commit(self.out, self.moments, inc, self.generation + 1,
+                      self.digests if self.has_digests else None)
         self.included, self.generation, self.pending = inc, self.generation + 1, []
         self.last_commit = time.monotonic()
 
@@ -747,8 +819,14 @@ def prepare_store(
     chunk_size: int,
     overwrite: bool = False,
     checkpoint_seconds: float | None = None,
+    content_hash: bool = False,
 ) -> RunState:
-    """Create the store, or check that an existing one matches this run and open it."""
+    """Create the store, or check that an existing one matches this run and open it.
+
+    An existing store must list the same source files, unchanged since it was made (size and
+    modification time; also their bytes when it was made with ``content_hash``), and its
+    finished chunks are checked against the digests recorded when they were written
+    (:meth:`RunState.verify`). The caller holds the store's lock (:func:`store_lock`)."""
     out = os.fspath(out)
     cfg = identity["config"]
     L, H, D = int(cfg["layers"]), int(cfg["heads"]), int(cfg["embed_dim"])
@@ -771,11 +849,44 @@ def prepare_store(
         stored = StoreReader(out).metadata
         _store.compare_metadata(stored, _store.jsonable(meta), f"the store {out}")
         meta = stored
-    else:
-        overwrite = overwrite or _store.is_unfinished_store(out)
-        _store.create_store(out, _store.jsonable(meta), [printable_path(p) for p in source.paths],
-                            source.labels, overwrite)
+        if "files_sha256" in stored["source"]:   # stores made before it was recorded: not known
+            _check_files(out, stored, source)
+        state = RunState(out, meta, kept, checkpoint_seconds)
+        state.verify(N)
+        return state
+    stats = source.file_stats(content_hash)
+    meta["source"]["content_hash"] = bool(content_hash)
+    meta["source"]["files_sha256"] = hashlib.sha256(stats.tobytes()).hexdigest()
+    overwrite = overwrite or _store.is_unfinished_store(out)
+    _store.create_store(out, _store.jsonable(meta), [printable_path(p) for p in source.paths],
+                        source.labels, overwrite, file_stat=stats)
     return RunState(out, meta, kept, checkpoint_seconds)
+
+
+def _check_files(out: str, stored: dict, source: ImageSource) -> None:
+    """Refuse to resume a store whose source files changed since it was made, naming them."""
+    content = bool(stored["source"].get("content_hash"))
+    now = source.file_stats(content)
+    if hashlib.sha256(now.tobytes()).hexdigest() == stored["source"]["files_sha256"]:
+        return
+    then = np.asarray(_store._zarr().open_group(out, mode="r")["file_stat"][...], np.int64)
+    changed = np.nonzero((then != now).any(axis=1))[0]
+    lines = []
+    for i in changed[:5].tolist():
+        if now[i, 0] < 0 or then[i, 0] < 0:
+            why = "missing now" if now[i, 0] < 0 else "missing then"
+        elif now[i, 0] != then[i, 0]:
+            why = f"size {then[i, 0]} then, {now[i, 0]} now"
+        elif now[i, 1] != then[i, 1]:
+            why = f"modification time {then[i, 1]} ns then, {now[i, 1]} ns now"
+        else:
+            why = "same size and time, other content"
+        lines.append(f"{printable_path(source.paths[i])} ({why})")
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    raise ValueError(
+        f"the store {out}: {len(changed)} source file(s) changed since the store was made: "
+        f"{'; '.join(lines)}{more}. Its rows and statistics hold the old images: write to a "
+        "new store, or pass overwrite=True (--overwrite) to start this one again.")
 
 
 def _summary(state: RunState, seconds: float, mode: str, batch_size: int, n_total: int,
@@ -831,6 +942,7 @@ def run_dataset(
     decode_threads: int | None = None,
     checkpoint_seconds: float | None = None,
     overwrite: bool = False,
+    content_hash: bool = False,
 ) -> StoreReader:
     """Decompose every image of a collection into a Zarr store; resume it if it exists.
 
@@ -875,6 +987,10 @@ def run_dataset(
         statistics take under 64 MiB, else 120 s). Work since the last commit is redone on resume.
     overwrite : bool
         Replace whatever is at ``out``.
+    content_hash : bool
+        Record a hash of every source file's bytes (reads every file once more when the store
+        is made and on every resume). Without it, resuming checks each file's size and
+        modification time only.
 
     Returns
     -------
@@ -883,6 +999,13 @@ def run_dataset(
 
     Skipped images (unreadable, truncated, not an image) keep their row with zeros and
     ``ok == False``; ``StoreReader.skipped()`` lists them with the reason.
+
+    Resuming checks that the store is the one this run would make (model, precision,
+    settings, listing), that no source file changed since it was made (else ValueError
+    naming the files), and that the files of every finished chunk still hold what was written
+    (a chunk that fails is computed again, with a warning naming it). One run at a time:
+    another run on the same store raises :class:`clipdecomp.store.StoreBusyError` (a
+    RuntimeError) naming the process that holds it.
 
     Examples
     --------
@@ -909,18 +1032,28 @@ def run_dataset(
         if not isinstance(model, (ModelSpec, str, os.PathLike)):
             expected = _store.jsonable(model.config)
         return _dist.run_distributed(
-            spec_of(model), src, out, expected_config=expected, chunk_size=chunk_size, batch_size=batch_size, dtype=dtype,
-            layers=layers, progress=progress, client=client, scheduler=scheduler,
-            workers=workers, decode_threads=decode_threads,
+            spec_of(model), src, out, expected_config=expected, chunk_size=chunk_size,
+            batch_size=batch_size, dtype=dtype, layers=layers, progress=progress, client=client,
+            scheduler=scheduler, workers=workers, decode_threads=decode_threads,
             checkpoint_seconds=checkpoint_seconds, overwrite=overwrite,
+            content_hash=content_hash,
+            expected_precision=None if expected is None else str(model.precision),
         )
     spec = None
     if isinstance(model, (ModelSpec, str, os.PathLike)):
         spec = spec_of(model)
         model = spec.load()
     identity = model_identity(model, spec)
+    with _store.store_lock(out):
+        return _run_local(model, src, out, identity, dtype, layers, chunk_size, batch_size,
+                          overwrite, checkpoint_seconds, content_hash, decode_threads, progress)
+
+
+def _run_local(model, src, out, identity, dtype, layers, chunk_size, batch_size, overwrite,
+               checkpoint_seconds, content_hash, decode_threads, progress) -> StoreReader:
+    """The local run of :func:`run_dataset`, with the store's lock held."""
     state = prepare_store(out, identity, src, dtype, layers, chunk_size, overwrite,
-                          checkpoint_seconds)
+                          checkpoint_seconds, content_hash)
     tasks = state.tasks(src)
     todo = state.rows_to_do(len(src))
     n_threads = decode_threads or min(4, os.cpu_count() or 1)
@@ -942,9 +1075,10 @@ def run_dataset(
 
     def finish(res: ChunkResult) -> None:  # runs in the writer thread
         res.finish()
-        _store.write_rows(root, res.start, res.arrays, res.ok, res.errors)
+        digest = _store.write_rows(root, res.start, res.arrays, res.ok, res.errors)
         state.add(res.index, res.moments, res.ok, res.errors,
-                  [src.paths[i] for i in range(res.start, res.start + len(res.ok))], res.start)
+                  [src.paths[i] for i in range(res.start, res.start + len(res.ok))], res.start,
+                  digest)
 
     pool = cf.ThreadPoolExecutor(n_threads, thread_name_prefix="clipdecomp-decode")
     writer = cf.ThreadPoolExecutor(1, thread_name_prefix="clipdecomp-write")
@@ -1005,6 +1139,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=None)
     p.add_argument("--checkpoint-seconds", type=float, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
+    p.add_argument("--content-hash", action="store_true",
+                   help="record a hash of every source file (resume then checks the bytes, "
+                   "not only size and modification time)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -1026,9 +1163,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             dtype=args.dtype, layers=args.layers, progress=not args.no_progress,
             scheduler=args.scheduler, workers=args.workers, layout=args.layout,
             decode_threads=args.decode_threads, checkpoint_seconds=args.checkpoint_seconds,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, content_hash=args.content_hash,
         )
-    except ValueError as e:
+    except (ValueError, _store.StoreBusyError) as e:
         print(f"clipdecomp run: error: {e}", file=sys.stderr)
         return 2
     return 0
