@@ -567,14 +567,13 @@ class ChunkResult:
 
 
 def load_image(preprocess: Callable, path: str) -> tuple[np.ndarray | None, str]:
-    """Decode one image fully and preprocess it: (pixels [3, S, S] float32, "") or (None, why)."""
-    from PIL import Image
+    """Decode one image and preprocess it: (pixels [3, S, S] float32, "") or (None, why).
 
+    The model's preprocessing decodes the file (whole: truncated files fail here), scaling
+    high bit depths and decoding large JPEGs at reduced size
+    (:func:`clipdecomp.preprocess.load_image`)."""
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: truncated files fail here, not later
-            im = im.convert("RGB")
-        px = np.asarray(preprocess([im]), dtype=np.float32)
+        px = np.asarray(preprocess([path]), dtype=np.float32)
         if px.ndim == 4:
             px = px[0]
         if not np.all(np.isfinite(px)):

@@ -330,3 +330,97 @@ def test_pickle_with_a_relative_path_works_elsewhere(tmp_path, images, monkeypat
     blob = pickle.dumps(m)
     monkeypatch.chdir("/")
     np.testing.assert_array_equal(pickle.loads(blob).encode_image(images), m.encode_image(images))
+
+
+# ------------------------------------------------------------------ 11. bit depth, large JPEGs
+
+
+def _grey16(h=48, w=64):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return ((xx * 997 + yy * 311) % 65536).astype(np.uint16)     # uses the whole 16-bit range
+
+
+@pytest.mark.parametrize("kind", ["png I;16", "tiff I;16B", "tiff I", "array I;16"])
+def test_16_bit_greyscale_is_scaled_not_clipped(model, tmp_path, kind):
+    from clipdecomp.dataset import load_image as dataset_load_image
+
+    a = _grey16()
+    want8 = np.round(a / 257.0).astype(np.uint8)                   # the same image in 8 bits
+    if kind == "png I;16":
+        p = tmp_path / "g.png"
+        Image.fromarray(a).save(p)
+        src = str(p)
+    elif kind == "tiff I;16B":
+        p = tmp_path / "g.tif"
+        Image.frombytes("I;16B", (a.shape[1], a.shape[0]), a.astype(">u2").tobytes()).save(p)
+        src = str(p)
+    elif kind == "tiff I":
+        p = tmp_path / "g.tif"
+        Image.fromarray(a.astype(np.int32)).save(p)
+        src = str(p)
+    else:
+        src = Image.fromarray(a)
+    if isinstance(src, str):
+        assert Image.open(src).mode == kind.split()[1]
+    got = model.preprocess([src])
+    ref = model.preprocess([Image.fromarray(want8).convert("RGB")])
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    if isinstance(src, str):      # the run_dataset path decodes the same way
+        px, err = dataset_load_image(model.preprocess, src)
+        assert err == "" and np.allclose(px, ref[0], atol=1e-6)
+    e = model.encode_image([src])[0]
+    assert float(e @ model.encode_image(ref)[0]) > 0.9999
+
+
+def test_float_image_in_unit_range(model):
+    a = _grey16().astype(np.float32) / 65535
+    got = model.preprocess([Image.fromarray(a, mode="F")])
+    ref = model.preprocess([Image.fromarray(np.round(a * 255).astype(np.uint8)).convert("RGB")])
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def big_jpeg(tmp_path_factory):
+    sk = pytest.importorskip("sklearn.datasets")
+    base = Image.fromarray(sk.load_sample_images().images[0])       # 640 x 427 photograph
+    big = base.resize((base.width * 8, base.height * 8), Image.BICUBIC)   # 5120 x 3416
+    p = tmp_path_factory.mktemp("jpeg") / "big.jpg"
+    big.save(p, quality=92)
+    return str(p)
+
+
+@pytest.mark.parametrize("size,mode", [(224, "shortest"), (64, "shortest"), (224, "squash")])
+def test_large_jpeg_decoded_at_reduced_size(big_jpeg, size, mode):
+    """Decoding at 1/2..1/8 size (when both sides stay >= 4x the input side) and resizing
+    gives the pixels of a full decode + resize within 6/255 (mean 0.3/255): measured 5/255
+    and 0.2/255 at most on photographs from 2560 to 12800 pixels wide."""
+    from clipdecomp.preprocess import DRAFT_MARGIN, load_image, to_pixels
+
+    mean, std = (0.0,) * 3, (1.0,) * 3
+    with Image.open(big_jpeg) as im:
+        im.load()
+        full = to_pixels(im.convert("RGB"), size, mean, std, mode)
+    small = load_image(big_jpeg, size)
+    assert min(small.size) >= DRAFT_MARGIN * size
+    assert small.size[0] * small.size[1] <= 5120 * 3416 / 4          # really reduced
+    got = to_pixels(small, size, mean, std, mode)
+    diff = np.abs(got - full)
+    assert diff.max() <= 6 / 255 and diff.mean() <= 0.3 / 255, (diff.max() * 255,
+                                                                 diff.mean() * 255)
+
+
+def test_memory_budget_covers_decoding(big_jpeg, tmp_path):
+    from clipdecomp.preprocess import load_image
+
+    png = tmp_path / "big.png"
+    Image.new("RGB", (4000, 3000), (10, 20, 30)).save(png)
+    try:
+        clipdecomp.set_memory_budget(50 * 2**20)
+        with pytest.raises(MemoryError, match=r"big\.png: decoding this 4000x3000 image .* "
+                                              r"more than the memory budget"):
+            load_image(str(png), 224)
+        with pytest.raises(MemoryError, match="memory budget"):
+            load_image(big_jpeg)                   # a full decode does not fit
+        assert load_image(big_jpeg, 224).size[0] <= 2560   # the reduced one does
+    finally:
+        clipdecomp.set_memory_budget(None)
