@@ -245,8 +245,9 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         Precision of the matrix products of the transformer blocks (both towers). ``"bf16"``
         stores those weights as bfloat16 (half their memory) and multiplies in bf16 with float32
         sums on CPUs with AVX512_BF16 (:func:`clipdecomp.has_bf16`); elsewhere it falls back to
-        ``"bf16-emulated"`` with a warning: the same roundings computed by the float32 kernels,
-        so the same numbers (up to the order of float32 sums) at float32 speed. The patch
+        ``"bf16-emulated"`` with a warning: the same roundings computed by the float32 kernels
+        at float32 speed, within 1.0e-3 of the largest decomposition term of native bf16
+        (measured; the hardware sums and rounds in its own order). The patch
         embedding, the projections, attention and the folds of the decomposition stay float32.
         Measured errors against fp32: ``benchmarks/PRECISION.md``.
 
@@ -368,7 +369,8 @@ def set_core_precision(core: Any, precision: str) -> str:
         return "fp32"
     if precision == "bf16" and not has_bf16():
         warnings.warn("precision='bf16': this CPU has no AVX512_BF16 (or the avx512 path is "
-                      "off), so bf16 is emulated: the same bf16 roundings and numbers, computed "
+                      "off), so bf16 is emulated: the same bf16 roundings (numbers within 1e-3 of "
+                      "native bf16), computed "
                       "by the float32 kernels at float32 speed and memory", RuntimeWarning,
                       stacklevel=3)
         precision = "bf16-emulated"
