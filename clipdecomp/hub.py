@@ -343,8 +343,8 @@ def download(repo: str, revision: str | None = None, cache_dir: str | None = Non
                                f"{'' if revision is None else f' (revision {revision!r})'} "
                                f"not found, or private / gated: {e}") from None
         except Exception as e:
-            # (a connection dropped mid-file, a server error): huggingface_hub keeps the
-            # partial file out of the cache, the message says what and where
+            # OSError, and the HTTP client's own errors (a connection dropped mid-file, a
+            # server error): huggingface_hub keeps the partial file out of the cache
             raise RuntimeError(f"could not download {filename!r} from the Hugging Face Hub "
                                f"repository {repo!r}: {type(e).__name__}: {e}") from e
 
