@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import check_size
+from .config import MAX_THREADS, check_size
 from .segmentation import (
     SegmentationMeter,
     all_foreground,
@@ -466,8 +466,14 @@ def segeval_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="save the table as CSV")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if args.batch_size < 1:
-        ap.error("--batch-size must be >= 1")
+    try:
+        check_size(args.batch_size, "--batch-size")
+        if args.limit is not None:
+            check_size(args.limit, "--limit")
+        if args.threads is not None:
+            check_size(args.threads, "--threads", maximum=MAX_THREADS)
+    except ValueError as e:
+        ap.error(str(e))
 
     import clipdecomp
 

@@ -465,3 +465,13 @@ def test_native_bf16_against_emulated(which, request, core):
         texts = ["a red circle", "two blue squares", "a green triangle on grass"]
         assert np.abs(native.encode_text(texts) - emul.encode_text(texts)).max() \
             <= NATIVE_VS_EMULATED["text"]
+
+
+def test_segeval_command_line_bounds(tmp_path, capsys):
+    from clipdecomp.imagenet_seg import segeval_main
+
+    for opt, value in (("--threads", "40000"), ("--batch-size", "0"), ("--limit", "-3")):
+        with pytest.raises(SystemExit) as ex:
+            segeval_main(["--data", str(tmp_path / "none.mat"), "--model", "m", opt, value])
+        assert ex.value.code == 2
+        assert opt in capsys.readouterr().err
