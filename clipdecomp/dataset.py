@@ -184,8 +184,8 @@ def _walk_images(top: str, seen: dict | None = None) -> list[str]:
     while stack:
         rel, path, real = stack.pop()
         try:
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            with os.scandir(path) as it:  # real entries first: they win over links to them
+                entries = sorted(it, key=lambda e: (e.is_symlink(), e.name))
         except OSError:
             continue  # unreadable folder: nothing to list
         subdirs = []

@@ -53,6 +53,8 @@ def test_link_to_a_parent_lists_every_image_once(tmp_path):
     _png(root / "a" / "b" / "two.png", 2)
     os.symlink("..", root / "a" / "b" / "up")          # a link to a parent
     os.symlink(root / "a", root / "alias")              # a second name for a folder
+    os.symlink(root / "a", root / "0first")             # one that sorts before the real name
+    os.symlink(root / "top.png", root / "0top.png")     # a second name for a file
     src = image_folder(root)
     assert sorted(src.paths) == ["a/b/two.png", "a/one.png", "top.png"]
     real = [os.path.realpath(src.abspath(i)) for i in range(len(src))]
