@@ -46,16 +46,17 @@ _memory_budget: int | None = None
 _debug: bool | None = None
 
 
-# fork: the OpenMP runtime's threads do not survive fork(), so a forked child (multiprocessing's
-# default start method on Linux, DataLoader-style workers) runs the C core on one thread; the
-# core enforces it (csrc/cpu.c), this side says so once
+# fork: the OpenMP runtime's threads do not survive fork(), so a child forked after the C core
+# has computed (multiprocessing's default start method on Linux, DataLoader-style workers) runs
+# the core on one thread; the core enforces it (csrc/cpu.c), this side says so once
+_core_used = False
 _forked_child = False
 _fork_noted = False
 
 
 def _mark_forked_child() -> None:
     global _forked_child, _fork_noted
-    _forked_child, _fork_noted = True, False
+    _forked_child, _fork_noted = _forked_child or _core_used, False
 
 
 if hasattr(os, "register_at_fork"):
@@ -593,6 +594,8 @@ class CLIP:
 
     def _call_threads(self) -> int:
         """Threads for one core call: one in a forked child (see :func:`_fork_note`)."""
+        global _core_used
+        _core_used = True
         if _forked_child and self.threads > 1:
             _fork_note()
             return 1

@@ -35,6 +35,7 @@
 /* out (M, OC) = inp @ weight^T + bias, plain loops; bf16: both operands rounded first */
 static void matmul_naive(float *out, const float *inp, const float *weight, const float *bias,
                          int M, int K, int OC, int accumulate, int bf16) {
+    cd_mark_omp_used();
     #pragma omp parallel for schedule(static) if (M > 1 && !cd_forked_child())
     for (int m = 0; m < M; m++) {
         const float *x = inp + (size_t)m * K;
@@ -229,6 +230,7 @@ static int gemm_threads(long long jobs, double flops) {
     if (omp_get_level() > 0 || omp_in_parallel() || jobs < 2 || flops < 2e6 ||
         cd_forked_child())
         return 1;
+    cd_mark_omp_used();
     int nt = omp_get_max_threads();
     return nt < jobs ? nt : (int)jobs;
 #else

@@ -162,6 +162,7 @@ static int max_threads(void) {
  * returns the previous setting */
 static int push_threads(int threads) {
     cd_fork_guard();
+    cd_mark_omp_used();
     int prev = max_threads();
 #ifdef _OPENMP
     if (cd_forked_child()) threads = 1;

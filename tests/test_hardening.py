@@ -477,3 +477,40 @@ def test_segeval_command_line_bounds(tmp_path, capsys):
             segeval_main(["--data", str(tmp_path / "none.mat"), "--model", "m", opt, value])
         assert ex.value.code == 2
         assert opt in capsys.readouterr().err
+
+
+_FORK_BEFORE_COMPUTE = """
+import multiprocessing as mp, warnings
+import numpy as np
+import clipdecomp
+from clipdecomp import toy
+
+model = clipdecomp.load(threads=2)       # loaded, never run: the child may use threads
+imgs = list(toy.generate(3, seed=0).images)
+
+def child(q):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = model.encode_image(imgs)
+    q.put((out, [str(x.message) for x in w if "single-threaded" in str(x.message)]))
+
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+out, msgs = q.get(timeout=60)
+p.join(30)
+assert msgs == [], msgs
+np.testing.assert_allclose(out, model.encode_image(imgs), rtol=0, atol=1e-5)
+print("OK")
+"""
+
+
+def test_fork_before_compute_keeps_threads():
+    try:
+        r = subprocess.run([sys.executable, "-c", _FORK_BEFORE_COMPUTE], check=False,
+                           capture_output=True, text=True, timeout=120,
+                           env=dict(ENV, OMP_NUM_THREADS="2"))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forked child hung")
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-3000:]
