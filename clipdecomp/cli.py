@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdecomp.engine.config import MAX_THREADS, check_size
 from clipdecomp.engine.core import PRECISIONS, has_bf16, isa
 from clipdecomp.engine.loading import list_pretrained, load
 
@@ -107,6 +108,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=None)
     p.add_argument("--checkpoint-seconds", type=float, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
+    p.add_argument("--content-hash", action="store_true",
+                   help="record a hash of every source file (resume then checks the bytes, "
+                   "not only size and modification time)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--reference-npy", default=None, metavar="DIR",
                    help="also write the reference's .npy files ({dataset}_attn_{model}.npy, "
@@ -144,9 +148,16 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     0
     """
     from clipdecomp.data.runner import run_dataset
+    from clipdecomp.data.store import StoreBusyError
     from clipdecomp.engine.loading import ModelSpec
 
     args = run_parser().parse_args(_join_layers(sys.argv[1:] if argv is None else argv))
+    try:
+        if args.threads is not None:
+            check_size(args.threads, "--threads", maximum=MAX_THREADS)
+    except ValueError as e:
+        print(f"clipdecomp run: error: {e}", file=sys.stderr)
+        return 2
     kwargs = {k: v for k, v in (("pretrained", args.pretrained), ("act", args.act),
                                 ("threads", args.threads), ("precision", args.precision))
               if v is not None}
@@ -157,7 +168,7 @@ def run_main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype, layers=args.layers, progress=not args.no_progress,
             scheduler=args.scheduler, workers=args.workers, layout=args.layout,
             decode_threads=args.decode_threads, checkpoint_seconds=args.checkpoint_seconds,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, content_hash=args.content_hash,
         )
         if args.reference_npy:
             from clipdecomp.data.reference import write_reference_npy
@@ -167,7 +178,7 @@ def run_main(argv: Sequence[str] | None = None) -> int:
             if not args.no_progress:
                 for path in written.values():
                     print(f"wrote {path}")
-    except ValueError as e:
+    except (ValueError, StoreBusyError) as e:
         print(f"clipdecomp run: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -226,8 +237,14 @@ def segeval_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="save the table as CSV")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if args.batch_size < 1:
-        ap.error("--batch-size must be >= 1")
+    try:
+        check_size(args.batch_size, "--batch-size")
+        if args.limit is not None:
+            check_size(args.limit, "--limit")
+        if args.threads is not None:
+            check_size(args.threads, "--threads", maximum=MAX_THREADS)
+    except ValueError as e:
+        ap.error(str(e))
     if args.reference:
         for name, value in (("mask_resize", "squash"), ("normalize", "batch")):
             if getattr(args, name) not in (None, value):

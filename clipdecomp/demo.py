@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from clipdecomp import toy
+from clipdecomp.engine.config import check_size
 from clipdecomp.engine.helpers import progress_bar
 from clipdecomp.methods.ablation import ablate, ablation_study, component_means
 from clipdecomp.methods.probes import head_probes, probe_roles
@@ -253,7 +254,7 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    n = n_images * (8 if full else 1)
+    n = check_size(n_images, "n_images") * (8 if full else 1)
     style = style or toy.MODEL_STYLE
     model = model if model is not None else load()
     say = print if progress else (lambda *a, **k: None)

@@ -1,7 +1,10 @@
-/* cpu.c -- CPU feature detection and the choice of instruction-set path (see cpu.h). */
+/* cpu.c -- CPU feature detection and the choice of instruction-set path (see cpu.h), and the
+ * fork guard of the OpenMP regions. */
+#define _POSIX_C_SOURCE 200809L
 #include "cpu.h"
 #include "clipdecomp.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -127,3 +130,21 @@ int cd_cpu_set_isa(int isa) {
 const char *cd_isa_name(void) { return cd_cpu_isa_str(cd_cpu_isa()); }
 
 int cd_set_isa(const char *name) { return cd_cpu_set_isa(cd_cpu_isa_from_str(name)); }
+
+/* fork: libgomp's thread pool does not survive fork(), and a child of a process that has run a
+ * parallel region hangs in its next one. In a child forked after the core has computed, every
+ * region of the core therefore runs on one thread (same results, one core). */
+static atomic_int g_forked = 0, g_used = 0;
+static pthread_once_t g_fork_once = PTHREAD_ONCE_INIT;
+static void on_fork_child(void) {
+    if (load_int(&g_used)) store_int(&g_forked, 1);
+}
+static void install_fork_guard(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+
+void cd_fork_guard(void) { pthread_once(&g_fork_once, install_fork_guard); }
+
+void cd_mark_omp_used(void) {
+    if (!load_int(&g_used)) store_int(&g_used, 1);
+}
+
+int cd_forked_child(void) { return load_int(&g_forked); }

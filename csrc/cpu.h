@@ -32,4 +32,12 @@ const char *cd_cpu_isa_str(int isa);
 /* the CD_ISA_* number of a name ("avx512", "avx2", "generic"), or -1 */
 int cd_cpu_isa_from_str(const char *name);
 
+/* install (once) the handler that marks a forked child; call before any OpenMP region */
+void cd_fork_guard(void);
+/* note that OpenMP regions may run from now on (called before each one is planned) */
+void cd_mark_omp_used(void);
+/* 1 in a process forked (after cd_fork_guard) from one that had called cd_mark_omp_used:
+ * its OpenMP regions must use one thread */
+int cd_forked_child(void);
+
 #endif /* CLIPDECOMP_CPU_H */

@@ -35,7 +35,8 @@
 /* out (M, OC) = inp @ weight^T + bias, plain loops; bf16: both operands rounded first */
 static void matmul_naive(float *out, const float *inp, const float *weight, const float *bias,
                          int M, int K, int OC, int accumulate, int bf16) {
-    #pragma omp parallel for schedule(static) if (M > 1)
+    cd_mark_omp_used();
+    #pragma omp parallel for schedule(static) if (M > 1 && !cd_forked_child())
     for (int m = 0; m < M; m++) {
         const float *x = inp + (size_t)m * K;
         for (int o = 0; o < OC; o++) {
@@ -226,7 +227,10 @@ static gemm_path path_for(int isa) {
  * one-thread team: its caller chose the threads), 1 for small products */
 static int gemm_threads(long long jobs, double flops) {
 #ifdef _OPENMP
-    if (omp_get_level() > 0 || omp_in_parallel() || jobs < 2 || flops < 2e6) return 1;
+    if (omp_get_level() > 0 || omp_in_parallel() || jobs < 2 || flops < 2e6 ||
+        cd_forked_child())
+        return 1;
+    cd_mark_omp_used();
     int nt = omp_get_max_threads();
     return nt < jobs ? nt : (int)jobs;
 #else

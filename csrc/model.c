@@ -151,16 +151,21 @@ static void *plan_alloc(plan_item *items, int k, size_t *bytes_out) {
 
 static int max_threads(void) {
 #ifdef _OPENMP
+    if (cd_forked_child()) return 1;
     return omp_get_max_threads();
 #else
     return 1;
 #endif
 }
 
-/* threads > 0: use that many OpenMP threads in this call; returns the previous setting */
+/* threads > 0: use that many OpenMP threads in this call (one in a forked child, see cpu.h);
+ * returns the previous setting */
 static int push_threads(int threads) {
+    cd_fork_guard();
+    cd_mark_omp_used();
     int prev = max_threads();
 #ifdef _OPENMP
+    if (cd_forked_child()) threads = 1;
     if (threads > 0) omp_set_num_threads(threads);
 #else
     (void)threads;

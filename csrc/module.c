@@ -29,6 +29,7 @@
 #include <numpy/arrayobject.h>
 
 #include "clipdecomp.h"
+#include "cpu.h"
 #include "gemm.h"
 #include "moments.h"
 
@@ -909,6 +910,7 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__core(void) {
     import_array();  /* returns NULL with an ImportError set on failure */
+    cd_fork_guard(); /* a forked child runs the core on one thread instead of hanging */
     if (PyType_Ready(&ModelType) < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;

@@ -11,20 +11,25 @@ import concurrent.futures as cf
 import dataclasses
 import hashlib
 import inspect
+import logging
 import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from clipdecomp.data import store as _store
-from clipdecomp.data.sources import ImageSource, load_image
+from clipdecomp.data.sources import ImageSource, load_image, printable_path
 from clipdecomp.data.store import Moments, StoreReader
+from clipdecomp.engine.config import check_size
 from clipdecomp.engine.loading import ModelSpec, checkpoint_path
 from clipdecomp.engine.selection import parse_layers
+
+log = logging.getLogger("clipdecomp.data.chunks")
 
 
 def checkpoint_fingerprint(path: str | os.PathLike, samples: int = 16, block: int = 1 << 16) -> dict:
@@ -38,17 +43,11 @@ def checkpoint_fingerprint(path: str | os.PathLike, samples: int = 16, block: in
     --------
     >>> checkpoint_fingerprint("model.safetensors")["size"]   # doctest: +SKIP
     """
+    from clipdecomp.engine.safetensors_io import file_fingerprint
+
     path = os.fspath(path)
-    size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        rest = size - (1 << 20)
-        if rest > 0:
-            for k in range(samples):  # blocks spread evenly, the last one ending the file
-                f.seek((1 << 20) + max(rest - block, 0) * k // max(samples - 1, 1))
-                h.update(f.read(block))
-    return {"name": os.path.basename(path), "size": size, "fingerprint": h.hexdigest()}
+    size, digest = file_fingerprint(path, samples, block)
+    return {"name": os.path.basename(path), "size": size, "fingerprint": digest}
 
 
 def model_identity(model: Any, spec: ModelSpec | None = None) -> dict:
@@ -65,6 +64,7 @@ def model_identity(model: Any, spec: ModelSpec | None = None) -> dict:
     path = checkpoint_path(model, spec)
     out = {
         "config": _store.jsonable(cfg),
+        "precision": str(getattr(model, "precision", "fp32")),
         "checkpoint": checkpoint_fingerprint(path) if path else None,
     }
     if spec is not None:
@@ -242,6 +242,10 @@ class RunState:
         moments, self.included, self.generation = _store.load_committed(out, kept)
         assert moments is not None   # asked with arrays
         self.moments: Moments = moments
+        digests = _store.load_digests(out)
+        self.has_digests = digests is not None
+        self.digests = digests if digests is not None else [""] * len(self.included)
+        self.rewrite: set[int] = set()   # finished chunks whose files failed verification
         self.pending: list[int] = []
         if checkpoint_seconds is None:  # small statistics: commit after every chunk
             checkpoint_seconds = 0.0 if self.moments.nbytes <= (64 << 20) else 120.0
@@ -255,26 +259,63 @@ class RunState:
     def chunk_size(self) -> int:
         return int(self.meta["settings"]["chunk_size"])
 
+    def verify(self, n: int) -> None:
+        """Check the files of every finished chunk against the digest recorded when it was
+        written (stores without digests: that they decode); the chunks that fail are computed
+        again, their rows only (their statistics were committed from the values computed, not
+        from the files), and a warning says which and why."""
+        if not self.included.any():
+            return
+        root = _store._zarr().open_group(self.out, mode="r")
+        C, bad = self.chunk_size, []
+        for c in np.nonzero(self.included)[0].tolist():
+            s, e = c * C, min(n, c * C + C)
+            try:
+                got = _store.read_digest(root, s, e - s)
+            except Exception as ex:  # noqa: BLE001 - any failure to read is a bad chunk
+                bad.append((c, s, e, (f"its files cannot be read ({type(ex).__name__}: "
+                                     f"{str(ex)[:200]})")))
+                continue
+            want = self.digests[c]
+            if want and got != want:
+                bad.append((c, s, e, ("its files differ from the checksum recorded when it was "
+                                     "written (a chunk file deleted, truncated or changed)")))
+        if bad:
+            self.rewrite = {c for c, *_ in bad}
+            lines = "; ".join(f"chunk {c} (rows {s}..{e - 1}): {why}" for c, s, e, why in bad)
+            warnings.warn(f"{self.out}: {len(bad)} finished chunk(s) are computed again: "
+                          f"{lines}", UserWarning, stacklevel=3)
+            log.warning("recomputing chunks %s of %s", sorted(self.rewrite), self.out)
+
     def tasks(self, source: ImageSource) -> Iterator[ChunkTask]:
-        """The chunks not yet done, in order (made as they are needed)."""
+        """The chunks not yet done (or to be written again), in order (made as needed)."""
         C, N = self.chunk_size, len(source)
-        for c in np.nonzero(~self.included)[0].tolist():
+        todo = ~self.included
+        todo[list(self.rewrite)] = True
+        for c in np.nonzero(todo)[0].tolist():
             s, e = c * C, min(N, c * C + C)
             yield ChunkTask(c, s, [source.abspath(i) for i in range(s, e)])
 
     def rows_to_do(self, n: int) -> int:
         """Rows in the chunks not yet done (n = number of rows of the store)."""
         C = self.chunk_size
-        todo = int(np.count_nonzero(~self.included)) * C
-        if len(self.included) and not self.included[-1]:
-            todo -= len(self.included) * C - n  # the last chunk is short
+        left = ~self.included
+        left[list(self.rewrite)] = True
+        todo = int(np.count_nonzero(left)) * C
+        if len(left) and left[-1]:
+            todo -= len(left) * C - n  # the last chunk is short
         return todo
 
     def add(self, index: int, moments: Moments, ok: np.ndarray, errors: list, paths: list,
-            start: int) -> None:
+            start: int, digest: str = "") -> None:
         """Fold a finished (written) chunk in; commit when due."""
+        if index in self.rewrite:   # a finished chunk written again: the same rows
+            self.rewrite.discard(index)
+            self.rows_done += len(ok)
+            self.rows_ok += int(np.count_nonzero(ok))
         if self.included[index] or index in self.pending:
-            return  # never count a chunk twice
+            return  # never count a chunk's statistics twice
+        self.digests[index] = digest
         self.moments.merge(moments)
         self.pending.append(index)
         self.rows_done += len(ok)
@@ -290,7 +331,8 @@ class RunState:
             return
         inc = self.included.copy()
         inc[self.pending] = True
-        _store.commit(self.out, self.moments, inc, self.generation + 1)
+        _store.commit(self.out, self.moments, inc, self.generation + 1,
+                      self.digests if self.has_digests else None)
         self.included, self.generation, self.pending = inc, self.generation + 1, []
         self.last_commit = time.monotonic()
 
@@ -304,16 +346,21 @@ def prepare_store(
     chunk_size: int,
     overwrite: bool = False,
     checkpoint_seconds: float | None = None,
+    content_hash: bool = False,
 ) -> RunState:
-    """Create the store, or check that an existing one matches this run and open it."""
+    """Create the store, or check that an existing one matches this run and open it.
+
+    An existing store must list the same source files, unchanged since it was made (size and
+    modification time; also their bytes when it was made with ``content_hash``), and its
+    finished chunks are checked against the digests recorded when they were written
+    (:meth:`RunState.verify`). The caller holds the store's lock (:func:`store_lock`)."""
     out = os.fspath(out)
     cfg = identity["config"]
     L, H, D = int(cfg["layers"]), int(cfg["heads"]), int(cfg["embed_dim"])
     kept = parse_layers(layers, L)
-    if int(chunk_size) < 1:
-        raise ValueError("chunk_size must be >= 1")
+    chunk_size = check_size(chunk_size, "chunk_size")
     N = len(source)
-    meta = {
+    meta: dict[str, Any] = {
         "format": _store.FORMAT,
         "version": _store.FORMAT_VERSION,
         "model": identity,
@@ -329,10 +376,44 @@ def prepare_store(
         stored = StoreReader(out).metadata
         _store.compare_metadata(stored, _store.jsonable(meta), f"the store {out}")
         meta = stored
-    else:
-        overwrite = overwrite or _store.is_unfinished_store(out)
-        _store.create_store(out, _store.jsonable(meta), source.paths, source.labels, overwrite)
+        if "files_sha256" in stored["source"]:   # stores made before it was recorded: not known
+            _check_files(out, stored, source)
+        state = RunState(out, meta, kept, checkpoint_seconds)
+        state.verify(N)
+        return state
+    stats = source.file_stats(content_hash)
+    meta["source"]["content_hash"] = bool(content_hash)
+    meta["source"]["files_sha256"] = hashlib.sha256(stats.tobytes()).hexdigest()
+    overwrite = overwrite or _store.is_unfinished_store(out)
+    _store.create_store(out, _store.jsonable(meta), [printable_path(p) for p in source.paths],
+                        source.labels, overwrite, file_stat=stats)
     return RunState(out, meta, kept, checkpoint_seconds)
+
+
+def _check_files(out: str, stored: dict, source: ImageSource) -> None:
+    """Refuse to resume a store whose source files changed since it was made, naming them."""
+    content = bool(stored["source"].get("content_hash"))
+    now = source.file_stats(content)
+    if hashlib.sha256(now.tobytes()).hexdigest() == stored["source"]["files_sha256"]:
+        return
+    then = np.asarray(_store._zarr().open_group(out, mode="r")["file_stat"][...], np.int64)
+    changed = np.nonzero((then != now).any(axis=1))[0]
+    lines = []
+    for i in changed[:5].tolist():
+        if now[i, 0] < 0 or then[i, 0] < 0:
+            why = "missing now" if now[i, 0] < 0 else "missing then"
+        elif now[i, 0] != then[i, 0]:
+            why = f"size {then[i, 0]} then, {now[i, 0]} now"
+        elif now[i, 1] != then[i, 1]:
+            why = f"modification time {then[i, 1]} ns then, {now[i, 1]} ns now"
+        else:
+            why = "same size and time, other content"
+        lines.append(f"{printable_path(source.paths[i])} ({why})")
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    raise ValueError(
+        f"the store {out}: {len(changed)} source file(s) changed since the store was made: "
+        f"{'; '.join(lines)}{more}. Its rows and statistics hold the old images: write to a "
+        "new store, or pass overwrite=True (--overwrite) to start this one again.")
 
 
 def _summary(state: RunState, seconds: float, mode: str, batch_size: int, n_total: int,

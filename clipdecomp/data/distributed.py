@@ -36,6 +36,7 @@ from clipdecomp.data.chunks import (
 )
 from clipdecomp.data.sources import ImageSource
 from clipdecomp.data.store import StoreReader
+from clipdecomp.engine.config import MAX_THREADS, check_size
 from clipdecomp.engine.helpers import optional_import, progress_bar
 from clipdecomp.engine.loading import ModelSpec
 
@@ -96,8 +97,9 @@ def chunk_task(
     res = next(iter(iter_chunk_results(model, [task], batch_size, kept, pool, lock=lock)))
     res.finish()
     root = _store._zarr().open_group(out, mode="r+")
-    _store.write_rows(root, res.start, res.arrays, res.ok, res.errors)
+    digest = _store.write_rows(root, res.start, res.arrays, res.ok, res.errors)
     return {
+        "digest": digest,
         "index": res.index,
         "start": res.start,
         "ok": res.ok,
@@ -116,7 +118,9 @@ def local_client(n_workers: int, threads: int | None = None) -> Any:
     >>> client = local_client(2)                         # doctest: +SKIP
     """
     distributed = _dask()
-    threads = threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
+    n_workers = check_size(n_workers, "n_workers")
+    threads = check_size(threads, "threads", maximum=MAX_THREADS,
+                         default=max(1, (os.cpu_count() or 1) // n_workers))
     cluster = distributed.LocalCluster(
         n_workers=int(n_workers),
         threads_per_worker=1,
@@ -148,11 +152,14 @@ def run_distributed(
     checkpoint_seconds: float | None = None,
     overwrite: bool = False,
     expected_config: dict | None = None,
+    content_hash: bool = False,
+    expected_precision: str | None = None,
 ) -> StoreReader:
     """The Dask side of :func:`clipdecomp.run_dataset` (same arguments; see there).
 
-    ``expected_config`` (the config of a model object the caller holds) must be the config of
-    the model the workers load, else ValueError.
+    ``expected_config`` and ``expected_precision`` (those of a model object the caller holds)
+    must be the config and precision of the model the workers load, else ValueError. The
+    client holds the store's lock for the whole run.
 
     Uses ``client`` if given, else connects to ``scheduler``, else starts a local cluster of
     ``workers`` processes (and closes what it opened). At most two chunks per worker thread
@@ -167,71 +174,88 @@ def run_distributed(
             client = own = local_client(int(workers or 2))
 
     try:
-        identity = client.submit(identity_task, spec, pure=False).result()
-        if expected_config is not None:
-            got = identity["config"]
-            diff = sorted(k for k in set(got) | set(expected_config)
-                          if k != "name" and got.get(k) != expected_config.get(k))
-            if diff:
-                raise ValueError(
-                    f"the workers' model, loaded from {spec.path}, differs from the model given "
-                    f"in config.{diff[0]}: {got.get(diff[0])!r} against "
-                    f"{expected_config.get(diff[0])!r}; pass a ModelSpec with the load arguments"
-                )
-        state = prepare_store(out, identity, source, dtype, layers, chunk_size, overwrite,
-                              checkpoint_seconds)
-        tasks = state.tasks(source)
-        todo = state.rows_to_do(len(source))
-        bar = progress_bar(total=len(source), initial=len(source) - todo, unit="img",
-                           enabled=progress, desc="clipdecomp", dynamic_ncols=True)
-        t0 = time.perf_counter()
-        interrupted = True
-        tag = uuid.uuid4().hex[:8]
-        queue = iter(tasks)
-        running = distributed.as_completed()
-        skipped = 0
-
-        def submit_more() -> None:
-            while running.count() < max(2, 2 * _n_threads(client)):
-                t = next(queue, None)
-                if t is None:
-                    return
-                running.add(client.submit(
-                    chunk_task, spec, out, t, int(batch_size), state.kept, decode_threads,
-                    key=f"clipdecomp-chunk-{tag}-{t.index}", pure=False,
-                ))
-
-        try:
-            submit_more()
-            for fut in running:
-                rep = fut.result()
-                fut.release()
-                s = rep["start"]
-                n = len(rep["ok"])
-                state.add(rep["index"], rep["moments"], rep["ok"], rep["errors"],
-                          [source.paths[i] for i in range(s, s + n)], s)
-                bad = n - int(np.count_nonzero(rep["ok"]))
-                skipped += bad
-                bar.update(n)
-                if bad:
-                    bar.set_postfix(skipped=skipped)
-                submit_more()
-            interrupted = False
-        finally:
-            for f in list(running.futures):
-                f.cancel()
-            state.commit()
-            bar.close()
-            summary = _summary(state, time.perf_counter() - t0, "dask", int(batch_size),
-                               len(source), interrupted)
-            summary["workers"] = len(client.nthreads())
-            _store.append_run(out, summary)
-            if progress:
-                _print_summary(summary, out)
+        with _store.store_lock(out):
+            return _run_on(client, spec, source, out, chunk_size, batch_size, dtype, layers,
+                           progress, decode_threads, checkpoint_seconds, overwrite,
+                           expected_config, content_hash, expected_precision)
     finally:
         if own is not None:
             cluster = getattr(own, "cluster", None)
             own.close()
             if cluster is not None and workers is not None and scheduler is None:
                 cluster.close()
+
+
+def _run_on(client, spec, source, out, chunk_size, batch_size, dtype, layers, progress,
+            decode_threads, checkpoint_seconds, overwrite, expected_config, content_hash,
+            expected_precision) -> StoreReader:
+    """:func:`run_distributed` on a client, with the store's lock held."""
+    distributed = _dask()
+    identity = client.submit(identity_task, spec, pure=False).result()
+    if expected_config is not None:
+        got = identity["config"]
+        diff = sorted(k for k in set(got) | set(expected_config)
+                      if k != "name" and got.get(k) != expected_config.get(k))
+        if diff:
+            raise ValueError(
+                f"the workers' model, loaded from {spec.path}, differs from the model given "
+                f"in config.{diff[0]}: {got.get(diff[0])!r} against "
+                f"{expected_config.get(diff[0])!r}; pass a ModelSpec with the load arguments"
+            )
+    got = identity.get("precision", "fp32")
+    if expected_precision is not None and got != expected_precision:
+        raise ValueError(
+            f"the workers' model, loaded from {spec.path}, runs in precision {got!r}, the "
+            f"model given in {expected_precision!r} (a worker without AVX512_BF16 emulates "
+            "bf16); pass a ModelSpec with precision= that every worker can run")
+    state = prepare_store(out, identity, source, dtype, layers, chunk_size, overwrite,
+                          checkpoint_seconds, content_hash)
+    tasks = state.tasks(source)
+    todo = state.rows_to_do(len(source))
+    bar = progress_bar(total=len(source), initial=len(source) - todo, unit="img",
+                       enabled=progress, desc="clipdecomp", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    interrupted = True
+    tag = uuid.uuid4().hex[:8]
+    queue = iter(tasks)
+    running = distributed.as_completed()
+    skipped = 0
+
+    def submit_more() -> None:
+        while running.count() < max(2, 2 * _n_threads(client)):
+            t = next(queue, None)
+            if t is None:
+                return
+            running.add(client.submit(
+                chunk_task, spec, out, t, int(batch_size), state.kept, decode_threads,
+                key=f"clipdecomp-chunk-{tag}-{t.index}", pure=False,
+            ))
+
+    try:
+        submit_more()
+        for fut in running:
+            rep = fut.result()
+            fut.release()
+            s = rep["start"]
+            n = len(rep["ok"])
+            state.add(rep["index"], rep["moments"], rep["ok"], rep["errors"],
+                      [source.paths[i] for i in range(s, s + n)], s, rep.get("digest", ""))
+            bad = n - int(np.count_nonzero(rep["ok"]))
+            skipped += bad
+            bar.update(n)
+            if bad:
+                bar.set_postfix(skipped=skipped)
+            submit_more()
+        interrupted = False
+    finally:
+        for f in list(running.futures):
+            f.cancel()
+        state.commit()
+        bar.close()
+        summary = _summary(state, time.perf_counter() - t0, "dask", int(batch_size),
+                           len(source), interrupted)
+        summary["workers"] = len(client.nthreads())
+        _store.append_run(out, summary)
+        if progress:
+            _print_summary(summary, out)
     return StoreReader(out)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipdecomp import assets
+from clipdecomp.engine.config import check_size
 from clipdecomp.engine.helpers import optional_import, progress_bar
 from clipdecomp.methods.segmentation import (
     SegmentationMeter,
@@ -332,7 +333,8 @@ def evaluate_segmentation(model: Any, dataset: Any, classifier: np.ndarray, batc
     from clipdecomp.methods.seg_baselines import patch_token_maps
     from clipdecomp.methods.seg_baselines import save_maps as _save_maps
 
-    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    batch_size = check_size(batch_size, "batch_size")
+    n = len(dataset) if limit is None else min(check_size(limit, "limit"), len(dataset))
     if n <= 0:
         raise ValueError("no images to evaluate")
     size = int(model.config.image_size)

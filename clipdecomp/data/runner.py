@@ -35,6 +35,7 @@ from clipdecomp.data.chunks import (
 )
 from clipdecomp.data.sources import open_source
 from clipdecomp.data.store import StoreReader
+from clipdecomp.engine.config import MAX_THREADS, check_size
 from clipdecomp.engine.helpers import progress_bar
 from clipdecomp.engine.loading import ModelSpec, spec_of
 
@@ -60,6 +61,7 @@ def run_dataset(
     decode_threads: int | None = None,
     checkpoint_seconds: float | None = None,
     overwrite: bool = False,
+    content_hash: bool = False,
 ) -> StoreReader:
     """Decompose every image of a collection into a Zarr store; resume it if it exists.
 
@@ -104,6 +106,10 @@ def run_dataset(
         statistics take under 64 MiB, else 120 s). Work since the last commit is redone on resume.
     overwrite : bool
         Replace whatever is at ``out``.
+    content_hash : bool
+        Record a hash of every source file's bytes (reads every file once more when the store
+        is made and on every resume). Without it, resuming checks each file's size and
+        modification time only.
 
     Returns
     -------
@@ -112,6 +118,13 @@ def run_dataset(
 
     Skipped images (unreadable, truncated, not an image) keep their row with zeros and
     ``ok == False``; ``StoreReader.skipped()`` lists them with the reason.
+
+    Resuming checks that the store is the one this run would make (model, precision,
+    settings, listing), that no source file changed since it was made (else ValueError
+    naming the files), and that the files of every finished chunk still hold what was written
+    (a chunk that fails is computed again, with a warning naming it). One run at a time:
+    another run on the same store raises :class:`clipdecomp.data.store.StoreBusyError` (a
+    RuntimeError) naming the process that holds it.
 
     Examples
     --------
@@ -125,8 +138,12 @@ def run_dataset(
     src = open_source(source, layout)
     if len(src) == 0:
         raise ValueError(f"no images found in {source!r} (layout {src.layout!r})")
-    if int(batch_size) < 1:
-        raise ValueError("batch_size must be >= 1")
+    chunk_size = check_size(chunk_size, "chunk_size")
+    batch_size = check_size(batch_size, "batch_size")
+    if decode_threads is not None:
+        decode_threads = check_size(decode_threads, "decode_threads", maximum=MAX_THREADS)
+    if workers is not None:
+        workers = check_size(workers, "workers")
     if client is not None or scheduler is not None or workers:
         from clipdecomp.data import distributed as _dist
 
@@ -134,18 +151,28 @@ def run_dataset(
         if not isinstance(model, (ModelSpec, str, os.PathLike)):
             expected = _store.jsonable(model.config)
         return _dist.run_distributed(
-            spec_of(model), src, out, expected_config=expected, chunk_size=chunk_size, batch_size=batch_size, dtype=dtype,
-            layers=layers, progress=progress, client=client, scheduler=scheduler,
-            workers=workers, decode_threads=decode_threads,
+            spec_of(model), src, out, expected_config=expected, chunk_size=chunk_size,
+            batch_size=batch_size, dtype=dtype, layers=layers, progress=progress, client=client,
+            scheduler=scheduler, workers=workers, decode_threads=decode_threads,
             checkpoint_seconds=checkpoint_seconds, overwrite=overwrite,
+            content_hash=content_hash,
+            expected_precision=None if expected is None else str(model.precision),
         )
     spec = None
     if isinstance(model, (ModelSpec, str, os.PathLike)):
         spec = spec_of(model)
         model = spec.load()
     identity = model_identity(model, spec)
+    with _store.store_lock(out):
+        return _run_local(model, src, out, identity, dtype, layers, chunk_size, batch_size,
+                          overwrite, checkpoint_seconds, content_hash, decode_threads, progress)
+
+
+def _run_local(model, src, out, identity, dtype, layers, chunk_size, batch_size, overwrite,
+               checkpoint_seconds, content_hash, decode_threads, progress) -> StoreReader:
+    """The local run of :func:`run_dataset`, with the store's lock held."""
     state = prepare_store(out, identity, src, dtype, layers, chunk_size, overwrite,
-                          checkpoint_seconds)
+                          checkpoint_seconds, content_hash)
     tasks = state.tasks(src)
     todo = state.rows_to_do(len(src))
     n_threads = decode_threads or min(4, os.cpu_count() or 1)
@@ -165,9 +192,10 @@ def run_dataset(
 
     def finish(res: ChunkResult) -> None:  # runs in the writer thread
         res.finish()
-        _store.write_rows(root, res.start, res.arrays, res.ok, res.errors)
+        digest = _store.write_rows(root, res.start, res.arrays, res.ok, res.errors)
         state.add(res.index, res.moments, res.ok, res.errors,
-                  [src.paths[i] for i in range(res.start, res.start + len(res.ok))], res.start)
+                  [src.paths[i] for i in range(res.start, res.start + len(res.ok))], res.start,
+                  digest)
 
     pool = cf.ThreadPoolExecutor(n_threads, thread_name_prefix="clipdecomp-decode")
     writer = cf.ThreadPoolExecutor(1, thread_name_prefix="clipdecomp-write")

@@ -82,8 +82,33 @@ class ImageSource:
         h = hashlib.sha256()
         h.update(json.dumps([self.layout, self.classes]).encode())
         for p, lab in zip(self.paths, self.labels.tolist()):
-            h.update(f"{p}\t{lab}\n".encode())
+            h.update(os.fsencode(p) + f"\t{lab}\n".encode())  # the name's bytes, UTF-8 or not
         return h.hexdigest()
+
+    def file_stats(self, content_hash: bool = False) -> np.ndarray:
+        """[N, 4] int64 per file: size, modification time (ns), and 128 bits of a BLAKE2b hash
+        of its bytes when ``content_hash`` (else 0, 0); -1, -1, 0, 0 for a missing file.
+        What a store records to notice a file replaced under the same name."""
+        out = np.zeros((len(self), 4), np.int64)
+        for i in range(len(self)):
+            p = self.abspath(i)
+            try:
+                st = os.stat(p)
+            except OSError:
+                out[i, :2] = -1
+                continue
+            out[i, 0], out[i, 1] = st.st_size, st.st_mtime_ns
+            if content_hash:
+                h = hashlib.blake2b(digest_size=16)
+                try:
+                    with open(p, "rb") as fh:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(block)
+                except OSError:
+                    out[i, :2] = -1
+                    continue
+                out[i, 2:] = np.frombuffer(h.digest(), np.int64)
+        return out
 
     def describe(self) -> dict:
         return {
@@ -99,15 +124,67 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _walk_images(top: str) -> list[str]:
-    """Image files under top (recursive, hidden entries skipped), sorted, relative to top."""
-    found = []
-    for d, dirs, files in os.walk(top, followlinks=True):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        rel = os.path.relpath(d, top)
-        for f in sorted(files):
-            if _is_image(f):
-                found.append(f if rel == "." else os.path.join(rel, f))
+def printable_path(path: str) -> str:
+    """A path as valid UTF-8 text: bytes that are not UTF-8 (file names on Linux may hold any
+    bytes) written as ``\\xNN`` escapes. Valid names come back unchanged.
+
+    Examples
+    --------
+    >>> printable_path(os.fsdecode(b"caf\\xe9.jpg"))
+    'caf\\\\xe9.jpg'
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _dir_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _walk_images(top: str, seen: dict | None = None) -> list[str]:
+    """Image files under top (recursive, hidden entries skipped), sorted, relative to top.
+
+    Links are followed, but every real directory is visited once (a link to a parent or a loop
+    of links ends there) and every real file is listed once (by its real path). ``seen``
+    (``{"dirs": set of (st_dev, st_ino), "files": set of real paths}``) may be shared between
+    calls: what one call listed, the next one skips."""
+    seen = {"dirs": set(), "files": set()} if seen is None else seen
+    found: list[str] = []
+    seen["dirs"].add(_dir_id(top))
+    stack = [("", top, os.path.realpath(top))]
+    while stack:
+        rel, path, real = stack.pop()
+        try:
+            with os.scandir(path) as it:  # real entries first: they win over links to them
+                entries = sorted(it, key=lambda e: (e.is_symlink(), e.name))
+        except OSError:
+            continue  # unreadable folder: nothing to list
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                continue
+            r = os.path.join(rel, e.name) if rel else e.name
+            if is_dir:
+                key = _dir_id(e.path)
+                if key is None or key in seen["dirs"]:
+                    continue
+                seen["dirs"].add(key)
+                subdirs.append((e.is_symlink(), r, e.path))
+            elif _is_image(e.name):
+                rp = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+                if rp not in seen["files"]:
+                    seen["files"].add(rp)
+                    found.append(r)
+        # real folders before linked ones, in name order (the stack pops the last first)
+        for _, r, p in sorted(subdirs, reverse=True):
+            stack.append((r, p, os.path.realpath(p)))
     return sorted(found)
 
 
@@ -141,8 +218,11 @@ def class_folders(root: str | os.PathLike) -> ImageSource:
         d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d))
     )
     paths, labels = [], []
+    # the root and every class folder belong to no other class, whatever links point at them
+    seen: dict = {"dirs": {_dir_id(root)} | {_dir_id(os.path.join(root, c)) for c in classes},
+                  "files": set()}
     for k, c in enumerate(classes):
-        for p in _walk_images(os.path.join(root, c)):
+        for p in _walk_images(os.path.join(root, c), seen):
             paths.append(os.path.join(c, p))
             labels.append(k)
     return ImageSource("classes", root, paths, np.asarray(labels, np.int64), classes)
@@ -164,7 +244,7 @@ def list_file(path: str | os.PathLike) -> ImageSource:
     root = os.path.dirname(path)
     paths: list[str] = []
     raw: list[str | None] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:  # names as bytes
         for i, line in enumerate(f):
             line = line.rstrip("\r\n")
             if not line.strip() or line.lstrip().startswith("#"):
@@ -243,24 +323,27 @@ def open_source(source: Any, layout: str = "auto") -> ImageSource:
 
 
 def load_image(preprocess: Callable, path: str) -> tuple[np.ndarray | None, str]:
-    """Decode one image fully and preprocess it: (pixels [3, S, S] float32, "") or (None, why)."""
-    from PIL import Image
+    """Decode one image and preprocess it: (pixels [3, S, S] float32, "") or (None, why).
 
+    The model's preprocessing decodes the file (whole: truncated files fail here), scaling
+    high bit depths and decoding large JPEGs at reduced size
+    (:func:`clipdecomp.engine.preprocess.load_image`). A row of a pickled array (CIFAR,
+    ``<file>::<row>``) is read by :func:`clipdecomp.data.sources_extra.read_virtual_image`."""
     try:
         if _VIRTUAL in os.path.basename(path):  # a row of a pickled array (CIFAR)
+            from PIL import Image
+
             from clipdecomp.data.sources_extra import read_virtual_image
 
-            im = Image.fromarray(read_virtual_image(path))
+            item: Any = Image.fromarray(read_virtual_image(path))
         else:
-            with Image.open(path) as f:
-                f.load()  # decode now: truncated files fail here, not later
-                im = f.convert("RGB")
-        px = np.asarray(preprocess([im]), dtype=np.float32)
+            item = path
+        px = np.asarray(preprocess([item]), dtype=np.float32)
         if px.ndim == 4:
             px = px[0]
         if not np.all(np.isfinite(px)):
             return None, "preprocessing gave non-finite pixels"
         return px, ""
     except Exception as e:  # noqa: BLE001 - any failure on one file skips that file only
-        msg = str(e).replace("\n", " ")
+        msg = printable_path(str(e).replace("\n", " "))
         return None, f"{type(e).__name__}: {msg}"

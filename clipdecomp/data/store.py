@@ -14,6 +14,9 @@ Layout (Zarr v3 group; N images, L layers, Lk kept layers, H heads, D embedding 
     paths        [N]             str, as listed by the source (relative to source.root)
     ok           [N]             bool, True once the row holds a decomposed image
     error        [N]             str, why an image was skipped ("" otherwise)
+    file_stat    [N, 4]          int64, size, modification time (ns) and 128 bits of content
+                                 hash (0 unless made with content_hash=True) of each source
+                                 file when the store was made (-1 for a file that was missing)
     done         [n_chunks]      bool, chunk c (rows c*C .. c*C+C-1) is finished
     stats/slot0, stats/slot1     two copies of the statistics (see below)
 
@@ -31,6 +34,8 @@ Statistics (float64, over rows with ``ok``; the names of :class:`clipdecomp.meth
     sum_outer          [Lk, H, D, D]      sum over images of x x^T, x = heads[n, l, h] (float32
                                           values as computed, before any float16 rounding)
     included           [n_chunks] bool    the chunks these sums cover
+    digest             [n_chunks] str     BLAKE2b of each chunk's rows as written (what a
+                                          resumed run checks the chunk files against)
 
 The statistics are committed to one slot while the other slot keeps the previous commit, and a
 slot counts only once its attributes say ``complete``. ``included`` of the newest complete slot is
@@ -40,13 +45,20 @@ computed again (bit for bit the same rows) and their sums added once.
 
 Root attributes: ``clipdecomp`` (model identity, settings, source listing hash, shapes) and
 ``runs`` (one summary per run).
+
+One run at a time: a run holds an exclusive lock (``fcntl.flock``) on the file
+``.<store name>.lock`` beside the store for as long as it writes, and a second run on the
+same store is refused with :class:`StoreBusyError` naming the process that holds it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import os
+import socket
 import types
 import warnings
 from collections.abc import Iterator, Sequence
@@ -213,13 +225,17 @@ class Moments:
 def compare_metadata(stored: dict, wanted: dict, where: str) -> None:
     """Raise ValueError naming the first field where a store's metadata and a run disagree.
 
-    Checked: ``model.config.*`` (but its ``name``), ``model.checkpoint.size`` / ``.fingerprint`` (when both sides
-    know the checkpoint file), ``settings.*`` and ``source.*`` (layout, n, listing_sha256).
+    Checked: ``model.config.*`` (but its ``name``), ``model.precision``,
+    ``model.checkpoint.size`` / ``.fingerprint`` (when both sides know the checkpoint file),
+    ``settings.*`` and ``source.*`` (layout, n, listing_sha256).
     """
     fields: list[tuple[str, Any, Any]] = []
     sc, wc = stored["model"]["config"], wanted["model"]["config"]
     for k in sorted((set(sc) | set(wc)) - {"name"}):  # the name is a label, not the model
         fields.append((f"model.config.{k}", sc.get(k), wc.get(k)))
+    if "precision" in stored["model"]:  # stores made before it was recorded: not known
+        fields.append(("model.precision", stored["model"]["precision"],
+                       wanted["model"].get("precision", "fp32")))
     sk, wk = stored["model"].get("checkpoint"), wanted["model"].get("checkpoint")
     if sk and wk:
         for k in ("size", "fingerprint"):
@@ -246,6 +262,79 @@ def compare_metadata(stored: dict, wanted: dict, where: str) -> None:
 # writing (used by clipdecomp.data.runner and clipdecomp.data.distributed)
 
 
+class StoreBusyError(RuntimeError):
+    """Another run is writing this store (see :func:`store_lock`)."""
+
+
+def lock_path(path: str | os.PathLike) -> str:
+    """The lock file of a store: ``.<name>.lock`` beside it (inside, an overwrite would
+    delete it)."""
+    path = os.path.abspath(os.fspath(path))
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+
+
+@contextlib.contextmanager
+def store_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the store's lock for the body, or raise :class:`StoreBusyError` at once.
+
+    The lock is an exclusive ``fcntl.flock`` on :func:`lock_path`, released when the body
+    ends (also when the process dies); the file keeps the holder's pid and host. On a
+    network file system the lock is as good as its ``flock`` (Linux NFS: yes).
+
+    Examples
+    --------
+    >>> with store_lock("val.zarr"):                  # doctest: +SKIP
+    ...     pass
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    lp = lock_path(path)
+    os.makedirs(os.path.dirname(lp), exist_ok=True)
+    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+            who = (f"process {holder[0]} on {holder[1]}" if len(holder) >= 2
+                   else "another process")
+            raise StoreBusyError(
+                f"the store {os.fspath(path)} is in use: {who} is writing it (lock file "
+                f"{lp}). Wait for that run to finish (or stop it), or write to another "
+                "store.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
+
+
+def rows_digest(arrays: dict[str, np.ndarray], ok: np.ndarray, errors: Sequence[str]) -> str:
+    """BLAKE2b (128 bits, hex) of one chunk's rows as stored: the float arrays in the store's
+    dtype, ``ok`` and the error texts. :func:`write_rows` returns it; :func:`read_digest`
+    computes it again from the files."""
+    h = hashlib.blake2b(digest_size=16)
+    for f in FLOAT_FIELDS:
+        a = np.ascontiguousarray(arrays[f])
+        h.update(f"{f}{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    h.update(np.asarray(ok, bool).tobytes())
+    h.update("\0".join(str(e) for e in errors).encode("utf-8", "backslashreplace"))
+    return h.hexdigest()
+
+
+def read_digest(root, start: int, n: int) -> str:
+    """:func:`rows_digest` of rows [start, start + n) as the store's files hold them now
+    (raises what zarr raises for a chunk file it cannot decode)."""
+    arrays = {f: np.asarray(root[f][start:start + n]) for f in FLOAT_FIELDS}
+    ok = np.asarray(root["ok"][start:start + n], bool)
+    errors = [str(e) for e in np.asarray(root["error"][start:start + n]).tolist()]
+    return rows_digest(arrays, ok, errors)
+
+
 def is_store(path: str | os.PathLike) -> bool:
     """True when path holds a clipdecomp store."""
     zarr = _zarr()
@@ -264,6 +353,7 @@ def create_store(
     paths: Sequence[str],
     labels: np.ndarray,
     overwrite: bool = False,
+    file_stat: np.ndarray | None = None,
 ) -> None:
     """Create an empty store for ``meta`` (see :func:`clipdecomp.data.runner.run_dataset`)."""
     zarr = _zarr()
@@ -290,6 +380,7 @@ def create_store(
         "ok": ((N,), (C,), bool, False),
         "error": ((N,), (C,), str, ""),
         "done": ((n_chunks,), (max(n_chunks, 1),), bool, False),
+        "file_stat": ((N, 4), (C, 4), "int64", 0),
     }
     for name, (shape, chunks, dtype, fill) in specs.items():
         root.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
@@ -298,6 +389,8 @@ def create_store(
         e = min(N, s + C)
         root["paths"][s:e] = np.asarray(list(paths[s:e]), dtype=str)
         root["labels"][s:e] = np.asarray(labels[s:e], np.int64)
+        if file_stat is not None:
+            root["file_stat"][s:e] = np.asarray(file_stat[s:e], np.int64)
     stats = root.create_group("stats")
     for slot in (0, 1):
         g = stats.create_group(f"slot{slot}")
@@ -331,6 +424,8 @@ def _create_stat_arrays(g, L: int, H: int, D: int, Lk: int, n_chunks: int) -> No
     g.create_array(
         "included", shape=(n_chunks,), chunks=(max(n_chunks, 1),), dtype=bool, fill_value=False
     )
+    g.create_array("digest", shape=(n_chunks,), chunks=(max(n_chunks, 1),), dtype=str,
+                   fill_value="")
 
 
 def _slot_state(path: str) -> list[tuple[int, int]]:
@@ -369,9 +464,26 @@ def load_committed(
     return m, np.asarray(g["included"][...], bool), gen
 
 
-def commit(path: str | os.PathLike, moments: Moments, included: np.ndarray, generation: int) -> None:
-    """Write statistics + included chunks into the older slot, then mark it complete, then
-    mirror ``included`` into ``done``. Each step is one atomic file write on a local store."""
+def load_digests(path: str | os.PathLike) -> list[str] | None:
+    """The chunk digests of the newest commit ("" for a chunk without one), or None for a
+    store made before digests were recorded."""
+    zarr = _zarr()
+    path = os.fspath(path)
+    state = _slot_state(path)
+    g = zarr.open_group(os.path.join(path, "stats", f"slot{state[0][1] if state else 0}"),
+                        mode="r")
+    if "digest" not in g:
+        return None
+    if not state:
+        return [""] * int(g["included"].shape[0])
+    return [str(x) for x in np.asarray(g["digest"][...]).tolist()]
+
+
+def commit(path: str | os.PathLike, moments: Moments, included: np.ndarray, generation: int,
+           digests: Sequence[str] | None = None) -> None:
+    """Write statistics + included chunks (+ chunk digests) into the older slot, then mark it
+    complete, then mirror ``included`` into ``done``. Each step is one atomic file write on a
+    local store."""
     zarr = _zarr()
     path = os.fspath(path)
     state = _slot_state(path)
@@ -381,6 +493,8 @@ def commit(path: str | os.PathLike, moments: Moments, included: np.ndarray, gene
     for f, a in moments.arrays().items():
         g[f][...] = a
     g["included"][...] = np.asarray(included, bool)
+    if digests is not None and "digest" in g:
+        g["digest"][...] = np.asarray(list(digests), dtype=str)
     g.attrs.put({"complete": True, "generation": int(generation), "time": _now()})
     zarr.open_array(os.path.join(path, "done"), mode="r+")[...] = np.asarray(included, bool)
 
@@ -391,10 +505,12 @@ def write_rows(
     arrays: dict[str, np.ndarray],
     ok: np.ndarray,
     errors: Sequence[str],
-) -> None:
+) -> str:
     """Write one chunk's rows [start, start + n) (n = len(ok)); float arrays are cast to the
-    store's dtype. Chunk-aligned, so different processes may write different chunks at once."""
+    store's dtype. Chunk-aligned, so different processes may write different chunks at once.
+    Returns the chunk's :func:`rows_digest`."""
     n = len(ok)
+    stored = {}
     for f in FLOAT_FIELDS:
         arr = root[f]
         src = arrays[f]
@@ -403,9 +519,11 @@ def write_rows(
             if big > 65504:
                 raise ValueError(f"{f}: value {big:.4g} does not fit float16 (rows {start}.."
                                  f"{start + n}); use dtype='float32'")
-        arr[start:start + n] = src.astype(arr.dtype, copy=False)
+        stored[f] = src.astype(arr.dtype, copy=False)
+        arr[start:start + n] = stored[f]
     root["ok"][start:start + n] = np.asarray(ok, bool)
     root["error"][start:start + n] = np.asarray(list(errors), dtype=str)
+    return rows_digest(stored, ok, errors)
 
 
 def append_run(path: str | os.PathLike, summary: dict) -> None:

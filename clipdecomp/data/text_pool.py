@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from clipdecomp import assets
+from clipdecomp.engine.config import check_size
 from clipdecomp.engine.helpers import progress_bar
 from clipdecomp.engine.loading import checkpoint_path
 
@@ -159,6 +160,7 @@ def encode_pool(
                     return out
             except (OSError, ValueError):
                 pass  # a broken cache file: recompute
+    batch_size = check_size(batch_size, "batch_size")
     starts = range(0, len(texts), batch_size)
     starts = progress_bar(starts, desc="encoding pool", total=len(starts), enabled=progress)
     parts = [

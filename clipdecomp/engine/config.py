@@ -218,6 +218,61 @@ def normalise_act(act: Any, what: str = "act") -> str:
     return _ACT_ALIASES[key]
 
 
+#: the most threads a call may ask for: more exhausts the OpenMP runtime (it exits the
+#: interpreter or crashes), and is never faster than one thread per core
+MAX_THREADS = max(1024, 4 * (os.cpu_count() or 1))
+
+
+def check_size(value: Any, name: str, default: int | None = None,
+               maximum: int | None = None) -> int:
+    """Validate a size argument of the public API (batch sizes, counts, threads, top-k).
+
+    Every such argument goes through this one check: a positive ``int`` (NumPy integers too;
+    not a bool, float or string), at most ``maximum`` when given.
+
+    Parameters
+    ----------
+    value : int or None
+        The argument; None gives ``default`` (when there is one).
+    name : str
+        The argument's name, for the message.
+    default : int, optional
+        The value of None; without one, None is refused.
+    maximum : int, optional
+        The largest value allowed.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        Naming the argument and the value given.
+
+    Examples
+    --------
+    >>> check_size(8, "batch_size")
+    8
+    >>> check_size(None, "batch_size", default=256)
+    256
+    >>> check_size(0, "batch_size")
+    Traceback (most recent call last):
+    ...
+    ValueError: batch_size must be a positive int, got 0
+    """
+    if value is None and default is not None:
+        return int(default)
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}={value} is too large: at most {maximum} is allowed")
+    return int(value)
+
+
 def _square(v: Any, what: str, source: str) -> int:
     """An int, or a [h, w] pair that must be square."""
     if isinstance(v, (list, tuple)):

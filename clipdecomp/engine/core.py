@@ -61,8 +61,9 @@ def set_precision(core_model: Any, precision: str) -> str:
         return "fp32"
     if precision == "bf16" and not has_bf16():
         warnings.warn("precision='bf16': this CPU has no AVX512_BF16 (or the avx512 path is "
-                      "off), so bf16 is emulated: the same bf16 roundings and numbers, computed "
-                      "by the float32 kernels at float32 speed and memory", RuntimeWarning,
+                      "off), so bf16 is emulated: the same bf16 roundings (numbers within 1e-3 of "
+                      "native bf16), computed by the float32 kernels at float32 speed and memory",
+                      RuntimeWarning,
                       stacklevel=3)
         precision = "bf16-emulated"
     core_model.set_precision(precision)

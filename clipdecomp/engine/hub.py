@@ -341,9 +341,11 @@ def download(repo: str, revision: str | None = None, cache_dir: str | None = Non
             raise RuntimeError(f"Hugging Face Hub repository {repo!r}"
                                f"{'' if revision is None else f' (revision {revision!r})'} "
                                f"not found, or private / gated: {e}") from None
-        except (OSError, ConnectionError) as e:
+        except Exception as e:
+            # OSError, and the HTTP client's own errors (a connection dropped mid-file, a
+            # server error): huggingface_hub keeps the partial file out of the cache
             raise RuntimeError(f"could not download {filename!r} from the Hugging Face Hub "
-                               f"repository {repo!r}: {e}") from None
+                               f"repository {repo!r}: {type(e).__name__}: {e}") from e
 
     aux = {name: fetch(name) for name in AUX_FILES}
     weights = None

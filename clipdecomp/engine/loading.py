@@ -251,8 +251,9 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         Precision of the matrix products of the transformer blocks (both towers). ``"bf16"``
         stores those weights as bfloat16 (half their memory) and multiplies in bf16 with float32
         sums on CPUs with AVX512_BF16 (:func:`clipdecomp.has_bf16`); elsewhere it falls back to
-        ``"bf16-emulated"`` with a warning: the same roundings computed by the float32 kernels,
-        so the same numbers (up to the order of float32 sums) at float32 speed. The patch
+        ``"bf16-emulated"`` with a warning: the same roundings computed by the float32 kernels
+        at float32 speed, within 1.0e-3 of the largest decomposition term of native bf16
+        (measured; the hardware sums and rounds in its own order). The patch
         embedding, the projections, attention and the folds of the decomposition stay float32.
         Measured errors against fp32: ``benchmarks/PRECISION.md``.
 
@@ -456,6 +457,9 @@ def spec_of(model: Any) -> ModelSpec:
     act = getattr(getattr(model, "config", None), "act", None)
     if act is not None:
         kwargs.setdefault("act", act)  # whatever decided it at load time, the workers use it
+    precision = getattr(model, "precision", "fp32")
+    if precision != "fp32":
+        kwargs.setdefault("precision", precision)  # the workers run the same numbers
     return ModelSpec(path, kwargs)
 
 

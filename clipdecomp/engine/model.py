@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipdecomp.engine.config import ModelConfig
+from clipdecomp.engine.config import MAX_THREADS, ModelConfig, check_size
 from clipdecomp.engine.decomposition import (
     IDENTITY_TOL,
     IDENTITY_TOL_BF16,
@@ -56,6 +56,34 @@ _memory_budget: int | None = None
 _debug: bool | None = None
 
 
+# fork: the OpenMP runtime's threads do not survive fork(), so a child forked after the C core
+# has computed (multiprocessing's default start method on Linux, DataLoader-style workers) runs
+# the core on one thread; the core enforces it (csrc/cpu.c), this side says so once
+_core_used = False
+_forked_child = False
+_fork_noted = False
+
+
+def _mark_forked_child() -> None:
+    global _forked_child, _fork_noted
+    _forked_child, _fork_noted = _forked_child or _core_used, False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked_child)
+
+
+def _fork_note() -> None:
+    global _fork_noted
+    if not _fork_noted:
+        _fork_noted = True
+        warnings.warn("clipdecomp runs single-threaded in this process: it was forked from "
+                      "one whose OpenMP threads cannot be used after fork(). For parallel "
+                      "workers use the multiprocessing start method 'spawn' or 'forkserver' "
+                      "(multiprocessing.get_context('spawn'), or DataLoader("
+                      "multiprocessing_context='spawn')).", RuntimeWarning, stacklevel=4)
+
+
 def default_threads() -> int:
     """Threads for the C core: ``OMP_NUM_THREADS`` when set, else ``os.cpu_count()``.
 
@@ -69,10 +97,10 @@ def default_threads() -> int:
         try:
             n = int(env.split(",")[0])
             if n > 0:
-                return n
+                return min(n, MAX_THREADS)
         except ValueError:
             pass
-    return max(1, os.cpu_count() or 1)
+    return max(1, min(os.cpu_count() or 1, MAX_THREADS))
 
 
 # -- memory budget ---------------------------------------------------------------------------
@@ -412,7 +440,8 @@ class CLIP:
         self.config = config
         self.tokenizer = tokenizer
         self.logit_scale = logit_scale
-        self.path = path
+        self.path = os.path.abspath(path) if path else path   # valid in any working directory
+        self._stamp = _weights_stamp(self.path) if path else None   # the file as loaded
         self.act_source = act_source
         self.threads = threads
         self.memory_budget = None
@@ -430,7 +459,8 @@ class CLIP:
 
     @property
     def threads(self) -> int:
-        """Threads for the C core."""
+        """Threads for the C core: 1 to :data:`clipdecomp.engine.config.MAX_THREADS` (the larger of
+        1024 and four per CPU)."""
         return self._threads
 
     @threads.setter
@@ -438,9 +468,7 @@ class CLIP:
         self._threads_given = value is not None
         if value is None:
             value = default_threads()
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"threads must be a positive int, got {value!r}")
-        self._threads = int(value)
+        self._threads = check_size(value, "threads", maximum=MAX_THREADS)
 
     @property
     def memory_budget(self) -> int | None:
@@ -491,8 +519,9 @@ class CLIP:
         >>> plan.need(plan.batch_size) < plan.budget                      # doctest: +SKIP
         True
         """
-        bs = int(batch_size or (self._spatial_batch() if spatial else _BATCH))
-        return plan_memory(self.config, int(images), self._budget(), decompose=True,
+        bs = self._batch_arg(batch_size, self._spatial_batch() if spatial else _BATCH)
+        images = check_size(images, "images")
+        return plan_memory(self.config, images, self._budget(), decompose=True,
                            tokens=spatial, attn=attn, probe=probe, keep_pixels=keep_pixels,
                            threads=self.threads, batch_size=bs)
 
@@ -568,9 +597,18 @@ class CLIP:
             return a.shape[0] if a.ndim == 4 else 1
         return len(as_image_list(images))
 
+    def _call_threads(self) -> int:
+        """Threads for one core call: one in a forked child (see :func:`_fork_note`)."""
+        global _core_used
+        _core_used = True
+        if _forked_child and self.threads > 1:
+            _fork_note()
+            return 1
+        return self.threads
+
     def _run(self, pixels: np.ndarray, **opts: Any) -> dict[str, np.ndarray]:
         return self._core.encode_image(np.ascontiguousarray(pixels, dtype=np.float32),
-                                       threads=self.threads, **opts)
+                                       threads=self._call_threads(), **opts)
 
     def encode_image(self, images: Any, normalize: bool = False,
                      batch_size: int | None = None, progress: bool = False) -> np.ndarray:
@@ -653,12 +691,7 @@ class CLIP:
 
     @staticmethod
     def _batch_arg(batch_size: int | None, default: int) -> int:
-        if batch_size is None:
-            return default
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        return int(batch_size)
+        return check_size(batch_size, "batch_size", default=default)
 
     def _as_ids(self, texts_or_ids: Any) -> np.ndarray:
         if isinstance(texts_or_ids, str) or (
@@ -702,11 +735,11 @@ class CLIP:
         """
         if not self.config.has_text:
             raise ValueError("this checkpoint has no text tower: encode_text is not available")
+        bs = self._batch_arg(batch_size, 256)
         ids = self._as_ids(texts_or_ids)
-        bs = int(batch_size or 256)
         out = np.empty((ids.shape[0], self.config.embed_dim), dtype=np.float32)
         for s in range(0, ids.shape[0], bs):
-            out[s:s + bs] = self._core.encode_text(ids[s:s + bs], threads=self.threads)
+            out[s:s + bs] = self._core.encode_text(ids[s:s + bs], threads=self._call_threads())
         return _normalize(out) if normalize else out
 
     # -- the decomposition ---------------------------------------------------------------------
@@ -856,13 +889,11 @@ class CLIP:
     def __reduce__(self):
         """Pickle by source, never by weights: the weights file is opened again on unpickling
         (Dask workers, multiprocessing), with the same config, layout and tokenizer."""
-        try:
-            size = os.path.getsize(self.path)
-        except OSError:
-            size = None
+        stamp = getattr(self, "_stamp", None) or {}
         state = {
-            "path": self.path, "config": self.config, "layout": self.layout,
-            "size": size, "tokenizer": _tokenizer_spec(self.tokenizer),
+            "path": os.path.abspath(self.path), "config": self.config, "layout": self.layout,
+            "size": stamp.get("size"), "stamp": stamp,
+            "tokenizer": _tokenizer_spec(self.tokenizer),
             "logit_scale": self.logit_scale, "act_source": self.act_source,
             "threads": self._threads if self._threads_given else None,
             "memory_budget": self._memory_budget, "precision": self.precision,
@@ -893,6 +924,19 @@ class CLIP:
 
 
 
+def _weights_stamp(path: str) -> dict | None:
+    """Size, modification time and content fingerprint of a weights file (what an unpickled
+    model checks: the file must be the one the model was loaded from)."""
+    from clipdecomp.engine.safetensors_io import file_fingerprint
+
+    try:
+        mtime = os.stat(path).st_mtime_ns
+        size, digest = file_fingerprint(path)
+    except OSError:
+        return None
+    return {"size": size, "mtime_ns": mtime, "fingerprint": digest}
+
+
 def _tokenizer_spec(tok: Tokenizer | None) -> tuple:
     """How to make ``tok`` again: from its files when it came from files, else itself."""
     if tok is None:
@@ -905,10 +949,10 @@ def _tokenizer_spec(tok: Tokenizer | None) -> tuple:
         return ("default", ctx)
     if src.endswith(".json") and os.path.basename(src) == "tokenizer.json" and \
             os.path.isfile(src):
-        return ("file", src, ctx)
+        return ("file", os.path.abspath(src), ctx)
     merges = os.path.join(os.path.dirname(src), "merges.txt")
     if os.path.basename(src) == "vocab.json" and os.path.isfile(src) and os.path.isfile(merges):
-        return ("vocab", src, merges, ctx)
+        return ("vocab", os.path.abspath(src), os.path.abspath(merges), ctx)
     return ("object", tok)
 
 
@@ -935,10 +979,18 @@ def _restore(state: dict) -> CLIP:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: the weights of the pickled model are not here (a "
                                 "model is pickled by its path: every process must see the file)")
-    size = os.path.getsize(path)
-    if state.get("size") is not None and size != state["size"]:
-        raise ValueError(f"{path}: the weights file changed since the model was pickled "
-                         f"({state['size']} bytes then, {size} now)")
+    old = state.get("stamp") or {}
+    if not old and state.get("size") is not None:
+        old = {"size": state["size"]}           # pickled by an older version: size only
+    new = _weights_stamp(path) or {}
+    for key, what in (("size", "size in bytes"), ("mtime_ns", "modification time, ns"),
+                      ("fingerprint", "content fingerprint")):
+        if key in old and old[key] != new.get(key):
+            raise ValueError(
+                f"{path}: the weights file changed since the model was pickled ({what}: "
+                f"{old[key]} then, {new.get(key)} now), so the pickled model cannot be "
+                "restored from it. Load the model again with clipdecomp.load (copy weights "
+                "between machines with their times kept: cp -p, rsync -a)")
     core = _core.open_model(path, state["config"], state["layout"] or "auto")
     if state.get("precision", "fp32") != "fp32":   # bf16 pickled where the CPU had it, or not
         _core.set_precision(core, "bf16" if state["precision"] == "bf16" else "bf16-emulated")

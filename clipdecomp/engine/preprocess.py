@@ -36,6 +36,14 @@ __all__ = [
 
 #: a resize (before the centre crop) to more pixels than this resamples only the cropped region
 _MAX_RESIZED_PIXELS = 2**26
+#: a JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling, Pillow's draft)
+#: when both sides stay at least this many times the model's input side
+DRAFT_MARGIN = 4
+#: info key of an image decoded at reduced size: (original width, height, scale)
+_DRAFT_KEY = "clipdecomp.draft"
+#: bytes per pixel to decode an image and convert it to RGB (Pillow keeps 4 bytes a pixel for
+#: 8-bit images, its 32-bit modes and their float copy for 16-bit ones)
+_DECODE_BYTES_8BIT, _DECODE_BYTES_HIGH = 8, 20
 
 
 def _pil():
@@ -70,8 +78,77 @@ def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, 
     return left, top, left + size, top + size
 
 
-def load_image(item: Any) -> Any:
+def to_rgb(image: Any) -> Any:
+    """An RGB ``PIL.Image`` of any Pillow image, high bit depths scaled to 8 bits.
+
+    Pillow's own ``convert("RGB")`` clips 16-bit greyscale (``I;16``, ``I;16B``, ``I;16L``,
+    ``I``) to 255, turning most of the image white. Here 16-bit values are scaled by 255/65535
+    (``I`` images whose values fit 8 bits are taken as 8-bit), float (``F``) images in [0, 1]
+    by 255 (others as 0..255), then rounded. 48-bit RGB PNGs Pillow already reads as 8-bit
+    RGB (the high bytes).
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> im = Image.fromarray(np.full((2, 2), 65535, np.uint16))
+    >>> np.asarray(to_rgb(im))[0, 0].tolist()
+    [255, 255, 255]
+    """
+    Image = _pil()
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        x = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            top = 1.0 if np.nanmax(x, initial=0.0) <= 1.0 else 255.0
+        elif mode == "I" and np.max(x, initial=0.0) <= 255:
+            top = 255.0
+        else:
+            top = 65535.0
+        x = np.nan_to_num(x, nan=0.0, posinf=top, neginf=0.0)
+        grey = np.clip(np.rint(x * (255.0 / top)), 0, 255).astype(np.uint8)
+        out = Image.fromarray(grey, mode="L").convert("RGB")
+    else:
+        out = image.convert("RGB")
+    if _DRAFT_KEY in image.info:
+        out.info[_DRAFT_KEY] = image.info[_DRAFT_KEY]
+    return out
+
+
+def _open_path(path: str, size: int | None) -> Any:
+    """Decode a file (at reduced size when a JPEG allows it) within the memory budget."""
+    Image = _pil()
+    with Image.open(path) as im:
+        w, h = im.size
+        if size is not None and im.format == "JPEG" and min(w, h) >= 2 * DRAFT_MARGIN * size:
+            drafted = im.draft("RGB", (DRAFT_MARGIN * size, DRAFT_MARGIN * size))
+            if drafted is not None and im.size != (w, h):
+                im.info[_DRAFT_KEY] = (w, h, round(w / drafted[1][2]))
+        dw, dh = im.size
+        per = _DECODE_BYTES_HIGH if im.mode in ("I;16", "I;16B", "I;16L", "I", "F") \
+            else _DECODE_BYTES_8BIT
+        need = dw * dh * per
+        from clipdecomp.engine.helpers import format_bytes
+        from clipdecomp.engine.model import get_memory_budget
+
+        budget = get_memory_budget()
+        if need > budget:
+            raise MemoryError(
+                f"{path}: decoding this {w}x{h} image ({dw}x{dh} as decoded) needs about "
+                f"{format_bytes(need)}, more than the memory budget of {format_bytes(budget)}. "
+                "Raise it with clipdecomp.set_memory_budget(bytes) or "
+                "CLIPDECOMP_MEMORY_BUDGET, or make the image smaller first")
+        im.load()
+        return to_rgb(im)
+
+
+def load_image(item: Any, size: int | None = None) -> Any:
     """Open one image (path, PIL image, or uint8 array) as an RGB ``PIL.Image``.
+
+    High bit depths are scaled to 8 bits (:func:`to_rgb`). With ``size`` (the model's input
+    side), a large JPEG is decoded at 1/2, 1/4 or 1/8 of its size when both sides stay at
+    least ``DRAFT_MARGIN * size`` pixels (:func:`to_pixels` then maps the crop exactly). A
+    file whose decoding would exceed the memory budget
+    (:func:`clipdecomp.set_memory_budget`) is refused before it is decoded.
 
     Raises
     ------
@@ -79,6 +156,8 @@ def load_image(item: Any) -> Any:
         A path that does not exist (the message names it).
     ValueError
         A file that is not an image, or an array of the wrong shape / dtype.
+    MemoryError
+        A file whose decoding would exceed the memory budget.
 
     Examples
     --------
@@ -91,19 +170,20 @@ def load_image(item: Any) -> Any:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such image file")
         try:
-            with Image.open(path) as im:
-                im.load()
-                return im.convert("RGB")
+            return _open_path(path, size)
         except Image.DecompressionBombError as e:
             raise ValueError(f"{path}: refused as a possible decompression bomb: {e} Raise "
                              "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
-        except MemoryError:
+        except MemoryError as e:
+            if str(e).startswith(path):
+                raise
             raise MemoryError(f"{path}: not enough memory to decode this image") from None
         except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
                 IndexError, struct_error, ZeroDivisionError) as e:
-            raise ValueError(f"{path}: not an image Pillow can read ({e})") from None
+            raise ValueError(f"{path}: not an image Pillow can read "
+                             f"({type(e).__name__}: {e})") from None
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return to_rgb(item)
     arr = np.asarray(item)
     if arr.dtype != np.uint8:
         raise ValueError(f"an image array must be uint8 [H, W(, C)] (or an already preprocessed "
@@ -136,7 +216,19 @@ def to_pixels(image: Any, image_size: int, mean: Sequence[float], std: Sequence[
     w, h = image.size
     if w == 0 or h == 0:
         raise ValueError(f"empty image of size {w}x{h}")
-    if resize_mode == "shortest":
+    draft = image.info.get(_DRAFT_KEY)
+    if draft is not None and resize_mode in ("shortest", "squash"):
+        # decoded at 1/a of its size: the geometry of the full image, sampled in this one
+        ow, oh, a = draft
+        if resize_mode == "shortest":
+            nw, nh = resize_size(ow, oh, image_size)
+            left, top, right, bottom = center_crop_box(nw, nh, image_size)
+            sx, sy = ow / nw / a, oh / nh / a
+            box = (left * sx, top * sy, right * sx, bottom * sy)
+        else:
+            box = (0, 0, ow / a, oh / a)
+        image = image.resize((image_size, image_size), resample=resample, box=box)
+    elif resize_mode == "shortest":
         nw, nh = resize_size(w, h, image_size)
         if nw * nh > _MAX_RESIZED_PIXELS:
             # an extreme aspect ratio: resizing the whole image first would take gigabytes, so
@@ -287,7 +379,7 @@ def preprocess_items(items: Sequence[Any], image_size: int, mean: Sequence[float
             out[i] = _check_pixels(arr, image_size, where)[0]
         else:
             try:
-                img = load_image(item)
+                img = load_image(item, image_size)
             except ValueError as e:
                 if isinstance(item, (str, os.PathLike)):
                     raise

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from clipdecomp.engine.config import check_size
+
 __all__ = ["HeadIndex", "HeadIndexWriter"]
 
 _META = "meta.json"
@@ -383,6 +385,7 @@ class HeadIndex:
         scores : ndarray float32, same shape
             Cosine similarities or dot products, best first (ties: lower index first).
         """
+        k = check_size(k, "k")
         q, single = self._query_vectors(query)
         n = len(self)
         excl = None if exclude is None else np.unique(np.asarray(list(exclude), np.int64))

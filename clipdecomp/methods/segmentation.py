@@ -30,6 +30,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from clipdecomp.engine.config import check_size
 from clipdecomp.engine.helpers import progress_bar
 from clipdecomp.methods.spatial import heatmap, upsample
 
@@ -315,8 +316,7 @@ def segment(model: Any, images: Any, classifier: np.ndarray, batch_size: int = 8
     n = len(images)
     if n == 0:
         raise ValueError("no images")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_size(batch_size, "batch_size")
     if classes is not None:
         classes = np.asarray(classes, np.int64).reshape(-1)
         if len(classes) != n:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from clipdecomp.engine import core
+from clipdecomp.engine.config import check_size
 from clipdecomp.engine.selection import parse_layers
 
 __all__ = ["HeadStats"]
@@ -104,10 +105,8 @@ class HeadStats:
         buffer_rows: int = BUFFER_ROWS,
     ):
         self._requested_layers = None if layers is None else list(layers)
-        self.chunk = int(chunk)
-        self.buffer_rows = int(buffer_rows)
-        if self.buffer_rows < 1:
-            raise ValueError(f"buffer_rows must be at least 1, got {buffer_rows}")
+        self.chunk = check_size(chunk, "chunk")
+        self.buffer_rows = check_size(buffer_rows, "buffer_rows")
         self.n = 0
         self.layers: tuple[int, ...] | None = None
         self.n_layers: int | None = None

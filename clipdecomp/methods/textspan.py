@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from clipdecomp.engine.config import check_size
 from clipdecomp.engine.helpers import progress_bar
 from clipdecomp.engine.selection import parse_layers
 
@@ -322,6 +323,7 @@ def textspan(
         raise ValueError("TextSpan needs at least two images")
     t = _check_inputs(text_embeddings, dim)
     texts = _as_texts(texts, t.shape[0])
+    n_texts, rank = check_size(n_texts, "n_texts"), check_size(rank, "rank")
 
     # 1. top right singular vectors of the uncentred C
     if _check_rank_mode(rank_mode) == "reference":
@@ -440,6 +442,7 @@ def textspan_from_stats(
     texts = _as_texts(texts, t.shape[0])
     second = (second + second.T) / 2
 
+    n_texts, rank = check_size(n_texts, "n_texts"), check_size(rank, "rank")
     # 1. top eigenvectors of C^T C = right singular vectors of C (eigh: ascending order)
     w, v = np.linalg.eigh(second)
     w, v = w[::-1], v[:, ::-1]
@@ -572,6 +575,7 @@ def textspan_heads(
         else:
             lays = _default_layers(layers, n_layers)
         pairs = [(layer, h) for layer in lays for h in range(n_heads)]
+    n_texts, rank = check_size(n_texts, "n_texts"), check_size(rank, "rank")
     t = np.asarray(text_embeddings)
     texts = _as_texts(texts, t.shape[0])
 
@@ -692,7 +696,8 @@ def textspan_reconstruction_curve(
         head_means = heads.mean(axis=0, dtype=np.float64)
     else:
         head_means = np.asarray(getattr(means, "heads", means), np.float64)
-    ks = sorted({int(k) for k in n_texts_list})
+    rank = check_size(rank, "rank")
+    ks = sorted({0 if k == 0 else check_size(k, "n_texts_list entry") for k in n_texts_list})
     kmax = max(ks) if ks else 0
 
     full = heads.sum(axis=(1, 2), dtype=np.float64) + mlps.sum(axis=1, dtype=np.float64)

@@ -15,6 +15,8 @@ from typing import Any, Callable, Union, overload
 
 import numpy as np
 
+from clipdecomp.engine.config import check_size
+
 __all__ = [
     "CLIPDECOMP_TEMPLATES",
     "DEFAULT_TEMPLATES",
@@ -205,6 +207,7 @@ def zero_shot_classifier(
     >>> W = zero_shot_classifier(model, ["cat", "dog"])          # doctest: +SKIP
     >>> pred = (model.encode_image(images, normalize=True) @ W).argmax(1)        # doctest: +SKIP
     """
+    batch_size = check_size(batch_size, "batch_size")
     if templates is None:
         templates = DEFAULT_TEMPLATES
     elif isinstance(templates, str):
@@ -267,8 +270,8 @@ def accuracy(
     labels = np.asarray(labels).reshape(-1)
     if logits.shape[0] != labels.shape[0]:
         raise ValueError(f"{logits.shape[0]} embeddings for {labels.shape[0]} labels")
-    single = isinstance(topk, (int, np.integer))
-    ks = [int(topk)] if isinstance(topk, (int, np.integer)) else [int(k) for k in topk]
+    single = np.ndim(topk) == 0
+    ks = [check_size(k, "topk") for k in ([topk] if single else topk)]  # type: ignore[union-attr]
     kmax = min(max(ks), logits.shape[1])
     # stable descending order: equal scores rank by class index, as argmax does
     order = np.argsort(-logits, axis=1, kind="stable")[:, :kmax]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING, Any
 
+from clipdecomp.engine.config import check_size
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -36,6 +38,8 @@ def format_head_table(df: pd.DataFrame, n_show: int | None = None, sep: str = "<
     >>> format_head_table(df, sep="; ").data["texts"].iloc[0]
     'a dog; a cat'
     """
+    if n_show is not None:
+        n_show = check_size(n_show, "n_show")
     out = df.copy()
     escape = sep == "<br>"
     out["texts"] = [
