@@ -1,0 +1,234 @@
+"""Second-order (and first-order) neuron effects against torch on transformers' random models.
+
+* ``reference_hook``: a fresh float64 torch transcription of the steps of the reference code's
+  second-order hook (``[B, tokens, neurons, width]`` intermediates, every later head, the
+  ``(1 + 2j) F`` / ``(1 + 2j) H F`` / ``(1 + 2j)(2L + 1) H F`` shares, coefficient 100): ours
+  within 1e-4 relative.
+* ``mlp_through_heads``: the whole MLP output of the layer (transformers' own ``mlp`` module on
+  every token) through the later heads, never split into neurons: equals our effects summed
+  over neurons.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from checkpoints import random_pixels
+
+import clipdecomp
+from clipdecomp import neurons
+
+pytestmark = pytest.mark.usefixtures("core")
+
+_LOADED: dict = {}
+
+
+def loaded(ck, layout: str) -> clipdecomp.CLIP:
+    key = (ck.name, layout)
+    if key not in _LOADED:
+        _LOADED[key] = clipdecomp.load(ck.dirs[(layout, "F32")], threads=1)
+    return _LOADED[key]
+
+
+def rel(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@torch.no_grad()
+def trace(ck, pixels: np.ndarray, layer: int) -> dict:
+    """float64 transformers forward: hidden states, attentions, post-activation hidden and MLP
+    output of ``layer``, ln_1 statistics per token of every layer, ln_post statistics."""
+    m = copy.deepcopy(ck.model).double().eval()
+    vm = m.vision_model
+    got = {}
+    lay = vm.encoder.layers[layer]
+    h1 = lay.mlp.fc2.register_forward_hook(
+        lambda mod, inp, out: got.update(act=inp[0].clone(), mlp=out.clone()))
+    out = vm(pixel_values=torch.from_numpy(pixels).double(), output_attentions=True,
+             output_hidden_states=True)
+    h1.remove()
+    hs = out.hidden_states
+    ln1 = []
+    for j, lj in enumerate(vm.encoder.layers):
+        x = hs[j]
+        ln1.append((x.mean(-1), torch.sqrt(x.var(-1, unbiased=False) + lj.layer_norm1.eps)))
+    y = hs[-1][:, 0]
+    post = vm.post_layernorm
+    mu, sd = y.mean(-1), torch.sqrt(y.var(-1, unbiased=False) + post.eps)
+    proj = m.visual_projection.weight.T
+    rep = ((y - mu[:, None]) / sd[:, None] * post.weight + post.bias) @ proj
+    return {"m": m, "att": out.attentions, "act": got["act"], "mlp": got["mlp"], "ln1": ln1,
+            "mu": mu, "sd": sd, "rep": rep, "proj": proj}
+
+
+@torch.no_grad()
+def reference_hook(ck, pixels: np.ndarray, layer: int, coefficient: float = 100.0) -> np.ndarray:
+    """[B, F, D], the reference's route: per later (layer, head), every token and neuron."""
+    t = trace(ck, pixels, layer)
+    vm = t["m"].vision_model
+    L = len(vm.encoder.layers)
+    H = ck.vision_config.num_attention_heads
+    lay = vm.encoder.layers[layer]
+    act = t["act"]                                                     # [B, N, F]
+    F = act.shape[-1]
+    w_p, b_p = lay.mlp.fc2.weight, lay.mlp.fc2.bias                    # [W, F], [W]
+    per_neuron = torch.einsum("btn,nm->btnm", act, w_p.T) + b_p / F    # [B, N, F, W]
+    total = 0
+    for j in range(layer + 1, L):
+        lj = vm.encoder.layers[j]
+        share = (1 + 2 * j) * F
+        mean, std = t["ln1"][j]
+        normed = (lj.layer_norm1.weight * (per_neuron - mean[:, :, None, None] / share)
+                  / std[:, :, None, None] + lj.layer_norm1.bias / share)
+        W = normed.shape[-1]
+        d = W // H
+        wv = lj.self_attn.v_proj.weight.view(H, d, W)
+        bv = lj.self_attn.v_proj.bias.view(H, d)
+        wo = lj.self_attn.out_proj.weight.view(W, H, d)
+        for h in range(H):
+            v = torch.einsum("bnxc,dc->bnxd", normed, wv[h]) + bv[h] / share
+            x = torch.einsum("bnm,bmxc->bnxc", t["att"][j][:, h], v)
+            ret = torch.einsum("bnxc,dc->bnxd", x, wo[:, h]) + \
+                lj.self_attn.out_proj.bias / (share * H)
+            post_share = (1 + 2 * j) * (1 + 2 * L) * H * F
+            post = vm.post_layernorm
+            y = (post.weight * (ret[:, 0] - t["mu"][:, None, None] / post_share)
+                 / t["sd"][:, None, None] + post.bias / post_share)
+            total = total + y @ t["proj"]
+    return (coefficient * total / t["rep"].norm(dim=-1)[:, None, None]).numpy()
+
+
+@torch.no_grad()
+def mlp_through_heads(ck, pixels: np.ndarray, layer: int, coefficient: float = 100.0):
+    """[B, D]: the MLP output of ``layer`` (all tokens, not split) through every later head's
+    class-token row, ln_1 / ln_post linearised with the layer-level shares."""
+    t = trace(ck, pixels, layer)
+    vm = t["m"].vision_model
+    L = len(vm.encoder.layers)
+    H = ck.vision_config.num_attention_heads
+    M = t["mlp"]                                                       # [B, N, W]
+    W = M.shape[-1]
+    d = W // H
+    total = 0
+    for j in range(layer + 1, L):
+        lj = vm.encoder.layers[j]
+        mean, std = t["ln1"][j]
+        s = 1 + 2 * j
+        ln = lj.layer_norm1.weight * (M - mean[..., None] / s) / std[..., None] + \
+            lj.layer_norm1.bias / s
+        v = (lj.self_attn.v_proj(ln) - lj.self_attn.v_proj.bias * (1 - 1 / s)).view(*M.shape[:2], H, d)
+        for h in range(H):
+            x0 = torch.einsum("bt,btc->bc", t["att"][j][:, h, 0], v[:, :, h])
+            o = x0 @ lj.self_attn.out_proj.weight[:, h * d:(h + 1) * d].T + \
+                lj.self_attn.out_proj.bias / (s * H)
+            ps = s * (1 + 2 * L) * H
+            post = vm.post_layernorm
+            y = post.weight * (o - t["mu"][:, None] / ps) / t["sd"][:, None] + post.bias / ps
+            total = total + y @ t["proj"]
+    return (coefficient * total / t["rep"].norm(dim=-1)[:, None]).numpy()
+
+
+CASES = [("b32_quick", 0), ("b16_gelu", 0), ("b16_gelu", 1)]
+
+
+@pytest.mark.parametrize("name,layer", CASES)
+@pytest.mark.parametrize("layout", ["hf", "open_clip"])
+def test_second_order_matches_reference_hook(checkpoints, name, layer, layout):
+    ck = checkpoints[name]
+    px = random_pixels(ck, 3, seed=11)
+    ours = neurons.second_order(loaded(ck, layout), px, layer, batch_size=2)
+    ref = reference_hook(ck, px, layer)
+    c = ck.vision_config
+    assert ours.shape == (3, c.intermediate_size, ck.model.config.projection_dim)
+    assert ours.dtype == np.float32
+    assert rel(ours, ref) < 1e-4
+    # per neuron, not only overall: the smallest effects too
+    err = np.abs(ours - ref).max(-1) / np.abs(ref).max()
+    assert err.max() < 1e-4
+
+
+@pytest.mark.parametrize("name,layer", CASES)
+def test_neurons_sum_to_mlp_through_heads(checkpoints, name, layer):
+    ck = checkpoints[name]
+    px = random_pixels(ck, 2, seed=3)
+    ours = neurons.second_order(loaded(ck, "hf"), px, layer).sum(1)
+    assert rel(ours, mlp_through_heads(ck, px, layer)) < 1e-4
+
+
+@pytest.mark.parametrize("name,layer", [("b32_quick", 0), ("b32_quick", 1), ("b16_gelu", 2)])
+def test_first_order_sums_to_mlp_term(checkpoints, name, layer):
+    ck = checkpoints[name]
+    px = random_pixels(ck, 3, seed=4)
+    model = loaded(ck, "open_clip")
+    eff = neurons.first_order(model, px, layer, coefficient=2.5)
+    dec = model.decompose(px)
+    assert rel(eff.sum(1), 2.5 * dec.mlps[:, layer + 1]) < 1e-4
+    # each neuron: its class-token activation along G(W_proj[:, n]), from torch
+    t = trace(ck, px, layer)
+    post = t["m"].vision_model.post_layernorm
+    lay = t["m"].vision_model.encoder.layers[layer]
+    F = t["act"].shape[-1]
+    K = 2 * len(t["m"].vision_model.encoder.layers) + 1
+    with torch.no_grad():
+        out = t["act"][:, 0, :, None] * lay.mlp.fc2.weight.T + lay.mlp.fc2.bias / F   # [B, F, W]
+        y = post.weight * (out - t["mu"][:, None, None] / (K * F)) / t["sd"][:, None, None] + \
+            post.bias / (K * F)
+        ref = 2.5 * (y @ t["proj"]) / t["rep"].norm(dim=-1)[:, None, None]
+    assert rel(eff, ref.numpy()) < 1e-4
+
+
+def test_fold_apply_fast_equals_naive(core):
+    rng = np.random.default_rng(0)
+    B, K, F, D = 3, 5, 37, 19
+    coef = rng.standard_normal((B, K, F)).astype(np.float32)
+    fold = rng.standard_normal((F, K, D)).astype(np.float32)
+    scale = rng.standard_normal(B).astype(np.float32)
+    shift = rng.standard_normal((B, D)).astype(np.float32)
+    fast = core._neuron_fold_apply(coef, fold, scale, shift)
+    naive = core._neuron_fold_apply(coef, fold, scale, shift, naive=True)
+    ref = np.einsum("bkn,nkd->bnd", coef.astype(np.float64), fold) * scale[:, None, None] + \
+        shift[:, None]
+    assert np.abs(naive - ref).max() < 1e-5
+    assert np.abs(fast - ref).max() < 1e-4
+    with pytest.raises(ValueError, match="must agree"):
+        core._neuron_fold_apply(coef, fold[:, :4], scale, shift)
+
+
+def test_recorded_activations_are_transformers(b16):
+    px = random_pixels(b16, 2, seed=8)
+    model = loaded(b16, "hf")
+    rec = [0, 5, 149]
+    (start, out), = list(neurons.neuron_forward(model, px, 1, record=rec))
+    t = trace(b16, px, 1)
+    assert start == 0
+    assert rel(out["acts"], t["act"][:, :, rec].numpy()) < 1e-5
+    assert rel(out["act_cls"], t["act"][:, 0].numpy()) < 1e-5
+
+
+def test_bad_arguments(b32):
+    model = loaded(b32, "hf")
+    px = random_pixels(b32, 1)
+    with pytest.raises(ValueError, match="later layer"):
+        neurons.second_order(model, px, 1)
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 1\)"):
+        neurons.second_order(model, px, 5)
+    with pytest.raises(TypeError, match="layer must be an int"):
+        neurons.second_order(model, px, 0.5)
+    with pytest.raises(ValueError, match="coefficient"):
+        neurons.second_order(model, px, 0, coefficient=float("nan"))
+    with pytest.raises(ValueError, match="neuron indices must lie"):
+        list(neurons.neuron_forward(model, px, 0, record=[256]))
+    with pytest.raises(ValueError, match="layer must be in"):
+        model._core.neuron_coefs(px, 2)
+    with pytest.raises(ValueError, match="pixels must have shape"):
+        model._core.neuron_coefs(px[:, :2], 0)
+    model.memory_budget = 1000
+    try:
+        with pytest.raises(MemoryError, match="neuron_stats"):
+            neurons.second_order(model, px, 0)
+    finally:
+        model.memory_budget = None
