@@ -232,3 +232,95 @@ def test_bad_arguments(b32):
             neurons.second_order(model, px, 0)
     finally:
         model.memory_budget = None
+
+
+# ---------------------------------------------------------------------------------------------
+# streamed statistics against the in-memory computation (compute_pcas.py, transcribed)
+
+
+def pcas_in_memory(effects: np.ndarray, k: int):
+    """The reference's compute_pcas.py on the whole [N, F, D] array: centre by the mean over
+    images, rank images by centred norm, SVD of the top k, sign by majority of projections."""
+    mean = effects.mean(axis=0)
+    pcs, norms, tops = [], [], []
+    for n in range(effects.shape[1]):
+        cur = effects[:, n] - mean[n]
+        nrm = np.linalg.norm(cur, axis=-1)
+        important = np.argsort(nrm)[-k:]
+        _, _, vh = np.linalg.svd(cur[important], full_matrices=False)
+        positive = int(((cur[important] @ vh[0]) > 0).sum())
+        pcs.append(vh[0] if positive > k // 2 else -vh[0])
+        norms.append(np.sort(nrm)[-k:])
+        tops.append(important)
+    return mean, np.stack(pcs), np.stack(norms), np.stack(tops)
+
+
+def test_streamed_stats_equal_in_memory_on_arrays():
+    from clipdecomp.neuron_stats import EffectMean, NeuronStats
+
+    rng = np.random.default_rng(1)
+    # sparse, heavy-tailed effects, as neurons have: a few images carry most of the norm
+    N, F, D, k = 90, 7, 12, 10
+    eff = (rng.standard_normal((N, F, D)) * rng.exponential(1.0, (N, F, 1)) ** 3)
+    eff = eff.astype(np.float32)
+    acc = EffectMean(F, D)
+    for s in range(0, N, 16):
+        acc.update(eff[s:s + 16])
+    st = NeuronStats(acc.result(), k=k)
+    order = list(range(0, N, 16))[::-1]           # batches may arrive in any order
+    for s in order:
+        st.update(eff[s:s + 16], start=s)
+    res = st.result()
+    mean, pcs, norms, tops = pcas_in_memory(eff.astype(np.float64), k)
+    assert np.abs(res.mean - mean).max() < 1e-5
+    assert np.array_equal(np.sort(res.top_images, 1), np.sort(tops, 1))
+    assert np.abs(res.top_norms[:, ::-1] - norms).max() < 1e-4 * np.abs(norms).max()
+    assert np.abs(res.pcs - pcs).max() < 1e-4
+    assert res.norms.shape == (N, F)
+    assert np.abs(res.norms - np.linalg.norm(eff - mean, axis=-1)).max() < 1e-4
+    assert np.all(np.diff(res.top_norms, axis=1) <= 0)
+    assert res.significant().sum(0).tolist() == [k - 1] * F   # strictly above the k-th
+
+
+def test_stats_fewer_images_than_k_and_errors():
+    from clipdecomp.neuron_stats import NeuronStats
+
+    eff = np.random.default_rng(2).standard_normal((4, 3, 5)).astype(np.float32)
+    st = NeuronStats(eff.mean(0), k=10)
+    st.update(eff)
+    res = st.result()
+    assert res.top_images.shape == (3, 4)
+    assert sorted(res.top_images[0]) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="added already"):
+        st.update(eff, start=0)
+    with pytest.raises(ValueError, match=r"shape \[b, 3, 5\]"):
+        st.update(eff[:, :2])
+    with pytest.raises(ValueError, match="NaN"):
+        st.update(np.full((1, 3, 5), np.nan), start=9)
+    with pytest.raises(ValueError, match="k must be"):
+        NeuronStats(eff.mean(0), k=0)
+
+
+def test_neuron_stats_streamed_equal_in_memory(b16, tmp_path):
+    from clipdecomp.neuron_stats import load_neuron_stats, neuron_stats, save_neuron_stats
+
+    model = loaded(b16, "open_clip")
+    px = random_pixels(b16, 23, seed=21)
+    res = neuron_stats(model, px, 1, k=7, batch_size=5)
+    eff = neurons.second_order(model, px, 1)
+    mean, pcs, norms, tops = pcas_in_memory(eff.astype(np.float64), 7)
+    assert np.abs(res.mean - mean).max() < 1e-6 * np.abs(mean).max() + 1e-7
+    assert np.array_equal(np.sort(res.top_images, 1), np.sort(tops, 1))
+    # the sign rule counts positive projections: a projection within rounding of 0 may count
+    # either way, so signs are compared only where every projection is clear of 0
+    cen = np.take_along_axis(eff - mean, tops[:, :, None].transpose(1, 0, 2), 0)  # [k, F, D]
+    clear = np.abs(np.einsum("kfd,fd->kf", cen, pcs)).min(0) > 1e-4
+    assert clear.mean() > 0.9
+    assert np.abs(res.pcs - pcs)[clear].max() < 1e-3
+    assert np.abs(np.abs(res.pcs) - np.abs(pcs)).max() < 1e-3
+    assert np.abs(res.top_norms[:, ::-1] - norms).max() < 1e-5 * norms.max()
+    for path in (tmp_path / "s.npz", str(tmp_path / "run.zarr") + "/neurons/1"):
+        back = load_neuron_stats(save_neuron_stats(res, path))
+        assert back.layer == 1 and back.n_images == 23 and back.k == 7
+        for key in ("mean", "top_images", "top_norms", "pcs", "norms"):
+            assert np.array_equal(getattr(back, key), getattr(res, key)), key
