@@ -324,3 +324,74 @@ def test_neuron_stats_streamed_equal_in_memory(b16, tmp_path):
         assert back.layer == 1 and back.n_images == 23 and back.k == 7
         for key in ("mean", "top_images", "top_norms", "pcs", "norms"):
             assert np.array_equal(getattr(back, key), getattr(res, key)), key
+
+
+# ---------------------------------------------------------------------------------------------
+# text for neurons
+
+
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_omp_equals_sklearn(k):
+    from sklearn.decomposition import SparseCoder
+    from sklearn.linear_model import OrthogonalMatchingPursuit
+
+    from clipdecomp.neuron_texts import omp, text_dictionary
+
+    rng = np.random.default_rng(k)
+    texts = rng.standard_normal((60, 16)) + 0.3
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    dictionary = text_dictionary(texts)                 # atoms of unequal norms, as in use
+    targets = rng.standard_normal((9, 16))
+    ours = omp(dictionary, targets, k)
+    for m in range(targets.shape[0]):
+        ref = OrthogonalMatchingPursuit(n_nonzero_coefs=k, fit_intercept=False)
+        ref.fit(dictionary.T, targets[m])
+        assert np.array_equal(np.nonzero(ours[m])[0], np.nonzero(ref.coef_)[0])
+        assert np.abs(ours[m] - ref.coef_).max() < 1e-8 * np.abs(ref.coef_).max()
+    # the reference's own route: SparseCoder(transform_algorithm="omp")
+    coder = SparseCoder(dictionary=dictionary, transform_algorithm="omp",
+                        transform_n_nonzero_coefs=k, transform_alpha=1e-4)
+    assert np.abs(ours - coder.transform(targets)).max() < 1e-6 * np.abs(ours).max()
+
+
+def test_text_dictionary_is_the_reference_scaling():
+    from clipdecomp.neuron_texts import text_dictionary
+
+    t = np.random.default_rng(0).standard_normal((30, 6))
+    ref = t - t.mean(axis=0)
+    ref = 100.0 * ref / np.linalg.norm(ref, axis=0, keepdims=True)
+    assert np.abs(text_dictionary(t) - ref).max() < 1e-12
+    with pytest.raises(ValueError, match="constant"):
+        text_dictionary(np.ones((4, 3)))
+
+
+def test_neuron_texts_table_and_recovery():
+    from clipdecomp.neuron_stats import NeuronStatsResult
+    from clipdecomp.neuron_texts import neuron_texts, text_dictionary
+
+    rng = np.random.default_rng(5)
+    T, D = 40, 24
+    emb = rng.standard_normal((T, D))
+    texts = [f"text {i}" for i in range(T)]
+    dictionary = text_dictionary(emb)
+    # directions built from 3 known texts each: OMP finds exactly those
+    truth = [[3, 17, 29], [0, 5, 38]]
+    dirs = np.stack([dictionary[t].T @ np.array([1.0, -0.5, 0.25]) for t in truth])
+    stats = NeuronStatsResult(mean=np.zeros((2, D), np.float32), top_images=np.zeros((2, 1), int),
+                              top_norms=np.zeros((2, 1), np.float32), pcs=dirs, norms=None,
+                              n_images=1, layer=4)
+    df = neuron_texts(stats, emb, texts, k=3)
+    assert list(df.neuron) == [0, 1] and list(df.layer) == [4, 4]
+    for row, t in zip(df.itertuples(), truth):
+        assert row.texts == [texts[i] for i in t]            # largest |weight| first
+        assert np.allclose(row.weights, [1.0, -0.5, 0.25])
+        assert row.cosine > 1 - 1e-9
+    assert df.attrs["codes"].shape == (2, T)
+    one = neuron_texts(dirs, emb, texts, k=2, neurons=[1])
+    assert list(one.neuron) == [1] and len(one.texts[0]) == 2
+    with pytest.raises(ValueError, match="must agree"):
+        neuron_texts(dirs, emb, texts[:-1])
+    with pytest.raises(ValueError, match="k must be"):
+        neuron_texts(dirs, emb, texts, k=0)
+    with pytest.raises(ValueError, match="neurons must lie"):
+        neuron_texts(dirs, emb, texts, neurons=[2])
