@@ -429,3 +429,206 @@ def first_order(model: Any, images: Any, layer: int, *, coefficient: float = COE
     True
     """
     return _effects(model, images, layer, "first", float(coefficient), batch_size, progress)
+
+
+# -- the reference's ablation study -------------------------------------------------------------
+
+
+def _check_classifier(classifier: Any, dim: int) -> np.ndarray:
+    clf = np.asarray(classifier, np.float64)
+    if clf.ndim != 2 or clf.shape[0] != dim:
+        raise ValueError(f"classifier must be [D, C] with D = {dim}, got shape {clf.shape}")
+    return clf
+
+
+def neuron_ablation(model: Any, images: Any, labels: Any, classifier: Any, stats: Any, *,
+                    coefficient: float = COEFFICIENT, batch_size: int | None = None,
+                    progress: bool = False):
+    """The reference's neuron ablation study, in one call (``compute_ablations.py``).
+
+    For each image the representation ``coefficient * emb / ||emb||`` is changed in the
+    second-order effects of the neurons of ``stats.layer`` only:
+
+    * ``mean-ablated``: every effect replaced by its mean over the statistics' images;
+    * ``without significant``: mean-ablated, then the insignificant effects put back (an effect
+      is significant when its centred norm exceeds its neuron's threshold ``stats.threshold``,
+      the k-th largest norm over the statistics' images);
+    * ``only significant``: mean-ablated, then only the significant effects put back;
+    * ``principal components``: mean-ablated, then each centred effect replaced by its
+      projection on the neuron's principal direction.
+
+    Parameters
+    ----------
+    model : CLIP
+    images : images or float pixels ``[B, 3, S, S]``
+    labels : int ``[B]``
+    classifier : ``[D, C]`` (``zero_shot_classifier``)
+    stats : NeuronStatsResult
+        From :func:`clipdecomp.neuron_stats.neuron_stats` on a reference set (its ``layer``
+        gives the neuron layer).
+    coefficient : float
+        As for :func:`second_order` (must match the statistics').
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``ablation`` and ``accuracy`` (top-1, in [0, 1]); ``df.attrs`` has
+        ``significant_share`` (fraction of (image, neuron) effects that are significant) and
+        ``logits`` (dict of ``[B, C]`` arrays).
+
+    Examples
+    --------
+    >>> df = neuron_ablation(model, images, labels, clf, stats)   # doctest: +SKIP
+    >>> df.set_index("ablation").accuracy["principal components"]  # doctest: +SKIP
+    0.98
+    """
+    import pandas as pd
+
+    from .model import _progress
+    from .preprocess import _is_float_array, as_image_list
+
+    if stats.layer is None:
+        raise ValueError("stats has no layer: compute it with neuron_stats(model, ..., layer)")
+    layer = _check_layer(model, stats.layer, need_later=True)
+    c = model.config
+    clf = _check_classifier(classifier, c.embed_dim)
+    if stats.mean.shape != (c.mlp_dim, c.embed_dim):
+        raise ValueError(f"stats are for [F, D] = {stats.mean.shape}, the model has "
+                         f"[{c.mlp_dim}, {c.embed_dim}]")
+    if not _is_float_array(images):
+        images = as_image_list(images)
+    n = model._count(images)
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != n:
+        raise ValueError(f"{labels.shape[0]} labels for {n} images")
+    fold = neuron_fold(model, layer)
+    mean = stats.mean.astype(np.float64)
+    pcs = stats.pcs.astype(np.float64)
+    thr = stats.threshold.astype(np.float64)
+    names = ["baseline", "mean-ablated", "without significant", "only significant",
+             "principal components"]
+    logits = {k: np.empty((n, clf.shape[1])) for k in names}
+    n_sig = 0
+    with _progress(n, progress, "neuron ablation") as bar:
+        for s, out in neuron_forward(model, images, layer, batch_size=batch_size):
+            eff = _second_from(fold, out, float(coefficient), _core()).astype(np.float64)
+            b = eff.shape[0]
+            emb = np.asarray(out["embedding"], np.float64)
+            rep = coefficient * emb / np.linalg.norm(emb, axis=1, keepdims=True)
+            cen = eff - mean
+            sig = np.linalg.norm(cen, axis=-1) > thr                    # [b, F]
+            n_sig += int(sig.sum())
+            ablated = rep - eff.sum(1) + mean.sum(0)
+            reps = {
+                "baseline": rep,
+                "mean-ablated": ablated,
+                "without significant": ablated + np.einsum("bf,bfd->bd", ~sig, cen),
+                "only significant": ablated + np.einsum("bf,bfd->bd", sig, cen),
+                "principal components": ablated + np.einsum(
+                    "bf,fd->bd", np.einsum("bfd,fd->bf", cen, pcs), pcs),
+            }
+            for k in names:
+                logits[k][s:s + b] = reps[k] @ clf
+            bar.update(b)
+    acc = [float((logits[k].argmax(1) == labels).mean()) for k in names]
+    df = pd.DataFrame({"ablation": names, "accuracy": acc})
+    df.attrs["significant_share"] = n_sig / float(n * c.mlp_dim)
+    df.attrs["logits"] = logits
+    return df
+
+
+# -- neuron-based zero-shot segmentation --------------------------------------------------------
+
+
+def neuron_segment(model: Any, images: Any, classifier: Any, stats: Any, *,
+                   top_neurons: int = 200, classes: Any = None, batch_size: int | None = None,
+                   progress: bool = False):
+    """Zero-shot segmentation from neurons, as the reference's ``compute_segmentation.py``.
+
+    For each class, the ``top_neurons`` neurons (over the layers of ``stats``) whose principal
+    direction has the largest absolute score under the class's classifier column; an image's map
+    is the mean over its class's neurons of their post-activation values at the patches. Maps are
+    upsampled bilinearly to the image side, min-max normalised per image, and thresholded at 0.5
+    (the reference's threshold; it does not clip at 0).
+
+    Parameters
+    ----------
+    model : CLIP
+    images : images or float pixels ``[B, 3, S, S]``
+    classifier : ``[D, C]``
+    stats : NeuronStatsResult or a sequence of them (one per layer, each with its ``layer``)
+    top_neurons : int
+        Neurons per class (200 in the reference).
+    classes : int ``[B]``, optional
+        Segment these classes (default: the predicted class of each image).
+
+    Returns
+    -------
+    SegmentationResult
+        ``scores [B, S, S]``, ``masks [B, S, S]``, ``classes [B]``, ``maps [B, G, G]``;
+        ``.metrics(gt_masks)`` gives the paper's metrics.
+
+    Examples
+    --------
+    >>> res = neuron_segment(model, images, clf, [st8, st9, st10])   # doctest: +SKIP
+    >>> res.metrics(gt_masks)["miou"]                                # doctest: +SKIP
+    """
+    from .preprocess import _is_float_array, as_image_list
+    from .segmentation import SegmentationResult
+    from .spatial import upsample
+
+    st_list = list(stats) if isinstance(stats, (list, tuple)) else [stats]
+    if not st_list or any(s.layer is None for s in st_list):
+        raise ValueError("stats must be NeuronStatsResult(s) with their layer set")
+    c = model.config
+    clf = _check_classifier(classifier, c.embed_dim)
+    pcs = np.concatenate([np.asarray(s.pcs, np.float64) for s in st_list])   # [F_all, D]
+    if isinstance(top_neurons, bool) or not isinstance(top_neurons, (int, np.integer)) \
+            or not 1 <= top_neurons <= pcs.shape[0]:
+        raise ValueError(f"top_neurons must be an int in [1, {pcs.shape[0]}], got "
+                         f"{top_neurons!r}")
+    layers = [_check_layer(model, s.layer, need_later=False) for s in st_list]
+    F = c.mlp_dim
+    scores = np.abs(pcs @ clf)                                          # [F_all, C]
+    chosen = np.argsort(scores, axis=0, kind="stable")[-top_neurons:].T  # [C, top]
+    if not _is_float_array(images):
+        images = as_image_list(images)
+    n = model._count(images)
+    if classes is not None:
+        classes = np.asarray(classes, np.int64).reshape(-1)
+        if classes.shape[0] != n or classes.min() < 0 or classes.max() >= clf.shape[1]:
+            raise ValueError(f"classes must be {n} ints in [0, {clf.shape[1]})")
+    G = c.grid
+    # post-activation values at every token of every neuron that some class uses
+    sums = np.zeros((n, c.n_tokens))
+    pred = np.empty(n, np.int64)
+    per_layer = []
+    for li, layer in enumerate(layers):
+        in_layer = np.unique(chosen[(chosen >= li * F) & (chosen < (li + 1) * F)]) - li * F
+        per_layer.append(in_layer)
+        if li == 0 or in_layer.size:
+            for s, out in neuron_forward(model, images, layer, record=in_layer,
+                                         batch_size=batch_size):
+                b = out["embedding"].shape[0]
+                if li == 0:
+                    pred[s:s + b] = (np.asarray(out["embedding"], np.float64) @ clf).argmax(1)
+                cls = pred[s:s + b] if classes is None else classes[s:s + b]
+                if not in_layer.size:
+                    continue
+                acts = np.asarray(out["acts"], np.float64)              # [b, N, R]
+                for i in range(b):
+                    mine = chosen[cls[i]]
+                    mine = mine[(mine >= li * F) & (mine < (li + 1) * F)] - li * F
+                    cols = np.searchsorted(in_layer, mine)
+                    sums[s + i] += acts[i][:, cols].sum(1)
+    cls_all = pred if classes is None else classes
+    maps = (sums[:, 1:] / top_neurons).reshape(n, G, G).astype(np.float32)
+    up = upsample(maps, c.image_size)
+    flat = up.reshape(n, -1)
+    lo = flat.min(1)[:, None, None]
+    span = flat.max(1)[:, None, None] - lo
+    degenerate = ~(span[:, 0, 0] > 0)
+    sc = np.where(span > 0, (up - lo) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
+    masks = sc > 0.5
+    return SegmentationResult(scores=sc, masks=masks, classes=np.asarray(cls_all, np.int64),
+                              maps=maps, degenerate=degenerate)

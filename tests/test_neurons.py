@@ -395,3 +395,80 @@ def test_neuron_texts_table_and_recovery():
         neuron_texts(dirs, emb, texts, k=0)
     with pytest.raises(ValueError, match="neurons must lie"):
         neuron_texts(dirs, emb, texts, neurons=[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# the ablation study and segmentation, against transcriptions of the reference's scripts
+
+
+def test_neuron_ablation_matches_reference_loop(b16):
+    from clipdecomp.neuron_stats import neuron_stats
+
+    model = loaded(b16, "hf")
+    ref_px = random_pixels(b16, 16, seed=30)
+    stats = neuron_stats(model, ref_px, 1, k=3)
+    px = random_pixels(b16, 7, seed=31)
+    rng = np.random.default_rng(0)
+    clf = rng.standard_normal((b16.model.config.projection_dim, 4))
+    labels = rng.integers(0, 4, 7)
+    df = neurons.neuron_ablation(model, px, labels, clf, stats, batch_size=3)
+
+    # compute_ablations.py, per image, on the [B, F, D] effects
+    eff = neurons.second_order(model, px, 1).astype(np.float64)
+    emb = model.encode_image(px, normalize=False).astype(np.float64)
+    rep = 100.0 * emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+    mean, pcas, thr = stats.mean, stats.pcs, stats.top_norms[:, ::-1][:, 0]
+    mean_abl = eff - mean[None]
+    norms = np.linalg.norm(mean_abl, axis=-1)
+    wo_sig = rep - eff.sum(1) + mean.sum(0)[None]
+    wo_neurons = wo_sig.copy()
+    wo_insig, pc = wo_sig.copy(), wo_sig.copy()
+    for b in range(7):
+        idx = norms[b] > thr
+        wo_sig[b] += mean_abl[b][~idx].sum(0)
+        wo_insig[b] += mean_abl[b][idx].sum(0)
+        pc[b] += (np.einsum("nd,nd->n", mean_abl[b], pcas)[:, None] * pcas).sum(0)
+    lg = df.attrs["logits"]
+    for name, r in [("baseline", rep), ("mean-ablated", wo_neurons),
+                    ("without significant", wo_sig), ("only significant", wo_insig),
+                    ("principal components", pc)]:
+        assert rel(lg[name], r @ clf) < 1e-4, name
+        acc = df.set_index("ablation").accuracy[name]
+        assert acc == float(((r @ clf).argmax(1) == labels).mean()), name
+    assert df.attrs["significant_share"] == (norms > thr).mean()
+    with pytest.raises(ValueError, match="labels"):
+        neurons.neuron_ablation(model, px, labels[:3], clf, stats)
+    with pytest.raises(ValueError, match="classifier"):
+        neurons.neuron_ablation(model, px, labels, clf.T, stats)
+
+
+def test_neuron_segment_matches_reference(b16):
+    import torch.nn.functional as tf
+
+    from clipdecomp.neuron_stats import neuron_stats
+
+    model = loaded(b16, "open_clip")
+    stats = [neuron_stats(model, random_pixels(b16, 12, seed=40 + i), i, k=3) for i in (0, 1)]
+    px = random_pixels(b16, 4, seed=41)
+    clf = np.random.default_rng(1).standard_normal((b16.model.config.projection_dim, 3))
+    res = neurons.neuron_segment(model, px, clf, stats, top_neurons=20, batch_size=3)
+
+    # compute_segmentation.py: chosen neurons per class over the layers' PCs, mean of their
+    # post-GELU values at the patches (from transformers), bilinear upsampling, min-max, > 0.5
+    pcas = np.concatenate([s.pcs for s in stats])
+    chosen = [np.argsort(np.abs(pcas @ clf[:, i]))[-20:] for i in range(3)]
+    F = b16.vision_config.intermediate_size
+    acts = [trace(b16, px, layer)["act"].numpy() for layer in (0, 1)]
+    emb = model.encode_image(px, normalize=False)
+    G, P = 4, b16.vision_config.patch_size
+    for b in range(4):
+        cls = int((emb[b] @ clf).argmax())
+        assert res.classes[b] == cls
+        rec = [acts[i // F][b, :, i % F] for i in chosen[cls]]
+        m = torch.from_numpy(np.mean(np.stack(rec), 0)[1:].reshape(1, 1, G, G))
+        up = tf.interpolate(m, scale_factor=P, mode="bilinear")[0, 0].numpy()
+        up = (up - up.min()) / (up.max() - up.min())
+        assert np.abs(res.scores[b] - up).max() < 1e-4
+        assert np.mean(res.masks[b] != (up > 0.5)) < 0.01
+    with pytest.raises(ValueError, match="top_neurons"):
+        neurons.neuron_segment(model, px, clf, stats, top_neurons=0)
