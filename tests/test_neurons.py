@@ -472,3 +472,33 @@ def test_neuron_segment_matches_reference(b16):
         assert np.mean(res.masks[b] != (up > 0.5)) < 0.01
     with pytest.raises(ValueError, match="top_neurons"):
         neurons.neuron_segment(model, px, clf, stats, top_neurons=0)
+
+
+def test_plot_neuron_shows_top_images_maps_and_texts(b16):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from clipdecomp.neuron_plots import neuron_maps, plot_neuron
+    from clipdecomp.neuron_stats import neuron_stats
+    from clipdecomp.neuron_texts import neuron_texts
+
+    model = loaded(b16, "hf")
+    px = random_pixels(b16, 9, seed=50)
+    st = neuron_stats(model, px, 1, k=4)
+    maps = neuron_maps(model, px, 1, 7)
+    ref = trace(b16, px, 1)["act"][:, 1:, 7].numpy().reshape(9, 4, 4)
+    assert rel(maps, ref) < 1e-5
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((30, b16.model.config.projection_dim))
+    table = neuron_texts(st, emb, [f"word {i}" for i in range(30)], k=3, neurons=[7])
+    fig = plot_neuron(model, px, st, 7, table, n_images=3)
+    image_axes = [ax for ax in fig.axes if ax.images]
+    assert len(image_axes) == 3
+    for ax, i in zip(image_axes, st.top_images[7][:3]):
+        assert ax.get_title().startswith(f"#{i} ")
+        heat = ax.images[1].get_array()                       # the map, upsampled to the image
+        assert heat.shape == (64, 64)
+    shown = "".join(t.get_text() for ax in fig.axes for t in ax.texts)
+    assert all(w in shown for w in table.texts.iloc[0])
+    with pytest.raises(ValueError, match="neuron must be"):
+        plot_neuron(model, px, st, 150)
