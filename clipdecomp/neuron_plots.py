@@ -101,7 +101,7 @@ def plot_neuron(model: Any, images: Any, stats: Any, neuron: int, texts: Any = N
     ax.axis("off")
     lines = []
     for j, w in enumerate(words[:n_texts]):
-        lines.append(f"{w}" + (f"  ({weights[j]:+.2f})" if j < len(weights) else ""))
+        lines.append(f"{w}" + (f"  ({weights[j]:+.3g})" if j < len(weights) else ""))
     ax.text(0.0, 1.0, "\n".join(lines) if lines else "(no texts)", va="top", ha="left",
             fontsize=8, transform=ax.transAxes)
     fig.suptitle(f"layer {stats.layer}, neuron {neuron}: top {n} of {stats.n_images} images "

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -502,3 +503,25 @@ def test_plot_neuron_shows_top_images_maps_and_texts(b16):
     assert all(w in shown for w in table.texts.iloc[0])
     with pytest.raises(ValueError, match="neuron must be"):
         plot_neuron(model, px, st, 150)
+
+
+def test_neuron_report_on_the_embedded_model(tmp_path):
+    from clipdecomp.neuron_report import format_neuron_report, neuron_report
+
+    model = clipdecomp.load(threads=1)
+    rep = neuron_report(model, n_images=60, n_neurons=2, n_texts=3, figures=str(tmp_path))
+    st = rep["stats"]
+    assert rep["layer"] == model.config.layers - 2 and rep["k"] == 2
+    assert st.norms.shape == (60, model.config.mlp_dim)
+    # the sparsity measure, recomputed plainly: top 2% (2 of 60 images) of the squared norms
+    carried = []
+    for n in range(st.norms.shape[1]):
+        sq = sorted((float(x) ** 2 for x in st.norms[:, n]), reverse=True)
+        carried.append(sum(sq[:2]) / sum(sq))
+    assert np.allclose(rep["energy_top"], carried)
+    assert rep["sparse_share"] == np.mean(np.array(carried) > 0.5)
+    assert list(rep["neurons"].neuron) == list(np.argsort(-st.threshold, kind="stable")[:2])
+    assert all(len(t) == 3 for t in rep["neurons"].texts)
+    assert len(rep["figures"]) == 2 and all(os.path.getsize(p) > 0 for p in rep["figures"])
+    text = format_neuron_report(rep)
+    assert f"neurons of layer {rep['layer']}" in text and "under 2% of the images" in text
