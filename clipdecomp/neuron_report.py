@@ -25,7 +25,7 @@ def _energy_top(norms: np.ndarray, share: float) -> np.ndarray:
     """``[F]``: fraction of each neuron's summed squared norm carried by its top ``share`` of
     images."""
     sq = np.sort(np.asarray(norms, np.float64) ** 2, axis=0)[::-1]     # [N, F] descending
-    top = max(1, int(math.ceil(share * sq.shape[0])))
+    top = max(1, math.ceil(share * sq.shape[0]))
     total = sq.sum(0)
     return np.where(total > 0, sq[:top].sum(0) / np.where(total > 0, total, 1.0), 0.0)
 
@@ -90,7 +90,7 @@ def neuron_report(model: Any = None, layer: int | None = None, *, n_images: int 
     style = style or toy.MODEL_STYLE
     scenes = toy.generate(int(n_images), seed=seed, style=style)
     images = list(scenes.images)
-    k = max(1, int(math.ceil(share * len(images))))
+    k = max(1, math.ceil(share * len(images)))
     st = neuron_stats(model, images, layer, k=k, progress=progress)
     energy = _energy_top(st.norms, share)
     texts, _ = description_pool()
@@ -134,11 +134,11 @@ def format_neuron_report(rep: dict) -> str:
     """
     pct = 100 * rep["share"]
     lines = [
-        f"neurons of layer {rep['layer']} (second-order effects over {rep['n_images']} "
-        f"scenes, top {rep['k']} images = {pct:g}% per neuron):",
-        f"  {100 * rep['sparse_share']:.1f}% of neurons have an effect significant for under "
+        (f"neurons of layer {rep['layer']} (second-order effects over {rep['n_images']} "
+        f"scenes, top {rep['k']} images = {pct:g}% per neuron):"),
+        (f"  {100 * rep['sparse_share']:.1f}% of neurons have an effect significant for under "
         f"{pct:g}% of the images (their top {pct:g}% carry over half of the effect's squared "
-        f"norm; median share carried: {100 * float(np.median(rep['energy_top'])):.0f}%)",
+        f"norm; median share carried: {100 * float(np.median(rep['energy_top'])):.0f}%)"),
     ]
     acc = rep["ablation"].set_index("ablation").accuracy
     lines.append("  colour accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items())
