@@ -602,14 +602,17 @@ def neuron_segment(model: Any, images: Any, classifier: Any, stats: Any, *,
     # post-activation values at every token of every neuron that some class uses
     sums = np.zeros((n, c.n_tokens))
     pred = np.empty(n, np.int64)
-    per_layer = []
+    from .model import _progress
+
     for li, layer in enumerate(layers):
         in_layer = np.unique(chosen[(chosen >= li * F) & (chosen < (li + 1) * F)]) - li * F
-        per_layer.append(in_layer)
-        if li == 0 or in_layer.size:
+        if li > 0 and not in_layer.size:
+            continue
+        with _progress(n, progress, f"neuron maps, layer {layer}") as bar:
             for s, out in neuron_forward(model, images, layer, record=in_layer,
                                          batch_size=batch_size):
                 b = out["embedding"].shape[0]
+                bar.update(b)
                 if li == 0:
                     pred[s:s + b] = (np.asarray(out["embedding"], np.float64) @ clf).argmax(1)
                 cls = pred[s:s + b] if classes is None else classes[s:s + b]
