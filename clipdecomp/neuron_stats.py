@@ -9,8 +9,9 @@ neuron's significance threshold (an effect above it is "significant", as in the 
 ablations).
 
 Two passes over the images: the mean, then the top images (a top-k by centred norm needs the
-mean first). Memory: ``F * k * D`` floats for the kept effects (157 MB for ViT-B/32 with
-k = 100), ``N * F`` for the per-image norms when kept, one batch of ``[b, F, D]``.
+mean first). Memory: ``F * k * D`` floats for the kept effects (600 MiB for ViT-B/32 with
+k = 100), ``N * F`` for the per-image norms when kept, a few batches of ``[b, F, D]``; the
+principal directions are computed a slice of neurons at a time.
 
 Shapes: N images, F neurons, D embedding dim, k top images.
 """
@@ -198,8 +199,12 @@ class NeuronStats:
         order = np.argsort(-self.top_norms, axis=1, kind="stable")[:, :k]
         top_norms = np.take_along_axis(self.top_norms, order, 1)
         top_idx = np.take_along_axis(self.top_idx, order, 1)
-        eff = np.take_along_axis(self.top_eff, order[:, :, None], 1)   # [F, k, D]
-        pcs = principal_directions(eff)
+        F, _, D = self.top_eff.shape
+        pcs = np.empty((F, D), np.float32)
+        step = max(1, (64 << 20) // (8 * k * D))                        # 64 MiB of float64
+        for a in range(0, F, step):
+            eff = np.take_along_axis(self.top_eff[a:a + step], order[a:a + step, :, None], 1)
+            pcs[a:a + step] = principal_directions(eff)
         norms = None
         if self.keep_norms:
             starts = sorted(self._norms)
