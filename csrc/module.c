@@ -9,7 +9,8 @@
  *           mlps [B, L+1, D], cls_to_cls [B, L, D], tokens [B, L, N, H, D],
  *           probe [B, L, N, H, T], attn_cls [B, L, H, N], attn_mean [B, L, N, N]
  *           (float32 views over one block owned by a capsule: zero-copy)
- *       .neuron_coefs(pixels, layer, *, record=None, threads=0) -> dict (neurons.h)
+ *       .neuron_coefs(pixels, layer, *, record=None, threads=0, scratch_budget=0) -> dict
+ *           (neurons.h)
  *       .encode_text(ids [T, C], *, threads=0) -> [T, D]
  *       .set_precision("bf16" | "bf16-emulated"), .precision -> "fp32" | "bf16" | "bf16-emulated"
  *   isa(), set_isa(name), has_bf16(), _matmul, _sgemm_nt, _sgemm_nn (kernel tests),
@@ -490,12 +491,17 @@ static PyObject *Model_encode_text(ModelObject *self, PyObject *args, PyObject *
 /* neuron_coefs(pixels, layer, *, record=None, threads=0): the per-image coefficients of the
  * second-order neuron effects (neurons.h) */
 static PyObject *Model_neuron_coefs(ModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"pixels", "layer", "record", "threads", NULL};
+    static char *kwlist[] = {"pixels", "layer", "record", "threads", "scratch_budget", NULL};
     PyObject *pix_obj, *rec_obj = Py_None;
     int layer, threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi|$Oi:neuron_coefs", kwlist, &pix_obj, &layer,
-                                     &rec_obj, &threads))
+    Py_ssize_t budget = 0;   /* bytes of scratch per forward chunk; 0: the core's default */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi|$Oin:neuron_coefs", kwlist, &pix_obj,
+                                     &layer, &rec_obj, &threads, &budget))
         return NULL;
+    if (budget < 0) {
+        PyErr_SetString(PyExc_ValueError, "scratch_budget must be >= 0");
+        return NULL;
+    }
     const cd_config *c = cd_model_config(self->m);
     const int S = c->image_size, L = c->layers, H = c->heads, F = c->mlp_dim, D = c->embed_dim;
     const int G = S / c->patch_size, N = 1 + G * G;
@@ -544,8 +550,9 @@ static PyObject *Model_neuron_coefs(ModelObject *self, PyObject *args, PyObject 
         const int32_t *rp = rec ? (const int32_t *)PyArray_DATA(rec) : NULL;
         const float *images = (const float *)PyArray_DATA(pix);
         Py_BEGIN_ALLOW_THREADS
-        st = cd_neuron_coefs(self->m, images, (int)B, layer, rp, (int)R, threads > 0 ? threads : 0,
-                             py_cancel, NULL, p[0], p[1], p[2], p[3], p[4], p[5], &err);
+        st = cd_neuron_coefs_budget(self->m, images, (int)B, layer, rp, (int)R,
+                                    threads > 0 ? threads : 0, py_cancel, NULL, p[0], p[1], p[2],
+                                    p[3], p[4], p[5], &err, (size_t)budget);
         Py_END_ALLOW_THREADS
         if (st != CD_OK) {
             raise_status(st, &err, NULL);
@@ -613,7 +620,7 @@ static PyMethodDef Model_methods[] = {
      "[B, L, N, H, T] (= tokens @ probe.T), attn_cls [B, L, H, N], attn_mean [B, L, N, N]."},
     {"neuron_coefs", (PyCFunction)(void (*)(void))Model_neuron_coefs,
      METH_VARARGS | METH_KEYWORDS,
-     "neuron_coefs(pixels, layer, *, record=None, threads=0) -> dict\n\n"
+     "neuron_coefs(pixels, layer, *, record=None, threads=0, scratch_budget=0) -> dict\n\n"
      "Per-image coefficients of the second-order effects of the MLP neurons of `layer` "
      "(csrc/neurons.h): coef [B, J, H, F], aux [B, J, H, 2], act_cls [B, F], embedding [B, D], "
      "ln_stats [B, 3] and, given record (R neuron indices), acts [B, N, R]."},

@@ -115,10 +115,24 @@ static int capture_cancel(void *ctx) {
     return c->cancel ? c->cancel(c->cancel_ctx) : 0;
 }
 
+/* internal entry point of model.c: cd_encode_image with a chosen scratch budget */
+cd_status cd_encode_image_budget(const cd_model *m, const float *images, int B,
+                                 const cd_vision_opts *opts, cd_vision_result **out,
+                                 cd_error *err, size_t budget);
+
 cd_status cd_neuron_coefs(const cd_model *m, const float *images, int B, int layer,
                           const int32_t *record, int R, int threads, cd_cancel_fn cancel,
                           void *cancel_ctx, float *coef, float *aux, float *act_cls, float *acts,
                           float *embedding, float *ln_stats, cd_error *err) {
+    return cd_neuron_coefs_budget(m, images, B, layer, record, R, threads, cancel, cancel_ctx,
+                                  coef, aux, act_cls, acts, embedding, ln_stats, err, 0);
+}
+
+cd_status cd_neuron_coefs_budget(const cd_model *m, const float *images, int B, int layer,
+                                 const int32_t *record, int R, int threads, cd_cancel_fn cancel,
+                                 void *cancel_ctx, float *coef, float *aux, float *act_cls,
+                                 float *acts, float *embedding, float *ln_stats, cd_error *err,
+                                 size_t budget) {
     if (err) err->msg[0] = '\0';
     if (!m) {
         if (err) snprintf(err->msg, sizeof err->msg, "cd_neuron_coefs: NULL model");
@@ -167,7 +181,8 @@ cd_status cd_neuron_coefs(const cd_model *m, const float *images, int B, int lay
     o.capture = capture;
     o.capture_ctx = &c;
     cd_vision_result *r = NULL;
-    cd_status st = cd_encode_image(m, images, B, &o, &r, err);
+    cd_status st = budget ? cd_encode_image_budget(m, images, B, &o, &r, err, budget)
+                          : cd_encode_image(m, images, B, &o, &r, err);
     if (st == CD_OK) {
         memcpy(embedding, r->embedding, (size_t)B * D * sizeof(float));
         memcpy(ln_stats, r->ln_stats, (size_t)B * 3 * sizeof(float));

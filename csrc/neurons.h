@@ -16,6 +16,7 @@
 #ifndef CLIPDECOMP_NEURONS_H
 #define CLIPDECOMP_NEURONS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "clipdecomp.h"
@@ -31,6 +32,14 @@ cd_status cd_neuron_coefs(const cd_model *m, const float *images, int B, int lay
                           const int32_t *record, int R, int threads, cd_cancel_fn cancel,
                           void *cancel_ctx, float *coef, float *aux, float *act_cls, float *acts,
                           float *embedding, float *ln_stats, cd_error *err);
+
+/* as cd_neuron_coefs with a chosen scratch budget in bytes for the forward's chunks of images
+ * (0: the default; tests use 1 to run one image per chunk) */
+cd_status cd_neuron_coefs_budget(const cd_model *m, const float *images, int B, int layer,
+                                 const int32_t *record, int R, int threads, cd_cancel_fn cancel,
+                                 void *cancel_ctx, float *coef, float *aux, float *act_cls,
+                                 float *acts, float *embedding, float *ln_stats, cd_error *err,
+                                 size_t budget);
 
 /* out (B, F, D) = scale[b] * sum_k coef[b, k, n] fold[n, k, :] + shift[b, :]
  * coef (B, K, F), fold (F, K, D), scale (B), shift (B, D). Parallel over neurons. */

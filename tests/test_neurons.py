@@ -525,3 +525,27 @@ def test_neuron_report_on_the_embedded_model(tmp_path):
     assert len(rep["figures"]) == 2 and all(os.path.getsize(p) > 0 for p in rep["figures"])
     text = format_neuron_report(rep)
     assert f"neurons of layer {rep['layer']}" in text and "under 2% of the images" in text
+
+
+def test_coefficients_do_not_depend_on_the_core_chunks(b16):
+    """One image per forward chunk (the capture sees several chunks of one call) gives the
+    numbers of one chunk for the whole batch."""
+    model = loaded(b16, "hf")
+    px = random_pixels(b16, 5, seed=60)
+    whole = model._core.neuron_coefs(px, 0, record=[3, 1], threads=1)
+    chunked = model._core.neuron_coefs(px, 0, record=[3, 1], threads=1, scratch_budget=1)
+    assert sorted(whole) == ["act_cls", "acts", "aux", "coef", "embedding", "ln_stats"]
+    for k in whole:
+        assert np.array_equal(whole[k], chunked[k]), k
+    assert whole["coef"].shape == (5, 2, 5, 150) and whole["aux"].shape == (5, 2, 5, 2)
+    # coef from its definition, with transformers' attention and ln_1 statistics
+    t = trace(b16, px, 0)
+    for jj, j in enumerate((1, 2)):
+        a = t["att"][j][:, :, 0].numpy()                              # [B, H, N]
+        w = a / t["ln1"][j][1].numpy()[:, None, :]
+        assert rel(whole["coef"][:, jj], np.einsum("bht,btn->bhn", w, t["act"].numpy())) < 1e-5
+        assert rel(whole["aux"][:, jj, :, 0], w.sum(-1)) < 1e-5
+        mu = t["ln1"][j][0].numpy()
+        assert rel(whole["aux"][:, jj, :, 1], np.einsum("bht,bt->bh", w, mu)) < 1e-4
+    with pytest.raises(ValueError, match="scratch_budget"):
+        model._core.neuron_coefs(px, 0, scratch_budget=-1)
