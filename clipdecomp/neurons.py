@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NeuronFold", "first_order", "neuron_fold", "neuron_forward", "second_order"]
+__all__ = ["NeuronFold", "first_order", "neuron_ablation", "neuron_fold", "neuron_forward",
+           "neuron_segment", "second_order"]
 
 #: the reference's scale factor of every effect
 COEFFICIENT = 100.0
@@ -275,7 +276,8 @@ def neuron_forward(model: Any, images: Any, layer: int, *, record: Any = None,
             raise ValueError(f"record: neuron indices must lie in [0, {c.mlp_dim}), got "
                              f"[{rec.min()}, {rec.max()}]")
         rec = np.ascontiguousarray(rec, np.int32)
-    per_image = 4 * c.n_tokens * (c.mlp_dim + c.width * 6)
+    # the forward's scratch, and the [F, D] effects (and a copy) one image becomes downstream
+    per_image = 4 * c.n_tokens * (c.mlp_dim + c.width * 6) + 8 * c.mlp_dim * c.embed_dim
     bs = _batch_size(model, batch_size, per_image)
     from .preprocess import _is_float_array, as_image_list
 
