@@ -99,6 +99,18 @@ cd_precision cd_model_precision(const cd_model *m);
  * a non-zero return stops the computation with CD_ERR_INTERRUPTED. */
 typedef int (*cd_cancel_fn)(void *ctx);
 
+/* Capture points of the image forward, for analyses that need activations the decomposition
+ * does not keep (neurons.c). The callback runs on the calling thread, outside parallel regions,
+ * for the chunk of Bc images that starts at image b0 of the call; `data` is valid during the
+ * callback only. */
+typedef enum {
+    CD_CAPTURE_RESIDUAL = 0,  /* (Bc, N, W) residual stream entering layer l, before its ln_1 */
+    CD_CAPTURE_ATTN_CLS = 1,  /* (Bc, H, N) softmax attention of the class token in layer l */
+    CD_CAPTURE_MLP_ACT = 2    /* (Bc, N, F) MLP hidden of layer l after the activation */
+} cd_capture_point;
+typedef void (*cd_capture_fn)(void *ctx, cd_capture_point what, int layer, int b0, int Bc,
+                              const float *data);
+
 typedef struct {
     int heads;        /* fill heads      (B, L, H, D) */
     int mlps;         /* fill mlps       (B, L+1, D)  row 0 = the ln_pre term */
@@ -109,6 +121,7 @@ typedef struct {
     int threads;      /* <= 0: OpenMP default */
     cd_cancel_fn cancel; void *cancel_ctx;   /* may be NULL */
     int token_embeddings; /* fill token_embeddings (B, N, D) */
+    cd_capture_fn capture; void *capture_ctx; /* may be NULL */
 } cd_vision_opts;
 
 /* Everything one cd_encode_image call produced. One allocation (`block`) holds all arrays;

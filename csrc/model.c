@@ -1050,6 +1050,7 @@ static cd_status vision_forward_chunk(vision_ctx *vc, const float *images) {
     for (int l = 0; l < L; l++) {
         if (o->cancel && o->cancel(o->cancel_ctx)) return CD_ERR_INTERRUPTED;
         const cd_block *blk = &w->blocks[l];
+        if (o->capture) o->capture(o->capture_ctx, CD_CAPTURE_RESIDUAL, l, vc->b0, Bc, ch->x);
         /* x += out_proj(MHA(ln_1(x))) */
         layernorm_forward(ch->ln, NULL, NULL, ch->x, blk->ln1_w, blk->ln1_b, R, W, c->ln_eps);
         cd_matmul(ch->qkv, ch->ln, &blk->qkv, blk->qkv_b, R, 0);
@@ -1057,12 +1058,14 @@ static cd_status vision_forward_chunk(vision_ctx *vc, const float *images) {
                           o->attn ? vc->r->attn_mean + ((size_t)vc->b0 * L + l) * N * N : NULL,
                           (size_t)L * N * N, ch->qkv, Bc, N, W, H, 0, vc->call->att_tiles,
                           vc->call->nthreads);
+        if (o->capture) o->capture(o->capture_ctx, CD_CAPTURE_ATTN_CLS, l, vc->b0, Bc, ch->a0);
         decompose_layer(vc, l);
         cd_matmul(ch->x, ch->att, &blk->out, blk->out_b, R, 1);
         /* x += c_proj(act(c_fc(ln_2(x)))) */
         layernorm_forward(ch->ln, NULL, NULL, ch->x, blk->ln2_w, blk->ln2_b, R, W, c->ln_eps);
         cd_matmul(ch->fc, ch->ln, &blk->fc, blk->fc_b, R, 0);
         act_forward(ch->fc, (size_t)R * F, c->act);
+        if (o->capture) o->capture(o->capture_ctx, CD_CAPTURE_MLP_ACT, l, vc->b0, Bc, ch->fc);
         cd_matmul(ch->mlp, ch->fc, &blk->proj, blk->proj_b, R, 0);
         if (o->mlps)
             for (int b = 0; b < Bc; b++)

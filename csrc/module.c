@@ -9,10 +9,12 @@
  *           mlps [B, L+1, D], cls_to_cls [B, L, D], tokens [B, L, N, H, D],
  *           probe [B, L, N, H, T], attn_cls [B, L, H, N], attn_mean [B, L, N, N]
  *           (float32 views over one block owned by a capsule: zero-copy)
+ *       .neuron_coefs(pixels, layer, *, record=None, threads=0, scratch_budget=0) -> dict
+ *           (neurons.h)
  *       .encode_text(ids [T, C], *, threads=0) -> [T, D]
  *       .set_precision("bf16" | "bf16-emulated"), .precision -> "fp32" | "bf16" | "bf16-emulated"
  *   isa(), set_isa(name), has_bf16(), _matmul, _sgemm_nt, _sgemm_nn (kernel tests),
- *   _moments_update (HeadStats: per-head second moments)
+ *   _moments_update (HeadStats: per-head second moments), _neuron_fold_apply (neurons.h)
  *
  * The computation runs with the GIL released; between layers the core asks, from the calling
  * thread, whether to stop: the GIL is taken back briefly and pending signals are run (Ctrl-C in
@@ -32,6 +34,7 @@
 #include "cpu.h"
 #include "gemm.h"
 #include "moments.h"
+#include "neurons.h"
 
 typedef struct {
     PyObject_HEAD
@@ -489,6 +492,91 @@ static PyObject *Model_encode_text(ModelObject *self, PyObject *args, PyObject *
     return (PyObject *)out;
 }
 
+/* neuron_coefs(pixels, layer, *, record=None, threads=0): the per-image coefficients of the
+ * second-order neuron effects (neurons.h) */
+static PyObject *Model_neuron_coefs(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"pixels", "layer", "record", "threads", "scratch_budget", NULL};
+    PyObject *pix_obj, *rec_obj = Py_None;
+    int layer, threads = 0;
+    Py_ssize_t budget = 0;   /* bytes of scratch per forward chunk; 0: the core's default */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi|$Oin:neuron_coefs", kwlist, &pix_obj,
+                                     &layer, &rec_obj, &threads, &budget))
+        return NULL;
+    if (budget < 0) {
+        PyErr_SetString(PyExc_ValueError, "scratch_budget must be >= 0");
+        return NULL;
+    }
+    const cd_config *c = cd_model_config(self->m);
+    const int S = c->image_size, L = c->layers, H = c->heads, F = c->mlp_dim, D = c->embed_dim;
+    const int G = S / c->patch_size, N = 1 + G * G;
+    if (layer < 0 || layer >= L) {
+        PyErr_Format(PyExc_ValueError, "layer must be in [0, %d), got %d", L, layer);
+        return NULL;
+    }
+    char expect[96];
+    snprintf(expect, sizeof expect, "[B, 3, %d, %d]", S, S);
+    PyArrayObject *pix = as_f32(pix_obj, "pixels", 4, expect), *rec = NULL;
+    if (!pix) return NULL;
+    npy_intp *pd = PyArray_DIMS(pix);
+    if (pd[1] != 3 || pd[2] != S || pd[3] != S || pd[0] > INT32_MAX) {
+        dim_error(pix, "pixels", expect);
+        Py_DECREF(pix);
+        return NULL;
+    }
+    npy_intp R = 0;
+    if (rec_obj != Py_None) {
+        rec = (PyArrayObject *)PyArray_FROMANY(rec_obj, NPY_INT32, 1, 1,
+                                               NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+        if (!rec) {
+            Py_DECREF(pix);
+            return NULL;
+        }
+        R = PyArray_DIM(rec, 0);
+        if (R > INT32_MAX) R = -1;
+    }
+    const npy_intp B = pd[0], J = L - 1 - layer;
+    npy_intp dims[][4] = {{B, J, H, F}, {B, J, H, 2}, {B, F}, {B, N, R}, {B, D}, {B, 3}};
+    const int nds[] = {4, 4, 2, 3, 2, 2};
+    const char *keys[] = {"coef", "aux", "act_cls", "acts", "embedding", "ln_stats"};
+    PyObject *arr[6] = {NULL, NULL, NULL, NULL, NULL, NULL};
+    PyObject *d = NULL;
+    for (int i = 0; i < 6; i++) {
+        if (i == 3 && R <= 0) continue;
+        arr[i] = PyArray_ZEROS(nds[i], dims[i], NPY_FLOAT32, 0);
+        if (!arr[i]) goto fail;
+    }
+    {
+        cd_error err;
+        cd_status st;
+        float *p[6];
+        for (int i = 0; i < 6; i++)
+            p[i] = arr[i] ? (float *)PyArray_DATA((PyArrayObject *)arr[i]) : NULL;
+        const int32_t *rp = rec ? (const int32_t *)PyArray_DATA(rec) : NULL;
+        const float *images = (const float *)PyArray_DATA(pix);
+        Py_BEGIN_ALLOW_THREADS
+        st = cd_neuron_coefs_budget(self->m, images, (int)B, layer, rp, (int)R,
+                                    threads > 0 ? threads : 0, py_cancel, NULL, p[0], p[1], p[2],
+                                    p[3], p[4], p[5], &err, (size_t)budget);
+        Py_END_ALLOW_THREADS
+        if (st != CD_OK) {
+            raise_status(st, &err, NULL);
+            goto fail;
+        }
+    }
+    d = PyDict_New();
+    if (!d) goto fail;
+    for (int i = 0; i < 6; i++)
+        if (arr[i] && PyDict_SetItemString(d, keys[i], arr[i]) < 0) {
+            Py_CLEAR(d);
+            goto fail;
+        }
+fail:
+    for (int i = 0; i < 6; i++) Py_XDECREF(arr[i]);
+    Py_DECREF(pix);
+    Py_XDECREF(rec);
+    return d;
+}
+
 static const char *PRECISION_NAMES[] = {"fp32", "bf16", "bf16-emulated"};
 
 /* "fp32" | "bf16" | "bf16-emulated" -> cd_precision, or -1 with a ValueError set */
@@ -534,6 +622,12 @@ static PyMethodDef Model_methods[] = {
      "normalised), ln_stats [B, 3] (mu, sigma, ||embedding||) and the requested terms: heads "
      "[B, L, H, D], mlps [B, L+1, D], cls_to_cls [B, L, D], tokens [B, L, N, H, D], probe "
      "[B, L, N, H, T] (= tokens @ probe.T), attn_cls [B, L, H, N], attn_mean [B, L, N, N]."},
+    {"neuron_coefs", (PyCFunction)(void (*)(void))Model_neuron_coefs,
+     METH_VARARGS | METH_KEYWORDS,
+     "neuron_coefs(pixels, layer, *, record=None, threads=0, scratch_budget=0) -> dict\n\n"
+     "Per-image coefficients of the second-order effects of the MLP neurons of `layer` "
+     "(csrc/neurons.h): coef [B, J, H, F], aux [B, J, H, 2], act_cls [B, F], embedding [B, D], "
+     "ln_stats [B, 3] and, given record (R neuron indices), acts [B, N, R]."},
     {"encode_text", (PyCFunction)(void (*)(void))Model_encode_text, METH_VARARGS | METH_KEYWORDS,
      "encode_text(ids, *, threads=0) -> ndarray\n\n"
      "ids: integer [T, C] token ids. Returns float32 [T, D] features (not normalised) at the "
@@ -883,6 +977,50 @@ static PyObject *mod_moments_update(PyObject *mod, PyObject *args, PyObject *kwd
     Py_RETURN_NONE;
 }
 
+/* _neuron_fold_apply(coef [B, K, F], fold [F, K, D], scale [B], shift [B, D], naive=False) */
+static PyObject *mod_neuron_fold_apply(PyObject *mod, PyObject *args, PyObject *kwds) {
+    (void)mod;
+    static char *kwlist[] = {"coef", "fold", "scale", "shift", "naive", NULL};
+    PyObject *co, *fo, *so, *ho;
+    int naive = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|p:_neuron_fold_apply", kwlist, &co, &fo,
+                                     &so, &ho, &naive))
+        return NULL;
+    PyArrayObject *c = NULL, *f = NULL, *s = NULL, *h = NULL, *out = NULL;
+    if (!(c = as_f32(co, "coef", 3, "[B, K, F]"))) goto fail;
+    if (!(f = as_f32(fo, "fold", 3, "[F, K, D]"))) goto fail;
+    if (!(s = as_f32(so, "scale", 1, "[B]"))) goto fail;
+    if (!(h = as_f32(ho, "shift", 2, "[B, D]"))) goto fail;
+    {
+        const npy_intp B = PyArray_DIM(c, 0), K = PyArray_DIM(c, 1), F = PyArray_DIM(c, 2);
+        const npy_intp D = PyArray_DIM(f, 2);
+        if (PyArray_DIM(f, 0) != F || PyArray_DIM(f, 1) != K || PyArray_DIM(s, 0) != B ||
+            PyArray_DIM(h, 0) != B || PyArray_DIM(h, 1) != D) {
+            PyErr_SetString(PyExc_ValueError, "_neuron_fold_apply: coef [B, K, F], fold [F, K, D], "
+                            "scale [B] and shift [B, D] must agree");
+            goto fail;
+        }
+        if (B > INT32_MAX || K > INT32_MAX || F > INT32_MAX || D > INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "_neuron_fold_apply: sizes must be below 2^31");
+            goto fail;
+        }
+        npy_intp dims[3] = {B, F, D};
+        if (!(out = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_FLOAT32))) goto fail;
+        float *po = (float *)PyArray_DATA(out);
+        const float *pc = (const float *)PyArray_DATA(c), *pf = (const float *)PyArray_DATA(f);
+        const float *ps = (const float *)PyArray_DATA(s), *ph = (const float *)PyArray_DATA(h);
+        Py_BEGIN_ALLOW_THREADS
+        if (naive) cd_neuron_fold_apply_naive(po, pc, pf, ps, ph, (int)B, (int)K, (int)F, (int)D);
+        else cd_neuron_fold_apply(po, pc, pf, ps, ph, (int)B, (int)K, (int)F, (int)D);
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(c); Py_DECREF(f); Py_DECREF(s); Py_DECREF(h);
+    return (PyObject *)out;
+fail:
+    Py_XDECREF(c); Py_XDECREF(f); Py_XDECREF(s); Py_XDECREF(h); Py_XDECREF(out);
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
     {"isa", mod_isa, METH_NOARGS, "isa() -> str: the instruction-set path in use."},
     {"has_bf16", mod_has_bf16, METH_NOARGS,
@@ -895,6 +1033,10 @@ static PyMethodDef module_methods[] = {
      "_sgemm_nt(A [M, K], B [N, K], naive=False) -> A @ B.T [M, N]"},
     {"_sgemm_nn", (PyCFunction)(void (*)(void))mod_sgemm_nn, METH_VARARGS | METH_KEYWORDS,
      "_sgemm_nn(A [M, K], B [K, N], naive=False) -> A @ B [M, N]"},
+    {"_neuron_fold_apply", (PyCFunction)(void (*)(void))mod_neuron_fold_apply,
+     METH_VARARGS | METH_KEYWORDS,
+     "_neuron_fold_apply(coef [B, K, F], fold [F, K, D], scale [B], shift [B, D], naive=False) "
+     "-> out [B, F, D] = scale[b] * sum_k coef[b, k, n] fold[n, k] + shift[b] (neurons.h)"},
     {"_moments_update", (PyCFunction)(void (*)(void))mod_moments_update,
      METH_VARARGS | METH_KEYWORDS,
      "_moments_update(outer [K, D, D] float64, sums [K, D] float64 or None, x [n, K, D] float32)"

@@ -82,3 +82,17 @@ def moments_update(sum_outer: np.ndarray, total: np.ndarray, x: np.ndarray) -> N
     x : [n, K, D] float32
     """
     extension()._moments_update(sum_outer, total, x)
+
+
+def neuron_coefs(model: Any, pixels: np.ndarray, layer: int, record: Any) -> dict:
+    """The C forward of ``model`` (a :class:`~clipdecomp.engine.model.CLIP`) on preprocessed
+    pixels [B, 3, S, S] up to the MLP of ``layer``, returning its neuron coefficients and what
+    :func:`clipdecomp.methods.neurons.neuron_forward` asks to ``record``."""
+    return model._core.neuron_coefs(pixels, layer, record=record, threads=model.threads)
+
+
+def neuron_fold_apply(coef: np.ndarray, fold: np.ndarray, scales: np.ndarray,
+                      shift: Any) -> np.ndarray:
+    """The C core's product of neuron coefficients with a folded neuron map
+    (:mod:`clipdecomp.methods.neurons`)."""
+    return extension()._neuron_fold_apply(coef, fold, scales, shift)

@@ -1,0 +1,378 @@
+"""Data-set statistics of neuron second-order effects, streamed: never ``[N, F, D]`` in memory.
+
+What the reference code's ``compute_pcas.py`` computes from the full ``[images, neurons, D]``
+array, here from batches: each neuron's effects are centred by their mean over the data set;
+per neuron, the norm of the centred effect on every image, the ``k`` images with the largest
+norms (k = 100 by default) and the first principal component of the centred effects on those
+images, its sign chosen so that most of them project positively. The k-th largest norm is the
+neuron's significance threshold (an effect above it is "significant", as in the reference's
+ablations).
+
+Two passes over the images: the mean, then the top images (a top-k by centred norm needs the
+mean first). Memory: ``F * k * D`` floats for the kept effects (600 MiB for ViT-B/32 with
+k = 100), ``N * F`` for the per-image norms when kept, a few batches of ``[b, F, D]``; the
+principal directions are computed a slice of neurons at a time.
+
+Shapes: N images, F neurons, D embedding dim, k top images.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["EffectMean", "NeuronStats", "NeuronStatsResult", "load_neuron_stats",
+           "neuron_stats", "save_neuron_stats"]
+
+
+def _as_effects(effects: Any, what: str, shape: tuple[int, int] | None) -> np.ndarray:
+    e = np.asarray(effects)
+    if e.ndim != 3 or not np.issubdtype(e.dtype, np.floating):
+        raise ValueError(f"{what}: effects must be a float array [b, F, D], got {e.dtype} of "
+                         f"shape {e.shape}")
+    if shape is not None and e.shape[1:] != shape:
+        raise ValueError(f"{what}: effects must have shape [b, {shape[0]}, {shape[1]}], got "
+                         f"{e.shape}")
+    if not np.all(np.isfinite(e)):
+        raise ValueError(f"{what}: effects contain NaN or inf")
+    return np.asarray(e, np.float32)
+
+
+class EffectMean:
+    """The mean of effects ``[b, F, D]`` over all images seen (float64 sums).
+
+    Examples
+    --------
+    >>> m = EffectMean(3, 2)
+    >>> m.update(np.ones((4, 3, 2)))
+    >>> m.result().shape
+    (3, 2)
+    """
+
+    def __init__(self, n_neurons: int, dim: int):
+        self.shape = (int(n_neurons), int(dim))
+        self.sum = np.zeros(self.shape, np.float64)
+        self.count = 0
+
+    def update(self, effects: Any) -> None:
+        """Add a batch ``[b, F, D]``."""
+        e = _as_effects(effects, "EffectMean.update", self.shape)
+        self.sum += e.sum(0, dtype=np.float64)
+        self.count += e.shape[0]
+
+    def result(self) -> np.ndarray:
+        """float32 ``[F, D]``."""
+        if self.count == 0:
+            raise ValueError("EffectMean: no images were added")
+        return (self.sum / self.count).astype(np.float32)
+
+
+@dataclass
+class NeuronStatsResult:
+    """Per-neuron statistics of second-order effects over a data set.
+
+    Attributes
+    ----------
+    mean : ndarray, float32 ``[F, D]``
+        Mean effect of each neuron over the images.
+    top_images : ndarray, int64 ``[F, k]``
+        Indices of each neuron's k images with the largest centred norm, largest first.
+    top_norms : ndarray, float32 ``[F, k]``
+        Their centred norms, largest first.
+    pcs : ndarray, float32 ``[F, D]``
+        First principal component of the centred effects on the top images (unit norm; sign:
+        most top images project positively).
+    norms : ndarray, float32 ``[N, F]`` or None
+        Centred norm of every neuron's effect on every image (``keep_norms=True``).
+    n_images : int
+        N.
+    layer : int or None
+        The neuron layer, when known.
+    """
+
+    mean: np.ndarray
+    top_images: np.ndarray
+    top_norms: np.ndarray
+    pcs: np.ndarray
+    norms: np.ndarray | None
+    n_images: int
+    layer: int | None = None
+
+    @property
+    def k(self) -> int:
+        return self.top_images.shape[1]
+
+    @property
+    def threshold(self) -> np.ndarray:
+        """float32 ``[F]``: the k-th largest centred norm of each neuron (the reference's
+        significance threshold)."""
+        return self.top_norms[:, -1]
+
+    def significant(self, norms: np.ndarray | None = None) -> np.ndarray:
+        """bool ``[N, F]``: which effects exceed their neuron's threshold (default: on the
+        images the statistics were computed on)."""
+        n = self.norms if norms is None else np.asarray(norms)
+        if n is None:
+            raise ValueError("no per-image norms: computed with keep_norms=False")
+        return n > self.threshold[None, :]
+
+
+class NeuronStats:
+    """Streaming top-k images and principal directions per neuron, given the mean effects.
+
+    Parameters
+    ----------
+    mean : array ``[F, D]``
+        The mean effect of each neuron over the data set (:class:`EffectMean`).
+    k : int
+        Top images per neuron (100 in the reference).
+    keep_norms : bool
+        Keep the ``[N, F]`` centred norms (for significance and sparsity).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> eff = rng.standard_normal((50, 4, 8)).astype(np.float32)
+    >>> s = NeuronStats(eff.mean(0), k=5)
+    >>> for i in range(0, 50, 16):
+    ...     s.update(eff[i:i + 16])
+    >>> s.result().top_images.shape
+    (4, 5)
+    """
+
+    def __init__(self, mean: Any, k: int = 100, keep_norms: bool = True):
+        m = np.asarray(mean, np.float32)
+        if m.ndim != 2:
+            raise ValueError(f"mean must be [F, D], got shape {m.shape}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        self.mean = m
+        self.k = int(k)
+        F, D = m.shape
+        self.top_norms = np.full((F, self.k), -np.inf, np.float32)
+        self.top_idx = np.full((F, self.k), -1, np.int64)
+        self.top_eff = np.zeros((F, self.k, D), np.float32)
+        self.keep_norms = keep_norms
+        self._norms: dict[int, np.ndarray] = {}
+        self.count = 0
+
+    def update(self, effects: Any, start: int | None = None) -> None:
+        """Add a batch of effects ``[b, F, D]`` of images ``start .. start + b - 1`` (default:
+        following the images added so far)."""
+        e = _as_effects(effects, "NeuronStats.update", self.mean.shape)
+        b = e.shape[0]
+        if start is None:
+            start = self.count
+        cen = e - self.mean[None]
+        nrm = np.linalg.norm(cen, axis=-1)                              # [b, F]
+        if self.keep_norms:
+            if start in self._norms:
+                raise ValueError(f"NeuronStats.update: images from {start} were added already")
+            self._norms[start] = nrm
+        self.count += b
+        thr = self.top_norms.min(1)                                     # [F]
+        cand = nrm > thr[None, :]
+        k = self.k
+        for n in np.nonzero(cand.any(0))[0]:
+            rows = np.nonzero(cand[:, n])[0]
+            vals = np.concatenate([self.top_norms[n], nrm[rows, n]])
+            if vals.size > k:
+                keep = np.argpartition(-vals, k - 1)[:k]
+            else:
+                keep = np.arange(vals.size)
+            new = np.sort(keep[keep >= k]) - k                          # kept candidates
+            if new.size == 0:
+                continue
+            free = np.setdiff1d(np.arange(k), keep[keep < k])[: new.size]   # evicted slots
+            src = rows[new]
+            self.top_norms[n, free] = nrm[src, n]
+            self.top_idx[n, free] = start + src
+            self.top_eff[n, free] = cen[src, n]
+
+    def result(self, layer: int | None = None) -> NeuronStatsResult:
+        """Sort the top images and compute the principal components (compute_pcas.py)."""
+        if self.count == 0:
+            raise ValueError("NeuronStats: no images were added")
+        k = min(self.k, self.count)
+        order = np.argsort(-self.top_norms, axis=1, kind="stable")[:, :k]
+        top_norms = np.take_along_axis(self.top_norms, order, 1)
+        top_idx = np.take_along_axis(self.top_idx, order, 1)
+        F, _, D = self.top_eff.shape
+        pcs = np.empty((F, D), np.float32)
+        step = max(1, (64 << 20) // (8 * k * D))                        # 64 MiB of float64
+        for a in range(0, F, step):
+            eff = np.take_along_axis(self.top_eff[a:a + step], order[a:a + step, :, None], 1)
+            pcs[a:a + step] = principal_directions(eff)
+        norms = None
+        if self.keep_norms:
+            starts = sorted(self._norms)
+            norms = np.concatenate([self._norms[s] for s in starts], 0)
+            expect = np.arange(norms.shape[0])
+            got = np.concatenate([np.arange(s, s + self._norms[s].shape[0]) for s in starts])
+            if not np.array_equal(got, expect):
+                raise ValueError("NeuronStats: the batches added do not cover images 0..N-1 "
+                                 "exactly once")
+        return NeuronStatsResult(mean=self.mean, top_images=top_idx, top_norms=top_norms,
+                                 pcs=pcs, norms=norms, n_images=self.count, layer=layer)
+
+
+def principal_directions(centred: np.ndarray) -> np.ndarray:
+    """First right singular vector of each ``[k, D]`` matrix of ``centred [F, k, D]``, signed
+    so that more than half of the rows project positively (else negated), as the reference's
+    ``compute_pcas.py``: float32 ``[F, D]``.
+
+    Examples
+    --------
+    >>> x = np.array([[[1.0, 0.0], [2.0, 0.1], [3.0, -0.1]]])
+    >>> principal_directions(x).round(2)
+    array([[1., 0.]], dtype=float32)
+    """
+    x = np.asarray(centred, np.float64)
+    _, _, vh = np.linalg.svd(x, full_matrices=False)
+    pc = vh[:, 0]                                                       # [F, D]
+    positive = (np.einsum("fkd,fd->fk", x, pc) > 0).sum(1)
+    sign = np.where(positive > x.shape[1] // 2, 1.0, -1.0)
+    return (pc * sign[:, None]).astype(np.float32)
+
+
+def neuron_stats(model: Any, images: Any, layer: int, *, k: int = 100,
+                 mean: np.ndarray | None = None, coefficient: float = 100.0,
+                 keep_norms: bool = True, batch_size: int | None = None,
+                 progress: bool = False) -> NeuronStatsResult:
+    """Per-neuron statistics of the second-order effects of ``layer`` over ``images``.
+
+    Runs the model twice over the images (the mean, then the top images and directions) unless
+    ``mean`` is given; only one batch of effects is in memory at a time.
+
+    Parameters
+    ----------
+    model : CLIP
+    images : list of paths / PIL images / arrays, or float pixels ``[N, 3, S, S]``
+        Read twice (a generator is turned into a list first).
+    layer : int
+        The neuron layer (``0 <= layer < L - 1``).
+    k : int
+        Top images per neuron (100 in the reference).
+    mean : array ``[F, D]``, optional
+        Mean effects computed elsewhere (one pass instead of two).
+    coefficient : float
+        The reference's scale factor of the effects.
+    keep_norms : bool
+        Keep the ``[N, F]`` per-image norms.
+    batch_size : int, optional
+    progress : bool
+
+    Returns
+    -------
+    NeuronStatsResult
+
+    Examples
+    --------
+    >>> st = neuron_stats(model, images, layer=4, k=20)       # doctest: +SKIP
+    >>> st.pcs.shape, st.top_images.shape                     # doctest: +SKIP
+    ((768, 128), (768, 20))
+    """
+    from clipdecomp.engine.model import _progress
+    from clipdecomp.engine.preprocess import _is_float_array, as_image_list
+    from clipdecomp.methods.neurons import (
+        _check_layer,
+        _core,
+        _second_from,
+        neuron_fold,
+        neuron_forward,
+    )
+
+    layer = _check_layer(model, layer, need_later=True)
+    if not _is_float_array(images):
+        images = as_image_list(images)
+    n = model._count(images)
+    fold = neuron_fold(model, layer)
+    c = model.config
+
+    def batches(desc: str):
+        with _progress(n, progress, desc) as bar:
+            for s, out in neuron_forward(model, images, layer, batch_size=batch_size):
+                yield s, _second_from(fold, out, float(coefficient), _core())
+                bar.update(out["coef"].shape[0])
+
+    if mean is None:
+        acc = EffectMean(c.mlp_dim, c.embed_dim)
+        for _, eff in batches("neuron means"):
+            acc.update(eff)
+        mean = acc.result()
+    stats = NeuronStats(mean, k=k, keep_norms=keep_norms)
+    if stats.mean.shape != (c.mlp_dim, c.embed_dim):
+        raise ValueError(f"mean must be [F, D] = [{c.mlp_dim}, {c.embed_dim}], got "
+                         f"{stats.mean.shape}")
+    for s, eff in batches("neuron stats"):
+        stats.update(eff, start=s)
+    return stats.result(layer=layer)
+
+
+# -- files --------------------------------------------------------------------------------------
+
+_ARRAYS = ("mean", "top_images", "top_norms", "pcs", "norms")
+
+
+def save_neuron_stats(result: NeuronStatsResult, path: str | os.PathLike) -> str:
+    """Write statistics to a Zarr store (``path`` ending in ``.zarr``, or a group inside an
+    existing store such as one of :func:`clipdecomp.run_dataset`: ``"val.zarr/neurons/9"``) or,
+    for any other path, to a NumPy ``.npz`` file. Returns the path written.
+
+    Examples
+    --------
+    >>> save_neuron_stats(st, "val.zarr/neurons/9")           # doctest: +SKIP
+    >>> load_neuron_stats("val.zarr/neurons/9").pcs.shape     # doctest: +SKIP
+    (3072, 512)
+    """
+    path = os.fspath(path)
+    arrays = {k: getattr(result, k) for k in _ARRAYS if getattr(result, k) is not None}
+    meta = {"n_images": int(result.n_images), "layer": -1 if result.layer is None
+            else int(result.layer), "k": int(result.k)}
+    if ".zarr" in path:
+        import zarr
+
+        root, _, sub = path.partition(".zarr")
+        group = zarr.open_group(root + ".zarr", mode="a")
+        sub = sub.strip("/")
+        g = group.require_group(sub) if sub else group
+        for k, v in arrays.items():
+            g.create_array(k, shape=v.shape, dtype=v.dtype, overwrite=True)[...] = v
+        g.attrs.update({"neuron_stats": meta})
+        return path
+    if not path.endswith(".npz"):
+        path += ".npz"
+    np.savez(path, **arrays, meta=np.array([meta["n_images"], meta["layer"], meta["k"]]))
+    return path
+
+
+def load_neuron_stats(path: str | os.PathLike) -> NeuronStatsResult:
+    """Read statistics written by :func:`save_neuron_stats`.
+
+    Examples
+    --------
+    >>> st = load_neuron_stats("stats.npz")                   # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    if ".zarr" in path:
+        import zarr
+
+        root, _, sub = path.partition(".zarr")
+        group = zarr.open_group(root + ".zarr", mode="r")
+        sub = sub.strip("/")
+        g: Any = group[sub] if sub else group
+        meta: dict[str, Any] = dict(g.attrs.get("neuron_stats", {}))
+        if not meta:
+            raise ValueError(f"{path}: no neuron statistics in this group")
+        arrays = {k: np.asarray(g[k][...]) for k in _ARRAYS if k in g}
+        n_images, layer = meta["n_images"], meta["layer"]
+    else:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in _ARRAYS if k in f}
+            n_images, layer, _ = (int(x) for x in f["meta"])
+    return NeuronStatsResult(mean=arrays["mean"], top_images=arrays["top_images"],
+                             top_norms=arrays["top_norms"], pcs=arrays["pcs"],
+                             norms=arrays.get("norms"), n_images=int(n_images),
+                             layer=None if layer < 0 else int(layer))
