@@ -514,8 +514,9 @@ static cd_status load_text(loader *ld) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* SigLIP loading (transformers' SiglipModel layout; the fixed-resolution SigLIP 2 checkpoints
- * use it too). The encoder blocks share CLIP's HF keys.                                       */
+/* SigLIP loading: transformers' SiglipModel layout (the fixed-resolution SigLIP 2 checkpoints
+ * use it too) and Siglip2Model's (NaFlex) at its native grid. The encoder blocks share CLIP's
+ * HF keys.                                                                                    */
 
 /* a copy of n floats of `src` that the model owns */
 static cd_status own_copy(loader *ld, const float **out, const float *src, size_t n) {
@@ -610,17 +611,32 @@ static cd_status load_siglip_vision(loader *ld) {
     char name[512];
     snprintf(name, sizeof name, "%s%s", ld->prefix, pe);
     const cd_st_tensor *t = cd_st_find(&m->file, name);
+    int rc;
     if (t && t->ndim == 2) {
-        set_err(ld->err, "%s: '%s' is a linear layer over flattened patches: a SigLIP 2 NaFlex "
-                "checkpoint (Siglip2Model, variable resolution), which clipdecomp does not run; "
-                "use a fixed-resolution SigLIP 2 checkpoint (e.g. google/siglip2-base-patch16-224)",
-                m->file.path, name);
-        return CD_ERR_VALUE;
+        /* SigLIP 2 (Siglip2Model): a linear layer over patches flattened as (py, px, c); at
+         * the native grid (image_size = P * sqrt(num_patches)) its position embeddings need no
+         * resizing, so it is the conv (W, 3, P, P) with the weight reordered */
+        const int64_t dlin[2] = {W, 3 * (int64_t)P * P};
+        st = fetch(ld, "", pe, 2, dlin, &v, &tmp);
+        if (st) return st;
+        const size_t K = (size_t)3 * P * P;
+        float *conv = (float *)malloc((size_t)W * K * sizeof(float));
+        if (!conv) { free(tmp); return pack_err(ld, "patch embedding"); }
+        for (size_t o = 0; o < (size_t)W; o++)
+            for (int ch = 0; ch < 3; ch++)
+                for (int py = 0; py < P; py++)
+                    for (int px = 0; px < P; px++)
+                        conv[o * K + ((size_t)ch * P + py) * P + px] =
+                            v[o * K + ((size_t)py * P + px) * 3 + ch];
+        free(tmp);
+        rc = cd_gemm_pack(&m->w.conv, conv, W, (int)K);
+        free(conv);
+    } else {
+        st = fetch(ld, "", pe, 4, dconv, &v, &tmp);
+        if (st) return st;
+        rc = cd_gemm_pack(&m->w.conv, v, W, 3 * P * P);
+        free(tmp);
     }
-    st = fetch(ld, "", pe, 4, dconv, &v, &tmp);
-    if (st) return st;
-    int rc = cd_gemm_pack(&m->w.conv, v, W, 3 * P * P);
-    free(tmp);
     if (rc) return pack_err(ld, "patch embedding");
     TRY(keep(ld, &m->w.conv_b, "", "vision_model.embeddings.patch_embedding.bias", 1, dW));
     TRY(keep(ld, &m->w.pos, "", "vision_model.embeddings.position_embedding.weight", 2, dNW));

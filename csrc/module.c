@@ -292,7 +292,7 @@ static PyObject *Model_get_config(ModelObject *self, void *closure) {
         SET(TEXT_INTS[i], PyLong_FromLong(tvals[i]));
     SET("text_layers", PyLong_FromLong(c->text_layers));
     SET("text_act", PyUnicode_FromString(act_name(c->text_act)));
-    SET("family", PyUnicode_FromString(c->family == CD_FAMILY_SIGLIP ? "siglip" : "clip"));
+    if (c->family == CD_FAMILY_SIGLIP) SET("family", PyUnicode_FromString("siglip"));
 #undef SET
     return d;
 }
