@@ -322,7 +322,8 @@ void quick_gelu_forward_naive(float *x, size_t n) {
 void gelu_tanh_forward_naive(float *x, size_t n) {
     for (size_t i = 0; i < n; i++) {
         const double v = x[i];
-        x[i] = (float)(0.5 * v * (1.0 + tanh(0.79788456080286536 * (v + 0.044715 * v * v * v))));
+        /* 0.5 v (1 + tanh(u)) == v / (1 + e^(-2u)), without the cancellation of 1 + tanh */
+        x[i] = (float)(v / (1.0 + exp(-1.5957691216057308 * (v + 0.044715 * v * v * v))));
     }
 }
 
