@@ -27,6 +27,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +57,7 @@ __all__ = [
     "load_siglip",
     "pool_head_maps",
     "siglip_config_from_hf",
+    "siglip_config_from_open_clip",
     "textspan_pool_heads",
 ]
 
@@ -85,8 +88,10 @@ SIGLIP_PRETRAINED: tuple[str, ...] = (
 
 _ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
          "gelu_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
-_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "spiece.model", "model.safetensors")
+_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors")
+_CONFIGS = ("config.json", "open_clip_config.json")
+_FILES = (*_CONFIGS, "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+          "special_tokens_map.json", "spiece.model", *_WEIGHTS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +105,9 @@ class SiglipConfig:
     Attributes
     ----------
     image_size, patch_size : int
-        S and P (e.g. 224 and 16); G = S / P patches per side, N = G*G tokens.
+        S and P (e.g. 224 and 16); G = floor(S / P) patches per side, N = G*G tokens. The
+        patch convolution drops the last ``S % P`` rows and columns (so400m/14 at 384 pixels
+        reads a 27 x 27 grid of 378 of them), as the released models do.
     width, layers, heads, mlp_dim : int
         The image tower (e.g. 768, 12, 12, 3072); the pooling head has ``heads`` heads and an
         MLP of width ``mlp_dim``. The embedding dim D equals ``width``.
@@ -158,8 +165,8 @@ class SiglipConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"SiglipConfig.{f} must be a positive int, got {v!r}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
+        if self.image_size < self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is smaller than patch_size "
                              f"{self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
@@ -171,7 +178,7 @@ class SiglipConfig:
 
     @property
     def grid(self) -> int:
-        """G = image_size / patch_size."""
+        """G = image_size // patch_size."""
         return self.image_size // self.patch_size
 
     @property
@@ -319,8 +326,110 @@ def siglip_config_from_hf(config: Mapping[str, Any], preprocessor: Mapping[str, 
     return SiglipConfig(**kw)
 
 
+#: timm's SigLIP towers: (width, layers, heads, mlp_dim) by the size in the model name
+_TIMM_SIZES = {"base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096),
+               "so400m": (1152, 27, 16, 4304), "so150m": (896, 18, 14, 2304),
+               "so150m2": (832, 21, 13, 2176), "giantopt": (1536, 40, 16, 6144)}
+_TIMM_NAME = re.compile(r"^vit_([a-z0-9]+)_patch(\d+)_siglip(_gap)?_(\d+)$")
+
+
+def siglip_config_from_open_clip(config: Mapping[str, Any], source: str = "open_clip_config.json",
+                                 name: str = "") -> SiglipConfig:
+    """A :class:`SiglipConfig` from open_clip's ``open_clip_config.json`` of a timm SigLIP.
+
+    The image tower is named by ``vision_cfg.timm_model_name`` (e.g.
+    ``vit_base_patch16_siglip_224``) with ``timm_pool: "map"`` (the attention-pooling head);
+    the text tower by ``text_cfg`` (``act_kwargs: {"approximate": "tanh"}`` selects the tanh
+    GELU, its absence the exact one, as open_clip builds it).
+
+    Parameters
+    ----------
+    config : mapping
+        The parsed file (``{"model_cfg": ..., "preprocess_cfg": ...}``) or a bare model config.
+    source, name : str
+        For messages, and the model's label.
+
+    Returns
+    -------
+    SiglipConfig
+
+    Raises
+    ------
+    ValueError
+        For a tower that is not a timm SigLIP with attention pooling.
+
+    Examples
+    --------
+    >>> siglip_config_from_open_clip({"embed_dim": 768, "vision_cfg": {
+    ...     "timm_model_name": "vit_base_patch16_siglip_224", "timm_pool": "map"}}).layers
+    12
+    """
+    mc = config.get("model_cfg", config)
+    pre = config.get("preprocess_cfg") or {}
+    vis = mc.get("vision_cfg") or {}
+    tname = str(vis.get("timm_model_name", ""))
+    mt = _TIMM_NAME.match(tname)
+    if not mt or mt.group(1) not in _TIMM_SIZES:
+        raise ValueError(f"{source}: vision_cfg.timm_model_name {tname!r} is not a timm SigLIP "
+                         f"tower (vit_<{'|'.join(_TIMM_SIZES)}>_patch<P>_siglip_<S>)")
+    if mt.group(3) or vis.get("timm_pool", "map") != "map":
+        raise ValueError(f"{source}: {tname} pools by averaging (timm_pool "
+                         f"{vis.get('timm_pool')!r}); only the attention-pooling head ('map') "
+                         "is supported")
+    if vis.get("timm_proj", "none") not in ("none", None, ""):
+        raise ValueError(f"{source}: timm_proj {vis.get('timm_proj')!r} adds a projection that "
+                         "SigLIP checkpoints do not have")
+    width, layers, heads, mlp = _TIMM_SIZES[mt.group(1)]
+    image_size = int(vis.get("image_size", mt.group(4)))
+    if int(mc.get("embed_dim", width)) != width:
+        raise ValueError(f"{source}: embed_dim {mc.get('embed_dim')} differs from the tower's "
+                         f"width {width}")
+    kw: dict[str, Any] = {"image_size": image_size, "patch_size": int(mt.group(2)),
+                          "width": width, "layers": layers, "heads": heads, "mlp_dim": mlp,
+                          "act": "gelu_tanh", "ln_eps": 1e-6, "name": name}
+    txt = mc.get("text_cfg") or {}
+    if txt:
+        eps = float((txt.get("norm_kwargs") or {}).get("eps", 1e-5))
+        if eps != 1e-6:
+            raise ValueError(f"{source}: the text tower's LayerNorm eps {eps} differs from the "
+                             "image tower's 1e-6; the core keeps one")
+        if not txt.get("no_causal_mask") or txt.get("pool_type", "argmax") != "last":
+            raise ValueError(f"{source}: a SigLIP text tower is bidirectional and pools the last "
+                             "token (no_causal_mask: true, pool_type: 'last')")
+        tw = int(txt.get("width", 512))
+        approx = (txt.get("act_kwargs") or {}).get("approximate")
+        kw.update(context_length=int(txt.get("context_length", 64)),
+                  vocab_size=int(txt.get("vocab_size", 32000)), text_width=tw,
+                  text_layers=int(txt.get("layers", 12)), text_heads=int(txt.get("heads", 8)),
+                  text_mlp_dim=round(tw * float(txt.get("mlp_ratio", 4.0))),
+                  text_act="gelu_tanh" if approx == "tanh" else "gelu")
+    if pre.get("mean") is not None:
+        kw["mean"] = tuple(pre["mean"])
+    if pre.get("std") is not None:
+        kw["std"] = tuple(pre["std"])
+    if pre.get("interpolation") in ("bicubic", "bilinear"):
+        kw["interpolation"] = pre["interpolation"]
+    if pre.get("resize_mode", "squash") != "squash":
+        raise ValueError(f"{source}: preprocess resize_mode {pre.get('resize_mode')!r}; SigLIP "
+                         "resizes to a square ('squash')")
+    return SiglipConfig(**kw)
+
+
 # ----------------------------------------------------------------------------------------------
 # tokenizer
+
+
+def canonicalize(text: str) -> str:
+    """open_clip's ``clean="canonicalize"`` for SigLIP: lower case, no punctuation, single
+    spaces.
+
+    Examples
+    --------
+    >>> canonicalize("A  Photo, of a CAT!")
+    'a photo of a cat'
+    """
+    text = text.translate(str.maketrans("", "", string.punctuation))
+    return " ".join(text.lower().split())
 
 
 class SiglipTokenizer:
@@ -340,6 +449,8 @@ class SiglipTokenizer:
         The padding id.
     lowercase : bool
         Lower-case every text first (SigLIP 2 was trained on lower-cased text).
+    canonical : bool
+        Apply :func:`canonicalize` first (open_clip's SigLIP tokenizers do).
 
     Examples
     --------
@@ -349,17 +460,18 @@ class SiglipTokenizer:
     """
 
     def __init__(self, backend: Any, context_length: int = 64, pad_id: int = 1,
-                 lowercase: bool = False):
+                 lowercase: bool = False, canonical: bool = False):
         if context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {context_length}")
         self.backend = backend
         self.context_length = int(context_length)
         self.pad_id = int(pad_id)
         self.lowercase = bool(lowercase)
+        self.canonical = bool(canonical)
 
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike[str], context_length: int = 64
-                 ) -> SiglipTokenizer:
+    def from_dir(cls, directory: str | os.PathLike[str], context_length: int = 64,
+                 canonical: bool = False) -> SiglipTokenizer:
         """The tokenizer of a model directory (``tokenizer.json``, else ``spiece.model``)."""
         d = os.fspath(directory)
         tc: dict[str, Any] = {}
@@ -387,7 +499,7 @@ class SiglipTokenizer:
             if pad_id is None:
                 raise ValueError(f"{tj}: no pad token ('{pad}', '<pad>' or '</s>') in the "
                                  "vocabulary")
-            return cls(backend, context_length, pad_id, lower)
+            return cls(backend, context_length, pad_id, lower, canonical)
         if os.path.isfile(os.path.join(d, "spiece.model")):
             try:
                 from transformers import AutoTokenizer
@@ -398,12 +510,14 @@ class SiglipTokenizer:
                     f"{d} has only spiece.model (no tokenizer.json): reading it needs "
                     f"transformers and sentencepiece (`pip install transformers sentencepiece`): "
                     f"{e}") from None
-            return cls(backend, context_length, int(backend.pad_token_id), False)
+            return cls(backend, context_length, int(backend.pad_token_id), False, canonical)
         raise FileNotFoundError(f"{d}: no tokenizer.json or spiece.model")
 
     def encode(self, text: str) -> list[int]:
         """The ids of one text, with the special tokens the tokenizer adds, cut to C (for a
         tokenizer built by :meth:`from_dir`), not padded."""
+        if self.canonical:
+            text = canonicalize(text)
         if self.lowercase:
             text = text.lower()
         if hasattr(self.backend, "encode_batch"):      # tokenizers.Tokenizer
@@ -436,23 +550,33 @@ class SiglipTokenizer:
 
 def _download(repo: str, revision: str | None, cache_dir: str | None,
               local_files_only: bool) -> str:
+    """Fetch a hub repository's weights, configs and tokenizer files; their directory."""
     from .hub import _import_hub
 
     hf_hub_download, _ = _import_hub()
-    weights = None
-    for f in _FILES:
+
+    def fetch(f: str) -> str | None:
         try:
-            p = hf_hub_download(repo, f, revision=revision, cache_dir=cache_dir,
-                                local_files_only=local_files_only)
-        except (OSError, ValueError) as e:  # the Hub's errors are OSErrors
-            if f in ("config.json", "model.safetensors"):
-                raise RuntimeError(f"could not get {f!r} of the Hugging Face Hub repository "
-                                   f"{repo!r}: {e}") from None
-            continue
-        if f == "model.safetensors":
-            weights = p
-    assert weights is not None
+            return hf_hub_download(repo, f, revision=revision, cache_dir=cache_dir,
+                                   local_files_only=local_files_only)
+        except (OSError, ValueError):  # the Hub's errors are OSErrors
+            return None
+
+    for f in _FILES:
+        if f not in _WEIGHTS + _CONFIGS:
+            fetch(f)
+    configs = [c for c in _CONFIGS if fetch(c)]
+    weights = next((w for w in (fetch(f) for f in _WEIGHTS) if w), None)
+    if not configs or weights is None:
+        raise RuntimeError(f"Hugging Face Hub repository {repo!r}: could not get "
+                           f"{' or '.join(_CONFIGS)} and {' or '.join(_WEIGHTS)} (not found, "
+                           "private, offline without a cached copy, or not a SigLIP repository)")
     return os.path.dirname(weights)
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def load_siglip(path_or_name: str | os.PathLike[str], *, revision: str | None = None,
@@ -460,9 +584,12 @@ def load_siglip(path_or_name: str | os.PathLike[str], *, revision: str | None = 
                 threads: int | None = None) -> SigLIP:
     """Load a SigLIP / SigLIP 2 model: a directory, a ``.safetensors`` file, or a hub name.
 
-    The directory holds transformers' ``model.safetensors`` and ``config.json`` (and
-    ``preprocessor_config.json``, ``tokenizer.json`` or ``spiece.model``). Hub names are
-    repositories such as ``"google/siglip-base-patch16-224"`` (:data:`SIGLIP_PRETRAINED`).
+    Two layouts: transformers' (``model.safetensors`` with ``config.json``, and
+    ``preprocessor_config.json``, ``tokenizer.json`` or ``spiece.model``; ``SiglipModel`` and
+    ``Siglip2Model``) and open_clip's timm-based one (``open_clip_model.safetensors`` with
+    ``open_clip_config.json``). Hub names are repositories such as
+    ``"google/siglip-base-patch16-224"`` (:data:`SIGLIP_PRETRAINED`) or
+    ``"timm/ViT-B-16-SigLIP"``.
 
     Parameters
     ----------
@@ -481,7 +608,7 @@ def load_siglip(path_or_name: str | os.PathLike[str], *, revision: str | None = 
     ValueError
         For a checkpoint that is not SigLIP, or a variant the core does not run.
     FileNotFoundError
-        For a path that does not exist.
+        For a path that does not exist, or a directory without weights or config.
 
     Examples
     --------
@@ -498,30 +625,43 @@ def load_siglip(path_or_name: str | os.PathLike[str], *, revision: str | None = 
         else:
             raise FileNotFoundError(f"{p}: no such file or directory")
     directory = p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
-    weights = os.path.join(p, "model.safetensors") if os.path.isdir(p) else p
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{directory}: no model.safetensors")
-    cfg_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(cfg_path):
-        if os.path.isfile(os.path.join(directory, "open_clip_config.json")):
-            raise ValueError(f"{directory}: an open_clip (timm) SigLIP checkpoint; this version "
-                             "reads transformers' SiglipModel / Siglip2Model layout only")
-        raise FileNotFoundError(f"{directory}: no config.json beside the weights")
-    with open(cfg_path, encoding="utf-8") as fh:
-        raw = json.load(fh)
-    pre = None
-    pp = os.path.join(directory, "preprocessor_config.json")
-    if os.path.isfile(pp):
-        with open(pp, encoding="utf-8") as fh:
-            pre = json.load(fh)
-    cfg = siglip_config_from_hf(raw, pre, cfg_path, name or os.path.basename(directory))
+    if os.path.isdir(p):
+        found = [os.path.join(p, w) for w in _WEIGHTS if os.path.isfile(os.path.join(p, w))]
+        if not found:
+            raise FileNotFoundError(f"{directory}: no {' or '.join(_WEIGHTS)}")
+        weights = found[0]
+    else:
+        weights = p
+    name = name or os.path.basename(directory)
+    hf_cfg = os.path.join(directory, "config.json")
+    oc_cfg = os.path.join(directory, "open_clip_config.json")
+    canonical = False
+    hf_raw = _read_json(hf_cfg) if os.path.isfile(hf_cfg) else None
+    # a timm repository's config.json describes the image tower alone: open_clip's wins there
+    hf_is_siglip = isinstance(hf_raw, dict) and str(hf_raw.get("model_type", "")).startswith(
+        "siglip")
+    if hf_raw is not None and (hf_is_siglip or not os.path.isfile(oc_cfg)) and \
+            os.path.basename(weights) != "open_clip_model.safetensors":
+        pp = os.path.join(directory, "preprocessor_config.json")
+        cfg = siglip_config_from_hf(hf_raw, _read_json(pp) if os.path.isfile(pp) else None,
+                                    hf_cfg, name)
+        layout = "hf"
+    elif os.path.isfile(oc_cfg):
+        raw = _read_json(oc_cfg)
+        cfg = siglip_config_from_open_clip(raw, oc_cfg, name)
+        tk = ((raw.get("model_cfg", raw).get("text_cfg") or {}).get("tokenizer_kwargs") or {})
+        canonical = tk.get("clean") == "canonicalize"
+        layout = "open_clip"
+    else:
+        raise FileNotFoundError(f"{directory}: no config.json or open_clip_config.json beside "
+                                "the weights")
     from . import _core
 
-    core = _core.Model(weights, cfg.to_core_dict(), "hf")
+    core = _core.Model(weights, cfg.to_core_dict(), layout)
     tok = None
     if cfg.has_text:
         try:
-            tok = SiglipTokenizer.from_dir(directory, cfg.context_length)
+            tok = SiglipTokenizer.from_dir(directory, cfg.context_length, canonical)
         except (FileNotFoundError, ImportError):
             tok = None
     return SigLIP(core, cfg, tok, threads=threads)

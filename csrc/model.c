@@ -362,30 +362,50 @@ static cd_status pack_transposed(loader *ld, cd_gemm_weight *pw, const char *key
     return rc ? pack_err(ld, key) : CD_OK;
 }
 
+/* The leaf names of a block whose q, k, v projections are one (3W, W) tensor: LayerNorms and
+ * linear layers are "<name>.weight" / "<name>.bias", the fused projection qkv_w / qkv_b. */
+typedef struct { const char *ln1, *qkv_w, *qkv_b, *out, *ln2, *fc, *proj; } fused_block_keys;
+static const fused_block_keys OPEN_CLIP_BLOCK = {"ln_1", "attn.in_proj_weight",
+    "attn.in_proj_bias", "attn.out_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"};
+static const fused_block_keys TIMM_BLOCK = {"norm1", "attn.qkv.weight", "attn.qkv.bias",
+    "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"};
+
+/* "<name>.<part>" in buf (the names above are short constants) */
+static const char *leaf_name(char *buf, size_t cap, const char *name, const char *part) {
+    snprintf(buf, cap, "%s.%s", name, part);
+    return buf;
+}
+
+static cd_status load_fused_block(loader *ld, cd_block *blk, const char *base, int W, int F,
+                                  int keep_out, const fused_block_keys *k) {
+    const int64_t dW[1] = {W}, dF[1] = {F}, d3W[1] = {3 * (int64_t)W}, dWW[2] = {W, W};
+    cd_status st;
+    char b[96];
+#define TRY(x) do { if ((st = (x)) != CD_OK) return st; } while (0)
+    TRY(keep(ld, &blk->ln1_w, base, leaf_name(b, sizeof b, k->ln1, "weight"), 1, dW));
+    TRY(keep(ld, &blk->ln1_b, base, leaf_name(b, sizeof b, k->ln1, "bias"), 1, dW));
+    TRY(pack(ld, &blk->qkv, base, k->qkv_w, 3 * W, W));
+    TRY(keep(ld, &blk->qkv_b, base, k->qkv_b, 1, d3W));
+    TRY(pack(ld, &blk->out, base, leaf_name(b, sizeof b, k->out, "weight"), W, W));
+    if (keep_out) TRY(keep(ld, &blk->out_w, base, b, 2, dWW));
+    TRY(keep(ld, &blk->out_b, base, leaf_name(b, sizeof b, k->out, "bias"), 1, dW));
+    TRY(keep(ld, &blk->ln2_w, base, leaf_name(b, sizeof b, k->ln2, "weight"), 1, dW));
+    TRY(keep(ld, &blk->ln2_b, base, leaf_name(b, sizeof b, k->ln2, "bias"), 1, dW));
+    TRY(pack(ld, &blk->fc, base, leaf_name(b, sizeof b, k->fc, "weight"), F, W));
+    TRY(keep(ld, &blk->fc_b, base, leaf_name(b, sizeof b, k->fc, "bias"), 1, dF));
+    TRY(pack(ld, &blk->proj, base, leaf_name(b, sizeof b, k->proj, "weight"), W, F));
+    TRY(keep(ld, &blk->proj_b, base, leaf_name(b, sizeof b, k->proj, "bias"), 1, dW));
+    return CD_OK;
+}
+
 /* One residual block. base: e.g. "visual.transformer.resblocks.3." (open_clip) or
  * "vision_model.encoder.layers.3." (HF). keep_out: keep the unpacked out-projection. */
 static cd_status load_block(loader *ld, cd_block *blk, const char *base, int W, int F,
                             int keep_out) {
-    const int64_t dW[1] = {W}, dF[1] = {F}, d3W[1] = {3 * (int64_t)W}, dWW[2] = {W, W};
+    const int64_t dW[1] = {W}, dF[1] = {F}, dWW[2] = {W, W};
     cd_status st;
     const int hf = ld->m->layout == CD_LAYOUT_HF;
-#define TRY(x) do { if ((st = (x)) != CD_OK) return st; } while (0)
-    if (!hf) {
-        TRY(keep(ld, &blk->ln1_w, base, "ln_1.weight", 1, dW));
-        TRY(keep(ld, &blk->ln1_b, base, "ln_1.bias", 1, dW));
-        TRY(pack(ld, &blk->qkv, base, "attn.in_proj_weight", 3 * W, W));
-        TRY(keep(ld, &blk->qkv_b, base, "attn.in_proj_bias", 1, d3W));
-        TRY(pack(ld, &blk->out, base, "attn.out_proj.weight", W, W));
-        if (keep_out) TRY(keep(ld, &blk->out_w, base, "attn.out_proj.weight", 2, dWW));
-        TRY(keep(ld, &blk->out_b, base, "attn.out_proj.bias", 1, dW));
-        TRY(keep(ld, &blk->ln2_w, base, "ln_2.weight", 1, dW));
-        TRY(keep(ld, &blk->ln2_b, base, "ln_2.bias", 1, dW));
-        TRY(pack(ld, &blk->fc, base, "mlp.c_fc.weight", F, W));
-        TRY(keep(ld, &blk->fc_b, base, "mlp.c_fc.bias", 1, dF));
-        TRY(pack(ld, &blk->proj, base, "mlp.c_proj.weight", W, F));
-        TRY(keep(ld, &blk->proj_b, base, "mlp.c_proj.bias", 1, dW));
-        return CD_OK;
-    }
+    if (!hf) return load_fused_block(ld, blk, base, W, F, keep_out, &OPEN_CLIP_BLOCK);
     TRY(keep(ld, &blk->ln1_w, base, "layer_norm1.weight", 1, dW));
     TRY(keep(ld, &blk->ln1_b, base, "layer_norm1.bias", 1, dW));
     /* q, k, v projections -> one (3W, W) weight and (3W) bias */
@@ -515,8 +535,9 @@ static cd_status load_text(loader *ld) {
 
 /* ------------------------------------------------------------------------------------------ */
 /* SigLIP loading: transformers' SiglipModel layout (the fixed-resolution SigLIP 2 checkpoints
- * use it too) and Siglip2Model's (NaFlex) at its native grid. The encoder blocks share CLIP's
- * HF keys.                                                                                    */
+ * use it too; the encoder blocks share CLIP's HF keys), Siglip2Model's (NaFlex) at its native
+ * grid, and open_clip's timm-based layout ("visual.trunk.*" with timm's block keys, "text.*"
+ * with open_clip's).                                                                          */
 
 /* a copy of n floats of `src` that the model owns */
 static cd_status own_copy(loader *ld, const float **out, const float *src, size_t n) {
@@ -531,23 +552,54 @@ static cd_status own_copy(loader *ld, const float **out, const float *src, size_
     return CD_OK;
 }
 
-/* the pooling head: "vision_model.head." probe, attention (nn.MultiheadAttention: in_proj_weight
- * (3W, W) = [W_Q; W_K; W_V], in_proj_bias, out_proj), layernorm, mlp.fc1 / fc2 */
+/* the pooling head. HF: "vision_model.head." probe, attention (nn.MultiheadAttention:
+ * in_proj_weight (3W, W) = [W_Q; W_K; W_V], in_proj_bias, out_proj), layernorm, mlp.fc1 / fc2.
+ * open_clip (timm): "visual.trunk.attn_pool." latent, q (W, W), kv (2W, W) = [W_K; W_V], proj,
+ * norm, mlp.fc1 / fc2. Both are read into one (3W, W) weight and (3W) bias. */
 static cd_status load_siglip_head(loader *ld) {
     cd_model *m = ld->m;
     cd_weights *w = &m->w;
     const int W = m->cfg.width, F = m->cfg.mlp_dim;
+    const int oc = m->layout == CD_LAYOUT_OPEN_CLIP;
     const int64_t dW[1] = {W}, dF[1] = {F}, d3W[1] = {3 * (int64_t)W}, dWW[2] = {W, W},
-                  dP[3] = {1, 1, W}, dIn[2] = {3 * (int64_t)W, W};
-    const char *base = "vision_model.head.";
+                  dP[3] = {1, 1, W}, dIn[2] = {3 * (int64_t)W, W}, d2W[1] = {2 * (int64_t)W},
+                  dKV[2] = {2 * (int64_t)W, W};
+    const char *base = oc ? "visual.trunk.attn_pool." : "vision_model.head.";
+    const char *out = oc ? "proj" : "attention.out_proj";
+    const char *lnn = oc ? "norm" : "layernorm";
     cd_status st;
     const float *probe, *in_b, *in_w;
     float *tmp;
-    TRY(keep(ld, &probe, base, "probe", 3, dP));
-    TRY(keep(ld, &in_b, base, "attention.in_proj_bias", 1, d3W));
-    st = fetch(ld, base, "attention.in_proj_weight", 2, dIn, &in_w, &tmp);
-    if (st) return st;
     const size_t WW = (size_t)W * W;
+    TRY(keep(ld, &probe, base, oc ? "latent" : "probe", 3, dP));
+    if (!oc) {
+        TRY(keep(ld, &in_b, base, "attention.in_proj_bias", 1, d3W));
+        st = fetch(ld, base, "attention.in_proj_weight", 2, dIn, &in_w, &tmp);
+        if (st) return st;
+    } else {
+        /* [q; kv] assembled into a buffer of the model's */
+        float *cat_w = (float *)malloc(3 * WW * sizeof(float));
+        float *cat_b = (float *)malloc(3 * (size_t)W * sizeof(float));
+        if (!cat_w || !cat_b || own(m, cat_b)) {
+            free(cat_w);
+            free(cat_b);
+            return pack_err(ld, "visual.trunk.attn_pool");
+        }
+        struct { const char *name; int nd; const int64_t *dims; float *dst; size_t n; } parts[4] = {
+            {"q.weight", 2, dWW, cat_w, WW}, {"kv.weight", 2, dKV, cat_w + WW, 2 * WW},
+            {"q.bias", 1, dW, cat_b, (size_t)W}, {"kv.bias", 1, d2W, cat_b + W, 2 * (size_t)W}};
+        for (int i = 0; i < 4; i++) {
+            const float *v;
+            float *t;
+            st = fetch(ld, base, parts[i].name, parts[i].nd, parts[i].dims, &v, &t);
+            if (st) { free(cat_w); return st; }
+            memcpy(parts[i].dst, v, parts[i].n * sizeof(float));
+            free(t);
+        }
+        in_w = cat_w;
+        tmp = cat_w;
+        in_b = cat_b;
+    }
     /* q = probe @ W_Q^T + b_Q, in double */
     float *q = (float *)malloc((size_t)W * sizeof(float));
     if (!q || own(m, q)) {
@@ -566,11 +618,12 @@ static cd_status load_siglip_head(loader *ld) {
     free(tmp);
     if (st) return st;
     w->pool_kv_b = in_b + W;
-    TRY(pack(ld, &w->pool_out, base, "attention.out_proj.weight", W, W));
-    TRY(keep(ld, &w->pool_out_w, base, "attention.out_proj.weight", 2, dWW));
-    TRY(keep(ld, &w->pool_out_b, base, "attention.out_proj.bias", 1, dW));
-    TRY(keep(ld, &w->pool_ln_w, base, "layernorm.weight", 1, dW));
-    TRY(keep(ld, &w->pool_ln_b, base, "layernorm.bias", 1, dW));
+    char b[96];
+    TRY(pack(ld, &w->pool_out, base, leaf_name(b, sizeof b, out, "weight"), W, W));
+    TRY(keep(ld, &w->pool_out_w, base, b, 2, dWW));
+    TRY(keep(ld, &w->pool_out_b, base, leaf_name(b, sizeof b, out, "bias"), 1, dW));
+    TRY(keep(ld, &w->pool_ln_w, base, leaf_name(b, sizeof b, lnn, "weight"), 1, dW));
+    TRY(keep(ld, &w->pool_ln_b, base, leaf_name(b, sizeof b, lnn, "bias"), 1, dW));
     TRY(pack(ld, &w->pool_fc, base, "mlp.fc1.weight", F, W));
     TRY(keep(ld, &w->pool_fc_b, base, "mlp.fc1.bias", 1, dF));
     TRY(pack(ld, &w->pool_proj, base, "mlp.fc2.weight", W, F));
@@ -603,16 +656,18 @@ static cd_status load_siglip_vision(loader *ld) {
     const cd_config *c = &m->cfg;
     const int W = c->width, P = c->patch_size, G = c->image_size / c->patch_size;
     const int64_t N = (int64_t)G * G;
-    const int64_t dW[1] = {W}, dNW[2] = {N, W}, dconv[4] = {W, 3, P, P};
+    const int64_t dW[1] = {W}, dNW[2] = {N, W}, d1NW[3] = {1, N, W}, dconv[4] = {W, 3, P, P};
+    const int oc = m->layout == CD_LAYOUT_OPEN_CLIP;
     cd_status st;
     const float *v;
     float *tmp;
-    const char *pe = "vision_model.embeddings.patch_embedding.weight";
+    const char *pe = oc ? "visual.trunk.patch_embed.proj.weight"
+                        : "vision_model.embeddings.patch_embedding.weight";
     char name[512];
     snprintf(name, sizeof name, "%s%s", ld->prefix, pe);
     const cd_st_tensor *t = cd_st_find(&m->file, name);
     int rc;
-    if (t && t->ndim == 2) {
+    if (t && t->ndim == 2 && !oc) {
         /* SigLIP 2 (Siglip2Model): a linear layer over patches flattened as (py, px, c); at
          * the native grid (image_size = P * sqrt(num_patches)) its position embeddings need no
          * resizing, so it is the conv (W, 3, P, P) with the weight reordered */
@@ -638,17 +693,23 @@ static cd_status load_siglip_vision(loader *ld) {
         free(tmp);
     }
     if (rc) return pack_err(ld, "patch embedding");
-    TRY(keep(ld, &m->w.conv_b, "", "vision_model.embeddings.patch_embedding.bias", 1, dW));
-    TRY(keep(ld, &m->w.pos, "", "vision_model.embeddings.position_embedding.weight", 2, dNW));
+    TRY(keep(ld, &m->w.conv_b, "", oc ? "visual.trunk.patch_embed.proj.bias"
+                                      : "vision_model.embeddings.patch_embedding.bias", 1, dW));
+    if (oc) TRY(keep(ld, &m->w.pos, "", "visual.trunk.pos_embed", 3, d1NW));
+    else TRY(keep(ld, &m->w.pos, "", "vision_model.embeddings.position_embedding.weight", 2, dNW));
     m->w.blocks = (cd_block *)calloc((size_t)c->layers, sizeof(cd_block));
     if (!m->w.blocks) return pack_err(ld, "blocks");
     for (int l = 0; l < c->layers; l++) {
         char base[96];
-        snprintf(base, sizeof base, "vision_model.encoder.layers.%d.", l);
-        TRY(load_block(ld, &m->w.blocks[l], base, W, c->mlp_dim, 1));
+        snprintf(base, sizeof base, oc ? "visual.trunk.blocks.%d." : "vision_model.encoder.layers.%d.",
+                 l);
+        if (oc) TRY(load_fused_block(ld, &m->w.blocks[l], base, W, c->mlp_dim, 1, &TIMM_BLOCK));
+        else TRY(load_block(ld, &m->w.blocks[l], base, W, c->mlp_dim, 1));
     }
-    TRY(keep(ld, &m->w.ln_post_w, "", "vision_model.post_layernorm.weight", 1, dW));
-    TRY(keep(ld, &m->w.ln_post_b, "", "vision_model.post_layernorm.bias", 1, dW));
+    TRY(keep(ld, &m->w.ln_post_w, "", oc ? "visual.trunk.norm.weight"
+                                         : "vision_model.post_layernorm.weight", 1, dW));
+    TRY(keep(ld, &m->w.ln_post_b, "", oc ? "visual.trunk.norm.bias"
+                                         : "vision_model.post_layernorm.bias", 1, dW));
     return load_siglip_head(ld);
 }
 
@@ -659,7 +720,9 @@ static cd_status load_siglip_text(loader *ld) {
     const int64_t dW[1] = {W}, dD[1] = {D}, dVW[2] = {c->vocab_size, W},
                   dCW[2] = {c->context_length, W};
     cd_status st;
-    const char *tok = "text_model.embeddings.token_embedding.weight";
+    const int oc = m->layout == CD_LAYOUT_OPEN_CLIP;
+    const char *tok = oc ? "text.token_embedding.weight"
+                         : "text_model.embeddings.token_embedding.weight";
     char probe[512];
     snprintf(probe, sizeof probe, "%s%s", ld->prefix, tok);
     if (!cd_st_find(&m->file, probe)) {
@@ -668,18 +731,24 @@ static cd_status load_siglip_text(loader *ld) {
         return CD_ERR_MISSING;
     }
     TRY(keep(ld, &m->w.tok_emb, "", tok, 2, dVW));
-    TRY(keep(ld, &m->w.tpos, "", "text_model.embeddings.position_embedding.weight", 2, dCW));
+    TRY(keep(ld, &m->w.tpos, "", oc ? "text.positional_embedding"
+                                    : "text_model.embeddings.position_embedding.weight", 2, dCW));
     m->w.tblocks = (cd_block *)calloc((size_t)c->text_layers, sizeof(cd_block));
     if (!m->w.tblocks) return pack_err(ld, "text blocks");
     for (int l = 0; l < c->text_layers; l++) {
         char base[96];
-        snprintf(base, sizeof base, "text_model.encoder.layers.%d.", l);
+        snprintf(base, sizeof base, oc ? "text.transformer.resblocks.%d."
+                                       : "text_model.encoder.layers.%d.", l);
         TRY(load_block(ld, &m->w.tblocks[l], base, W, c->text_mlp_dim, 0));
     }
-    TRY(keep(ld, &m->w.ln_final_w, "", "text_model.final_layer_norm.weight", 1, dW));
-    TRY(keep(ld, &m->w.ln_final_b, "", "text_model.final_layer_norm.bias", 1, dW));
-    TRY(pack(ld, &m->w.tproj, "", "text_model.head.weight", D, W));
-    TRY(keep(ld, &m->w.tproj_b, "", "text_model.head.bias", 1, dD));
+    TRY(keep(ld, &m->w.ln_final_w, "", oc ? "text.ln_final.weight"
+                                          : "text_model.final_layer_norm.weight", 1, dW));
+    TRY(keep(ld, &m->w.ln_final_b, "", oc ? "text.ln_final.bias"
+                                          : "text_model.final_layer_norm.bias", 1, dW));
+    TRY(pack(ld, &m->w.tproj, "", oc ? "text.text_projection.weight" : "text_model.head.weight",
+             D, W));
+    TRY(keep(ld, &m->w.tproj_b, "", oc ? "text.text_projection.bias" : "text_model.head.bias", 1,
+             dD));
     return CD_OK;
 }
 #undef TRY
@@ -695,7 +764,14 @@ static cd_status check_config(const cd_config *c, const char *path, cd_error *er
                     CD_MAX_DIM);
             return CD_ERR_VALUE;
         }
-    if (c->image_size % c->patch_size) {
+    if (c->image_size < c->patch_size) {
+        set_err(err, "%s: config image_size = %d is smaller than patch_size = %d", path,
+                c->image_size, c->patch_size);
+        return CD_ERR_VALUE;
+    }
+    /* SigLIP's patch convolution drops the last image_size % patch_size rows and columns
+     * (so400m/14 at 384 pixels: a 27 x 27 grid over 378 of them); CLIP's sizes always divide */
+    if (c->family != CD_FAMILY_SIGLIP && c->image_size % c->patch_size) {
         set_err(err, "%s: config image_size = %d is not a multiple of patch_size = %d", path,
                 c->image_size, c->patch_size);
         return CD_ERR_VALUE;
@@ -803,13 +879,16 @@ static cd_status check_no_extra_block(loader *ld, int text) {
     const cd_model *m = ld->m;
     const int hf = m->layout == CD_LAYOUT_HF;
     const int n = text ? m->cfg.text_layers : m->cfg.layers;
+    const int sg = m->cfg.family == CD_FAMILY_SIGLIP;
     char name[512];
     if (text)
         snprintf(name, sizeof name, hf ? "%stext_model.encoder.layers.%d.layer_norm1.weight"
-                                       : "%stransformer.resblocks.%d.ln_1.weight", ld->prefix, n);
+                                    : sg ? "%stext.transformer.resblocks.%d.ln_1.weight"
+                                         : "%stransformer.resblocks.%d.ln_1.weight", ld->prefix, n);
     else
         snprintf(name, sizeof name, hf ? "%svision_model.encoder.layers.%d.layer_norm1.weight"
-                                       : "%svisual.transformer.resblocks.%d.ln_1.weight",
+                                    : sg ? "%svisual.trunk.blocks.%d.norm1.weight"
+                                         : "%svisual.transformer.resblocks.%d.ln_1.weight",
                  ld->prefix, n);
     if (!cd_st_find(&m->file, name)) return CD_OK;
     set_err(ld->err, "%s: config %s = %d, but the file has a block %d ('%s')", m->file.path,
@@ -905,12 +984,6 @@ cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, 
     }
     m->layout = layout;
     loader ld = {m, prefix, err};
-    if (siglip && layout != CD_LAYOUT_HF) {
-        set_err(err, "%s: SigLIP from the open_clip (timm) layout is not supported yet: convert "
-                "it to transformers' SiglipModel layout", path);
-        cd_model_free(m);
-        return CD_ERR_VALUE;
-    }
     st = siglip ? load_siglip_vision(&ld) : load_vision(&ld);
     if (!st) st = check_no_extra_block(&ld, 0);
     if (!st && cfg->text_layers > 0) st = siglip ? load_siglip_text(&ld) : load_text(&ld);

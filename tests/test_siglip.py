@@ -20,28 +20,32 @@ from clipdecomp import _core
 from clipdecomp.ablation import ablate, component_means
 from clipdecomp.segmentation import segment_decomposition
 from clipdecomp.siglip import (
+    SigLIP,
     SiglipConfig,
     SiglipDecomposition,
     SiglipTokenizer,
     accuracy_by_part,
+    canonicalize,
     head_orthogonality,
     load_siglip,
     pool_head_maps,
     siglip_config_from_hf,
+    siglip_config_from_open_clip,
     textspan_pool_heads,
 )
 from clipdecomp.spatial import heatmap
 
 transformers = pytest.importorskip("transformers")
 
-#: (name, vision geometry, text geometry); odd head counts and head widths
+#: (name, vision geometry, text geometry); odd head counts and head widths; w42h7's image
+#: side is not a multiple of its patch (the convolution drops the last 2 pixels)
 GEOMETRIES = {
     "w60h5": ({"hidden_size": 60, "intermediate_size": 96, "num_hidden_layers": 2,
                    "num_attention_heads": 5, "image_size": 32, "patch_size": 8},
               {"hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2,
                    "num_attention_heads": 3, "vocab_size": 101, "max_position_embeddings": 16}),
     "w42h7": ({"hidden_size": 42, "intermediate_size": 70, "num_hidden_layers": 3,
-                   "num_attention_heads": 7, "image_size": 28, "patch_size": 7},
+                   "num_attention_heads": 7, "image_size": 30, "patch_size": 7},
               {"hidden_size": 36, "intermediate_size": 40, "num_hidden_layers": 1,
                    "num_attention_heads": 9, "vocab_size": 57, "max_position_embeddings": 12}),
     "w64h4": ({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
@@ -112,6 +116,57 @@ def siglip2_model(tmp_path_factory) -> tuple[torch.nn.Module, str, int]:
     return _MODELS["siglip2"]
 
 
+def to_open_clip(sd: dict) -> dict:
+    """transformers' SiglipModel tensors under open_clip's timm-based SigLIP names."""
+    out: dict = {}
+    pre = {"vision_model.embeddings.patch_embedding.": "visual.trunk.patch_embed.proj.",
+           "vision_model.post_layernorm.": "visual.trunk.norm.",
+           "vision_model.head.attention.out_proj.": "visual.trunk.attn_pool.proj.",
+           "vision_model.head.layernorm.": "visual.trunk.attn_pool.norm.",
+           "vision_model.head.mlp.": "visual.trunk.attn_pool.mlp.",
+           "text_model.final_layer_norm.": "text.ln_final.",
+           "text_model.head.": "text.text_projection."}
+    qkv: dict = {}
+    for k, v in sd.items():
+        v = v.detach().clone().contiguous()
+        if k == "vision_model.embeddings.position_embedding.weight":
+            out["visual.trunk.pos_embed"] = v[None]
+        elif k == "vision_model.head.probe":
+            out["visual.trunk.attn_pool.latent"] = v
+        elif k.startswith("vision_model.head.attention.in_proj_"):
+            kind = k.rsplit("_", 1)[1]
+            w = v.shape[0] // 3
+            out[f"visual.trunk.attn_pool.q.{kind}"] = v[:w].contiguous()
+            out[f"visual.trunk.attn_pool.kv.{kind}"] = v[w:].contiguous()
+        elif k == "text_model.embeddings.token_embedding.weight":
+            out["text.token_embedding.weight"] = v
+        elif k == "text_model.embeddings.position_embedding.weight":
+            out["text.positional_embedding"] = v
+        elif ".encoder.layers." in k:
+            tower, _, _, i, rest = k.split(".", 4)
+            vis = tower == "vision_model"
+            base = f"visual.trunk.blocks.{i}." if vis else f"text.transformer.resblocks.{i}."
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj",
+                                                                         "v_proj"):
+                qkv.setdefault((base, vis, rest.split(".")[2]), {})[rest.split(".")[1]] = v
+                continue
+            names = ({"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj":
+                      "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"} if vis else
+                     {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj":
+                      "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"})
+            mod, kind = rest.rsplit(".", 1)
+            out[base + names[mod] + "." + kind] = v
+        elif k in ("logit_scale", "logit_bias"):
+            out[k] = v
+        else:
+            src = next(p for p in pre if k.startswith(p))
+            out[pre[src] + k[len(src):]] = v
+    for (base, vis, kind), parts in qkv.items():
+        cat = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]]).contiguous()
+        out[base + ("attn.qkv." + kind if vis else "attn.in_proj_" + kind)] = cat
+    return out
+
+
 def pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 3, size, size)).astype(np.float32)
 
@@ -146,6 +201,74 @@ def test_features_match_siglip_model(name, tmp_path_factory):
     assert model.logit_scale == pytest.approx(float(m.logit_scale.detach().exp()), rel=1e-6)
     assert model.logit_bias == pytest.approx(float(m.logit_bias.detach()), rel=1e-6)
     assert rel(model.logits(got_i, got_t), out.logits_per_image.numpy()) < 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_open_clip_layout(name, tmp_path_factory, tmp_path):
+    from safetensors.torch import save_file
+
+    m, d = siglip_model(name, tmp_path_factory)
+    hf_model = load_siglip(d, threads=1)
+    c = hf_model.config
+    path = str(tmp_path / "open_clip_model.safetensors")
+    save_file(to_open_clip(m.state_dict()), path)
+    core = _core.Model(path, c.to_core_dict(), "auto")
+    assert core.layout == "open_clip"
+    oc = SigLIP(core, c, threads=1)
+    x = pixels(2, c.image_size, seed=21)
+    t = ids(3, c.context_length, c.vocab_size, seed=21)
+    want_i = _pooled(m.get_image_features(pixel_values=torch.from_numpy(x))).numpy()
+    want_t = _pooled(m.get_text_features(input_ids=torch.from_numpy(t).long())).numpy()
+    assert rel(oc.encode_image(x, normalize=False), want_i) < 1e-4
+    assert rel(oc.encode_text(t, normalize=False), want_t) < 1e-4
+    a, b = oc.decompose(x, depth="deep"), hf_model.decompose(x, depth="deep")
+    assert np.abs(a.heads - b.heads).max() < 1e-6 and np.abs(a.mlps - b.mlps).max() < 1e-6
+    assert oc.logit_bias == pytest.approx(float(m.logit_bias.detach()), rel=1e-6)
+
+
+#: open_clip's model config of ViT-B-16-SigLIP (its model_configs/ViT-B-16-SigLIP.json)
+OC_B16 = {"embed_dim": 768, "init_logit_bias": -10, "custom_text": True,
+          "vision_cfg": {"image_size": 224, "timm_model_name": "vit_base_patch16_siglip_224",
+                         "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+          "text_cfg": {"context_length": 64, "vocab_size": 32000, "width": 768, "heads": 12,
+                       "layers": 12, "no_causal_mask": True, "proj_bias": True,
+                       "pool_type": "last", "norm_kwargs": {"eps": 1e-6}}}
+
+
+def test_open_clip_config():
+    cfg = siglip_config_from_open_clip({"model_cfg": OC_B16, "preprocess_cfg": {
+        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
+        "resize_mode": "squash"}})
+    assert (cfg.image_size, cfg.patch_size, cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim) == \
+        (224, 16, 768, 12, 12, 3072)
+    assert (cfg.context_length, cfg.vocab_size, cfg.text_width, cfg.text_layers,
+            cfg.text_heads, cfg.text_mlp_dim) == (64, 32000, 768, 12, 12, 3072)
+    assert (cfg.act, cfg.text_act) == ("gelu_tanh", "gelu")   # open_clip's text GELU is exact
+    tanh = {**OC_B16, "text_cfg": {**OC_B16["text_cfg"], "act_kwargs": {"approximate": "tanh"}}}
+    assert siglip_config_from_open_clip(tanh).text_act == "gelu_tanh"
+    so = {**OC_B16, "embed_dim": 1152, "vision_cfg": {**OC_B16["vision_cfg"], "image_size": 384,
+                                   "timm_model_name": "vit_so400m_patch14_siglip_384"}}
+    c2 = siglip_config_from_open_clip(so)
+    assert (c2.image_size, c2.patch_size, c2.width, c2.layers, c2.heads, c2.mlp_dim) == \
+        (384, 14, 1152, 27, 16, 4304)
+    gap = {**OC_B16, "vision_cfg": {**OC_B16["vision_cfg"],
+                                    "timm_model_name": "vit_base_patch16_siglip_gap_224"}}
+    with pytest.raises(ValueError, match="attention-pooling head"):
+        siglip_config_from_open_clip(gap)
+    with pytest.raises(ValueError, match="not a timm SigLIP"):
+        siglip_config_from_open_clip({"vision_cfg": {"timm_model_name": "convnext_base"}})
+
+
+def test_canonicalize_tokenizer_option(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({"</s>": 1, "<unk>": 2, "a": 3, "cat": 4},
+                                    unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tok = SiglipTokenizer.from_dir(tmp_path, context_length=4, canonical=True)
+    assert tok(["A, CAT!"]).tolist() == [[3, 4, 1, 1]]
+    assert canonicalize("A  Photo, of a CAT!") == "a photo of a cat"
 
 
 def _patchify(x: np.ndarray, p: int) -> np.ndarray:
@@ -425,10 +548,13 @@ def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="maps to 32 dims"):
         siglip_config_from_hf({"model_type": "siglip", "vision_config": {"hidden_size": 64,
                                "num_attention_heads": 4}, "text_config": {"projection_size": 32}})
-    (tmp_path / "open_clip_config.json").write_text("{}")
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="open_clip"):
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": {"vision_cfg": {"timm_model_name": "vit_base_patch16_clip_224"}}}))
+    (tmp_path / "open_clip_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a timm SigLIP"):
         load_siglip(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or"):
+        load_siglip(tmp_path / "..")
 
 
 def test_core_refuses_wrong_options(tmp_path_factory):
