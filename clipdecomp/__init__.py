@@ -27,6 +27,7 @@ from .model import CLIP, get_memory_budget, set_debug, set_memory_budget
 from .pool import encode_pool, load_pool
 from .retrieval import HeadIndex, show_retrieval
 from .segmentation import SegmentationResult, segment, segmentation_metrics
+from .siglip import SIGLIP_PRETRAINED, SigLIP, SiglipDecomposition, load_siglip
 from .spatial import attention_map, attention_rollout, head_map, head_maps, heatmap, upsample
 from .stats import HeadStats
 from .textspan import (
@@ -66,6 +67,7 @@ def StoreReader(path, *args, **kwargs):
 
 __all__ = [
     "CLIP",
+    "SIGLIP_PRETRAINED",
     "ComponentMeans",
     "Decomposition",
     "HeadIndex",
@@ -73,6 +75,8 @@ __all__ = [
     "ModelConfig",
     "RepairedCLIP",
     "SegmentationResult",
+    "SigLIP",
+    "SiglipDecomposition",
     "StoreReader",
     "TextSpanResult",
     "ablate",
@@ -92,6 +96,7 @@ __all__ = [
     "load",
     "load_ablation",
     "load_pool",
+    "load_siglip",
     "run_dataset",
     "segment",
     "segmentation_metrics",

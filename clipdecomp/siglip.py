@@ -61,8 +61,10 @@ __all__ = [
     "textspan_pool_heads",
 ]
 
-#: the checkpoints the hub names resolve to (transformers' layout on the Hugging Face Hub);
-#: fixed-resolution SigLIP 2 repositories use SigLIP's architecture
+#: Hugging Face Hub repositories :func:`load_siglip` takes by name: Google's in transformers'
+#: layout (the fixed-resolution SigLIP 2 ones use SigLIP's architecture), then open_clip's
+#: SigLIP tags in its timm-based layout (their repositories must hold
+#: ``open_clip_model.safetensors``: clipdecomp reads no pickles)
 SIGLIP_PRETRAINED: tuple[str, ...] = (
     "google/siglip-base-patch16-224",
     "google/siglip-base-patch16-256",
@@ -84,6 +86,19 @@ SIGLIP_PRETRAINED: tuple[str, ...] = (
     "google/siglip2-so400m-patch16-256",
     "google/siglip2-so400m-patch16-384",
     "google/siglip2-so400m-patch16-512",
+    "timm/ViT-B-16-SigLIP",
+    "timm/ViT-B-16-SigLIP-256",
+    "timm/ViT-B-16-SigLIP-384",
+    "timm/ViT-B-16-SigLIP-512",
+    "timm/ViT-L-16-SigLIP-256",
+    "timm/ViT-L-16-SigLIP-384",
+    "timm/ViT-SO400M-14-SigLIP",
+    "timm/ViT-SO400M-14-SigLIP-384",
+    "timm/ViT-B-16-SigLIP2",
+    "timm/ViT-B-16-SigLIP2-256",
+    "timm/ViT-L-16-SigLIP2-256",
+    "timm/ViT-SO400M-14-SigLIP2",
+    "timm/ViT-SO400M-14-SigLIP2-378",
 )
 
 _ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
