@@ -208,7 +208,16 @@ typedef struct {
     cd_model *m;
     const char *prefix;           /* leading key prefix found in the file, e.g. "" or "model." */
     cd_error *err;
+    int bare_vision;              /* a SigLIP vision tower saved alone (transformers'
+                                   * SiglipVisionModel): its keys lack "vision_model." */
 } loader;
+
+/* name without its leading "vision_model." when the loader reads a bare vision tower */
+static const char *vision_key(const loader *ld, const char *name) {
+    static const char VM[] = "vision_model.";
+    if (ld->bare_vision && strncmp(name, VM, sizeof VM - 1) == 0) return name + sizeof VM - 1;
+    return name;
+}
 
 static int own(cd_model *m, float *buf) {
     if (m->n_owned == m->cap_owned) {
@@ -261,7 +270,8 @@ static cd_status fetch(loader *ld, const char *base, const char *leaf, int ndim,
     char name[512];
     *vals = NULL;
     *tmp = NULL;
-    int n = snprintf(name, sizeof name, "%s%s%s", ld->prefix, base, leaf);
+    int n = snprintf(name, sizeof name, "%s%s%s", ld->prefix, vision_key(ld, base),
+                     vision_key(ld, leaf));
     if (n < 0 || (size_t)n >= sizeof name) {
         set_err(ld->err, "%s: tensor name too long", ld->m->file.path);
         return CD_ERR_FORMAT;
@@ -664,7 +674,7 @@ static cd_status load_siglip_vision(loader *ld) {
     const char *pe = oc ? "visual.trunk.patch_embed.proj.weight"
                         : "vision_model.embeddings.patch_embedding.weight";
     char name[512];
-    snprintf(name, sizeof name, "%s%s", ld->prefix, pe);
+    snprintf(name, sizeof name, "%s%s", ld->prefix, vision_key(ld, pe));
     const cd_st_tensor *t = cd_st_find(&m->file, name);
     int rc;
     if (t && t->ndim == 2 && !oc) {
@@ -886,7 +896,8 @@ static cd_status check_no_extra_block(loader *ld, int text) {
                                     : sg ? "%stext.transformer.resblocks.%d.ln_1.weight"
                                          : "%stransformer.resblocks.%d.ln_1.weight", ld->prefix, n);
     else
-        snprintf(name, sizeof name, hf ? "%svision_model.encoder.layers.%d.layer_norm1.weight"
+        snprintf(name, sizeof name, hf ? (ld->bare_vision ? "%sencoder.layers.%d.layer_norm1.weight"
+                                    : "%svision_model.encoder.layers.%d.layer_norm1.weight")
                                     : sg ? "%svisual.trunk.blocks.%d.norm1.weight"
                                          : "%svisual.transformer.resblocks.%d.ln_1.weight",
                  ld->prefix, n);
@@ -961,7 +972,23 @@ cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, 
                                    : "vision_model.embeddings.class_embedding";
     char prefix[256];
     int have_oc = find_prefix(&m->file, OC_ANCHOR, prefix, sizeof prefix) == 0;
-    if (layout == CD_LAYOUT_AUTO) {
+    int bare = 0;
+    if (siglip && layout != CD_LAYOUT_OPEN_CLIP && !have_oc &&
+        find_prefix(&m->file, HF_ANCHOR, prefix, sizeof prefix) != 0 &&
+        cd_st_find(&m->file, "head.probe") &&
+        cd_st_find(&m->file, "embeddings.patch_embedding.weight")) {
+        bare = 1;   /* transformers' SiglipVisionModel saved alone */
+        layout = CD_LAYOUT_HF;
+        prefix[0] = '\0';
+    }
+    if (bare) {
+        if (cfg->text_layers > 0) {
+            set_err(err, "%s: a SigLIP vision tower saved alone (no text tower): set "
+                    "text_layers to 0", path);
+            cd_model_free(m);
+            return CD_ERR_MISSING;
+        }
+    } else if (layout == CD_LAYOUT_AUTO) {
         if (have_oc) {
             layout = CD_LAYOUT_OPEN_CLIP;
         } else if (find_prefix(&m->file, HF_ANCHOR, prefix, sizeof prefix) == 0) {
@@ -983,7 +1010,7 @@ cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, 
         }
     }
     m->layout = layout;
-    loader ld = {m, prefix, err};
+    loader ld = {m, prefix, err, bare};
     st = siglip ? load_siglip_vision(&ld) : load_vision(&ld);
     if (!st) st = check_no_extra_block(&ld, 0);
     if (!st && cfg->text_layers > 0) st = siglip ? load_siglip_text(&ld) : load_text(&ld);

@@ -271,6 +271,26 @@ def test_canonicalize_tokenizer_option(tmp_path):
     assert canonicalize("A  Photo, of a CAT!") == "a photo of a cat"
 
 
+def test_vision_model_saved_alone(tmp_path):
+    """transformers' SiglipVisionModel saves its keys without "vision_model."."""
+    torch.manual_seed(3)
+    cfg = transformers.SiglipVisionConfig(hidden_size=36, intermediate_size=50,
+                                          num_hidden_layers=2, num_attention_heads=3,
+                                          image_size=24, patch_size=8)
+    m = transformers.SiglipVisionModel(cfg).eval()
+    _perturb(m, 4)
+    m.save_pretrained(str(tmp_path))
+    model = load_siglip(tmp_path, threads=1)
+    assert not model.config.has_text
+    x = pixels(2, 24, seed=4)
+    want = m(pixel_values=torch.from_numpy(x)).pooler_output.numpy()
+    assert rel(model.encode_image(x, normalize=False), want) < 1e-4
+    dec = model.decompose(x, depth="deep")
+    assert np.abs(dec.summed() - dec.embedding / dec.norm[:, None]).max() < 1e-5
+    with pytest.raises(ValueError, match="no text tower"):
+        model.encode_text([[0] * 64])
+
+
 def _patchify(x: np.ndarray, p: int) -> np.ndarray:
     """[B, 3, S, S] -> [B, G*G, P*P*3] in Siglip2's (py, px, c) order."""
     b, c, s, _ = x.shape
