@@ -3,7 +3,8 @@
 A random ``SiglipVisionModel`` of the ViT-B/16-224 geometry (width 768, 12 layers, 12 heads,
 MLP 3072, 196 tokens, the attention-pooling head) is saved once and loaded by both sides. Each
 row is the best of ``reps`` timed calls on a batch of 8 images (the machine may be shared:
-the best call is the least disturbed one), after one warm-up call:
+the best call is the least disturbed one; the rows are timed in turn, round by round, after one
+warm-up round, so that a busy spell falls on all of them alike):
 
 * ``transformers``: ``SiglipVisionModel(pixel_values).pooler_output`` under ``torch.no_grad``;
 * ``clipdecomp encode_image``: the embedding only;
@@ -46,14 +47,18 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _best(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _best_round_robin(fns: list, reps: int) -> list[float]:
+    """The best time of each function over ``reps`` rounds that call every function once in
+    turn (after one warm-up round), so that a busy spell of a shared machine falls on all rows
+    alike rather than on one."""
+    best = [float("inf")] * len(fns)
+    for rnd in range(reps + 1):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            if rnd:
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
 
 def run(threads: int, reps: int, batch: int) -> tuple[list[tuple[str, float]], dict[str, str]]:
@@ -73,7 +78,6 @@ def run(threads: int, reps: int, batch: int) -> tuple[list[tuple[str, float]], d
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    rows: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         model = load_siglip(d, threads=threads)
@@ -88,21 +92,24 @@ def run(threads: int, reps: int, batch: int) -> tuple[list[tuple[str, float]], d
             with torch.no_grad():
                 hf(pixel_values=xt)
 
-        rows.append(("transformers SiglipVisionModel", _best(torch_fwd, reps)))
-        rows.append(("clipdecomp encode_image",
-                     _best(lambda: model.encode_image(x, batch_size=batch), reps)))
-        rows.append(("clipdecomp decompose pool",
-                     _best(lambda: model.decompose(x, batch_size=batch), reps)))
-        rows.append(("clipdecomp decompose pool, spatial",
-                     _best(lambda: model.decompose(x, spatial=True, batch_size=batch), reps)))
-        rows.append(("clipdecomp decompose deep",
-                     _best(lambda: model.decompose(x, depth="deep", batch_size=batch), reps)))
+        named = [
+            ("transformers SiglipVisionModel", torch_fwd),
+            ("clipdecomp encode_image", lambda: model.encode_image(x, batch_size=batch)),
+            ("clipdecomp decompose pool", lambda: model.decompose(x, batch_size=batch)),
+            ("clipdecomp decompose pool, spatial",
+             lambda: model.decompose(x, spatial=True, batch_size=batch)),
+            ("clipdecomp decompose deep",
+             lambda: model.decompose(x, depth="deep", batch_size=batch)),
+        ]
+        times = _best_round_robin([fn for _, fn in named], reps)
+        rows = [(name, t) for (name, _), t in zip(named, times)]
     facts = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "cpu": _cpu_name(), "isa": _core.isa(), "threads": str(threads),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "batch": str(batch), "reps": str(reps),
         "max rel. difference of the embeddings": f"{err:.2e}",
+        "load average at the end (1, 5, 15 min)": " ".join(f"{v:.1f}" for v in os.getloadavg()),
     }
     return rows, facts
 

@@ -34,6 +34,7 @@ from clipdecomp.siglip import (
     textspan_pool_heads,
 )
 from clipdecomp.spatial import heatmap
+from clipdecomp.textspan import textspan_heads
 
 transformers = pytest.importorskip("transformers")
 
@@ -526,6 +527,10 @@ def test_reference_outputs(pool_dec):
     texts /= np.linalg.norm(texts, axis=1, keepdims=True)
     res = textspan_pool_heads(dec, texts, n_texts=4, rank=60)
     assert len(res) == 5 and all(len(r.indices) == 4 for r in res)
+    # the head tables of the package on the same terms pick the same texts
+    table = textspan_heads(dec, texts, layers=[0], n_texts=4, rank=60, progress=False)
+    picks = [list(table.attrs["results"][(0, h)].indices) for h in range(5)]
+    assert picks == [list(r.indices) for r in res]
 
 
 def test_retrieval_on_siglip(pool_dec):
