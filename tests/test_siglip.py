@@ -582,6 +582,14 @@ def test_config_errors(tmp_path):
         load_siglip(tmp_path / "..")
 
 
+def test_clip_loader_points_to_load_siglip(tmp_path_factory):
+    import clipdecomp
+
+    _, d = siglip_model("w60h5", tmp_path_factory)
+    with pytest.raises(ValueError, match="load_siglip"):
+        clipdecomp.load(d)
+
+
 def test_core_refuses_wrong_options(tmp_path_factory):
     _, d = siglip_model("w60h5", tmp_path_factory)
     model = load_siglip(d, threads=1)
