@@ -1508,20 +1508,36 @@ typedef struct {
     float *aln;        /* (Bc, W) LN(a) */
     float *pmlp;       /* (Bc, W) the MLP part */
     float *pfc;        /* (Bc, F) */
-    float *av;         /* (N, d) p-weighted values of one head (pool_tokens) */
     float *keep;       /* (Bc, 2L+1, N, W) deep only: row 0 the embeddings, 1..L the MLPs,
                         * L+1..2L the concatenated head outputs (before out_proj) */
+    /* per-thread scratch of the per-image work (the images of a chunk run in parallel), nthr
+     * copies of each: */
+    int nthr;
+    float *av;         /* (N, d) p-weighted values of one head (pool_tokens) */
     float *c;          /* (H, N) p / sigma of one image */
     float *u;          /* (R, H, W) R = L+1 + L*H raw rows, per pooling head */
     float *zu;         /* (R, W) */
     float *y;          /* (R, W) */
 } siglip_chunk;
 
+/* one thread's share of the per-thread scratch */
+typedef struct { float *av, *c, *u, *zu, *y; } siglip_scratch;
+
+static siglip_scratch siglip_thread_scratch(const siglip_chunk *ch, const cd_config *cf, int t) {
+    const size_t W = (size_t)cf->width, H = (size_t)cf->heads, L = (size_t)cf->layers;
+    const size_t G = (size_t)(cf->image_size / cf->patch_size), N = G * G, d = W / H;
+    const size_t R = L + 1 + L * H, ts = (size_t)t;
+    siglip_scratch sc = {ch->av + ts * N * d, ch->c ? ch->c + ts * H * N : NULL,
+                         ch->u ? ch->u + ts * R * H * W : NULL,
+                         ch->zu ? ch->zu + ts * R * W : NULL, ch->y ? ch->y + ts * R * W : NULL};
+    return sc;
+}
+
 static int siglip_chunk_plan(siglip_chunk *ch, plan_item *it, const cd_config *c, int deep,
-                             int nthreads, size_t Bc) {
+                             int nthreads, int nthr, size_t Bc) {
     const size_t W = (size_t)c->width, H = (size_t)c->heads, L = (size_t)c->layers;
     const size_t F = (size_t)c->mlp_dim, S = (size_t)c->image_size, G = S / (size_t)c->patch_size;
-    const size_t N = G * G, d = W / H, R = L + 1 + L * H;
+    const size_t N = G * G, d = W / H, R = L + 1 + L * H, T = (size_t)nthr;
     const size_t fcw = F * N > 3 * S * S ? F * N : 3 * S * S;
     const size_t rows = N < CD_ATT_ROW_BLOCK ? N : CD_ATT_ROW_BLOCK;
     struct { float **dst; size_t a, b, cc; int on; } spec[] = {
@@ -1530,10 +1546,11 @@ static int siglip_chunk_plan(siglip_chunk *ch, plan_item *it, const cd_config *c
         {&ch->tiles, (size_t)nthreads, rows, N, 1}, {&ch->p, Bc, H, N, 1},
         {&ch->mu, Bc, N, 1, 1}, {&ch->sigma, Bc, N, 1, 1}, {&ch->z, Bc, W, 1, 1},
         {&ch->a, Bc, W, 1, 1}, {&ch->aln, Bc, W, 1, 1}, {&ch->pmlp, Bc, W, 1, 1},
-        {&ch->pfc, Bc, F, 1, 1}, {&ch->av, N, d, 1, 1},
-        {&ch->keep, Bc, (2 * L + 1) * N, W, deep}, {&ch->c, H, N, 1, deep},
-        {&ch->u, R, H, W, deep}, {&ch->zu, R, W, 1, deep}, {&ch->y, R, W, 1, deep},
+        {&ch->pfc, Bc, F, 1, 1}, {&ch->keep, Bc, (2 * L + 1) * N, W, deep},
+        {&ch->av, T, N, d, 1}, {&ch->c, T, H, N, deep}, {&ch->u, T, R * H, W, deep},
+        {&ch->zu, T, R, W, deep}, {&ch->y, T, R, W, deep},
     };
+    ch->nthr = nthr;
     int k = 0;
     for (size_t i = 0; i < sizeof spec / sizeof spec[0]; i++) {
         if (!spec[i].on) continue;
@@ -1545,8 +1562,8 @@ static int siglip_chunk_plan(siglip_chunk *ch, plan_item *it, const cd_config *c
 
 /* the deep terms of image b of the chunk into heads (L, H, D) and mlps (L+1, D) of the result
  * (either may be NULL: not wanted) */
-static void siglip_deep(const cd_model *m, siglip_chunk *ch, int b, float *heads, float *mlps,
-                        float inv_norm) {
+static void siglip_deep(const cd_model *m, const siglip_chunk *ch, const siglip_scratch *sc,
+                        int b, float *heads, float *mlps, float inv_norm) {
     const cd_config *cf = &m->cfg;
     const cd_weights *w = &m->w;
     const int W = cf->width, H = cf->heads, L = cf->layers, d = W / H;
@@ -1561,7 +1578,7 @@ static void siglip_deep(const cd_model *m, siglip_chunk *ch, int b, float *heads
         double s = 0.0, sm = 0.0;
         for (int i = 0; i < N; i++) {
             const float ci = p[(size_t)h * N + i] / sigma[i];
-            ch->c[(size_t)h * N + i] = ci;
+            sc->c[(size_t)h * N + i] = ci;
             s += ci;
             sm += (double)ci * mu[i];
         }
@@ -1570,8 +1587,8 @@ static void siglip_deep(const cd_model *m, siglip_chunk *ch, int b, float *heads
     }
     /* rows 0..L: the embeddings and the MLPs, u[r, h] = c[h] @ t_r - cmu[h] / K */
     for (int r = 0; r <= L; r++) {
-        float *u = ch->u + (size_t)r * HW;
-        cd_sgemm_nn(H, W, N, 1.0f, ch->c, N, keep + (size_t)r * NW, W, u, W, 0);
+        float *u = sc->u + (size_t)r * HW;
+        cd_sgemm_nn(H, W, N, 1.0f, sc->c, N, keep + (size_t)r * NW, W, u, W, 0);
         for (int h = 0; h < H; h++) {
             const float sh = (float)(cmu[h] / K);
             for (int j = 0; j < W; j++) u[(size_t)h * W + j] -= sh;
@@ -1581,10 +1598,10 @@ static void siglip_deep(const cd_model *m, siglip_chunk *ch, int b, float *heads
      * - cmu[h] / (K H); zc = c @ z^l (H, W) lands in zu's first H rows as scratch */
     for (int l = 0; l < L; l++) {
         const cd_block *blk = &w->blocks[l];
-        float *zc = ch->zu;
-        cd_sgemm_nn(H, W, N, 1.0f, ch->c, N, keep + (size_t)(L + 1 + l) * NW, W, zc, W, 0);
+        float *zc = sc->zu;
+        cd_sgemm_nn(H, W, N, 1.0f, sc->c, N, keep + (size_t)(L + 1 + l) * NW, W, zc, W, 0);
         for (int hp = 0; hp < H; hp++) {
-            float *u = ch->u + (size_t)(L + 1 + l * H + hp) * HW;
+            float *u = sc->u + (size_t)(L + 1 + l * H + hp) * HW;
             cd_sgemm_nt(H, W, d, 1.0f, zc + (size_t)hp * d, W, blk->out_w + (size_t)hp * d, W,
                         u, W, 0);
             for (int h = 0; h < H; h++) {
@@ -1597,14 +1614,14 @@ static void siglip_deep(const cd_model *m, siglip_chunk *ch, int b, float *heads
     /* gamma, then per pooling head h: zu[:, h-slice] = (gamma u[:, h]) @ W_V[h]^T */
     const float *gamma = w->ln_post_w;
     for (size_t r = 0; r < (size_t)R * H; r++)
-        for (int j = 0; j < W; j++) ch->u[r * W + j] *= gamma[j];
+        for (int j = 0; j < W; j++) sc->u[r * W + j] *= gamma[j];
     for (int h = 0; h < H; h++)
-        cd_sgemm_nt(R, d, W, 1.0f, ch->u + (size_t)h * W, H * W, w->pool_v_w + (size_t)h * d * W,
-                    W, ch->zu + (size_t)h * d, W, 0);
-    cd_matmul(ch->y, ch->zu, &w->pool_out, NULL, R, 0);
+        cd_sgemm_nt(R, d, W, 1.0f, sc->u + (size_t)h * W, H * W, w->pool_v_w + (size_t)h * d * W,
+                    W, sc->zu + (size_t)h * d, W, 0);
+    cd_matmul(sc->y, sc->zu, &w->pool_out, NULL, R, 0);
     for (int r = 0; r < R; r++) {
         const float kt = r <= L ? 1.0f / K : 1.0f / (K * H);
-        const float *src = ch->y + (size_t)r * W;
+        const float *src = sc->y + (size_t)r * W;
         float *dst = r <= L ? (mlps ? mlps + (size_t)r * W : NULL)
                             : (heads ? heads + (size_t)(r - L - 1) * W : NULL);
         if (!dst) continue;
@@ -1683,7 +1700,14 @@ static cd_status siglip_forward_chunk(const cd_model *m, const cd_vision_opts *o
     act_forward(ch->pfc, (size_t)Bc * F, c->act);
     cd_matmul(ch->pmlp, ch->pfc, &w->pool_proj, w->pool_proj_b, Bc, 0);
 
+    /* per image, in parallel: every product below runs on one thread inside the region */
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(ch->nthr)
     for (int b = 0; b < Bc; b++) {
+#ifdef _OPENMP
+        const siglip_scratch sc = siglip_thread_scratch(ch, c, omp_get_thread_num());
+#else
+        const siglip_scratch sc = siglip_thread_scratch(ch, c, 0);
+#endif
         const size_t img = (size_t)b0 + b;
         float *emb = r->embedding + img * W;
         double s = 0.0;
@@ -1711,8 +1735,8 @@ static cd_status siglip_forward_chunk(const cd_model *m, const cd_vision_opts *o
                 const float *p = ch->p + ((size_t)b * H + h) * N;
                 const float *v = ch->qkv + (size_t)b * N * ld + W + (size_t)h * d;
                 for (int i = 0; i < N; i++)
-                    for (int j = 0; j < d; j++) ch->av[(size_t)i * d + j] = p[i] * v[i * ld + j];
-                cd_sgemm_nt(N, W, d, inv, ch->av, d, w->pool_out_w + (size_t)h * d, W,
+                    for (int j = 0; j < d; j++) sc.av[(size_t)i * d + j] = p[i] * v[i * ld + j];
+                cd_sgemm_nt(N, W, d, inv, sc.av, d, w->pool_out_w + (size_t)h * d, W,
                             pt + (size_t)h * W, H * W, 0);
             }
             const float sh = inv / ((float)N * H);
@@ -1720,7 +1744,7 @@ static cd_status siglip_forward_chunk(const cd_model *m, const cd_vision_opts *o
                 for (int j = 0; j < W; j++) pt[t * W + j] += w->pool_out_b[j] * sh;
         }
         if (deep)
-            siglip_deep(m, ch, b, o->heads ? r->heads + img * (size_t)L * H * W : NULL,
+            siglip_deep(m, ch, &sc, b, o->heads ? r->heads + img * (size_t)L * H * W : NULL,
                         o->mlps ? r->mlps + img * (size_t)(L + 1) * W : NULL, inv);
     }
     return CD_OK;
@@ -1785,7 +1809,7 @@ static cd_status siglip_encode_image(const cd_model *m, const float *images, int
     memset(&ch, 0, sizeof ch);
     void *block = NULL;
     plan_item ci[24];
-    int nc = siglip_chunk_plan(&ch, ci, c, deep, nthreads, 1);
+    int nc = siglip_chunk_plan(&ch, ci, c, deep, nthreads, 1, 1);
     size_t per_image = 0;
     for (int i = 0; nc > 0 && i < nc; i++) {
         if (per_image > SIZE_MAX / 8 - ci[i].n) { nc = -1; break; }
@@ -1797,7 +1821,9 @@ static cd_status siglip_encode_image(const cd_model *m, const float *images, int
         if (Bc > (size_t)B) Bc = (size_t)B;
         if (Bc > (size_t)INT32_MAX / (Ns + 1)) Bc = (size_t)INT32_MAX / (Ns + 1);
         ch.Bc = (int)Bc;
-        nc = siglip_chunk_plan(&ch, ci, c, deep, nthreads, Bc);
+        /* per-image work runs on min(threads, Bc) threads, each with its own scratch */
+        nc = siglip_chunk_plan(&ch, ci, c, deep, nthreads,
+                               (int)(Bc < (size_t)nthreads ? Bc : (size_t)nthreads), Bc);
         if (nc > 0) block = plan_alloc(ci, nc, NULL);
     }
     if (!block) {
