@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(
             "# SigLIP forward: clipdecomp against transformers\n\n"
             "Produced by `benchmarks/bench_siglip.py` on a machine shared with other jobs: the "
-            "best of several calls is kept, and the absolute times can vary between runs by "
-            "tens of percent; the ratios are the figure to read.\n\n" + text + "\n",
+            "best of several calls is kept, the rows are timed in turn, and still the times, "
+            "and less so the ratios, vary between runs.\n\n" + text + "\n",
             encoding="utf-8")
 
 
