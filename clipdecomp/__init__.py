@@ -31,6 +31,7 @@ from clipdecomp.engine.core import has_bf16
 from clipdecomp.engine.decomposition import Decomposition
 from clipdecomp.engine.loading import ModelSpec, list_pretrained, load
 from clipdecomp.engine.model import CLIP, set_debug, set_memory_budget
+from clipdecomp.engine.siglip import SIGLIP_PRETRAINED, SigLIP, SiglipDecomposition, load_siglip
 from clipdecomp.methods.ablation import ablate, ablation_study, component_means
 from clipdecomp.methods.retrieval import HeadIndex
 from clipdecomp.methods.segmentation import segment, segmentation_metrics
@@ -50,11 +51,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CLIP",
+    "SIGLIP_PRETRAINED",
     "Atlas",
     "Decomposition",
     "HeadIndex",
     "HeadStats",
     "ModelSpec",
+    "SigLIP",
+    "SiglipDecomposition",
     "StoreReader",
     "ablate",
     "ablation_study",
@@ -67,6 +71,7 @@ __all__ = [
     "heatmap",
     "list_pretrained",
     "load",
+    "load_siglip",
     "report",
     "run_dataset",
     "segment",

@@ -37,7 +37,16 @@ typedef enum {
 
 typedef struct { char msg[1024]; } cd_error;
 
-typedef enum { CD_ACT_GELU = 0, CD_ACT_QUICK_GELU = 1 } cd_act;          /* GELU = exact erf form */
+typedef enum { CD_ACT_GELU = 0, CD_ACT_QUICK_GELU = 1, CD_ACT_GELU_TANH = 2 } cd_act;
+/* GELU = exact erf form; GELU_TANH = its tanh approximation (SigLIP's gelu_pytorch_tanh) */
+
+/* The model family. CLIP: class token, ln_pre, ln_post at the class token, linear projections.
+ * SigLIP (and the fixed-resolution SigLIP 2): no class token (N = G*G), a biased patch
+ * embedding, no ln_pre, post_layernorm over every token, then the attention-pooling head
+ * (a learned probe attending over all tokens, LayerNorm, MLP with a residual; no projection, so
+ * embed_dim == width); the text tower is bidirectional, reads the LAST token and maps it by a
+ * biased linear head. */
+typedef enum { CD_FAMILY_CLIP = 0, CD_FAMILY_SIGLIP = 1 } cd_family;
 typedef enum { CD_LAYOUT_AUTO = 0, CD_LAYOUT_OPEN_CLIP = 1, CD_LAYOUT_HF = 2 } cd_layout;
 
 typedef struct {
@@ -59,6 +68,7 @@ typedef struct {
     int text_heads;      /* e.g. 8 */
     int text_mlp_dim;    /* e.g. 2048 */
     int text_act;        /* cd_act of the text tower */
+    int family;          /* cd_family; 0 (CLIP) when left zero */
 } cd_config;
 
 typedef struct cd_model cd_model;
@@ -73,6 +83,8 @@ cd_layout cd_model_layout(const cd_model *m);            /* the layout actually 
 /* The checkpoint's `logit_scale` as stored (a log: exp() gives CLIP's temperature). Returns 1 and
  * sets *log_scale when the file has one, else 0. */
 int cd_model_logit_scale(const cd_model *m, float *log_scale);
+/* SigLIP's `logit_bias` as stored. Returns 1 and sets *bias when the file has one, else 0. */
+int cd_model_logit_bias(const cd_model *m, float *bias);
 
 /* Precision of the matrix products of the transformer blocks (both towers). The patch
  * embedding, the final projections, the attention products and every fold of the decomposition
@@ -122,6 +134,7 @@ typedef struct {
     cd_cancel_fn cancel; void *cancel_ctx;   /* may be NULL */
     int token_embeddings; /* fill token_embeddings (B, N, D) */
     cd_capture_fn capture; void *capture_ctx; /* may be NULL */
+    int pool_tokens;  /* SigLIP only: fill pool_tokens (B, N, H, D) */
 } cd_vision_opts;
 
 /* Everything one cd_encode_image call produced. One allocation (`block`) holds all arrays;
@@ -141,16 +154,27 @@ typedef struct {
     float *attn_mean;   /* (B, L, N, N) attention averaged over heads */
     float *token_embeddings; /* (B, N, D) ln_post(x_L[n]) @ proj for every token n: the
                               * tokens' own projections (the patch-token baseline) */
+    /* SigLIP only (the pooling head; H = pooling heads = encoder heads, D = W), each divided by
+     * ||embedding||: pool_heads[b].sum(H) + pool_mlp[b] == embedding[b] / ||embedding[b]||.
+     * heads / mlps then hold the deep terms of the attention part:
+     *   heads[b].sum(L, H) + mlps[b].sum(L+1) == pool_heads[b].sum(H)   (docs/decomposition.md) */
+    float *pool_heads;  /* (B, H, D) the pooling attention per head, out-proj bias / H each */
+    float *pool_tokens; /* (B, N, H, D) per (token, head), out-proj bias / (N H) each */
+    float *pool_mlp;    /* (B, D) the pooling MLP's output (the residual's second branch) */
+    float *pool_attn;   /* (B, H, N) the probe's softmax attention */
     void *block;        /* owner of all of the above */
     size_t block_bytes;
 } cd_vision_result;
 
-/* images: (B, 3, S, S) float32, already normalised. */
+/* images: (B, 3, S, S) float32, already normalised. SigLIP refuses cls_to_cls, tokens, probe
+ * and attn (the class-token arrays) with CD_ERR_VALUE; pool_heads, pool_mlp and pool_attn are
+ * always filled for it. */
 cd_status cd_encode_image(const cd_model *m, const float *images, int B,
                           const cd_vision_opts *opts, cd_vision_result **out, cd_error *err);
 void cd_vision_result_free(cd_vision_result *r);
 
-/* tokens: (T, C) int32 token ids; features at argmax(ids) (the end-of-text token).
+/* tokens: (T, C) int32 token ids; features at argmax(ids) (the end-of-text token), or at the
+ * last position C - 1 for SigLIP (whose ids are padded to C).
  * out: (T, D) float32, caller-allocated, NOT normalised. */
 cd_status cd_encode_text(const cd_model *m, const int32_t *tokens, int T, float *out,
                          int threads, cd_cancel_fn cancel, void *cancel_ctx, cd_error *err);

@@ -77,6 +77,22 @@ typedef struct {
     cd_block *tblocks;            /* (text_layers) */
     const float *ln_final_w, *ln_final_b;  /* (Wt) */
     cd_gemm_weight tproj;         /* (D, Wt) packed: text_projection^T */
+    /* SigLIP only (see the SigLIP section below) */
+    const float *conv_b;          /* (W) patch-embedding bias */
+    const float *tproj_b;         /* (D) text head bias */
+    const float *pool_q;          /* (W) the probe's query, probe @ W_Q^T + b_Q, once at load */
+    cd_gemm_weight pool_kv;       /* (2W, W) packed: [W_K; W_V] of the pooling attention */
+    const float *pool_kv_b;       /* (2W) */
+    const float *pool_v_w;        /* (W, W) W_V unpacked (the deep decomposition) */
+    cd_gemm_weight pool_out;      /* (W, W) packed out-projection */
+    const float *pool_out_w;      /* (W, W) unpacked (out, in) */
+    const float *pool_out_b;      /* (W) */
+    const float *pool_ln_w, *pool_ln_b;  /* (W) the head's LayerNorm */
+    cd_gemm_weight pool_fc;       /* (F, W) packed */
+    const float *pool_fc_b;       /* (F) */
+    cd_gemm_weight pool_proj;     /* (W, F) packed */
+    const float *pool_proj_b;     /* (W) */
+    const float *pool_const;      /* (W) W_O (W_V beta + b_V) + b_O: the attention part's constant */
 } cd_weights;
 
 struct cd_model {
@@ -89,6 +105,8 @@ struct cd_model {
     int n_owned, cap_owned;
     int has_logit_scale;
     float logit_scale;            /* as stored (a log) */
+    int has_logit_bias;
+    float logit_bias;             /* SigLIP's, as stored */
     cd_precision precision;       /* of the blocks' matrix products (cd_model_set_precision) */
     /* the fold F (L, W, D), built on first use by a call that needs per-token terms; the only
      * state written after load, behind fold_lock */
@@ -184,6 +202,7 @@ static void pop_threads(int threads, int prev) {
 
 static void act_forward(float *x, size_t n, int act) {
     if (act == CD_ACT_QUICK_GELU) quick_gelu_forward(x, n);
+    else if (act == CD_ACT_GELU_TANH) gelu_tanh_forward(x, n);
     else gelu_forward(x, n);
 }
 
@@ -194,7 +213,16 @@ typedef struct {
     cd_model *m;
     const char *prefix;           /* leading key prefix found in the file, e.g. "" or "model." */
     cd_error *err;
+    int bare_vision;              /* a SigLIP vision tower saved alone (transformers'
+                                   * SiglipVisionModel): its keys lack "vision_model." */
 } loader;
+
+/* name without its leading "vision_model." when the loader reads a bare vision tower */
+static const char *vision_key(const loader *ld, const char *name) {
+    static const char VM[] = "vision_model.";
+    if (ld->bare_vision && strncmp(name, VM, sizeof VM - 1) == 0) return name + sizeof VM - 1;
+    return name;
+}
 
 static int own(cd_model *m, float *buf) {
     if (m->n_owned == m->cap_owned) {
@@ -247,7 +275,8 @@ static cd_status fetch(loader *ld, const char *base, const char *leaf, int ndim,
     char name[512];
     *vals = NULL;
     *tmp = NULL;
-    int n = snprintf(name, sizeof name, "%s%s%s", ld->prefix, base, leaf);
+    int n = snprintf(name, sizeof name, "%s%s%s", ld->prefix, vision_key(ld, base),
+                     vision_key(ld, leaf));
     if (n < 0 || (size_t)n >= sizeof name) {
         set_err(ld->err, "%s: tensor name too long", ld->m->file.path);
         return CD_ERR_FORMAT;
@@ -348,30 +377,50 @@ static cd_status pack_transposed(loader *ld, cd_gemm_weight *pw, const char *key
     return rc ? pack_err(ld, key) : CD_OK;
 }
 
+/* The leaf names of a block whose q, k, v projections are one (3W, W) tensor: LayerNorms and
+ * linear layers are "<name>.weight" / "<name>.bias", the fused projection qkv_w / qkv_b. */
+typedef struct { const char *ln1, *qkv_w, *qkv_b, *out, *ln2, *fc, *proj; } fused_block_keys;
+static const fused_block_keys OPEN_CLIP_BLOCK = {"ln_1", "attn.in_proj_weight",
+    "attn.in_proj_bias", "attn.out_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"};
+static const fused_block_keys TIMM_BLOCK = {"norm1", "attn.qkv.weight", "attn.qkv.bias",
+    "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"};
+
+/* "<name>.<part>" in buf (the names above are short constants) */
+static const char *leaf_name(char *buf, size_t cap, const char *name, const char *part) {
+    snprintf(buf, cap, "%s.%s", name, part);
+    return buf;
+}
+
+static cd_status load_fused_block(loader *ld, cd_block *blk, const char *base, int W, int F,
+                                  int keep_out, const fused_block_keys *k) {
+    const int64_t dW[1] = {W}, dF[1] = {F}, d3W[1] = {3 * (int64_t)W}, dWW[2] = {W, W};
+    cd_status st;
+    char b[96];
+#define TRY(x) do { if ((st = (x)) != CD_OK) return st; } while (0)
+    TRY(keep(ld, &blk->ln1_w, base, leaf_name(b, sizeof b, k->ln1, "weight"), 1, dW));
+    TRY(keep(ld, &blk->ln1_b, base, leaf_name(b, sizeof b, k->ln1, "bias"), 1, dW));
+    TRY(pack(ld, &blk->qkv, base, k->qkv_w, 3 * W, W));
+    TRY(keep(ld, &blk->qkv_b, base, k->qkv_b, 1, d3W));
+    TRY(pack(ld, &blk->out, base, leaf_name(b, sizeof b, k->out, "weight"), W, W));
+    if (keep_out) TRY(keep(ld, &blk->out_w, base, b, 2, dWW));
+    TRY(keep(ld, &blk->out_b, base, leaf_name(b, sizeof b, k->out, "bias"), 1, dW));
+    TRY(keep(ld, &blk->ln2_w, base, leaf_name(b, sizeof b, k->ln2, "weight"), 1, dW));
+    TRY(keep(ld, &blk->ln2_b, base, leaf_name(b, sizeof b, k->ln2, "bias"), 1, dW));
+    TRY(pack(ld, &blk->fc, base, leaf_name(b, sizeof b, k->fc, "weight"), F, W));
+    TRY(keep(ld, &blk->fc_b, base, leaf_name(b, sizeof b, k->fc, "bias"), 1, dF));
+    TRY(pack(ld, &blk->proj, base, leaf_name(b, sizeof b, k->proj, "weight"), W, F));
+    TRY(keep(ld, &blk->proj_b, base, leaf_name(b, sizeof b, k->proj, "bias"), 1, dW));
+    return CD_OK;
+}
+
 /* One residual block. base: e.g. "visual.transformer.resblocks.3." (open_clip) or
  * "vision_model.encoder.layers.3." (HF). keep_out: keep the unpacked out-projection. */
 static cd_status load_block(loader *ld, cd_block *blk, const char *base, int W, int F,
                             int keep_out) {
-    const int64_t dW[1] = {W}, dF[1] = {F}, d3W[1] = {3 * (int64_t)W}, dWW[2] = {W, W};
+    const int64_t dW[1] = {W}, dF[1] = {F}, dWW[2] = {W, W};
     cd_status st;
     const int hf = ld->m->layout == CD_LAYOUT_HF;
-#define TRY(x) do { if ((st = (x)) != CD_OK) return st; } while (0)
-    if (!hf) {
-        TRY(keep(ld, &blk->ln1_w, base, "ln_1.weight", 1, dW));
-        TRY(keep(ld, &blk->ln1_b, base, "ln_1.bias", 1, dW));
-        TRY(pack(ld, &blk->qkv, base, "attn.in_proj_weight", 3 * W, W));
-        TRY(keep(ld, &blk->qkv_b, base, "attn.in_proj_bias", 1, d3W));
-        TRY(pack(ld, &blk->out, base, "attn.out_proj.weight", W, W));
-        if (keep_out) TRY(keep(ld, &blk->out_w, base, "attn.out_proj.weight", 2, dWW));
-        TRY(keep(ld, &blk->out_b, base, "attn.out_proj.bias", 1, dW));
-        TRY(keep(ld, &blk->ln2_w, base, "ln_2.weight", 1, dW));
-        TRY(keep(ld, &blk->ln2_b, base, "ln_2.bias", 1, dW));
-        TRY(pack(ld, &blk->fc, base, "mlp.c_fc.weight", F, W));
-        TRY(keep(ld, &blk->fc_b, base, "mlp.c_fc.bias", 1, dF));
-        TRY(pack(ld, &blk->proj, base, "mlp.c_proj.weight", W, F));
-        TRY(keep(ld, &blk->proj_b, base, "mlp.c_proj.bias", 1, dW));
-        return CD_OK;
-    }
+    if (!hf) return load_fused_block(ld, blk, base, W, F, keep_out, &OPEN_CLIP_BLOCK);
     TRY(keep(ld, &blk->ln1_w, base, "layer_norm1.weight", 1, dW));
     TRY(keep(ld, &blk->ln1_b, base, "layer_norm1.bias", 1, dW));
     /* q, k, v projections -> one (3W, W) weight and (3W) bias */
@@ -497,8 +546,227 @@ static cd_status load_text(loader *ld) {
     if (hf) TRY(pack(ld, &m->w.tproj, "", "text_projection.weight", c->embed_dim, W));
     else TRY(pack_transposed(ld, &m->w.tproj, "text_projection", W, c->embed_dim));
     return CD_OK;
-#undef TRY
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* SigLIP loading: transformers' SiglipModel layout (the fixed-resolution SigLIP 2 checkpoints
+ * use it too; the encoder blocks share CLIP's HF keys), Siglip2Model's (NaFlex) at its native
+ * grid, and open_clip's timm-based layout ("visual.trunk.*" with timm's block keys, "text.*"
+ * with open_clip's).                                                                          */
+
+/* a copy of n floats of `src` that the model owns */
+static cd_status own_copy(loader *ld, const float **out, const float *src, size_t n) {
+    float *buf = (float *)malloc((n ? n : 1) * sizeof(float));
+    if (!buf || own(ld->m, buf)) {
+        free(buf);
+        set_err(ld->err, "%s: out of memory", ld->m->file.path);
+        return CD_ERR_NOMEM;
+    }
+    memcpy(buf, src, n * sizeof(float));
+    *out = buf;
+    return CD_OK;
+}
+
+/* the pooling head. HF: "vision_model.head." probe, attention (nn.MultiheadAttention:
+ * in_proj_weight (3W, W) = [W_Q; W_K; W_V], in_proj_bias, out_proj), layernorm, mlp.fc1 / fc2.
+ * open_clip (timm): "visual.trunk.attn_pool." latent, q (W, W), kv (2W, W) = [W_K; W_V], proj,
+ * norm, mlp.fc1 / fc2. Both are read into one (3W, W) weight and (3W) bias. */
+static cd_status load_siglip_head(loader *ld) {
+    cd_model *m = ld->m;
+    cd_weights *w = &m->w;
+    const int W = m->cfg.width, F = m->cfg.mlp_dim;
+    const int oc = m->layout == CD_LAYOUT_OPEN_CLIP;
+    const int64_t dW[1] = {W}, dF[1] = {F}, d3W[1] = {3 * (int64_t)W}, dWW[2] = {W, W},
+                  dP[3] = {1, 1, W}, dIn[2] = {3 * (int64_t)W, W}, d2W[1] = {2 * (int64_t)W},
+                  dKV[2] = {2 * (int64_t)W, W};
+    const char *base = oc ? "visual.trunk.attn_pool." : "vision_model.head.";
+    const char *out = oc ? "proj" : "attention.out_proj";
+    const char *lnn = oc ? "norm" : "layernorm";
+    cd_status st;
+    const float *probe, *in_b, *in_w;
+    float *tmp;
+    const size_t WW = (size_t)W * W;
+    TRY(keep(ld, &probe, base, oc ? "latent" : "probe", 3, dP));
+    if (!oc) {
+        TRY(keep(ld, &in_b, base, "attention.in_proj_bias", 1, d3W));
+        st = fetch(ld, base, "attention.in_proj_weight", 2, dIn, &in_w, &tmp);
+        if (st) return st;
+    } else {
+        /* [q; kv] assembled into a buffer of the model's */
+        float *cat_w = (float *)malloc(3 * WW * sizeof(float));
+        float *cat_b = (float *)malloc(3 * (size_t)W * sizeof(float));
+        if (!cat_w || !cat_b || own(m, cat_b)) {
+            free(cat_w);
+            free(cat_b);
+            return pack_err(ld, "visual.trunk.attn_pool");
+        }
+        struct { const char *name; int nd; const int64_t *dims; float *dst; size_t n; } parts[4] = {
+            {"q.weight", 2, dWW, cat_w, WW}, {"kv.weight", 2, dKV, cat_w + WW, 2 * WW},
+            {"q.bias", 1, dW, cat_b, (size_t)W}, {"kv.bias", 1, d2W, cat_b + W, 2 * (size_t)W}};
+        for (int i = 0; i < 4; i++) {
+            const float *v;
+            float *t;
+            st = fetch(ld, base, parts[i].name, parts[i].nd, parts[i].dims, &v, &t);
+            if (st) { free(cat_w); return st; }
+            memcpy(parts[i].dst, v, parts[i].n * sizeof(float));
+            free(t);
+        }
+        in_w = cat_w;
+        tmp = cat_w;
+        in_b = cat_b;
+    }
+    /* q = probe @ W_Q^T + b_Q, in double */
+    float *q = (float *)malloc((size_t)W * sizeof(float));
+    if (!q || own(m, q)) {
+        free(q);
+        free(tmp);
+        return pack_err(ld, "vision_model.head.attention");
+    }
+    for (int o = 0; o < W; o++) {
+        double acc = in_b[o];
+        for (int j = 0; j < W; j++) acc += (double)in_w[(size_t)o * W + j] * probe[j];
+        q[o] = (float)acc;
+    }
+    w->pool_q = q;
+    int rc = cd_gemm_pack(&w->pool_kv, in_w + WW, 2 * W, W);
+    st = rc ? pack_err(ld, "attention.in_proj_weight") : own_copy(ld, &w->pool_v_w, in_w + 2 * WW, WW);
+    free(tmp);
+    if (st) return st;
+    w->pool_kv_b = in_b + W;
+    char b[96];
+    TRY(pack(ld, &w->pool_out, base, leaf_name(b, sizeof b, out, "weight"), W, W));
+    TRY(keep(ld, &w->pool_out_w, base, b, 2, dWW));
+    TRY(keep(ld, &w->pool_out_b, base, leaf_name(b, sizeof b, out, "bias"), 1, dW));
+    TRY(keep(ld, &w->pool_ln_w, base, leaf_name(b, sizeof b, lnn, "weight"), 1, dW));
+    TRY(keep(ld, &w->pool_ln_b, base, leaf_name(b, sizeof b, lnn, "bias"), 1, dW));
+    TRY(pack(ld, &w->pool_fc, base, "mlp.fc1.weight", F, W));
+    TRY(keep(ld, &w->pool_fc_b, base, "mlp.fc1.bias", 1, dF));
+    TRY(pack(ld, &w->pool_proj, base, "mlp.fc2.weight", W, F));
+    TRY(keep(ld, &w->pool_proj_b, base, "mlp.fc2.bias", 1, dW));
+    /* pool_const = W_O (W_V beta + b_V) + b_O, in double */
+    float *pc = (float *)malloc((size_t)W * sizeof(float));
+    double *vb = (double *)malloc((size_t)W * sizeof(double));
+    if (!pc || !vb || own(m, pc)) {
+        free(pc);
+        free(vb);
+        return pack_err(ld, "vision_model.head");
+    }
+    for (int o = 0; o < W; o++) {
+        double acc = w->pool_kv_b[W + o];
+        for (int j = 0; j < W; j++) acc += (double)w->pool_v_w[(size_t)o * W + j] * w->ln_post_b[j];
+        vb[o] = acc;
+    }
+    for (int o = 0; o < W; o++) {
+        double acc = w->pool_out_b[o];
+        for (int j = 0; j < W; j++) acc += (double)w->pool_out_w[(size_t)o * W + j] * vb[j];
+        pc[o] = (float)acc;
+    }
+    free(vb);
+    w->pool_const = pc;
+    return CD_OK;
+}
+
+static cd_status load_siglip_vision(loader *ld) {
+    cd_model *m = ld->m;
+    const cd_config *c = &m->cfg;
+    const int W = c->width, P = c->patch_size, G = c->image_size / c->patch_size;
+    const int64_t N = (int64_t)G * G;
+    const int64_t dW[1] = {W}, dNW[2] = {N, W}, d1NW[3] = {1, N, W}, dconv[4] = {W, 3, P, P};
+    const int oc = m->layout == CD_LAYOUT_OPEN_CLIP;
+    cd_status st;
+    const float *v;
+    float *tmp;
+    const char *pe = oc ? "visual.trunk.patch_embed.proj.weight"
+                        : "vision_model.embeddings.patch_embedding.weight";
+    char name[512];
+    snprintf(name, sizeof name, "%s%s", ld->prefix, vision_key(ld, pe));
+    const cd_st_tensor *t = cd_st_find(&m->file, name);
+    int rc;
+    if (t && t->ndim == 2 && !oc) {
+        /* SigLIP 2 (Siglip2Model): a linear layer over patches flattened as (py, px, c); at
+         * the native grid (image_size = P * sqrt(num_patches)) its position embeddings need no
+         * resizing, so it is the conv (W, 3, P, P) with the weight reordered */
+        const int64_t dlin[2] = {W, 3 * (int64_t)P * P};
+        st = fetch(ld, "", pe, 2, dlin, &v, &tmp);
+        if (st) return st;
+        const size_t K = (size_t)3 * P * P;
+        float *conv = (float *)malloc((size_t)W * K * sizeof(float));
+        if (!conv) { free(tmp); return pack_err(ld, "patch embedding"); }
+        for (size_t o = 0; o < (size_t)W; o++)
+            for (int ch = 0; ch < 3; ch++)
+                for (int py = 0; py < P; py++)
+                    for (int px = 0; px < P; px++)
+                        conv[o * K + ((size_t)ch * P + py) * P + px] =
+                            v[o * K + ((size_t)py * P + px) * 3 + ch];
+        free(tmp);
+        rc = cd_gemm_pack(&m->w.conv, conv, W, (int)K);
+        free(conv);
+    } else {
+        st = fetch(ld, "", pe, 4, dconv, &v, &tmp);
+        if (st) return st;
+        rc = cd_gemm_pack(&m->w.conv, v, W, 3 * P * P);
+        free(tmp);
+    }
+    if (rc) return pack_err(ld, "patch embedding");
+    TRY(keep(ld, &m->w.conv_b, "", oc ? "visual.trunk.patch_embed.proj.bias"
+                                      : "vision_model.embeddings.patch_embedding.bias", 1, dW));
+    if (oc) TRY(keep(ld, &m->w.pos, "", "visual.trunk.pos_embed", 3, d1NW));
+    else TRY(keep(ld, &m->w.pos, "", "vision_model.embeddings.position_embedding.weight", 2, dNW));
+    m->w.blocks = (cd_block *)calloc((size_t)c->layers, sizeof(cd_block));
+    if (!m->w.blocks) return pack_err(ld, "blocks");
+    for (int l = 0; l < c->layers; l++) {
+        char base[96];
+        snprintf(base, sizeof base, oc ? "visual.trunk.blocks.%d." : "vision_model.encoder.layers.%d.",
+                 l);
+        if (oc) TRY(load_fused_block(ld, &m->w.blocks[l], base, W, c->mlp_dim, 1, &TIMM_BLOCK));
+        else TRY(load_block(ld, &m->w.blocks[l], base, W, c->mlp_dim, 1));
+    }
+    TRY(keep(ld, &m->w.ln_post_w, "", oc ? "visual.trunk.norm.weight"
+                                         : "vision_model.post_layernorm.weight", 1, dW));
+    TRY(keep(ld, &m->w.ln_post_b, "", oc ? "visual.trunk.norm.bias"
+                                         : "vision_model.post_layernorm.bias", 1, dW));
+    return load_siglip_head(ld);
+}
+
+static cd_status load_siglip_text(loader *ld) {
+    cd_model *m = ld->m;
+    const cd_config *c = &m->cfg;
+    const int W = c->text_width, D = c->embed_dim;
+    const int64_t dW[1] = {W}, dD[1] = {D}, dVW[2] = {c->vocab_size, W},
+                  dCW[2] = {c->context_length, W};
+    cd_status st;
+    const int oc = m->layout == CD_LAYOUT_OPEN_CLIP;
+    const char *tok = oc ? "text.token_embedding.weight"
+                         : "text_model.embeddings.token_embedding.weight";
+    char probe[512];
+    snprintf(probe, sizeof probe, "%s%s", ld->prefix, tok);
+    if (!cd_st_find(&m->file, probe)) {
+        set_err(ld->err, "%s: tensor '%s' is missing: the file has no text tower; set "
+                "text_layers to 0 for an image-only model", m->file.path, probe);
+        return CD_ERR_MISSING;
+    }
+    TRY(keep(ld, &m->w.tok_emb, "", tok, 2, dVW));
+    TRY(keep(ld, &m->w.tpos, "", oc ? "text.positional_embedding"
+                                    : "text_model.embeddings.position_embedding.weight", 2, dCW));
+    m->w.tblocks = (cd_block *)calloc((size_t)c->text_layers, sizeof(cd_block));
+    if (!m->w.tblocks) return pack_err(ld, "text blocks");
+    for (int l = 0; l < c->text_layers; l++) {
+        char base[96];
+        snprintf(base, sizeof base, oc ? "text.transformer.resblocks.%d."
+                                       : "text_model.encoder.layers.%d.", l);
+        TRY(load_block(ld, &m->w.tblocks[l], base, W, c->text_mlp_dim, 0));
+    }
+    TRY(keep(ld, &m->w.ln_final_w, "", oc ? "text.ln_final.weight"
+                                          : "text_model.final_layer_norm.weight", 1, dW));
+    TRY(keep(ld, &m->w.ln_final_b, "", oc ? "text.ln_final.bias"
+                                          : "text_model.final_layer_norm.bias", 1, dW));
+    TRY(pack(ld, &m->w.tproj, "", oc ? "text.text_projection.weight" : "text_model.head.weight",
+             D, W));
+    TRY(keep(ld, &m->w.tproj_b, "", oc ? "text.text_projection.bias" : "text_model.head.bias", 1,
+             dD));
+    return CD_OK;
+}
+#undef TRY
 
 static cd_status check_config(const cd_config *c, const char *path, cd_error *err) {
     struct { const char *name; int v; } vis[] = {
@@ -511,7 +779,14 @@ static cd_status check_config(const cd_config *c, const char *path, cd_error *er
                     CD_MAX_DIM);
             return CD_ERR_VALUE;
         }
-    if (c->image_size % c->patch_size) {
+    if (c->image_size < c->patch_size) {
+        set_err(err, "%s: config image_size = %d is smaller than patch_size = %d", path,
+                c->image_size, c->patch_size);
+        return CD_ERR_VALUE;
+    }
+    /* SigLIP's patch convolution drops the last image_size % patch_size rows and columns
+     * (so400m/14 at 384 pixels: a 27 x 27 grid over 378 of them); CLIP's sizes always divide */
+    if (c->family != CD_FAMILY_SIGLIP && c->image_size % c->patch_size) {
         set_err(err, "%s: config image_size = %d is not a multiple of patch_size = %d", path,
                 c->image_size, c->patch_size);
         return CD_ERR_VALUE;
@@ -544,8 +819,19 @@ static cd_status check_config(const cd_config *c, const char *path, cd_error *er
                 return CD_ERR_VALUE;
             }
     }
-    if (c->act != CD_ACT_GELU && c->act != CD_ACT_QUICK_GELU) {
-        set_err(err, "%s: config act = %d is neither gelu (0) nor quick_gelu (1)", path, c->act);
+    if (c->act != CD_ACT_GELU && c->act != CD_ACT_QUICK_GELU && c->act != CD_ACT_GELU_TANH) {
+        set_err(err, "%s: config act = %d is none of gelu (0), quick_gelu (1), gelu_tanh (2)",
+                path, c->act);
+        return CD_ERR_VALUE;
+    }
+    if (c->family != CD_FAMILY_CLIP && c->family != CD_FAMILY_SIGLIP) {
+        set_err(err, "%s: config family = %d is neither clip (0) nor siglip (1)", path, c->family);
+        return CD_ERR_VALUE;
+    }
+    if (c->family == CD_FAMILY_SIGLIP && c->embed_dim != c->width) {
+        set_err(err, "%s: config embed_dim = %d must equal width = %d for SigLIP (its image "
+                "embedding is the pooling head's output, with no projection)", path,
+                c->embed_dim, c->width);
         return CD_ERR_VALUE;
     }
     if (!(c->ln_eps > 0.0f) || !isfinite(c->ln_eps)) {
@@ -576,9 +862,10 @@ static cd_status check_config(const cd_config *c, const char *path, cd_error *er
                 c->text_width, c->text_heads);
         return CD_ERR_VALUE;
     }
-    if (c->text_act != CD_ACT_GELU && c->text_act != CD_ACT_QUICK_GELU) {
-        set_err(err, "%s: config text_act = %d is neither gelu (0) nor quick_gelu (1)", path,
-                c->text_act);
+    if (c->text_act != CD_ACT_GELU && c->text_act != CD_ACT_QUICK_GELU &&
+        c->text_act != CD_ACT_GELU_TANH) {
+        set_err(err, "%s: config text_act = %d is none of gelu (0), quick_gelu (1), gelu_tanh (2)",
+                path, c->text_act);
         return CD_ERR_VALUE;
     }
     return CD_OK;
@@ -607,13 +894,17 @@ static cd_status check_no_extra_block(loader *ld, int text) {
     const cd_model *m = ld->m;
     const int hf = m->layout == CD_LAYOUT_HF;
     const int n = text ? m->cfg.text_layers : m->cfg.layers;
+    const int sg = m->cfg.family == CD_FAMILY_SIGLIP;
     char name[512];
     if (text)
         snprintf(name, sizeof name, hf ? "%stext_model.encoder.layers.%d.layer_norm1.weight"
-                                       : "%stransformer.resblocks.%d.ln_1.weight", ld->prefix, n);
+                                    : sg ? "%stext.transformer.resblocks.%d.ln_1.weight"
+                                         : "%stransformer.resblocks.%d.ln_1.weight", ld->prefix, n);
     else
-        snprintf(name, sizeof name, hf ? "%svision_model.encoder.layers.%d.layer_norm1.weight"
-                                       : "%svisual.transformer.resblocks.%d.ln_1.weight",
+        snprintf(name, sizeof name, hf ? (ld->bare_vision ? "%sencoder.layers.%d.layer_norm1.weight"
+                                    : "%svision_model.encoder.layers.%d.layer_norm1.weight")
+                                    : sg ? "%svisual.trunk.blocks.%d.norm1.weight"
+                                         : "%svisual.transformer.resblocks.%d.ln_1.weight",
                  ld->prefix, n);
     if (!cd_st_find(&m->file, name)) return CD_OK;
     set_err(ld->err, "%s: config %s = %d, but the file has a block %d ('%s')", m->file.path,
@@ -639,6 +930,10 @@ void cd_model_free(cd_model *m) {
     cd_gemm_weight_free(&m->w.conv);
     cd_gemm_weight_free(&m->w.proj);
     cd_gemm_weight_free(&m->w.tproj);
+    cd_gemm_weight_free(&m->w.pool_kv);
+    cd_gemm_weight_free(&m->w.pool_out);
+    cd_gemm_weight_free(&m->w.pool_fc);
+    cd_gemm_weight_free(&m->w.pool_proj);
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);
     free(m->fold);
@@ -676,19 +971,37 @@ cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, 
     st = cd_st_open(&m->file, path, err);
     if (st) { cd_model_free(m); return st; }
 
-    static const char *OC_ANCHOR = "visual.class_embedding";
-    static const char *HF_ANCHOR = "vision_model.embeddings.class_embedding";
+    const int siglip = cfg->family == CD_FAMILY_SIGLIP;
+    const char *OC_ANCHOR = siglip ? "visual.trunk.attn_pool.latent" : "visual.class_embedding";
+    const char *HF_ANCHOR = siglip ? "vision_model.head.probe"
+                                   : "vision_model.embeddings.class_embedding";
     char prefix[256];
     int have_oc = find_prefix(&m->file, OC_ANCHOR, prefix, sizeof prefix) == 0;
-    if (layout == CD_LAYOUT_AUTO) {
+    int bare = 0;
+    if (siglip && layout != CD_LAYOUT_OPEN_CLIP && !have_oc &&
+        find_prefix(&m->file, HF_ANCHOR, prefix, sizeof prefix) != 0 &&
+        cd_st_find(&m->file, "head.probe") &&
+        cd_st_find(&m->file, "embeddings.patch_embedding.weight")) {
+        bare = 1;   /* transformers' SiglipVisionModel saved alone */
+        layout = CD_LAYOUT_HF;
+        prefix[0] = '\0';
+    }
+    if (bare) {
+        if (cfg->text_layers > 0) {
+            set_err(err, "%s: a SigLIP vision tower saved alone (no text tower): set "
+                    "text_layers to 0", path);
+            cd_model_free(m);
+            return CD_ERR_MISSING;
+        }
+    } else if (layout == CD_LAYOUT_AUTO) {
         if (have_oc) {
             layout = CD_LAYOUT_OPEN_CLIP;
         } else if (find_prefix(&m->file, HF_ANCHOR, prefix, sizeof prefix) == 0) {
             layout = CD_LAYOUT_HF;
         } else {
-            set_err(err, "%s: neither an open_clip nor a HF transformers CLIP checkpoint: no "
-                    "tensor named '%s' or '%s' among its %d tensors", path, OC_ANCHOR, HF_ANCHOR,
-                    m->file.n_tensors);
+            set_err(err, "%s: neither an open_clip nor a HF transformers %s checkpoint: no "
+                    "tensor named '%s' or '%s' among its %d tensors", path,
+                    siglip ? "SigLIP" : "CLIP", OC_ANCHOR, HF_ANCHOR, m->file.n_tensors);
             cd_model_free(m);
             return CD_ERR_MISSING;
         }
@@ -702,10 +1015,10 @@ cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, 
         }
     }
     m->layout = layout;
-    loader ld = {m, prefix, err};
-    st = load_vision(&ld);
+    loader ld = {m, prefix, err, bare};
+    st = siglip ? load_siglip_vision(&ld) : load_vision(&ld);
     if (!st) st = check_no_extra_block(&ld, 0);
-    if (!st && cfg->text_layers > 0) st = load_text(&ld);
+    if (!st && cfg->text_layers > 0) st = siglip ? load_siglip_text(&ld) : load_text(&ld);
     if (!st && cfg->text_layers > 0) st = check_no_extra_block(&ld, 1);
     if (!st) {
         char name[512];
@@ -719,6 +1032,19 @@ cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, 
             if (!st) {
                 m->has_logit_scale = 1;
                 m->logit_scale = v[0];
+            }
+            free(tmp);
+        }
+        snprintf(name, sizeof name, "%slogit_bias", prefix);
+        t = cd_st_find(&m->file, name);
+        if (!st && t && t->numel == 1 &&
+            (t->dtype == CD_DT_F32 || t->dtype == CD_DT_F16 || t->dtype == CD_DT_BF16)) {
+            const float *v;
+            float *tmp;
+            st = cd_st_read_f32(&m->file, t, &v, &tmp, err);
+            if (!st) {
+                m->has_logit_bias = 1;
+                m->logit_bias = v[0];
             }
             free(tmp);
         }
@@ -740,6 +1066,12 @@ cd_layout cd_model_layout(const cd_model *m) { return m->layout; }
 int cd_model_logit_scale(const cd_model *m, float *log_scale) {
     if (!m->has_logit_scale) return 0;
     if (log_scale) *log_scale = m->logit_scale;
+    return 1;
+}
+
+int cd_model_logit_bias(const cd_model *m, float *bias) {
+    if (!m->has_logit_bias) return 0;
+    if (bias) *bias = m->logit_bias;
     return 1;
 }
 
@@ -1137,33 +1469,10 @@ static int chunk_plan(vision_chunk *ch, plan_item *it, const cd_config *c, const
     return k;
 }
 
-static cd_status encode_image_impl(const cd_model *m, const float *images, int B,
-                                   const cd_vision_opts *opts_in, cd_vision_result **out,
-                                   cd_error *err, size_t budget) {
-    if (err) err->msg[0] = '\0';
-    if (!m || !out) {
-        set_err(err, "cd_encode_image: NULL argument");
-        return CD_ERR_VALUE;
-    }
-    *out = NULL;
-    cd_vision_opts none;
-    memset(&none, 0, sizeof none);
-    const cd_vision_opts *o = opts_in ? opts_in : &none;
-    const cd_config *c = &m->cfg;
-    const int W = c->width, H = c->heads, L = c->layers, D = c->embed_dim, d = W / H;
-    const int S = c->image_size, G = S / c->patch_size, N = 1 + G * G;
+/* images (B, 3, S, S): B >= 0, data present, every value finite */
+static cd_status check_images(const float *images, int B, int S, cd_error *err) {
     if (B < 0 || (B > 0 && !images)) {
         set_err(err, "images: expected (B, 3, %d, %d) float32 values with B >= 0", S, S);
-        return CD_ERR_VALUE;
-    }
-    if ((o->probe && o->n_probe <= 0) || (!o->probe && o->n_probe != 0)) {
-        set_err(err, "probe: expected (T, %d) directions with T >= 1, got T = %d%s", D, o->n_probe,
-                o->probe ? "" : " and no data");
-        return CD_ERR_VALUE;
-    }
-    const int T = o->probe ? o->n_probe : 0;
-    if ((int64_t)H * T > INT32_MAX || (int64_t)W * T > INT32_MAX) {
-        set_err(err, "probe: %d directions are too many", T);
         return CD_ERR_VALUE;
     }
     size_t img_n;
@@ -1178,6 +1487,411 @@ static cd_status encode_image_impl(const cd_model *m, const float *images, int B
                     isnan(images[i]) ? "nan" : "inf", b, ch, y, x);
             return CD_ERR_VALUE;
         }
+    return CD_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the SigLIP image forward and its decomposition (docs/decomposition.md, "SigLIP")
+ *
+ *   x = patches @ conv^T + conv_b + pos                                    (B, N = G*G, W)
+ *   per layer: x += out_proj(MHA(ln_1(x))); x += fc2(gelu_tanh(fc1(ln_2(x))))
+ *   y = post_layernorm(x)   (every token; mu[i], sigma[i] its statistics)
+ *   p[h, i] = softmax_i(q_h . k_h(y_i) / sqrt(d)),  q = probe @ W_Q^T + b_Q
+ *   a = sum_h W_O[:, h] sum_i p[h, i] v_h(y_i) + b_O          (the attention part, W)
+ *   emb = a + fc2(gelu_tanh(fc1(LN(a))))                       (the MLP part)
+ * Reference terms: pool_heads[h] = W_O[:, h] z_h + b_O / H with z_h = sum_i p[h,i] v_h(y_i),
+ * pool_tokens[i, h] = p[h,i] W_O[:, h] v_h(y_i) + b_O / (N H), pool_mlp = the MLP part.
+ * Deep terms: with c[h, i] = p[h, i] / sigma[i], every residual term t of the stream at token i
+ * (the embeddings, each layer's head outputs W_O^l[:, h'] z^l_h'[i] + b_O^l / H, each MLP)
+ * contributes
+ *   sum_h W_O[:, h] W_V[h] (gamma * sum_i c[h, i] (t[i] - mu[i] / K_t)) + pool_const / K_t
+ * with K_t = K = 2L + 1 for a layer-level row, K H for a head; these sum to a exactly.
+ * The per-token attention outputs and MLP outputs of every layer are kept (chunk scratch)
+ * until p and sigma are known at the end.                                                     */
+
+typedef struct {
+    int Bc;
+    float *x, *ln, *qkv, *att, *fc, *mlp;  /* as vision_chunk (N = G*G tokens) */
+    float *tiles;      /* (nthreads, min(N, CD_ATT_ROW_BLOCK), N) attention score tiles */
+    float *p;          /* (Bc, H, N) the probe's attention */
+    float *mu, *sigma; /* (Bc*N) post_layernorm statistics */
+    float *z;          /* (Bc, W) sum_i p[h,i] v_h(y_i), heads concatenated */
+    float *a;          /* (Bc, W) the attention part */
+    float *aln;        /* (Bc, W) LN(a) */
+    float *pmlp;       /* (Bc, W) the MLP part */
+    float *pfc;        /* (Bc, F) */
+    float *keep;       /* (Bc, 2L+1, N, W) deep only: row 0 the embeddings, 1..L the MLPs,
+                        * L+1..2L the concatenated head outputs (before out_proj) */
+    /* per-thread scratch of the per-image work (the images of a chunk run in parallel), nthr
+     * copies of each: */
+    int nthr;
+    float *av;         /* (N, d) p-weighted values of one head (pool_tokens) */
+    float *c;          /* (H, N) p / sigma of one image */
+    float *u;          /* (R, H, W) R = L+1 + L*H raw rows, per pooling head */
+    float *zu;         /* (R, W) */
+    float *y;          /* (R, W) */
+} siglip_chunk;
+
+/* one thread's share of the per-thread scratch */
+typedef struct { float *av, *c, *u, *zu, *y; } siglip_scratch;
+
+static siglip_scratch siglip_thread_scratch(const siglip_chunk *ch, const cd_config *cf, int t) {
+    const size_t W = (size_t)cf->width, H = (size_t)cf->heads, L = (size_t)cf->layers;
+    const size_t G = (size_t)(cf->image_size / cf->patch_size), N = G * G, d = W / H;
+    const size_t R = L + 1 + L * H, ts = (size_t)t;
+    siglip_scratch sc = {ch->av + ts * N * d, ch->c ? ch->c + ts * H * N : NULL,
+                         ch->u ? ch->u + ts * R * H * W : NULL,
+                         ch->zu ? ch->zu + ts * R * W : NULL, ch->y ? ch->y + ts * R * W : NULL};
+    return sc;
+}
+
+static int siglip_chunk_plan(siglip_chunk *ch, plan_item *it, const cd_config *c, int deep,
+                             int nthreads, int nthr, size_t Bc) {
+    const size_t W = (size_t)c->width, H = (size_t)c->heads, L = (size_t)c->layers;
+    const size_t F = (size_t)c->mlp_dim, S = (size_t)c->image_size, G = S / (size_t)c->patch_size;
+    const size_t N = G * G, d = W / H, R = L + 1 + L * H, T = (size_t)nthr;
+    const size_t fcw = F * N > 3 * S * S ? F * N : 3 * S * S;
+    const size_t rows = N < CD_ATT_ROW_BLOCK ? N : CD_ATT_ROW_BLOCK;
+    struct { float **dst; size_t a, b, cc; int on; } spec[] = {
+        {&ch->x, Bc, N, W, 1}, {&ch->ln, Bc, N, W, 1}, {&ch->qkv, Bc, N, 3 * W, 1},
+        {&ch->att, Bc, N, W, 1}, {&ch->fc, Bc, fcw, 1, 1}, {&ch->mlp, Bc, N, W, 1},
+        {&ch->tiles, (size_t)nthreads, rows, N, 1}, {&ch->p, Bc, H, N, 1},
+        {&ch->mu, Bc, N, 1, 1}, {&ch->sigma, Bc, N, 1, 1}, {&ch->z, Bc, W, 1, 1},
+        {&ch->a, Bc, W, 1, 1}, {&ch->aln, Bc, W, 1, 1}, {&ch->pmlp, Bc, W, 1, 1},
+        {&ch->pfc, Bc, F, 1, 1}, {&ch->keep, Bc, (2 * L + 1) * N, W, deep},
+        {&ch->av, T, N, d, 1}, {&ch->c, T, H, N, deep}, {&ch->u, T, R * H, W, deep},
+        {&ch->zu, T, R, W, deep}, {&ch->y, T, R, W, deep},
+    };
+    ch->nthr = nthr;
+    int k = 0;
+    for (size_t i = 0; i < sizeof spec / sizeof spec[0]; i++) {
+        if (!spec[i].on) continue;
+        if (mul3(&it[k].n, spec[i].a, spec[i].b, spec[i].cc)) return -1;
+        it[k++].dst = spec[i].dst;
+    }
+    return k;
+}
+
+/* the deep terms of image b of the chunk into heads (L, H, D) and mlps (L+1, D) of the result
+ * (either may be NULL: not wanted) */
+static void siglip_deep(const cd_model *m, const siglip_chunk *ch, const siglip_scratch *sc,
+                        int b, float *heads, float *mlps, float inv_norm) {
+    const cd_config *cf = &m->cfg;
+    const cd_weights *w = &m->w;
+    const int W = cf->width, H = cf->heads, L = cf->layers, d = W / H;
+    const int G = cf->image_size / cf->patch_size, N = G * G, R = L + 1 + L * H;
+    const float K = (float)(2 * L + 1);
+    const size_t NW = (size_t)N * W, HW = (size_t)H * W;
+    const float *keep = ch->keep + (size_t)b * (2 * L + 1) * NW;
+    const float *p = ch->p + (size_t)b * H * N, *mu = ch->mu + (size_t)b * N;
+    const float *sigma = ch->sigma + (size_t)b * N;
+    double csum[1024], cmu[1024];  /* H <= W <= CD_MAX_DIM; H > 1024 is refused below */
+    for (int h = 0; h < H; h++) {
+        double s = 0.0, sm = 0.0;
+        for (int i = 0; i < N; i++) {
+            const float ci = p[(size_t)h * N + i] / sigma[i];
+            sc->c[(size_t)h * N + i] = ci;
+            s += ci;
+            sm += (double)ci * mu[i];
+        }
+        csum[h] = s;
+        cmu[h] = sm;
+    }
+    /* rows 0..L: the embeddings and the MLPs, u[r, h] = c[h] @ t_r - cmu[h] / K */
+    for (int r = 0; r <= L; r++) {
+        float *u = sc->u + (size_t)r * HW;
+        cd_sgemm_nn(H, W, N, 1.0f, sc->c, N, keep + (size_t)r * NW, W, u, W, 0);
+        for (int h = 0; h < H; h++) {
+            const float sh = (float)(cmu[h] / K);
+            for (int j = 0; j < W; j++) u[(size_t)h * W + j] -= sh;
+        }
+    }
+    /* rows L+1..: head h' of layer l, u = W_O^l[:, h'] (c[h] @ z^l[:, h']) + b_O^l / H csum[h]
+     * - cmu[h] / (K H); zc = c @ z^l (H, W) lands in zu's first H rows as scratch */
+    for (int l = 0; l < L; l++) {
+        const cd_block *blk = &w->blocks[l];
+        float *zc = sc->zu;
+        cd_sgemm_nn(H, W, N, 1.0f, sc->c, N, keep + (size_t)(L + 1 + l) * NW, W, zc, W, 0);
+        for (int hp = 0; hp < H; hp++) {
+            float *u = sc->u + (size_t)(L + 1 + l * H + hp) * HW;
+            cd_sgemm_nt(H, W, d, 1.0f, zc + (size_t)hp * d, W, blk->out_w + (size_t)hp * d, W,
+                        u, W, 0);
+            for (int h = 0; h < H; h++) {
+                const float cs = (float)(csum[h] / H), sh = (float)(cmu[h] / (K * H));
+                float *row = u + (size_t)h * W;
+                for (int j = 0; j < W; j++) row[j] += blk->out_b[j] * cs - sh;
+            }
+        }
+    }
+    /* gamma, then per pooling head h: zu[:, h-slice] = (gamma u[:, h]) @ W_V[h]^T */
+    const float *gamma = w->ln_post_w;
+    for (size_t r = 0; r < (size_t)R * H; r++)
+        for (int j = 0; j < W; j++) sc->u[r * W + j] *= gamma[j];
+    for (int h = 0; h < H; h++)
+        cd_sgemm_nt(R, d, W, 1.0f, sc->u + (size_t)h * W, H * W, w->pool_v_w + (size_t)h * d * W,
+                    W, sc->zu + (size_t)h * d, W, 0);
+    cd_matmul(sc->y, sc->zu, &w->pool_out, NULL, R, 0);
+    for (int r = 0; r < R; r++) {
+        const float kt = r <= L ? 1.0f / K : 1.0f / (K * H);
+        const float *src = sc->y + (size_t)r * W;
+        float *dst = r <= L ? (mlps ? mlps + (size_t)r * W : NULL)
+                            : (heads ? heads + (size_t)(r - L - 1) * W : NULL);
+        if (!dst) continue;
+        for (int j = 0; j < W; j++) dst[j] = (src[j] + w->pool_const[j] * kt) * inv_norm;
+    }
+}
+
+static cd_status siglip_forward_chunk(const cd_model *m, const cd_vision_opts *o,
+                                      cd_vision_result *r, siglip_chunk *ch, int nthreads,
+                                      int b0, const float *images) {
+    const cd_config *c = &m->cfg;
+    const cd_weights *w = &m->w;
+    const int Bc = ch->Bc, W = c->width, H = c->heads, L = c->layers, F = c->mlp_dim;
+    const int S = c->image_size, P = c->patch_size, G = S / P, N = G * G, d = W / H;
+    const int R = Bc * N, deep = o->heads || o->mlps;
+    const size_t RW = (size_t)R * W, NW = (size_t)N * W, KN = (size_t)(2 * L + 1) * NW;
+
+    /* x = patches @ conv^T + conv_b + pos */
+    patches_forward(ch->fc, images, Bc, S, P);
+    cd_matmul(ch->x, ch->fc, &w->conv, w->conv_b, R, 0);
+    for (int b = 0; b < Bc; b++) residual_forward(ch->x + (size_t)b * NW, w->pos, NW);
+    if (deep)
+        for (int b = 0; b < Bc; b++)
+            memcpy(ch->keep + (size_t)b * KN, ch->x + (size_t)b * NW, NW * sizeof(float));
+    for (int l = 0; l < L; l++) {
+        if (o->cancel && o->cancel(o->cancel_ctx)) return CD_ERR_INTERRUPTED;
+        const cd_block *blk = &w->blocks[l];
+        layernorm_forward(ch->ln, NULL, NULL, ch->x, blk->ln1_w, blk->ln1_b, R, W, c->ln_eps);
+        cd_matmul(ch->qkv, ch->ln, &blk->qkv, blk->qkv_b, R, 0);
+        attention_forward(ch->att, NULL, 0, NULL, 0, ch->qkv, Bc, N, W, H, 0, ch->tiles, nthreads);
+        if (deep)
+            for (int b = 0; b < Bc; b++)
+                memcpy(ch->keep + (size_t)b * KN + (size_t)(L + 1 + l) * NW,
+                       ch->att + (size_t)b * NW, NW * sizeof(float));
+        cd_matmul(ch->x, ch->att, &blk->out, blk->out_b, R, 1);
+        layernorm_forward(ch->ln, NULL, NULL, ch->x, blk->ln2_w, blk->ln2_b, R, W, c->ln_eps);
+        cd_matmul(ch->fc, ch->ln, &blk->fc, blk->fc_b, R, 0);
+        act_forward(ch->fc, (size_t)R * F, c->act);
+        cd_matmul(ch->mlp, ch->fc, &blk->proj, blk->proj_b, R, 0);
+        if (deep)
+            for (int b = 0; b < Bc; b++)
+                memcpy(ch->keep + (size_t)b * KN + (size_t)(1 + l) * NW,
+                       ch->mlp + (size_t)b * NW, NW * sizeof(float));
+        residual_forward(ch->x, ch->mlp, RW);
+    }
+    if (o->cancel && o->cancel(o->cancel_ctx)) return CD_ERR_INTERRUPTED;
+
+    /* post_layernorm over every token, then the pooling attention: k | v = y @ [W_K; W_V]^T */
+    layernorm_forward(ch->ln, ch->mu, ch->sigma, ch->x, w->ln_post_w, w->ln_post_b, R, W,
+                      c->ln_eps);
+    cd_matmul(ch->qkv, ch->ln, &w->pool_kv, w->pool_kv_b, R, 0);   /* (R, 2W) */
+    const float scale = 1.0f / sqrtf((float)d);
+    const size_t ld = (size_t)2 * W;
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < Bc; b++)
+        for (int h = 0; h < H; h++) {
+            float *p = ch->p + ((size_t)b * H + h) * N;
+            const float *q = w->pool_q + (size_t)h * d;
+            const float *k = ch->qkv + (size_t)b * N * ld + (size_t)h * d;
+            for (int i = 0; i < N; i++) {
+                float s = 0.0f;
+                for (int j = 0; j < d; j++) s += q[j] * k[(size_t)i * ld + j];
+                p[i] = s * scale;
+            }
+            softmax_forward(p, N, N);
+            const float *v = k + W;
+            float *z = ch->z + (size_t)b * W + (size_t)h * d;
+            for (int j = 0; j < d; j++) z[j] = 0.0f;
+            for (int i = 0; i < N; i++)
+                for (int j = 0; j < d; j++) z[j] += p[i] * v[(size_t)i * ld + j];
+        }
+    /* a = z @ W_O^T + b_O; emb = a + fc2(act(fc1(LN(a)))) */
+    cd_matmul(ch->a, ch->z, &w->pool_out, w->pool_out_b, Bc, 0);
+    layernorm_forward(ch->aln, NULL, NULL, ch->a, w->pool_ln_w, w->pool_ln_b, Bc, W, c->ln_eps);
+    cd_matmul(ch->pfc, ch->aln, &w->pool_fc, w->pool_fc_b, Bc, 0);
+    act_forward(ch->pfc, (size_t)Bc * F, c->act);
+    cd_matmul(ch->pmlp, ch->pfc, &w->pool_proj, w->pool_proj_b, Bc, 0);
+
+    /* per image, in parallel: every product below runs on one thread inside the region */
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(ch->nthr)
+    for (int b = 0; b < Bc; b++) {
+#ifdef _OPENMP
+        const siglip_scratch sc = siglip_thread_scratch(ch, c, omp_get_thread_num());
+#else
+        const siglip_scratch sc = siglip_thread_scratch(ch, c, 0);
+#endif
+        const size_t img = (size_t)b0 + b;
+        float *emb = r->embedding + img * W;
+        double s = 0.0;
+        for (int j = 0; j < W; j++) {
+            emb[j] = ch->a[(size_t)b * W + j] + ch->pmlp[(size_t)b * W + j];
+            s += (double)emb[j] * emb[j];
+        }
+        const float nrm = (float)sqrt(s), inv = nrm > 0.0f ? 1.0f / nrm : 0.0f;
+        r->ln_stats[3 * img] = 0.0f;
+        r->ln_stats[3 * img + 1] = 0.0f;
+        r->ln_stats[3 * img + 2] = nrm;
+        memcpy(r->pool_attn + img * H * N, ch->p + (size_t)b * H * N, (size_t)H * N * sizeof(float));
+        for (int j = 0; j < W; j++) r->pool_mlp[img * W + j] = ch->pmlp[(size_t)b * W + j] * inv;
+        /* pool_heads[h] = (W_O[:, h] z_h + b_O / H) / ||emb|| */
+        float *ph = r->pool_heads + img * H * W;
+        for (int h = 0; h < H; h++)
+            cd_sgemm_nt(1, W, d, inv, ch->z + (size_t)b * W + (size_t)h * d, W,
+                        w->pool_out_w + (size_t)h * d, W, ph + (size_t)h * W, W, 0);
+        for (int h = 0; h < H; h++)
+            for (int j = 0; j < W; j++) ph[(size_t)h * W + j] += w->pool_out_b[j] * inv / H;
+        if (o->pool_tokens) {
+            /* pool_tokens[i, h] = (p[h,i] W_O[:, h] v_h(y_i) + b_O / (N H)) / ||emb|| */
+            float *pt = r->pool_tokens + img * (size_t)N * H * W;
+            for (int h = 0; h < H; h++) {
+                const float *p = ch->p + ((size_t)b * H + h) * N;
+                const float *v = ch->qkv + (size_t)b * N * ld + W + (size_t)h * d;
+                for (int i = 0; i < N; i++)
+                    for (int j = 0; j < d; j++) sc.av[(size_t)i * d + j] = p[i] * v[i * ld + j];
+                cd_sgemm_nt(N, W, d, inv, sc.av, d, w->pool_out_w + (size_t)h * d, W,
+                            pt + (size_t)h * W, H * W, 0);
+            }
+            const float sh = inv / ((float)N * H);
+            for (size_t t = 0; t < (size_t)N * H; t++)
+                for (int j = 0; j < W; j++) pt[t * W + j] += w->pool_out_b[j] * sh;
+        }
+        if (deep)
+            siglip_deep(m, ch, &sc, b, o->heads ? r->heads + img * (size_t)L * H * W : NULL,
+                        o->mlps ? r->mlps + img * (size_t)(L + 1) * W : NULL, inv);
+    }
+    return CD_OK;
+}
+
+static cd_status siglip_encode_image(const cd_model *m, const float *images, int B,
+                                     const cd_vision_opts *o, cd_vision_result **out,
+                                     cd_error *err, size_t budget) {
+    const cd_config *c = &m->cfg;
+    const int W = c->width, H = c->heads, L = c->layers, D = c->embed_dim;
+    const int S = c->image_size, G = S / c->patch_size, N = G * G;
+    if (o->cls_to_cls || o->tokens || o->probe || o->n_probe || o->attn) {
+        set_err(err, "SigLIP has no class token: cls_to_cls, tokens, probe and attn are not "
+                "offered (use pool_tokens for the pooling head's per-token terms, heads / mlps "
+                "for the deep terms)");
+        return CD_ERR_VALUE;
+    }
+    if (H > 1024 && (o->heads || o->mlps)) {
+        set_err(err, "the deep decomposition supports at most 1024 heads, this model has %d", H);
+        return CD_ERR_VALUE;
+    }
+    cd_status st = check_images(images, B, S, err);
+    if (st) return st;
+    cd_vision_result *r = (cd_vision_result *)calloc(1, sizeof(cd_vision_result));
+    if (!r) {
+        set_err(err, "out of memory");
+        return CD_ERR_NOMEM;
+    }
+    r->B = B; r->L = L; r->H = H; r->N = N; r->D = D; r->T = 0; r->W = W;
+    const size_t Bs = (size_t)B, Ls = (size_t)L, Hs = (size_t)H, Ns = (size_t)N, Ds = (size_t)D;
+    struct { float **dst; size_t a, b, cc, e; int on; } rs[] = {
+        {&r->embedding, Bs, Ds, 1, 1, 1}, {&r->ln_stats, Bs, 3, 1, 1, 1},
+        {&r->heads, Bs, Ls, Hs, Ds, o->heads}, {&r->mlps, Bs, Ls + 1, Ds, 1, o->mlps},
+        {&r->pool_heads, Bs, Hs, Ds, 1, 1}, {&r->pool_tokens, Bs, Ns, Hs, Ds, o->pool_tokens},
+        {&r->pool_mlp, Bs, Ds, 1, 1, 1}, {&r->pool_attn, Bs, Hs, Ns, 1, 1},
+    };
+    plan_item items[8];
+    int k = 0;
+    for (size_t i = 0; i < sizeof rs / sizeof rs[0]; i++) {
+        if (!rs[i].on) continue;
+        size_t t;
+        if (mul3(&t, rs[i].a, rs[i].b, rs[i].cc) || mul_sz(&items[k].n, t, rs[i].e)) {
+            free(r);
+            set_err(err, "the requested outputs for %d images are too large", B);
+            return CD_ERR_NOMEM;
+        }
+        items[k++].dst = rs[i].dst;
+    }
+    r->block = plan_alloc(items, k, &r->block_bytes);
+    if (!r->block) {
+        free(r);
+        set_err(err, "out of memory for the outputs of %d images", B);
+        return CD_ERR_NOMEM;
+    }
+    if (B == 0) {
+        *out = r;
+        return CD_OK;
+    }
+    int prev_threads = push_threads(o->threads);
+    const int nthreads = max_threads(), deep = o->heads || o->mlps;
+    siglip_chunk ch;
+    memset(&ch, 0, sizeof ch);
+    void *block = NULL;
+    plan_item ci[24];
+    int nc = siglip_chunk_plan(&ch, ci, c, deep, nthreads, 1, 1);
+    size_t per_image = 0;
+    for (int i = 0; nc > 0 && i < nc; i++) {
+        if (per_image > SIZE_MAX / 8 - ci[i].n) { nc = -1; break; }
+        per_image += ci[i].n + CD_ALIGN / sizeof(float);
+    }
+    if (nc > 0) {
+        size_t Bc = budget / (per_image * sizeof(float));
+        if (Bc < 1) Bc = 1;
+        if (Bc > (size_t)B) Bc = (size_t)B;
+        if (Bc > (size_t)INT32_MAX / (Ns + 1)) Bc = (size_t)INT32_MAX / (Ns + 1);
+        ch.Bc = (int)Bc;
+        /* per-image work runs on min(threads, Bc) threads, each with its own scratch */
+        nc = siglip_chunk_plan(&ch, ci, c, deep, nthreads,
+                               (int)(Bc < (size_t)nthreads ? Bc : (size_t)nthreads), Bc);
+        if (nc > 0) block = plan_alloc(ci, nc, NULL);
+    }
+    if (!block) {
+        st = CD_ERR_NOMEM;
+        set_err(err, "out of memory for the scratch of %d images", B);
+    }
+    for (int b0 = 0; !st && b0 < B; b0 += ch.Bc) {
+        const int Bfull = ch.Bc;
+        if (B - b0 < ch.Bc) ch.Bc = B - b0;
+        st = siglip_forward_chunk(m, o, r, &ch, nthreads, b0, images + (size_t)b0 * 3 * S * S);
+        ch.Bc = Bfull;
+        if (st) set_err(err, "interrupted");
+    }
+    free(block);
+    pop_threads(o->threads, prev_threads);
+    if (st) {
+        cd_vision_result_free(r);
+        return st;
+    }
+    *out = r;
+    return CD_OK;
+}
+
+static cd_status encode_image_impl(const cd_model *m, const float *images, int B,
+                                   const cd_vision_opts *opts_in, cd_vision_result **out,
+                                   cd_error *err, size_t budget) {
+    if (err) err->msg[0] = '\0';
+    if (!m || !out) {
+        set_err(err, "cd_encode_image: NULL argument");
+        return CD_ERR_VALUE;
+    }
+    *out = NULL;
+    cd_vision_opts none;
+    memset(&none, 0, sizeof none);
+    const cd_vision_opts *o = opts_in ? opts_in : &none;
+    if (m->cfg.family == CD_FAMILY_SIGLIP)
+        return siglip_encode_image(m, images, B, o, out, err, budget);
+    if (o->pool_tokens) {
+        set_err(err, "pool_tokens is a SigLIP output; this is a CLIP model (use tokens)");
+        return CD_ERR_VALUE;
+    }
+    const cd_config *c = &m->cfg;
+    const int W = c->width, H = c->heads, L = c->layers, D = c->embed_dim, d = W / H;
+    const int S = c->image_size, G = S / c->patch_size, N = 1 + G * G;
+    cd_status st = check_images(images, B, S, err);
+    if (st) return st;
+    if ((o->probe && o->n_probe <= 0) || (!o->probe && o->n_probe != 0)) {
+        set_err(err, "probe: expected (T, %d) directions with T >= 1, got T = %d%s", D, o->n_probe,
+                o->probe ? "" : " and no data");
+        return CD_ERR_VALUE;
+    }
+    const int T = o->probe ? o->n_probe : 0;
+    if ((int64_t)H * T > INT32_MAX || (int64_t)W * T > INT32_MAX) {
+        set_err(err, "probe: %d directions are too many", T);
+        return CD_ERR_VALUE;
+    }
     if (o->probe) {
         for (size_t i = 0; i < (size_t)T * D; i++)
             if (!isfinite(o->probe[i])) {
@@ -1226,7 +1940,6 @@ static cd_status encode_image_impl(const cd_model *m, const float *images, int B
         return CD_OK;
     }
 
-    cd_status st = CD_OK;
     int prev_threads = push_threads(o->threads);
     vision_call call;
     memset(&call, 0, sizeof call);
@@ -1337,6 +2050,7 @@ cd_status cd_encode_text(const cd_model *m, const int32_t *tokens, int T, float 
     }
     const int C = c->context_length, W = c->text_width, H = c->text_heads, F = c->text_mlp_dim;
     const int D = c->embed_dim, V = c->vocab_size, Lt = c->text_layers;
+    const int siglip = c->family == CD_FAMILY_SIGLIP;
     if (T < 0 || (T > 0 && (!tokens || !out))) {
         set_err(err, "tokens: expected (T, %d) int32 token ids with T >= 0", C);
         return CD_ERR_VALUE;
@@ -1391,7 +2105,7 @@ cd_status cd_encode_text(const cd_model *m, const int32_t *tokens, int T, float 
             const cd_block *blk = &w->tblocks[l];
             layernorm_forward(ln, NULL, NULL, x, blk->ln1_w, blk->ln1_b, R, W, c->ln_eps);
             cd_matmul(qkv, ln, &blk->qkv, blk->qkv_b, R, 0);
-            attention_forward(att, NULL, 0, NULL, 0, qkv, n, C, W, H, 1, tiles, nthreads);
+            attention_forward(att, NULL, 0, NULL, 0, qkv, n, C, W, H, !siglip, tiles, nthreads);
             cd_matmul(x, att, &blk->out, blk->out_b, R, 1);
             layernorm_forward(ln, NULL, NULL, x, blk->ln2_w, blk->ln2_b, R, W, c->ln_eps);
             cd_matmul(fc, ln, &blk->fc, blk->fc_b, R, 0);
@@ -1400,16 +2114,16 @@ cd_status cd_encode_text(const cd_model *m, const int32_t *tokens, int T, float 
             residual_forward(x, mlp, (size_t)R * W);
         }
         if (st) break;
-        /* the end-of-text token: first position of the largest id */
+        /* the end-of-text token: first position of the largest id (SigLIP: the last one) */
         for (int t = 0; t < n; t++) {
             const int32_t *row = ids + (size_t)t * C;
-            int best = 0;
-            for (int j = 1; j < C; j++)
+            int best = siglip ? C - 1 : 0;
+            for (int j = 1; !siglip && j < C; j++)
                 if (row[j] > row[best]) best = j;
             memcpy(rows + (size_t)t * W, x + ((size_t)t * C + best) * W, Ws * sizeof(float));
         }
         layernorm_forward(rows2, NULL, NULL, rows, w->ln_final_w, w->ln_final_b, n, W, c->ln_eps);
-        cd_matmul(out + (size_t)t0 * D, rows2, &w->tproj, NULL, n, 0);
+        cd_matmul(out + (size_t)t0 * D, rows2, &w->tproj, w->tproj_b, n, 0);
     }
     free(block);
     pop_threads(threads, prev_threads);

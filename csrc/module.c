@@ -158,8 +158,10 @@ static int cfg_get_act(PyObject *d, const char *key, int *out, int required) {
     const char *s = PyUnicode_Check(v) ? PyUnicode_AsUTF8(v) : NULL;
     if (s && !strcmp(s, "gelu")) { *out = CD_ACT_GELU; return 0; }
     if (s && !strcmp(s, "quick_gelu")) { *out = CD_ACT_QUICK_GELU; return 0; }
+    if (s && !strcmp(s, "gelu_tanh")) { *out = CD_ACT_GELU_TANH; return 0; }
     if (PyErr_Occurred()) return -1;
-    PyErr_Format(PyExc_ValueError, "config['%s'] must be 'gelu' or 'quick_gelu', got %R", key, v);
+    PyErr_Format(PyExc_ValueError, "config['%s'] must be 'gelu', 'quick_gelu' or 'gelu_tanh', "
+                 "got %R", key, v);
     return -1;
 }
 
@@ -191,6 +193,18 @@ static int parse_config(PyObject *d, cd_config *c, double *ln_eps) {
     for (size_t i = 0; i < sizeof txt / sizeof txt[0]; i++)
         if (cfg_get_int(d, TEXT_INTS[i], txt[i], need)) return -1;
     if (cfg_get_act(d, "text_act", &c->text_act, need)) return -1;
+    PyObject *fam = PyDict_GetItemString(d, "family");  /* borrowed; absent: CLIP */
+    if (fam) {
+        const char *f = PyUnicode_Check(fam) ? PyUnicode_AsUTF8(fam) : NULL;
+        if (f && !strcmp(f, "clip")) c->family = CD_FAMILY_CLIP;
+        else if (f && !strcmp(f, "siglip")) c->family = CD_FAMILY_SIGLIP;
+        else {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "config['family'] must be 'clip' or 'siglip', "
+                             "got %R", fam);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -251,6 +265,10 @@ static void Model_dealloc(ModelObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static const char *act_name(int act) {
+    return act == CD_ACT_QUICK_GELU ? "quick_gelu" : act == CD_ACT_GELU_TANH ? "gelu_tanh" : "gelu";
+}
+
 static PyObject *Model_get_config(ModelObject *self, void *closure) {
     (void)closure;
     const cd_config *c = cd_model_config(self->m);
@@ -272,12 +290,13 @@ static PyObject *Model_get_config(ModelObject *self, void *closure) {
     } while (0)
     for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++)
         SET(CONFIG_INTS[i], PyLong_FromLong(vals[i]));
-    SET("act", PyUnicode_FromString(c->act == CD_ACT_QUICK_GELU ? "quick_gelu" : "gelu"));
+    SET("act", PyUnicode_FromString(act_name(c->act)));
     SET("ln_eps", PyFloat_FromDouble(self->ln_eps));
     for (size_t i = 0; i < sizeof tvals / sizeof tvals[0]; i++)
         SET(TEXT_INTS[i], PyLong_FromLong(tvals[i]));
     SET("text_layers", PyLong_FromLong(c->text_layers));
-    SET("text_act", PyUnicode_FromString(c->text_act == CD_ACT_QUICK_GELU ? "quick_gelu" : "gelu"));
+    SET("text_act", PyUnicode_FromString(act_name(c->text_act)));
+    if (c->family == CD_FAMILY_SIGLIP) SET("family", PyUnicode_FromString("siglip"));
 #undef SET
     return d;
 }
@@ -297,6 +316,13 @@ static PyObject *Model_get_logit_scale(ModelObject *self, void *closure) {
     (void)closure;
     float v;
     if (!cd_model_logit_scale(self->m, &v)) Py_RETURN_NONE;
+    return PyFloat_FromDouble((double)v);
+}
+
+static PyObject *Model_get_logit_bias(ModelObject *self, void *closure) {
+    (void)closure;
+    float v;
+    if (!cd_model_logit_bias(self->m, &v)) Py_RETURN_NONE;
     return PyFloat_FromDouble((double)v);
 }
 
@@ -321,12 +347,13 @@ static PyObject *view(PyObject *owner, float *data, int nd, const npy_intp *dims
 
 static PyObject *Model_encode_image(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"pixels", "heads", "mlps", "cls_to_cls", "tokens", "probe", "attn",
-                             "threads", "token_embeddings", NULL};
+                             "threads", "token_embeddings", "pool_tokens", NULL};
     PyObject *pix_obj, *probe_obj = Py_None;
     int heads = 0, mlps = 0, cls = 0, tokens = 0, attn = 0, threads = 0, tok_emb = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$ppppOpip:encode_image", kwlist, &pix_obj,
+    int pool_tokens = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$ppppOpipp:encode_image", kwlist, &pix_obj,
                                      &heads, &mlps, &cls, &tokens, &probe_obj, &attn, &threads,
-                                     &tok_emb))
+                                     &tok_emb, &pool_tokens))
         return NULL;
     const cd_config *c = cd_model_config(self->m);
     const int S = c->image_size, D = c->embed_dim;
@@ -365,6 +392,7 @@ static PyObject *Model_encode_image(ModelObject *self, PyObject *args, PyObject 
     o.tokens = tokens;
     o.attn = attn;
     o.token_embeddings = tok_emb;
+    o.pool_tokens = pool_tokens;
     o.threads = threads > 0 ? threads : 0;
     if (probe) {
         o.probe = (const float *)PyArray_DATA(probe);
@@ -405,6 +433,10 @@ static PyObject *Model_encode_image(ModelObject *self, PyObject *args, PyObject 
         {"attn_cls", r->attn_cls, 4, {Bn, L, H, N}},
         {"attn_mean", r->attn_mean, 4, {Bn, L, N, N}},
         {"token_embeddings", r->token_embeddings, 3, {Bn, N, Dn}},
+        {"pool_heads", r->pool_heads, 3, {Bn, H, Dn}},
+        {"pool_tokens", r->pool_tokens, 4, {Bn, N, H, Dn}},
+        {"pool_mlp", r->pool_mlp, 2, {Bn, Dn}},
+        {"pool_attn", r->pool_attn, 3, {Bn, H, N}},
     };
     for (size_t i = 0; i < sizeof outs / sizeof outs[0]; i++) {
         if (!outs[i].data) continue;
@@ -644,6 +676,8 @@ static PyGetSetDef Model_getset[] = {
     {"raw_logit_scale", (getter)Model_get_logit_scale, NULL,
      "the checkpoint's logit_scale as stored (a log; exp() of it is CLIP's scale), or None",
      NULL},
+    {"raw_logit_bias", (getter)Model_get_logit_bias, NULL,
+     "the checkpoint's logit_bias as stored (SigLIP), or None", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -203,6 +203,15 @@ static inline float quick_gelu_poly(float x) {
     return x < -51.7f ? x * 0.0f : y;
 }
 
+/* the tanh form of GELU (torch's approximate="tanh", SigLIP's gelu_pytorch_tanh):
+ * 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3). Below x = -10 the
+ * exact value is below 1e-37 |x| and e^(-2u) passes exp_poly's clamp: x * 0 there. */
+static inline float gelu_tanh_poly(float x) {
+    const float u2 = 1.59576912160573071f * (x + 0.044715f * x * x * x);
+    const float y = x / (1.0f + exp_poly(-u2));
+    return x < -10.0f ? x * 0.0f : y;
+}
+
 /* The element-wise loops, compiled twice: for the baseline ISA and, on x86-64, for AVX2 + FMA
  * (8 lanes), chosen at run time from the path cpu.c reports. */
 #define ELEM_SPANS(SUFFIX, ATTR)                                                            \
@@ -211,6 +220,9 @@ static inline float quick_gelu_poly(float x) {
     }                                                                                      \
     ATTR static void quick_gelu_span_##SUFFIX(float *p, size_t m) {                        \
         _Pragma("omp simd") for (size_t i = 0; i < m; i++) p[i] = quick_gelu_poly(p[i]);    \
+    }                                                                                      \
+    ATTR static void gelu_tanh_span_##SUFFIX(float *p, size_t m) {                         \
+        _Pragma("omp simd") for (size_t i = 0; i < m; i++) p[i] = gelu_tanh_poly(p[i]);     \
     }                                                                                      \
     ATTR static void softmax_row_##SUFFIX(float *row, int valid, int n) {                  \
         float mx = -INFINITY;                                                              \
@@ -273,6 +285,21 @@ void quick_gelu_forward(float *x, size_t n) {
     }
 }
 
+void gelu_tanh_forward(float *x, size_t n) {
+    const size_t nchunk = (n + ELEM_CHUNK - 1) / ELEM_CHUNK;
+    const int avx2 = spans_avx2();
+    (void)avx2;
+    #pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMS)
+    for (size_t c = 0; c < nchunk; c++) {
+        float *p = x + c * ELEM_CHUNK;
+        const size_t m = n - c * ELEM_CHUNK < ELEM_CHUNK ? n - c * ELEM_CHUNK : ELEM_CHUNK;
+#ifdef HAVE_AVX2_SPANS
+        if (avx2) { gelu_tanh_span_avx2(p, m); continue; }
+#endif
+        gelu_tanh_span_generic(p, m);
+    }
+}
+
 float cd_expf(float x) { return exp_poly(x); }
 float cd_gelu(float x) { return gelu_poly(x); }
 
@@ -289,6 +316,14 @@ void quick_gelu_forward_naive(float *x, size_t n) {
     for (size_t i = 0; i < n; i++) {
         const double v = x[i];
         x[i] = (float)(v / (1.0 + exp(-1.702 * v)));
+    }
+}
+
+void gelu_tanh_forward_naive(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        const double v = x[i];
+        /* 0.5 v (1 + tanh(u)) == v / (1 + e^(-2u)), without the cancellation of 1 + tanh */
+        x[i] = (float)(v / (1.0 + exp(-1.5957691216057308 * (v + 0.044715 * v * v * v))));
     }
 }
 

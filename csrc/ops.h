@@ -40,6 +40,12 @@ void layernorm_forward_naive(float *out, float *mean, float *sigma, const float 
 void gelu_forward(float *x, size_t n);
 /* x (n) in place: QuickGELU x * sigmoid(1.702 x) */
 void quick_gelu_forward(float *x, size_t n);
+/* x (n) in place: GELU's tanh form 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (SigLIP);
+ * the reference gelu_tanh_forward_naive is that formula in double over libm, as
+ * x / (1 + e^(-2u)) (no cancellation for x < 0); the fast form agrees within (8 + 3|2u|)
+ * roundings, and gives -0 below x = -10 where the value is below 1e-37 |x| */
+void gelu_tanh_forward(float *x, size_t n);
+void gelu_tanh_forward_naive(float *x, size_t n);
 /* the references: 0.5 x erfc(-x / sqrt 2) and x / (1 + exp(-1.702 x)) in double. The fast
  * forms agree within a few roundings (times 1 + x^2 for GELU at x < 0, 1 + 1.7 |x| for
  * QuickGELU: the rounding of the argument); GELU between x = -7.07 and -12.7 within 3e-6

@@ -49,8 +49,9 @@ def isa() -> str:
     return str(extension().isa())
 
 
-def open_model(weights: str, cfg: ModelConfig, layout: str) -> Any:
-    """Open a safetensors checkpoint in the core (``_core.Model``) with the config ``cfg``."""
+def open_model(weights: str, cfg: ModelConfig | Any, layout: str) -> Any:
+    """Open a safetensors checkpoint in the core (``_core.Model``) with the config ``cfg`` (a
+    :class:`ModelConfig` or a SigLIP config: anything with ``to_core_dict()``)."""
     return extension().Model(weights, cfg.to_core_dict(), layout)
 
 

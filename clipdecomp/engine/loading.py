@@ -303,6 +303,9 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         raise _pickle_error(weights)
     header = SafetensorsFile(weights)
     keys = list(header.keys())
+    if any(k.endswith(("head.probe", "attn_pool.latent")) for k in keys):
+        raise ValueError(f"{weights}: a SigLIP checkpoint (attention-pooling head, no class "
+                         "token): load it with clipdecomp.load_siglip")
     found = detect_layout(keys)
     if found is None:
         raise ValueError(f"{weights}: no CLIP image tower in this file: neither the open_clip "

@@ -10,7 +10,8 @@ Shapes: B images, L layers, H heads, N = 1 + G*G tokens, G patches per side, D e
 T texts (or directions), S output side in pixels.
 
 Patch ``n`` (1-based token index) sits at row ``(n - 1) // G`` and column ``(n - 1) % G`` of the
-grid, the order of the patch-embedding convolution.
+grid, the order of the patch-embedding convolution. Models without a class token (SigLIP, whose
+decompositions say ``config.class_token = False``) start their patches at token 0.
 """
 from __future__ import annotations
 
@@ -38,12 +39,18 @@ HeadSel = Union[None, int, Iterable[int], Iterable[tuple[int, int]]]
 # --------------------------------------------------------------------------------------------
 # helpers
 
-def _grid_side(n_tokens: int) -> int:
-    """G from N = 1 + G*G."""
-    g = math.isqrt(max(n_tokens - 1, 0))
-    if g * g != n_tokens - 1 or g == 0:
-        raise ValueError(f"{n_tokens} tokens are not 1 + G*G for a square patch grid")
+def _grid_side(n_tokens: int, first: int = 1) -> int:
+    """G from N = first + G*G (first = 1 with a class token, 0 without)."""
+    g = math.isqrt(max(n_tokens - first, 0))
+    if g * g != n_tokens - first or g == 0:
+        raise ValueError(f"{n_tokens} tokens are not {first} + G*G for a square patch grid")
     return g
+
+
+def _first_patch(dec: Any) -> int:
+    """Token index of the first patch: 1 after a class token, 0 for models without one
+    (SigLIP: ``dec.config.class_token`` is False)."""
+    return 1 if getattr(getattr(dec, "config", None), "class_token", True) else 0
 
 
 def _tokens_or_none(dec: Any) -> np.ndarray | None:
@@ -154,26 +161,27 @@ def heatmap(dec: Any, text_embeddings: np.ndarray, layers: LayerSel = None,
     >>> last4 = heatmap(dec, texts, layers=[-4, -3, -2, -1])      # doctest: +SKIP
     """
     b, n_layers, n, n_heads, d = _shape(dec)
-    g = _grid_side(n)
+    f = _first_patch(dec)
+    g = _grid_side(n, f)
     texts = _as_directions(text_embeddings, d)
     sel = _selection(n_layers, n_heads, layers, heads)
     tokens = _tokens_or_none(dec)
     if tokens is not None:
         # sum the chosen terms per patch first ([B, N-1, D]), then one product with the texts
-        acc = np.zeros((b, n - 1, d), np.float64)
+        acc = np.zeros((b, n - f, d), np.float64)
         for li in np.flatnonzero(sel.any(1)):
             hs = np.flatnonzero(sel[li])
-            t = tokens[:, li, 1:]  # [B, N-1, H, D]
+            t = tokens[:, li, f:]  # [B, G*G, H, D]
             if len(hs) < n_heads:
                 t = t[:, :, hs]
             acc += t.sum(axis=2, dtype=np.float64)
         out = acc @ texts.T.astype(np.float64)  # [B, N-1, T]
     else:
         probe = np.asarray(dec.project_tokens(texts))  # [B, L, N, H, T]
-        out = np.zeros((b, n - 1, texts.shape[0]), np.float64)
+        out = np.zeros((b, n - f, texts.shape[0]), np.float64)
         for li in np.flatnonzero(sel.any(1)):
             hs = np.flatnonzero(sel[li])
-            p = probe[:, li, 1:]  # [B, N-1, H, T]
+            p = probe[:, li, f:]  # [B, G*G, H, T]
             if len(hs) < n_heads:
                 p = p[:, :, hs]
             out += p.sum(axis=2, dtype=np.float64)
@@ -201,16 +209,17 @@ def head_maps(dec: Any, direction: np.ndarray) -> np.ndarray:
     (1, 12, 12, 14, 14)
     """
     b, n_layers, n, n_heads, d = _shape(dec)
-    g = _grid_side(n)
+    f = _first_patch(dec)
+    g = _grid_side(n, f)
     u = _as_directions(direction, d, "direction")
     if u.shape[0] != 1:
         raise ValueError(f"direction must be one [D] vector, got {u.shape[0]}")
     tokens = _tokens_or_none(dec)
     if tokens is not None:
         # on the whole (contiguous) array, so that no copy of the tokens is made
-        per = np.tensordot(tokens, u[0].astype(tokens.dtype), axes=([4], [0]))[:, :, 1:]
+        per = np.tensordot(tokens, u[0].astype(tokens.dtype), axes=([4], [0]))[:, :, f:]
     else:
-        per = np.asarray(dec.project_tokens(u))[:, :, 1:, :, 0]  # [B, L, N-1, H]
+        per = np.asarray(dec.project_tokens(u))[:, :, f:, :, 0]  # [B, L, G*G, H]
     per = np.asarray(per, np.float32).transpose(0, 1, 3, 2)  # [B, L, H, N-1]
     return np.ascontiguousarray(per.reshape(b, n_layers, n_heads, g, g))
 

@@ -99,6 +99,58 @@ static double quick_gelu_tol(float x, float want) {
     return fabs(want);                                       /* -0 where |value| < 1e-36 |x| */
 }
 
+/* the tanh form: the rounding of u = 1.596 (x + 0.0447 x^3) moves the sigmoid by |u| ulps */
+static double gelu_tanh_tol(float x, float want) {
+    const double u = 1.5957691216057308 * ((double)x + 0.044715 * (double)x * x * x);
+    if (x >= -10.0f) return (8.0 + 3.0 * fabs(u)) * EPS * fabs(want);
+    return fabs(want);                                       /* -0 where |value| < 1e-37 |x| */
+}
+
+/* gelu_tanh_forward against its reference: the act_input mix (one thread and many) and a dense
+ * sweep of [-60, 20) */
+static void check_gelu_tanh(int isa) {
+    static const size_t sizes[] = {0, 1, 9, 1000, 40003};
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+        const size_t n = sizes[si];
+        float *x = alloc_f(n);
+        for (size_t i = 0; i < n; i++) x[i] = act_input(i);
+        float *want = copy_buf(x, n);
+        gelu_tanh_forward_naive(want, n);
+        for (int t = 0; t < 2; t++) {
+            const int threads = t ? g_many : 1;
+            float *got = copy_buf(x, n);
+            set_threads(threads);
+            gelu_tanh_forward(got, n);
+            set_threads(1);
+            int ok = 1;
+            for (size_t i = 0; i < n && ok; i++)
+                if (!close_to(got[i], want[i], gelu_tanh_tol(x[i], want[i]))) {
+                    printf("  x = %.9g: got %.9g want %.9g\n", x[i], got[i], want[i]);
+                    ok = 0;
+                }
+            char what[96];
+            snprintf(what, sizeof what, "gelu_tanh n=%zu threads=%d", n, threads);
+            report(what, ok, isa);
+            free(got);
+        }
+        free(want);
+        free(x);
+    }
+    enum { NS = 24 * 1024 + 5 };
+    float *x = alloc_f(NS), *g = alloc_f(NS), *gr = alloc_f(NS);
+    for (int i = 0; i < NS; i++) x[i] = g[i] = gr[i] = -60.0f + i * (80.0f / NS);
+    gelu_tanh_forward(g, NS);
+    gelu_tanh_forward_naive(gr, NS);
+    int ok = 1;
+    for (int i = 0; i < NS && ok; i++)
+        if (!close_to(g[i], gr[i], gelu_tanh_tol(x[i], gr[i]))) {
+            printf("  gelu_tanh(%.9g): got %.9g want %.9g\n", x[i], g[i], gr[i]);
+            ok = 0;
+        }
+    report("gelu_tanh sweep [-60, 20)", ok, isa);
+    free(x); free(g); free(gr);
+}
+
 static void check_activations(int isa) {
     static const size_t sizes[] = {0, 1, 7, 8, 9, 31, 1000, 40003};   /* 40003: threaded */
     for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
@@ -684,6 +736,7 @@ int main(int argc, char **argv) {
         isas[nisa++] = isa;
         set_threads(1);
         check_activations(isa);
+        check_gelu_tanh(isa);
         check_layernorm(isa);
         check_softmax(isa);
         check_small_ops(isa);
