@@ -178,6 +178,7 @@ def probe_ground_truth(model, roles: list[dict], n: int, seed: int, style: str
     for r in roles:
         b = best[(r["layer"], r["head"])]
         r["probe_role"], r["probe_lift"] = b["attribute"], float(b["lift"])
+        r["probe_excess"] = float(b["excess"])
         r["agrees"] = r["probe_role"] == r["role"]
     spec = [r for r in roles if r["specific"]]
     return {"agreement": float(np.mean([r["agrees"] for r in roles])),
@@ -280,7 +281,8 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     roles = head_roles(df, about, texts)
     truth = probe_ground_truth(model, roles, max(4 * n, 512), seed + 7, style)
     say("\nhead roles (TextSpan, first 5 texts; * = at least 4 of 5 about one attribute; "
-        "probe = what linear probes on the head's terms find most, lift over chance):")
+        "probe = what linear probes on the head's terms find more than in most heads, and "
+        "the lift over chance):")
     for r in roles:
         if r["layer"] >= model.config.layers - 2:
             say(f"  L{r['layer']}.H{r['head']} {r['role']:<10s}{'*' if r['specific'] else ' '} "
@@ -353,11 +355,9 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     # 6. heat maps of a position head and a shape head: right text against a wrong one
     contrasts = []
     for attr in ("position", "shape"):
-        cand = [r for r in roles if r["role"] == attr] or \
-            [max(roles, key=lambda r: next(p["lift"] for p in truth["probes"] if
-                                       (p["layer"], p["head"], p["attribute"]) ==
-                                       (r["layer"], r["head"], attr)))]
-        top = max(cand, key=lambda r: (r["specific"], r["variance_explained"]))
+        # the head whose terms hold the attribute best (the probes' ground truth)
+        top = max((p for p in truth["probes"] if p["attribute"] == attr),
+                  key=lambda p: p["lift"])
         contrasts.append(head_contrast(model, segdec, seg_imgs, top["layer"], top["head"], attr))
     say("\nhead maps, right text minus wrong text over the object (mean; share of images > 0):")
     for c in contrasts:

@@ -150,26 +150,45 @@ def head_probes(terms: np.ndarray, labels: Mapping[str, np.ndarray],
     return rows
 
 
-def probe_roles(rows: list[dict]) -> dict[tuple[int, int], dict]:
-    """Per head, the attribute its probes find most (largest lift) and that lift.
+def probe_roles(rows: list[dict], relative: bool = True) -> dict[tuple[int, int], dict]:
+    """Per head, the attribute its probes find most, and by how much.
+
+    With ``relative=True`` (the default) a head's lift on an attribute is taken relative to
+    the median lift of all heads on it (``excess = lift - median``), and the role is the
+    attribute of the largest excess: what this head holds more than heads usually do. That
+    matters when an attribute can be read from every head (the colour of the ground, say),
+    where the plain largest lift would name it for every head. With ``relative=False`` the
+    role is the attribute of the largest lift.
 
     Parameters
     ----------
     rows : output of :func:`head_probes`
+    relative : rank by lift over the median of all heads (True) or by lift (False)
 
     Returns
     -------
-    dict (layer, head) -> {"attribute", "lift", "accuracy"}
+    dict (layer, head) -> {"attribute", "lift", "excess", "accuracy"}
 
     Examples
     --------
-    >>> probe_roles([{"layer": 0, "head": 0, "attribute": "a", "lift": 0.1, "accuracy": 0.6},
-    ...              {"layer": 0, "head": 0, "attribute": "b", "lift": 0.5, "accuracy": 0.7}])
-    {(0, 0): {'attribute': 'b', 'lift': 0.5, 'accuracy': 0.7}}
+    >>> rows = [{"layer": 0, "head": h, "attribute": a, "lift": v, "accuracy": v}
+    ...         for h, (x, y) in enumerate([(0.9, 0.2), (0.9, 0.8), (0.9, 0.3)])
+    ...         for a, v in (("a", x), ("b", y))]
+    >>> {k: v["attribute"] for k, v in probe_roles(rows).items()}
+    {(0, 0): 'a', (0, 1): 'b', (0, 2): 'a'}
+    >>> {k: v["attribute"] for k, v in probe_roles(rows, relative=False).items()}
+    {(0, 0): 'a', (0, 1): 'a', (0, 2): 'a'}
     """
+    medians = {a: float(np.median([r["lift"] for r in rows if r["attribute"] == a]))
+               for a in {r["attribute"] for r in rows}}
     out: dict[tuple[int, int], dict] = {}
     for r in rows:
         key = (int(r["layer"]), int(r["head"]))
-        if key not in out or r["lift"] > out[key]["lift"]:
-            out[key] = {"attribute": r["attribute"], "lift": r["lift"], "accuracy": r["accuracy"]}
+        excess = r["lift"] - medians[r["attribute"]]
+        score = excess if relative else r["lift"]
+        if key not in out or score > out[key]["_score"]:
+            out[key] = {"attribute": r["attribute"], "lift": r["lift"], "excess": excess,
+                        "accuracy": r["accuracy"], "_score": score}
+    for v in out.values():
+        del v["_score"]
     return out

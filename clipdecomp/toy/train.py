@@ -282,7 +282,7 @@ def load_exported(model_dir: str | os.PathLike) -> tuple[CLIP, object]:
 # ---------------------------------------------------------------------------------------------
 # Zero-shot evaluation
 
-def eval_sets(seed: int = 12345, n: int = 512, style: str = "textured") -> dict:
+def eval_sets(seed: int = 12345, n: int = 512, style: str = "smooth") -> dict:
     """Held-out scenes for the zero-shot check: single objects, and 1-3 objects for counts."""
     single = world.generate(n, seed=seed, n_objects=1, style=style)
     multi = world.generate(n, seed=seed + 1, n_objects=(1, 3), style=style)
@@ -398,7 +398,7 @@ def attribute_loss(img: torch.Tensor, prompt_emb: torch.Tensor, index: list, tar
 
 
 def make_batch(batch: int, seed: int, hard_frac: float = 0.0, focus_frac: float = 0.0,
-               style: str = "textured", spurious_frac: float = 0.0
+               style: str = "smooth", spurious_frac: float = 0.0
                ) -> tuple[np.ndarray, list[str], np.ndarray, dict[str, np.ndarray]]:
     """One training batch: general scenes, plus shares of "hard" and "focus" scenes.
 
@@ -613,7 +613,7 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
           threads: int = 1, max_steps: int | None = None, warmup: int = 50,
           init: str | None = None, hard_frac: float = 0.0, focus_frac: float = 0.0,
           flat_frac: float = 0.0, ramp_frac: float = 0.0, fresh_text: bool = False,
-          style: str = "textured", attr_weight: float = 0.0, bf16: bool = False,
+          style: str = "smooth", attr_weight: float = 0.0, bf16: bool = False,
           resume: bool = False, spurious_frac: float = 0.0) -> CLIP:
     """Contrastive training on freshly generated (image, caption) pairs.
 
@@ -687,7 +687,7 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": other, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    sets = eval_sets(style=style) if style != "textured" else eval_sets()
+    sets = eval_sets(style=style)
     n_params = sum(p.numel() for p in model.parameters())
     prompt_texts, prompt_index = attribute_prompts()
     prompt_ids = torch.from_numpy(tokenize(tok, prompt_texts))
@@ -727,8 +727,7 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
             cmd += f" --flat-frac {flat_frac} --ramp-frac {ramp_frac}"
         if fresh_text:
             cmd += " --fresh-text"
-        if style != "textured":
-            cmd += f" --style {style}"
+        cmd += f" --style {style}"
         if attr_weight:
             cmd += f" --attr-weight {attr_weight}"
         if spurious_frac:
@@ -845,7 +844,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="share of the schedule over which the textures fade back in")
     ap.add_argument("--fresh-text", action="store_true",
                     help="with --init: keep the vision tower, start the text tower anew")
-    ap.add_argument("--style", default="textured", choices=sorted(world.STYLES),
+    ap.add_argument("--style", default="smooth", choices=sorted(world.STYLES),
                     help="world style of the training and held-out scenes")
     ap.add_argument("--attr-weight", type=float, default=0.0,
                     help="weight of the attribute (zero-shot classification) loss")

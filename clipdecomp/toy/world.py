@@ -376,7 +376,7 @@ def _bg_smooth(rng: np.random.Generator, k: int, s: int, rgb: tuple[int, int, in
 
 
 def draw_backgrounds(kinds: np.ndarray, rng: np.random.Generator, size: int = IMAGE_SIZE,
-                     style: str = "textured") -> np.ndarray:
+                     style: str = "smooth") -> np.ndarray:
     """Draw the grounds of a batch.
 
     Parameters
@@ -614,7 +614,7 @@ def _partial_caption(rng, objs, bg) -> tuple[str, dict]:
 
 
 def make_caption(rng: np.random.Generator, objs: list[tuple[str, str, str, str]], bg: str,
-                 max_tokens: int = 18, style: str = "textured") -> tuple[str, dict]:
+                 max_tokens: int = 18, style: str = "smooth") -> tuple[str, dict]:
     """Describe a scene in one of several phrasings.
 
     Parameters
@@ -694,7 +694,7 @@ def _index(names: list[str] | None, full: list[str], what: str) -> np.ndarray:
 def _render(rng: np.random.Generator, n: int, n_obj: np.ndarray, bg: np.ndarray,
             shape_idx: np.ndarray, color_idx: np.ndarray, size_idx: np.ndarray,
             pos_idx: np.ndarray, size: int, draw_objects: bool = True,
-            style: str = "textured") -> ShapesBatch:
+            style: str = "smooth") -> ShapesBatch:
     """Draw scenes whose attributes are all chosen already ([B] and [B, 3] index arrays).
 
     Random numbers are drawn in a fixed order: the backgrounds of the whole batch, then per
@@ -796,7 +796,7 @@ def generate(n: int, seed: int = 0, *, n_objects: int | tuple[int, int] = (1, 3)
              shapes: list[str] | None = None, colors: list[str] | None = None,
              backgrounds: list[str] | None = None, sizes: list[str] | None = None,
              image_size: int = IMAGE_SIZE, draw_objects: bool = True,
-             style: str = "textured") -> ShapesBatch:
+             style: str = "smooth") -> ShapesBatch:
     """Generate ``n`` random scenes of 1 to 3 objects, deterministically from ``seed``.
 
     Objects sit in distinct cells of a 3x3 grid; colours within a scene are distinct.
@@ -810,7 +810,8 @@ def generate(n: int, seed: int = 0, *, n_objects: int | tuple[int, int] = (1, 3)
     image_size : image side S (64 by default; the shipped model expects 64)
     draw_objects : if False, return the same scenes (labels, masks, captions) with only the
         background drawn: the object-free counterfactual of each image
-    style : a key of ``STYLES`` ("textured" or "smooth"): grounds, object sizes, grid, captions
+    style : a key of ``STYLES``: "smooth" (the default, the world the shipped model was
+        trained on) or "textured" (the first world): grounds, object sizes, grid, captions
 
     Returns
     -------
@@ -881,7 +882,7 @@ def _spread_cells(rng: np.random.Generator, k: int) -> np.ndarray:
 
 def spurious_split(n: int, seed: int = 0, train: bool = True, p_major: float = 0.93,
                    classes: tuple[str, str] = ("circle", "square"),
-                   backgrounds: tuple[str, str] = ("water", "grass"), style: str = "textured"
+                   backgrounds: tuple[str, str] = ("water", "grass"), style: str = "smooth"
                    ) -> ShapesBatch:
     """A Waterbirds-like split: two shape classes, each mostly on its own background.
 
