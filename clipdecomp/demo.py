@@ -101,7 +101,7 @@ def _classifiers(model) -> dict[str, np.ndarray]:
     return out
 
 
-def zero_shot_table(model, classifiers, n: int, seed: int, style: str = "textured"
+def zero_shot_table(model, classifiers, n: int, seed: int, style: str = "smooth"
                     ) -> list[dict]:
     """Zero-shot accuracy per attribute on single-object scenes (count: 1 to 3 objects)."""
     rows = []
@@ -364,10 +364,23 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
         say(f"  L{c['layer']}.H{c['head']} {c['attribute']:<9s} {c['contrast']:+.4f}  "
             f"{100 * c['share']:.0f}%   e.g. '{c['texts'][0]}' vs '{c['texts'][1]}'")
 
+
+    # 7. neurons of a late layer: second-order effects, their texts, how sparse they are
+    from clipdecomp.demo_neurons import format_neuron_report, neuron_report
+
+    neur = neuron_report(model, n_images=max(2 * n, 256), seed=seed + 9, style=style,
+                         figures=str(out) if figures else None)
+    say("\n" + format_neuron_report(neur))
+    neurons = {"layer": neur["layer"], "n_images": neur["n_images"],
+               "sparse_share": neur["sparse_share"],
+               "median_top_share": float(np.median(neur["energy_top"])),
+               "neurons": neur["neurons"].drop(columns=["captions"]).to_dict("records"),
+               "ablation": neur["ablation"].to_dict("records")}
     report = {"style": style, "zero_shot": zs, "heads": roles,
               "head_probes": {k: v for k, v in truth.items() if k != "probes"},
               "probes": truth["probes"], "ablation": abl.to_dict("records"),
-              "segmentation": seg, "spurious": spurious, "head_maps": contrasts}
+              "segmentation": seg, "spurious": spurious, "head_maps": contrasts,
+              "neurons": neurons}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
     if figures:

@@ -30,7 +30,10 @@ def test_demo_runs_and_reports(tmp_path):
     assert f"atlas: {(out / 'atlas.html').resolve()}" in p.stdout
     report = json.loads((out / "report.json").read_text())
     assert set(report) == {"style", "zero_shot", "heads", "head_probes", "probes", "ablation",
-                           "segmentation", "spurious", "head_maps"}
+                           "segmentation", "spurious", "head_maps", "neurons"}
+    neur = report["neurons"]
+    assert 0 <= neur["sparse_share"] <= 1 and neur["neurons"]
+    assert list((out).glob("neuron_*.png"))
     assert (out / "head_maps.png").stat().st_size > 1000
     assert report["style"] == toy.MODEL_STYLE
     # every head carries the probes' verdict beside TextSpan's, and the agreement is their mean

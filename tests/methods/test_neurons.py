@@ -507,7 +507,7 @@ def test_plot_neuron_shows_top_images_maps_and_texts(b16):
 
 
 def test_neuron_report_on_the_embedded_model(tmp_path):
-    from clipdecomp.viz.neuron_report import format_neuron_report, neuron_report
+    from clipdecomp.demo_neurons import format_neuron_report, neuron_report
 
     model = clipdecomp.load(threads=1)
     rep = neuron_report(model, n_images=60, n_neurons=2, n_texts=3, figures=str(tmp_path))

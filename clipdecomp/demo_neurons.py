@@ -95,7 +95,7 @@ def neuron_report(model: Any = None, layer: int | None = None, *, n_images: int 
     assert st.norms is not None   # neuron_stats keeps every image's norm
     energy = _energy_top(st.norms, share)
     texts, _ = description_pool()
-    pool = model.encode_text(texts)
+    pool = model.encode_text(texts, normalize=True)
     shown = [int(n) for n in np.argsort(-st.threshold, kind="stable")[:n_neurons]]
     table = neuron_texts(st, pool, texts, k=min(n_texts, len(texts), pool.shape[1]),
                          neurons=shown)
