@@ -252,7 +252,7 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         stores those weights as bfloat16 (half their memory) and multiplies in bf16 with float32
         sums on CPUs with AVX512_BF16 (:func:`clipdecomp.has_bf16`); elsewhere it falls back to
         ``"bf16-emulated"`` with a warning: the same roundings computed by the float32 kernels
-        at float32 speed, within 1.0e-3 of the largest decomposition term of native bf16
+        at float32 speed, within 1.7e-3 of the largest decomposition term of native bf16
         (measured; the hardware sums and rounds in its own order). The patch
         embedding, the projections, attention and the folds of the decomposition stay float32.
         Measured errors against fp32: ``benchmarks/PRECISION.md``.

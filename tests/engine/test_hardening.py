@@ -433,10 +433,10 @@ def test_memory_budget_covers_decoding(big_jpeg, tmp_path):
 # ------------------------------------------------------------------ 10. native bf16 vs emulated
 
 #: native bf16 (AVX512_BF16) against "bf16-emulated", measured on an AVX512_BF16 machine over
-#: the embedded model and the random-weight B/32- and B/16-like checkpoints (README, bf16):
-#: largest term difference / largest term 1.0e-3, unnormalised embedding rel. L2 7.7e-4,
-#: normalised embedding max abs 3.4e-4, text embeddings 1e-7
-NATIVE_VS_EMULATED = {"terms": 1.5e-3, "rel_l2": 1.2e-3, "emb": 6e-4, "text": 1e-6}
+#: two versions of the embedded model and the random-weight B/32- and B/16-like checkpoints
+#: (docs/speed.md, bf16): largest term difference / largest term up to 1.7e-3, unnormalised
+#: embedding rel. L2 up to 8.9e-4, normalised embedding max abs up to 3.4e-4, text 1e-7
+NATIVE_VS_EMULATED = {"terms": 2.5e-3, "rel_l2": 1.5e-3, "emb": 6e-4, "text": 1e-6}
 
 
 @pytest.mark.parametrize("which", ["embedded", "b32", "b16"])
