@@ -495,6 +495,17 @@ def texture_schedule(step: int, total: int, flat_frac: float, ramp_frac: float) 
     return float(min(1.0, (t - flat_frac) / ramp_frac))
 
 
+def _printer(log):
+    """A function that prints a time-stamped line and appends it to the open file ``log``."""
+    def say(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    return say
+
+
 def pretrain_vision(out: str, seed: int = 0, steps: int = 1000, batch: int = 64,
                     lr: float = 5e-4, warmup: int = 50, threads: int = 1, bf16: bool = False,
                     style: str = "smooth", log_every: int = 100, ckpt_minutes: float = 4.0,
@@ -521,13 +532,8 @@ def pretrain_vision(out: str, seed: int = 0, steps: int = 1000, batch: int = 64,
     torch.manual_seed(seed)
     outp = Path(out) / "vision"
     outp.mkdir(parents=True, exist_ok=True)
-    log = open(outp / "train.log", "a")  # noqa: SIM115
-
-    def say(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log.write(line + "\n")
-        log.flush()
+    log = open(outp / "train.log", "a")  # noqa: SIM115 (closed at the end; lines flushed)
+    say = _printer(log)
 
     tok = build_tokenizer()
     model = CLIP(tok.get_vocab_size())
@@ -659,12 +665,7 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     log = open(outp / "train.log", "a")  # noqa: SIM115 (closed at the end; lines flushed)
-
-    def say(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log.write(line + "\n")
-        log.flush()
+    say = _printer(log)
 
     tok = build_tokenizer()
     model = CLIP(tok.get_vocab_size())
