@@ -368,7 +368,7 @@ def attribute_targets(labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def attribute_loss(img: torch.Tensor, prompt_emb: torch.Tensor, index: list, targets: dict,
-                   scale: torch.Tensor) -> torch.Tensor:
+                   scale: torch.Tensor, weights: dict[str, float] | None = None) -> torch.Tensor:
     """Zero-shot classification loss of every attribute, averaged over attributes.
 
     Each class is the normalised mean of its prompts' unit text embeddings, and each image is
@@ -384,8 +384,9 @@ def attribute_loss(img: torch.Tensor, prompt_emb: torch.Tensor, index: list, tar
     prompt_emb : float [P, D] unit text embeddings of :func:`attribute_prompts`
     index, targets : from :func:`attribute_prompts` and :func:`attribute_targets`
     scale : the logit scale (exp of the parameter)
+    weights : optional weight per attribute name (default 1 each); the average is weighted
     """
-    losses, o = [], 0
+    losses, ws, o = [], [], 0
     for attr, n_cls, n_forms in index:
         e = prompt_emb[o : o + n_cls * n_forms].view(n_cls, n_forms, -1).mean(1)
         o += n_cls * n_forms
@@ -394,7 +395,9 @@ def attribute_loss(img: torch.Tensor, prompt_emb: torch.Tensor, index: list, tar
         if keep.any():
             logits = scale * img[keep] @ F.normalize(e, dim=-1).T
             losses.append(F.cross_entropy(logits, t[keep]))
-    return torch.stack(losses).mean()
+            ws.append(1.0 if weights is None else weights.get(attr, 1.0))
+    w = torch.tensor(ws)
+    return (torch.stack(losses) * w).sum() / w.sum()
 
 
 def make_batch(batch: int, seed: int, hard_frac: float = 0.0, focus_frac: float = 0.0,
@@ -620,7 +623,8 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
           init: str | None = None, hard_frac: float = 0.0, focus_frac: float = 0.0,
           flat_frac: float = 0.0, ramp_frac: float = 0.0, fresh_text: bool = False,
           style: str = "smooth", attr_weight: float = 0.0, bf16: bool = False,
-          resume: bool = False, spurious_frac: float = 0.0) -> CLIP:
+          resume: bool = False, spurious_frac: float = 0.0,
+          attr_weights: dict[str, float] | None = None) -> CLIP:
     """Contrastive training on freshly generated (image, caption) pairs.
 
     The learning rate warms up linearly over ``warmup`` steps, then follows a cosine to 0 at
@@ -650,6 +654,7 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
         image side gets no gradient towards shapes; a fresh one tells the words apart.
     style : world style (``clipdecomp.toy.world.STYLES``) of the training and held-out scenes
     attr_weight : weight of :func:`attribute_loss` beside the contrastive loss (0: off)
+    attr_weights : weight of each attribute inside :func:`attribute_loss` (default: equal)
     bf16 : run the forward and backward passes under bfloat16 autocast (fast where the CPU
         has AVX512_BF16; the weights and the optimiser stay float32)
     resume : continue the run in ``out`` from its resume.pt, step for step (the data of each
@@ -700,6 +705,8 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
     args = {"seed": seed, "batch": batch, "lr": lr, "warmup": warmup, "hard_frac": hard_frac,
             "focus_frac": focus_frac, "flat_frac": flat_frac, "ramp_frac": ramp_frac,
             "style": style, "attr_weight": attr_weight, "spurious_frac": spurious_frac}
+    if attr_weights:
+        args["attr_weights"] = dict(attr_weights)
     if resume and (outp / "resume.pt").exists():
         r = torch.load(outp / "resume.pt", map_location="cpu")
         changed = {k: (r["args"].get(k), v) for k, v in args.items() if r["args"].get(k) != v}
@@ -731,6 +738,8 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
         cmd += f" --style {style}"
         if attr_weight:
             cmd += f" --attr-weight {attr_weight}"
+        if attr_weights:
+            cmd += " --attr-weights " + ",".join(f"{k}={v}" for k, v in attr_weights.items())
         if spurious_frac:
             cmd += f" --spurious-frac {spurious_frac}"
         if bf16:
@@ -738,7 +747,7 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
         d = {"seed": seed, "steps": step, "hard_frac": hard_frac, "focus_frac": focus_frac,
              "flat_frac": flat_frac, "ramp_frac": ramp_frac, "fresh_text": fresh_text,
              "style": style, "attr_weight": attr_weight, "bf16": bf16,
-             "spurious_frac": spurious_frac,
+             "spurious_frac": spurious_frac, "attr_weights": attr_weights,
              "schedule_steps": total, "warmup": warm, "batch": batch, "lr": lr,
              "minutes": round((elapsed0 + time.time() - t0) / 60, 2),
              "final_loss": None if ema is None else round(ema, 4),
@@ -791,7 +800,8 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
             loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
             if attr_weight:
                 loss = loss + attr_weight * attribute_loss(
-                    img, txt_all[n_cap:], prompt_index, attribute_targets(labels), scale)
+                    img, txt_all[n_cap:], prompt_index, attribute_targets(labels), scale,
+                    attr_weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -849,6 +859,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="world style of the training and held-out scenes")
     ap.add_argument("--attr-weight", type=float, default=0.0,
                     help="weight of the attribute (zero-shot classification) loss")
+    ap.add_argument("--attr-weights", default=None,
+                    help="weights inside the attribute loss, e.g. shape=4 (others 1)")
     ap.add_argument("--spurious-frac", type=float, default=0.0,
                     help="share of each batch from the spurious split's training distribution")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -881,9 +893,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.out is None:
         ap.error("--out is required for training")
+    def weights_of(text: str | None) -> dict[str, float] | None:
+        return None if text is None else {
+            k: float(v) for k, v in (kv.split("=") for kv in text.split(","))}
+
     if a.pretrain_vision:
-        weights = None if a.vision_weights is None else {
-            k: float(v) for k, v in (kv.split("=") for kv in a.vision_weights.split(","))}
+        weights = weights_of(a.vision_weights)
         pretrain_vision(a.out, a.seed, a.pretrain_vision, a.batch, a.lr, a.warmup, a.threads,
                         a.bf16, a.style, a.log_every, max_steps=a.max_steps, resume=a.resume,
                         init=a.vision_init, weights=weights)
@@ -892,7 +907,7 @@ def main(argv: list[str] | None = None) -> None:
           max_steps=a.max_steps, warmup=a.warmup, init=a.init, hard_frac=a.hard_frac,
           focus_frac=a.focus_frac, flat_frac=a.flat_frac, ramp_frac=a.ramp_frac,
           fresh_text=a.fresh_text, style=a.style, attr_weight=a.attr_weight, bf16=a.bf16,
-          resume=a.resume, spurious_frac=a.spurious_frac)
+          resume=a.resume, spurious_frac=a.spurious_frac, attr_weights=weights_of(a.attr_weights))
 
 
 if __name__ == "__main__":
