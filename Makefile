@@ -20,7 +20,8 @@ $(VENV)/.stamp-run: pyproject.toml
 $(VENV)/.stamp-test: $(VENV)/.stamp-run
 	$(VPY) -m pip install -q "torch==2.13.0"
 	$(VPY) -m pip install -q huggingface_hub pytest transformers safetensors scikit-learn scipy h5py \
-	    nbformat nbclient ipykernel zarr "dask[distributed]" hypothesis ruff mypy
+	    nbformat nbclient ipykernel zarr "dask[distributed]" hypothesis ruff mypy \
+	    sentencepiece protobuf
 	touch $@
 
 venv-run: $(VENV)/.stamp-run
