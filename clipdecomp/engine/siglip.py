@@ -432,17 +432,39 @@ def siglip_config_from_open_clip(config: Mapping[str, Any], source: str = "open_
 # tokenizer
 
 
-def canonicalize(text: str) -> str:
-    """open_clip's ``clean="canonicalize"`` for SigLIP: lower case, no punctuation, single
-    spaces.
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def canonicalize(text: str, lower: bool = True) -> str:
+    """SigLIP's text canonicalisation (big_vision's, open_clip's ``clean="canonicalize"``,
+    transformers' ``SiglipTokenizer.canonicalize_text``): lower case, no ASCII punctuation,
+    single spaces, no space at either end.
 
     Examples
     --------
     >>> canonicalize("A  Photo, of a CAT!")
     'a photo of a cat'
     """
-    text = text.translate(str.maketrans("", "", string.punctuation))
-    return " ".join(text.lower().split())
+    if lower:
+        text = text.lower()
+    return " ".join(text.translate(_NO_PUNCTUATION).split())
+
+
+def _siglip_v1_text(text: str, specials: Sequence[str], lower: bool, eos: str) -> str:
+    """transformers' ``SiglipTokenizer`` text preparation (SigLIP v1, ``spiece.model``).
+
+    U+2581 becomes a space and one is put in front of the text (the word boundary
+    SentencePiece would add); the special tokens found in the raw text are kept, the spaces
+    beside them dropped, and every stretch between them canonicalised; a trailing end token
+    is dropped (the tokenizer appends one). Feeds the tokenizer of
+    :func:`clipdecomp.engine.spiece.unigram_tokenizer` with ``after_text=True``.
+    """
+    s = "\u2581" + text.replace("\u2581", " ")
+    alternatives = "|".join(re.escape(t) for t in sorted(set(specials), key=len, reverse=True))
+    parts = re.split(f"({alternatives})", s) if alternatives else [s]
+    parts[::2] = [canonicalize(p, lower) for p in parts[::2]]
+    s = "".join(parts)
+    return s[: -len(eos)] if eos and s.endswith(eos) else s
 
 
 class SiglipTokenizer:
@@ -451,7 +473,9 @@ class SiglipTokenizer:
     The text tower reads the LAST position, so every row is padded to exactly C tokens, as
     transformers' processor does with ``padding="max_length", max_length=64``. The vocabulary
     comes from ``tokenizer.json`` through the ``tokenizers`` library, or (SigLIP's repositories
-    ship only ``spiece.model``) from transformers' own tokenizer of the directory.
+    ship only ``spiece.model``) from the SentencePiece model read by
+    :mod:`clipdecomp.engine.spiece`, with transformers' ``SiglipTokenizer`` text rules
+    (lower case, no punctuation, ``</s>`` appended; the same ids).
 
     Parameters
     ----------
@@ -481,6 +505,9 @@ class SiglipTokenizer:
         self.pad_id = int(pad_id)
         self.lowercase = bool(lowercase)
         self.canonical = bool(canonical)
+        #: (special tokens, lower-case, end token) of a SigLIP v1 ``spiece.model`` tokenizer,
+        #: whose text goes through :func:`_siglip_v1_text`
+        self._v1: tuple[tuple[str, ...], bool, str] | None = None
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike[str], context_length: int = 64,
@@ -513,18 +540,36 @@ class SiglipTokenizer:
                 raise ValueError(f"{tj}: no pad token ('{pad}', '<pad>' or '</s>') in the "
                                  "vocabulary")
             return cls(backend, context_length, pad_id, lower, canonical)
-        if os.path.isfile(os.path.join(d, "spiece.model")):
-            try:
-                from transformers import AutoTokenizer
-
-                backend = AutoTokenizer.from_pretrained(d)
-            except (ImportError, OSError, ValueError) as e:  # no sentencepiece, ...
-                raise ImportError(
-                    f"{d} has only spiece.model (no tokenizer.json): reading it needs "
-                    f"transformers and sentencepiece (`pip install transformers sentencepiece`): "
-                    f"{e}") from None
-            return cls(backend, context_length, int(backend.pad_token_id), False, canonical)
+        sp = os.path.join(d, "spiece.model")
+        if os.path.isfile(sp):
+            return cls._from_spiece(sp, tc, context_length, canonical)
         raise FileNotFoundError(f"{d}: no tokenizer.json or spiece.model")
+
+    @classmethod
+    def _from_spiece(cls, path: str, tc: Mapping[str, Any], context_length: int,
+                     canonical: bool) -> SiglipTokenizer:
+        """transformers' ``SiglipTokenizer`` (SigLIP v1) from ``spiece.model`` and the
+        ``tokenizer_config.json`` entries it reads, without sentencepiece."""
+        from clipdecomp.engine.spiece import read_model, unigram_tokenizer
+
+        def token(key: str, default: str) -> str:
+            v = tc.get(key) or default
+            return str(v.get("content", default) if isinstance(v, Mapping) else v)
+
+        eos, unk, pad = token("eos_token", "</s>"), token("unk_token", "<unk>"), \
+            token("pad_token", "</s>")
+        model = read_model(path)
+        specials = list(dict.fromkeys([eos, unk, pad]))
+        try:
+            backend = unigram_tokenizer(model, after_text=True, special_tokens=specials,
+                                        eos=eos)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        backend.enable_truncation(max_length=int(context_length))
+        pad_id = backend.token_to_id(pad)
+        tok = cls(backend, context_length, pad_id, False, canonical)
+        tok._v1 = (tuple(specials), bool(tc.get("do_lower_case", True)), eos)
+        return tok
 
     def encode(self, text: str) -> list[int]:
         """The ids of one text, with the special tokens the tokenizer adds, cut to C (for a
@@ -533,6 +578,8 @@ class SiglipTokenizer:
             text = canonicalize(text)
         if self.lowercase:
             text = text.lower()
+        if self._v1 is not None:
+            text = _siglip_v1_text(text, *self._v1)
         if hasattr(self.backend, "encode_batch"):      # tokenizers.Tokenizer
             return list(self.backend.encode(text).ids)
         return list(self.backend(text, truncation=True,

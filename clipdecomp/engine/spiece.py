@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SentencePieceModel", "Piece", "parse_model", "read_model", "unigram_tokenizer"]
+__all__ = ["Piece", "SentencePieceModel", "parse_model", "read_model", "unigram_tokenizer"]
 
 #: SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -240,7 +240,10 @@ def parse_model(data: bytes, source: str = "SentencePiece model") -> SentencePie
     r = _Reader(data, source)
     pieces: list[Piece] = []
     kw: dict[str, Any] = {}
+    seen: set[int] = set()
     for num, wire, v in r.fields():
+        if num in (2, 3):
+            seen.add(num)
         if num == 1:
             _expect(r, "pieces", wire, 2)
             pieces.append(_read_piece(_Reader(v, source), len(pieces)))
@@ -252,6 +255,9 @@ def parse_model(data: bytes, source: str = "SentencePiece model") -> SentencePie
             _read_normalizer(_Reader(v, source), kw)
     if not pieces:
         raise ValueError(f"{source}: not a SentencePiece model file (no pieces)")
+    if seen != {2, 3}:
+        raise ValueError(f"{source}: not a SentencePiece model file (no trainer_spec or "
+                         "normalizer_spec: a truncated file?)")
     unknown = [i for i, p in enumerate(pieces) if p.type == "unknown"]
     if len(unknown) != 1:
         raise ValueError(f"{source}: a SentencePiece model has exactly one unknown piece, this "
@@ -313,7 +319,8 @@ def unigram_tokenizer(model: SentencePieceModel, *, after_text: bool = False,
         pieces of ``"<unk>"``; it puts the boundary in front of the text itself).
     special_tokens : sequence of str
         Pieces matched in the raw text before normalisation and given their own id (the
-        ``tokenizers`` added-token rules; text after one gets no dummy prefix).
+        ``tokenizers`` added-token rules: every stretch of text between them is normalised on
+        its own).
     eos : str, optional
         A piece appended to every encoding (SigLIP: ``"</s>"``).
     context_length : int, optional
@@ -335,8 +342,16 @@ def unigram_tokenizer(model: SentencePieceModel, *, after_text: bool = False,
         reproduce (user-defined pieces, byte fallback, whitespace as suffix, whitespace not
         escaped).
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
 
     if model.model_type != "unigram":
         raise ValueError(f"a SentencePiece {model.model_type} model; only unigram models "
@@ -359,22 +374,26 @@ def unigram_tokenizer(model: SentencePieceModel, *, after_text: bool = False,
     vocab = [(p.piece, p.score if p.type == "normal" else low) for p in model.pieces]
     tok = Tokenizer(models.Unigram(vocab, unk_id=model.unk_id, byte_fallback=False))
 
+    # SentencePiece: U+2581 is a space; the character map; with remove_extra_whitespaces no
+    # leading or trailing spaces and runs of them as one; the dummy prefix (after the leading
+    # spaces are gone, and only for a text that was not empty); spaces become U+2581
+    prefix = model.add_dummy_prefix and not after_text
     steps: list[Any] = [normalizers.Replace(SPACE_SYMBOL, " ")]
+    if prefix and not model.remove_extra_whitespaces:
+        steps.append(normalizers.Prepend(" "))
     if model.precompiled_charsmap:
         steps.append(normalizers.Precompiled(model.precompiled_charsmap))
     if model.remove_extra_whitespaces:
         steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex(" +$"), "")]
-    prefix = model.add_dummy_prefix and not after_text
-    if model.remove_extra_whitespaces and not prefix and not after_text:
-        steps.append(normalizers.Replace(Regex("^ +"), ""))
-    # with a prefix, leading spaces are left as one: Metaspace turns it into the boundary and
-    # adds none of its own (its "first" scheme prepends only where the text starts with none)
+        if not after_text:
+            steps.append(normalizers.Replace(Regex("^ +"), ""))
+        if prefix:
+            steps.append(normalizers.Prepend(" "))
     tok.normalizer = normalizers.Sequence(steps)
-    scheme = "first" if prefix else "never"
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE_SYMBOL,
-                                                 prepend_scheme=scheme, split=False)
-    tok.decoder = decoders.Metaspace(replacement=SPACE_SYMBOL, prepend_scheme=scheme,
-                                     split=False)
+                                                 prepend_scheme="never", split=False)
+    tok.decoder = decoders.Metaspace(replacement=SPACE_SYMBOL,
+                                     prepend_scheme="always" if prefix else "never", split=False)
     if special_tokens:
         tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
                                 for s in special_tokens])
