@@ -450,21 +450,45 @@ def canonicalize(text: str, lower: bool = True) -> str:
     return " ".join(text.translate(_NO_PUNCTUATION).split())
 
 
-def _siglip_v1_text(text: str, specials: Sequence[str], lower: bool, eos: str) -> str:
-    """transformers' ``SiglipTokenizer`` text preparation (SigLIP v1, ``spiece.model``).
+@dataclass(frozen=True)
+class _SpieceText:
+    """What transformers' ``SiglipTokenizer`` (SigLIP v1, ``spiece.model``) adds around
+    SentencePiece: the special tokens matched in the raw text (string -> id), lower-casing,
+    the end token, and the ``<unk>`` prefix it encodes every stretch of text after."""
 
-    U+2581 becomes a space and one is put in front of the text (the word boundary
-    SentencePiece would add); the special tokens found in the raw text are kept, the spaces
-    beside them dropped, and every stretch between them canonicalised; a trailing end token
-    is dropped (the tokenizer appends one). Feeds the tokenizer of
-    :func:`clipdecomp.engine.spiece.unigram_tokenizer` with ``after_text=True``.
+    specials: Mapping[str, int]
+    lower: bool
+    eos_id: int
+    unk: str
+    unk_len: int           # pieces of SentencePiece's encoding of ``unk`` alone
+    boundary_id: int       # the piece U+2581, or -1
+    split: re.Pattern[str] | None
+
+
+def _spiece_ids(backend: Any, rules: _SpieceText, text: str, max_len: int) -> list[int]:
+    """transformers' ``SiglipTokenizer`` ids of one text (``truncation=True``), with
+    ``backend`` the SentencePiece model (:func:`clipdecomp.engine.spiece.unigram_tokenizer`).
+
+    As ``SiglipTokenizer.tokenize``: U+2581 becomes a space and one is put in front; the text
+    is split at special tokens; every other stretch is canonicalised and SentencePiece
+    encodes ``<unk>`` + it, of which the pieces of ``<unk>`` are dropped. A lone boundary
+    piece before a special token is dropped; ``</s>`` is appended unless the ids end with it,
+    after cutting to ``max_len - 1``.
     """
     s = "\u2581" + text.replace("\u2581", " ")
-    alternatives = "|".join(re.escape(t) for t in sorted(set(specials), key=len, reverse=True))
-    parts = re.split(f"({alternatives})", s) if alternatives else [s]
-    parts[::2] = [canonicalize(p, lower) for p in parts[::2]]
-    s = "".join(parts)
-    return s[: -len(eos)] if eos and s.endswith(eos) else s
+    parts = rules.split.split(s) if rules.split is not None else [s]
+    ids: list[int] = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            ids.append(rules.specials[part])
+            continue
+        c = canonicalize(part, rules.lower)
+        if c:
+            ids += backend.encode(rules.unk + c).ids[rules.unk_len:]
+        if i == 0 and len(parts) > 1 and ids == [rules.boundary_id]:
+            ids = []
+    ids = ids[: max(max_len - 1, 0)]
+    return ids if ids and ids[-1] == rules.eos_id else [*ids, rules.eos_id]
 
 
 class SiglipTokenizer:
@@ -505,9 +529,8 @@ class SiglipTokenizer:
         self.pad_id = int(pad_id)
         self.lowercase = bool(lowercase)
         self.canonical = bool(canonical)
-        #: (special tokens, lower-case, end token) of a SigLIP v1 ``spiece.model`` tokenizer,
-        #: whose text goes through :func:`_siglip_v1_text`
-        self._v1: tuple[tuple[str, ...], bool, str] | None = None
+        #: transformers' text rules around a SigLIP v1 ``spiece.model`` (:func:`_spiece_ids`)
+        self._spiece: _SpieceText | None = None
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike[str], context_length: int = 64,
@@ -552,23 +575,40 @@ class SiglipTokenizer:
         ``tokenizer_config.json`` entries it reads, without sentencepiece."""
         from clipdecomp.engine.spiece import read_model, unigram_tokenizer
 
+        model = read_model(path)
+        try:
+            backend = unigram_tokenizer(model)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        # the special tokens: tokenizer_config's added tokens, then eos, unk, pad and extras
+        specials: dict[str, int] = {}
+        for k, v in (tc.get("added_tokens_decoder") or {}).items():
+            if isinstance(v, Mapping) and isinstance(v.get("content"), str) and \
+                    str(k).isdigit() and int(k) < len(model.pieces):
+                specials[v["content"]] = int(k)
+
         def token(key: str, default: str) -> str:
             v = tc.get(key) or default
             return str(v.get("content", default) if isinstance(v, Mapping) else v)
 
         eos, unk, pad = token("eos_token", "</s>"), token("unk_token", "<unk>"), \
             token("pad_token", "</s>")
-        model = read_model(path)
-        specials = list(dict.fromkeys([eos, unk, pad]))
-        try:
-            backend = unigram_tokenizer(model, after_text=True, special_tokens=specials,
-                                        eos=eos)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-        backend.enable_truncation(max_length=int(context_length))
-        pad_id = backend.token_to_id(pad)
-        tok = cls(backend, context_length, pad_id, False, canonical)
-        tok._v1 = (tuple(specials), bool(tc.get("do_lower_case", True)), eos)
+        extra = [t for key in ("additional_special_tokens", "extra_special_tokens")
+                 for t in (tc.get(key) or []) if isinstance(t, str)]
+        for t in (eos, unk, pad, *extra):
+            if t not in specials:
+                i = model.piece_id(t)
+                if i is None:
+                    raise ValueError(f"{path}: special token {t!r} is neither a piece of the "
+                                     "model nor in tokenizer_config.json's added tokens")
+                specials[t] = i
+        boundary = model.piece_id("\u2581")
+        alternatives = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
+        rules = _SpieceText(specials, bool(tc.get("do_lower_case", True)), specials[eos], unk,
+                            len(backend.encode(unk).ids), -1 if boundary is None else boundary,
+                            re.compile(f"({alternatives})") if alternatives else None)
+        tok = cls(backend, context_length, specials[pad], False, canonical)
+        tok._spiece = rules
         return tok
 
     def encode(self, text: str) -> list[int]:
@@ -578,8 +618,8 @@ class SiglipTokenizer:
             text = canonicalize(text)
         if self.lowercase:
             text = text.lower()
-        if self._v1 is not None:
-            text = _siglip_v1_text(text, *self._v1)
+        if self._spiece is not None:
+            return _spiece_ids(self.backend, self._spiece, text, self.context_length)
         if hasattr(self.backend, "encode_batch"):      # tokenizers.Tokenizer
             return list(self.backend.encode(text).ids)
         return list(self.backend(text, truncation=True,

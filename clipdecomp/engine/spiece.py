@@ -15,35 +15,35 @@ The fields read (field numbers of ``sentencepiece_model.proto``)::
     NormalizerSpec  1 name, 2 precompiled_charsmap, 3 add_dummy_prefix,
                     4 remove_extra_whitespaces, 5 escape_whitespaces
 
-How SentencePiece encodes (normalizer.cc, unigram_model.cc), and how the Tokenizer mirrors it:
+How SentencePiece encodes (normalizer.cc, unigram_model.cc), and how it is reproduced here:
 
-1. the text is mapped by the precompiled character map of the normalisation rule (``nmt_nfkc``:
-   NFKC plus a few extra rules) -> ``normalizers.Precompiled``; the word-boundary symbol
-   U+2581 in the input counts as a space;
-2. with ``remove_extra_whitespaces``, leading and trailing spaces are dropped and runs of spaces
-   become one; with ``add_dummy_prefix`` a space is put in front; every space becomes U+2581;
-3. Viterbi over the pieces (NORMAL and USER_DEFINED pieces only; a character no piece covers
-   is the unknown piece with score ``min(scores) - 10``, runs of them merged into one)
-   -> ``models.Unigram``.
+1. the text is rewritten by the precompiled character map of the normalisation rule
+   (``nmt_nfkc``: NFKC and a few more rules, U+2581 among the spaces), longest key first;
+2. with ``remove_extra_whitespaces``, leading and trailing spaces are dropped and runs of them
+   become one; with ``add_dummy_prefix`` a space is put in front; every space becomes U+2581.
+   Steps 1-2 are :func:`normalize` (in Python: ``tokenizers``' own ``Precompiled``
+   normaliser takes the shortest key of a grapheme and drops the rest of it);
+3. Viterbi over the pieces (normal pieces only; a character no piece covers is the unknown
+   piece with score ``min(normal scores) - 10``, runs of them merged into one) ->
+   ``tokenizers.models.Unigram``.
 
 Examples
 --------
 >>> m = read_model("siglip-base-patch16-224/spiece.model")        # doctest: +SKIP
->>> m.model_type, len(m.pieces), m.unk_id, m.eos_id               # doctest: +SKIP
-('unigram', 32000, 2, 1)
+>>> m.model_type, m.pieces[m.eos_id].piece                         # doctest: +SKIP
+('unigram', '</s>')
 >>> tok = unigram_tokenizer(m)                                     # doctest: +SKIP
->>> tok.encode("a photo of a cat").ids                             # doctest: +SKIP
-[3, 9, 1202, 13, 3, 1712]
+>>> ids = tok.encode("a photo of a cat").ids     # == SentencePieceProcessor.encode(...)
 """
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Piece", "SentencePieceModel", "parse_model", "read_model", "unigram_tokenizer"]
+__all__ = ["CharsMap", "Piece", "SentencePieceModel", "normalize", "parse_model", "read_model",
+           "unigram_tokenizer"]
 
 #: SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -53,7 +53,7 @@ _TYPE_NAMES = {NORMAL: "normal", UNKNOWN: "unknown", CONTROL: "control",
 _MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 #: the word-boundary symbol, U+2581 LOWER ONE EIGHTH BLOCK
 SPACE_SYMBOL = "\u2581"
-#: a file larger than this is not a SentencePiece model (the 256k-piece Gemma one is 4 MiB)
+#: a file larger than this is not a SentencePiece model (256k pieces take a few MiB)
 MAX_FILE_BYTES = 1 << 30
 
 
@@ -174,6 +174,16 @@ class SentencePieceModel:
     add_dummy_prefix: bool = True
     remove_extra_whitespaces: bool = True
     escape_whitespaces: bool = True
+
+    def _charsmap(self) -> CharsMap | None:
+        """The parsed ``precompiled_charsmap`` (None for the identity rule), parsed once."""
+        if not self.precompiled_charsmap:
+            return None
+        cached = self.__dict__.get("_cmap")
+        if cached is None:
+            cached = CharsMap(self.precompiled_charsmap)
+            object.__setattr__(self, "_cmap", cached)
+        return cached
 
     def piece_id(self, piece: str) -> int | None:
         """The id of a piece string, or None."""
@@ -300,11 +310,153 @@ def read_model(path: str | os.PathLike[str]) -> SentencePieceModel:
 
 
 # ----------------------------------------------------------------------------------------------
+# normalisation
+
+
+class CharsMap:
+    """SentencePiece's precompiled character map: a darts-clone double-array trie over UTF-8
+    byte strings whose values are offsets of NUL-terminated replacements.
+
+    Layout of ``precompiled_charsmap``: a little-endian uint32 ``n``, ``n`` bytes of trie
+    (uint32 units), then the replacement strings. A unit holds (darts-clone's
+    ``DoubleArrayUnit``) the label in bits 0-7 (bit 31 set for a value unit), the leaf flag in
+    bit 8 and the offset in bits 10-31, shifted left by 8 when bit 9 is set.
+    """
+
+    def __init__(self, blob: bytes):
+        if len(blob) < 4:
+            raise ValueError("precompiled_charsmap: shorter than its 4-byte header")
+        n = int.from_bytes(blob[:4], "little")
+        if n % 4 or n + 4 > len(blob):
+            raise ValueError(f"precompiled_charsmap: trie size {n} does not fit the "
+                             f"{len(blob)}-byte map")
+        self.units = struct.unpack(f"<{n // 4}I", blob[4:4 + n])
+        self.strings = blob[4 + n:]
+        self._check()
+
+    def _check(self) -> None:
+        """Every node's children and every value inside the map, every replacement UTF-8 and
+        NUL-terminated: a lookup can then never fail (it runs inside ``tokenizers``, which
+        would swallow an error and leave the text unnormalised)."""
+        import numpy as np
+
+        u = np.asarray(self.units, np.int64)
+        value = (u >> 31) == 1          # a value unit: label bit 31, the value in bits 0-30
+        offset = (u >> 10) << ((u & (1 << 9)) >> 6)
+        child = np.arange(len(u), dtype=np.int64) ^ offset
+        v = u[value] & ((1 << 31) - 1)
+        try:
+            self.strings.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("precompiled_charsmap: replacements are not UTF-8") from None
+        if len(u) == 0 or ((child[~value] | 0xFF) >= len(u)).any() or \
+                (v >= len(self.strings)).any() or not self.strings.endswith(b"\0") or \
+                ((np.frombuffer(self.strings, np.uint8)[v] & 0xC0) == 0x80).any():
+            raise ValueError("precompiled_charsmap: the trie points outside itself")
+
+    def _unit(self, i: int) -> int:
+        if not 0 <= i < len(self.units):
+            raise ValueError("precompiled_charsmap: the trie points outside itself")
+        return self.units[i]
+
+    @staticmethod
+    def _offset(unit: int) -> int:
+        return (unit >> 10) << ((unit & (1 << 9)) >> 6)
+
+    def longest_prefix(self, data: bytes, start: int) -> tuple[int, bytes]:
+        """(length, replacement) of the longest key at ``data[start:]``; (0, b"") if none."""
+        best, value = 0, -1
+        pos = self._offset(self._unit(0))
+        for i in range(start, len(data)):
+            c = data[i]
+            pos ^= c
+            unit = self._unit(pos)  # darts-clone fills whole 256-unit blocks: never outside
+            if unit & ((1 << 31) | 0xFF) != c:
+                break
+            pos ^= self._offset(unit)
+            if unit & (1 << 8):
+                best, value = i + 1 - start, self._unit(pos) & ((1 << 31) - 1)
+        if not best:
+            return 0, b""
+        end = self.strings.find(b"\0", value)
+        if value >= len(self.strings) or end < 0:
+            raise ValueError("precompiled_charsmap: a replacement outside the string table")
+        return best, self.strings[value:end]
+
+
+def _char_len(lead: int) -> int:
+    return 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+
+
+def normalize(model: SentencePieceModel, text: str) -> str:
+    """The text SentencePiece's unigram model segments (``normalizer.cc``): the character map
+    applied by longest key, with ``remove_extra_whitespaces`` leading and trailing spaces
+    dropped and runs of them kept as one, the dummy prefix, spaces as U+2581. Equals
+    ``sentencepiece.SentencePieceProcessor.normalize``.
+
+    Examples
+    --------
+    >>> normalize(m, "  Hello\u3000world ")                            # doctest: +SKIP
+    '▁Hello▁world'
+    """
+    cmap = model._charsmap()
+    data = text.encode("utf-8")
+    pos, out = 0, bytearray()
+    remove = model.remove_extra_whitespaces
+    space = SPACE_SYMBOL.encode()
+
+    def piece(at: int) -> tuple[bytes, int]:
+        n, rep = cmap.longest_prefix(data, at) if cmap is not None else (0, b"")
+        if n:
+            return rep, n
+        n = _char_len(data[at])
+        return data[at:at + n], n
+
+    if remove:
+        while pos < len(data):
+            rep, n = piece(pos)
+            if rep != b" ":
+                break
+            pos += n
+    if pos == len(data):
+        return ""
+    if model.add_dummy_prefix:
+        out += space
+    prev_space = remove
+    while pos < len(data):
+        rep, n = piece(pos)
+        pos += n
+        if prev_space:
+            rep = rep.lstrip(b" ")
+        if rep:
+            out += rep.replace(b" ", space)
+            prev_space = rep.endswith(b" ")
+        if not remove:
+            prev_space = False
+    result = out.decode("utf-8")
+    return result.rstrip(SPACE_SYMBOL) if remove else result
+
+
+class _Normalizer:
+    """:func:`normalize` as a ``tokenizers`` custom normaliser."""
+
+    def __init__(self, model: SentencePieceModel):
+        from tokenizers import Regex
+
+        self.model, self.everything = model, Regex(r"[\s\S]+")
+
+    def normalize(self, normalized: Any) -> None:
+        text = normalized.normalized
+        out = normalize(self.model, text)
+        if out != text:
+            normalized.replace(self.everything, out)
+
+
+# ----------------------------------------------------------------------------------------------
 # the tokenizer
 
 
-def unigram_tokenizer(model: SentencePieceModel, *, after_text: bool = False,
-                      special_tokens: Sequence[str] = (), eos: str | None = None,
+def unigram_tokenizer(model: SentencePieceModel, *, eos: int | None = None,
                       context_length: int | None = None, pad_id: int | None = None) -> Any:
     """A ``tokenizers.Tokenizer`` that segments text as SentencePiece does with ``model``.
 
@@ -312,28 +464,22 @@ def unigram_tokenizer(model: SentencePieceModel, *, after_text: bool = False,
     ----------
     model : SentencePieceModel
         A unigram model (:func:`read_model`).
-    after_text : bool
-        Encode every text as SentencePiece encodes it when it follows other, non-space text:
-        no dummy prefix, and leading spaces kept as one word boundary. transformers'
-        ``SiglipTokenizer`` encodes that way (it encodes ``"<unk>" + text`` and drops the
-        pieces of ``"<unk>"``; it puts the boundary in front of the text itself).
-    special_tokens : sequence of str
-        Pieces matched in the raw text before normalisation and given their own id (the
-        ``tokenizers`` added-token rules: every stretch of text between them is normalised on
-        its own).
-    eos : str, optional
-        A piece appended to every encoding (SigLIP: ``"</s>"``).
+    eos : int, optional
+        The id of a piece appended to every encoding (SigLIP: ``model.eos_id``, ``</s>``).
     context_length : int, optional
         Cut every encoding to this many ids (keeping ``eos``) and pad it to this length with
-        ``pad_id`` (default: the model's pad id, else the ``eos`` id).
+        ``pad_id`` (default: the model's pad id, else ``eos``). With ``eos=model.eos_id``,
+        ``context_length=64`` and ``pad_id=model.eos_id`` this is SigLIP's tokenizer for text
+        that is already canonicalised (``clipdecomp.engine.siglip.canonicalize``).
 
     Returns
     -------
     tokenizers.Tokenizer
         Without the options, ``tok.encode(text).ids`` equals
-        ``sentencepiece.SentencePieceProcessor(model_file=...).encode(text)`` for a text that
-        does not contain the string of a control piece (``"</s>"``: SentencePiece never
-        matches those, ``tokenizers`` does unless they are ``special_tokens``).
+        ``sentencepiece.SentencePieceProcessor(model_file=...).encode(text)``. Only normal
+        pieces are matched in text; the others (``<pad>``, ``</s>``, ``<unk>``) are named with a
+        leading space in the Tokenizer's vocabulary, a string no normalised text contains.
+        The normaliser is a Python one: the Tokenizer cannot be saved to JSON.
 
     Raises
     ------
@@ -342,16 +488,7 @@ def unigram_tokenizer(model: SentencePieceModel, *, after_text: bool = False,
         reproduce (user-defined pieces, byte fallback, whitespace as suffix, whitespace not
         escaped).
     """
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-    )
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
 
     if model.model_type != "unigram":
         raise ValueError(f"a SentencePiece {model.model_type} model; only unigram models "
@@ -361,52 +498,35 @@ def unigram_tokenizer(model: SentencePieceModel, *, after_text: bool = False,
         raise ValueError("a SentencePiece model with user-defined pieces, byte_fallback, "
                          "treat_whitespace_as_suffix or without escape_whitespaces is not "
                          "supported")
-    ids = {p.piece: i for i, p in enumerate(model.pieces)}
-    for s in (*special_tokens, *([eos] if eos is not None else [])):
-        if s not in ids:
-            raise ValueError(f"special token {s!r} is not a piece of the model")
+    n = len(model.pieces)
+    for name, i in (("eos", eos), ("pad_id", pad_id)):
+        if i is not None and not 0 <= i < n:
+            raise ValueError(f"{name} {i} is outside the {n} pieces")
     normal = [p.score for p in model.pieces if p.type == "normal"]
     if not normal:
         raise ValueError("a SentencePiece model without normal pieces")
     # the unknown score is the lowest normal score minus 10 in both libraries; tokenizers takes
     # the minimum over every piece, so the others must not score lower than the normal ones
     low = min(normal)
-    vocab = [(p.piece, p.score if p.type == "normal" else low) for p in model.pieces]
+    vocab = [(p.piece, p.score) if p.type == "normal" else (" " + p.piece, low)
+             for p in model.pieces]
     tok = Tokenizer(models.Unigram(vocab, unk_id=model.unk_id, byte_fallback=False))
-
-    # SentencePiece: U+2581 is a space; the character map; with remove_extra_whitespaces no
-    # leading or trailing spaces and runs of them as one; the dummy prefix (after the leading
-    # spaces are gone, and only for a text that was not empty); spaces become U+2581
-    prefix = model.add_dummy_prefix and not after_text
-    steps: list[Any] = [normalizers.Replace(SPACE_SYMBOL, " ")]
-    if prefix and not model.remove_extra_whitespaces:
-        steps.append(normalizers.Prepend(" "))
-    if model.precompiled_charsmap:
-        steps.append(normalizers.Precompiled(model.precompiled_charsmap))
-    if model.remove_extra_whitespaces:
-        steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex(" +$"), "")]
-        if not after_text:
-            steps.append(normalizers.Replace(Regex("^ +"), ""))
-        if prefix:
-            steps.append(normalizers.Prepend(" "))
-    tok.normalizer = normalizers.Sequence(steps)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE_SYMBOL,
-                                                 prepend_scheme="never", split=False)
-    tok.decoder = decoders.Metaspace(replacement=SPACE_SYMBOL,
-                                     prepend_scheme="always" if prefix else "never", split=False)
-    if special_tokens:
-        tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
-                                for s in special_tokens])
+    # normalised in Python (tokenizers' Precompiled takes the shortest key of a grapheme where
+    # SentencePiece takes the longest); spaces are U+2581 after it: no pre-tokenizer
+    model._charsmap()  # a malformed map fails here, not at the first text
+    tok.normalizer = normalizers.Normalizer.custom(_Normalizer(model))
+    tok.decoder = decoders.Metaspace(replacement=SPACE_SYMBOL, prepend_scheme=(
+        "always" if model.add_dummy_prefix else "never"), split=False)
     if eos is not None:
+        name = model.pieces[eos].piece
         tok.post_processor = processors.TemplateProcessing(
-            single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, ids[eos])])
+            single=f"$A {name}", pair=f"$A {name} $B {name}", special_tokens=[(name, eos)])
     if context_length is not None:
         if context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {context_length}")
         if pad_id is None:
-            pad_id = model.pad_id if model.pad_id >= 0 else (ids[eos] if eos else model.unk_id)
-        if not 0 <= pad_id < len(model.pieces):
-            raise ValueError(f"pad_id {pad_id} is outside the {len(model.pieces)} pieces")
+            pad_id = model.pad_id if model.pad_id >= 0 else (eos if eos is not None
+                                                             else model.unk_id)
         tok.enable_truncation(max_length=int(context_length))
         tok.enable_padding(length=int(context_length), pad_id=int(pad_id),
                            pad_token=model.pieces[pad_id].piece)

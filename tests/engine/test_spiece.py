@@ -13,12 +13,19 @@ import random
 import shutil
 import subprocess
 import sys
+import unicodedata
 
 import numpy as np
 import pytest
 
 from clipdecomp.engine.siglip import SiglipTokenizer, canonicalize, load_siglip
-from clipdecomp.engine.spiece import parse_model, read_model, unigram_tokenizer
+from clipdecomp.engine.spiece import (
+    CharsMap,
+    normalize,
+    parse_model,
+    read_model,
+    unigram_tokenizer,
+)
 
 spm = pytest.importorskip("sentencepiece")
 transformers = pytest.importorskip("transformers")
@@ -37,10 +44,13 @@ TEXTS = [
     "  leading and trailing   spaces  ", "tabs\tand\nnewlines\r\nand\u3000ideographic\xa0nbsp",
     "digits 0123456789 and 3.14159 and 1,000,000", "①②③ ½ ﬁne ﬂat Ⅻ ＡＢＣ ｶﾀｶﾅ",
     "café naïve über straße école", "cafe\u0301 nai\u0308ve", "東京 日本 大阪 北京",
-    "ΟΔΟΣ σοφός ΣΟΦΟΣ", "zzz qqq xxx jjj", "emoji 🐱 🐶 and ✨", "⁇ � \u200b zero\u200bwidth",
+    "ΟΔΟΣ σοφός ΣΟΦΟΣ", "Tiếng Việt người được", "ǖǘǚǜ lüe4", "①\u0301 ﬁ\u0308 A\u0301\u0301",
+    "zzz qqq xxx jjj", "emoji 🐱 🐶 and ✨", "⁇ � \u200b zero\u200bwidth",
     "\u2581", "\u2581\u2581x", "hello\u2581world\u2581", "'quotes' \"double\" (brackets) [x] {y}",
     "a-b_c/d\\e|f~g`h^i@j#k$l%m&n*o+p=q<r>s?t", "İstanbul ﬀ Ǆ ǈ", "x" * 300,
     " ".join(["a photo of a small red car"] * 20), "a </s>", "a photo </s>  ",
+    "a </s> photo <unk> of </s></s> a cat", "</s>", "  </s> x", "<unk>Жx ЖЖ</s>Ж",
+    " ".join(["dog"] * 62) + " </s>", " ".join(["dog"] * 63) + " </s>", "\u2581</s>",
 ]
 
 
@@ -57,15 +67,15 @@ def _corpus(n: int, seed: int) -> list[str]:
     return lines
 
 
-def _train(tmp_path_factory, model_type: str, vocab_size: int) -> str:
-    d = tmp_path_factory.mktemp(f"spm_{model_type}")
+def _train(tmp_path_factory, model_type: str, vocab_size: int, rule: str = "nmt_nfkc") -> str:
+    d = tmp_path_factory.mktemp(f"spm_{model_type}_{rule}")
     corpus = d / "corpus.txt"
     corpus.write_text("\n".join(_corpus(4000, 0)), encoding="utf-8")
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(d / "m"), vocab_size=vocab_size,
         model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
         eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0, minloglevel=2,
-        num_threads=1)
+        num_threads=1, normalization_rule_name=rule)
     return str(d / "m.model")
 
 
@@ -90,10 +100,12 @@ def random_texts(n: int, seed: int) -> list[str]:
     CJK, compatibility forms and whitespace."""
     rng = random.Random(seed)
     chars = list("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789 .,!?'\"-()éèüñß東京日本ΟΔΣ①ﬁ½\t\n"
-                 "\u3000\xa0\u200b\u2581")
+                 "\u3000\xa0\u200b\u2581") + ["</s>", "<unk>", "<pad>", " </s> "]
     out = []
     for i in range(n):
-        if i % 2:
+        if i % 4 == 1:  # decomposed accents, stacked combining marks
+            out.append(unicodedata.normalize("NFD", rng.choice(TEXTS)) + "\u0301" * (i % 3))
+        elif i % 2:
             out.append("".join(rng.choice(chars) for _ in range(rng.randint(0, 40))))
         else:
             k = rng.randint(1, 90 if i % 10 == 0 else 10)
@@ -183,8 +195,8 @@ def test_bpe_and_unsupported_models_refused(tmp_path_factory, tmp_path, unigram)
     proto.trainer_spec.byte_fallback = True
     with pytest.raises(ValueError, match="byte_fallback"):
         unigram_tokenizer(parse_model(proto.SerializeToString()))
-    with pytest.raises(ValueError, match="not a piece"):
-        unigram_tokenizer(read_model(unigram), eos="<s>")
+    with pytest.raises(ValueError, match="outside the 250 pieces"):
+        unigram_tokenizer(read_model(unigram), eos=250)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,9 +206,46 @@ def test_bpe_and_unsupported_models_refused(tmp_path_factory, tmp_path, unigram)
 def test_encode_matches_sentencepiece(unigram):
     sp = spm.SentencePieceProcessor(model_file=unigram)
     tok = unigram_tokenizer(read_model(unigram))
-    texts = [t for t in TEXTS if "</s>" not in t] + random_texts(1500, 1)
+    texts = TEXTS + random_texts(1500, 1) + ["<pad> </s> <unk>", "a</s>b<unk>"]
     for t in texts:
         assert tok.encode(t).ids == sp.encode(t), repr(t)
+
+
+def test_normalize_matches_sentencepiece(unigram):
+    sp = spm.SentencePieceProcessor(model_file=unigram)
+    m = read_model(unigram)
+    for t in TEXTS + random_texts(1000, 6):
+        assert normalize(m, t) == sp.normalize(t), repr(t)
+    # the character map by longest key: NFD pinyin, where tokenizers' Precompiled drops marks
+    assert normalize(m, unicodedata.normalize("NFD", "lǖ")) == "\u2581lǖ"
+
+
+def test_identity_normalization(tmp_path_factory):
+    """A model without a character map: U+2581 and U+3000 are left alone."""
+    path = _train(tmp_path_factory, "unigram", 250, rule="identity")
+    m = read_model(path)
+    assert m.normalizer_name == "identity" and m.precompiled_charsmap == b""
+    sp = spm.SentencePieceProcessor(model_file=path)
+    tok = unigram_tokenizer(m)
+    for t in TEXTS + random_texts(500, 7):
+        assert tok.encode(t).ids == sp.encode(t), repr(t)
+
+
+def test_malformed_charsmap_raises(unigram):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    with open(unigram, "rb") as fh:
+        proto = pb.ModelProto.FromString(fh.read())
+    good = proto.normalizer_spec.precompiled_charsmap
+    n = int.from_bytes(good[:4], "little")
+    for blob, msg in ((good[:3], "header"), (b"\xff\xff\x00\x00" + good[4:100], "does not fit"),
+                      (good[:4] + b"\xff" * n + good[4 + n:], "outside"),
+                      (good[:4 + n] + b"\xff" * (len(good) - 4 - n), "not UTF-8")):
+        proto.normalizer_spec.precompiled_charsmap = blob
+        m = parse_model(proto.SerializeToString())
+        with pytest.raises(ValueError, match=f"precompiled_charsmap.*{msg}"):
+            unigram_tokenizer(m)
+    assert CharsMap(good).longest_prefix("①".encode(), 0) == (3, b"1")
 
 
 def test_encode_without_dummy_prefix_or_whitespace_removal(unigram):
@@ -262,11 +311,13 @@ def test_tokenizer_is_complete_for_siglip(unigram):
     """The tokenizers.Tokenizer alone appends the end token and pads to 64, as SigLIP's
     processor does, on canonicalised text."""
     ref = transformers.SiglipTokenizer(unigram)
-    tok = unigram_tokenizer(read_model(unigram), after_text=True, eos="</s>",
-                            special_tokens=["</s>", "<unk>"], context_length=64, pad_id=1)
-    for t in ["a photo of a cat", "Two dogs, 3 cats!", "", " ".join(["tree"] * 80)]:
+    m = read_model(unigram)
+    tok = unigram_tokenizer(m, eos=m.eos_id, context_length=64, pad_id=m.eos_id)
+    texts = ["a photo of a cat", "Two dogs, 3 cats!", "", " ".join(["tree"] * 80)] + \
+        random_texts(200, 8)
+    for t in [t for t in texts if "<" not in t]:  # no special tokens in the text
         want = ref(t, padding="max_length", max_length=64, truncation=True)["input_ids"]
-        assert tok.encode("\u2581" + canonicalize(t)).ids == want, t
+        assert tok.encode(canonicalize(t)).ids == want, repr(t)
 
 
 def test_no_sentencepiece_or_transformers_at_runtime(siglip_dir):
