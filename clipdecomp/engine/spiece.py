@@ -332,7 +332,16 @@ class CharsMap:
                              f"{len(blob)}-byte map")
         self.units = struct.unpack(f"<{n // 4}I", blob[4:4 + n])
         self.strings = blob[4 + n:]
+        self._replacements: dict[int, bytes] = {}
         self._check()
+        root = (self.units[0] >> 10) << ((self.units[0] & 0x200) >> 6)
+        #: the bytes a key can start with
+        self.starts = frozenset(c for c in range(256)
+                                if self.units[root ^ c] & 0x800000FF == c)
+        #: no key starts with or holds a space (nmt_nfkc's): text splits into words at spaces
+        self.space_free = 0x20 not in self.starts and not any(
+            u & 0x800000FF == 0x20 for u in self.units)
+        self._pieces: dict[bytes, tuple[bytes, ...]] = {}
 
     def _check(self) -> None:
         """Every node's children and every value inside the map, every replacement UTF-8 and
@@ -354,38 +363,55 @@ class CharsMap:
                 ((np.frombuffer(self.strings, np.uint8)[v] & 0xC0) == 0x80).any():
             raise ValueError("precompiled_charsmap: the trie points outside itself")
 
-    def _unit(self, i: int) -> int:
-        if not 0 <= i < len(self.units):
-            raise ValueError("precompiled_charsmap: the trie points outside itself")
-        return self.units[i]
-
-    @staticmethod
-    def _offset(unit: int) -> int:
-        return (unit >> 10) << ((unit & (1 << 9)) >> 6)
-
     def longest_prefix(self, data: bytes, start: int) -> tuple[int, bytes]:
         """(length, replacement) of the longest key at ``data[start:]``; (0, b"") if none."""
-        best, value = 0, -1
-        pos = self._offset(self._unit(0))
+        units = self.units
+        best, value = 0, 0
+        unit = units[0]
+        pos = (unit >> 10) << ((unit & 0x200) >> 6)
         for i in range(start, len(data)):
             c = data[i]
             pos ^= c
-            unit = self._unit(pos)  # darts-clone fills whole 256-unit blocks: never outside
-            if unit & ((1 << 31) | 0xFF) != c:
+            unit = units[pos]  # in range: checked for every node when the map was loaded
+            if unit & 0x800000FF != c:
                 break
-            pos ^= self._offset(unit)
-            if unit & (1 << 8):
-                best, value = i + 1 - start, self._unit(pos) & ((1 << 31) - 1)
+            pos ^= (unit >> 10) << ((unit & 0x200) >> 6)
+            if unit & 0x100:
+                best, value = i + 1 - start, units[pos] & 0x7FFFFFFF
         if not best:
             return 0, b""
-        end = self.strings.find(b"\0", value)
-        if value >= len(self.strings) or end < 0:
-            raise ValueError("precompiled_charsmap: a replacement outside the string table")
-        return best, self.strings[value:end]
+        rep = self._replacements.get(value)
+        if rep is None:
+            rep = self.strings[value:self.strings.index(b"\0", value)]
+            self._replacements[value] = rep
+        return best, rep
 
-
-def _char_len(lead: int) -> int:
-    return 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    def pieces(self, data: bytes, cache: bool = True) -> tuple[bytes, ...]:
+        """SentencePiece's ``NormalizePrefix`` over ``data``: the replacement of the longest
+        key at each place, else the character itself (a UTF-8 string)."""
+        if cache:
+            got = self._pieces.get(data)
+            if got is not None:
+                return got
+        out = []
+        pos, size, starts = 0, len(data), self.starts
+        while pos < size:
+            lead = data[pos]
+            if lead in starts:
+                n, rep = self.longest_prefix(data, pos)
+                if n:
+                    out.append(rep)
+                    pos += n
+                    continue
+            n = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+            out.append(data[pos:pos + n])
+            pos += n
+        result = tuple(out)
+        if cache:
+            if len(self._pieces) >= 1 << 16:
+                self._pieces.clear()
+            self._pieces[data] = result
+        return result
 
 
 def normalize(model: SentencePieceModel, text: str) -> str:
@@ -401,31 +427,27 @@ def normalize(model: SentencePieceModel, text: str) -> str:
     """
     cmap = model._charsmap()
     data = text.encode("utf-8")
-    pos, out = 0, bytearray()
+    if cmap is None:
+        pieces: list[bytes] = [c.encode("utf-8") for c in text]
+    elif cmap.space_free:  # no key holds a space: the words are looked up on their own
+        pieces = []
+        for k, word in enumerate(data.split(b" ")):
+            if k:
+                pieces.append(b" ")
+            pieces += cmap.pieces(word)
+    else:
+        pieces = list(cmap.pieces(data, cache=False))
     remove = model.remove_extra_whitespaces
     space = SPACE_SYMBOL.encode()
-
-    def piece(at: int) -> tuple[bytes, int]:
-        n, rep = cmap.longest_prefix(data, at) if cmap is not None else (0, b"")
-        if n:
-            return rep, n
-        n = _char_len(data[at])
-        return data[at:at + n], n
-
-    if remove:
-        while pos < len(data):
-            rep, n = piece(pos)
-            if rep != b" ":
-                break
-            pos += n
-    if pos == len(data):
+    k = 0
+    if remove:  # leading spaces
+        while k < len(pieces) and pieces[k] == b" ":
+            k += 1
+    if k == len(pieces):
         return ""
-    if model.add_dummy_prefix:
-        out += space
+    out = bytearray(space if model.add_dummy_prefix else b"")
     prev_space = remove
-    while pos < len(data):
-        rep, n = piece(pos)
-        pos += n
+    for rep in pieces[k:]:
         if prev_space:
             rep = rep.lstrip(b" ")
         if rep:

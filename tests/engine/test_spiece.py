@@ -216,6 +216,13 @@ def test_normalize_matches_sentencepiece(unigram):
     m = read_model(unigram)
     for t in TEXTS + random_texts(1000, 6):
         assert normalize(m, t) == sp.normalize(t), repr(t)
+    # the same without splitting at spaces first (the path for a map whose keys hold spaces)
+    whole = read_model(unigram)
+    cmap = whole._charsmap()
+    assert cmap is not None and cmap.space_free
+    cmap.space_free = False
+    for t in TEXTS + random_texts(300, 9):
+        assert normalize(whole, t) == sp.normalize(t), repr(t)
     # the character map by longest key: NFD pinyin, where tokenizers' Precompiled drops marks
     assert normalize(m, unicodedata.normalize("NFD", "lǖ")) == "\u2581lǖ"
 
