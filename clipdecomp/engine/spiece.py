@@ -2,8 +2,9 @@
 
 A ``.model`` file is a serialised protobuf ``ModelProto`` (sentencepiece's
 ``sentencepiece_model.proto``). It is read here with a small decoder of the protobuf wire
-format, and a unigram model becomes a ``tokenizers.Tokenizer`` whose ids are those of
-``sentencepiece.SentencePieceProcessor.encode`` for the same text.
+format; a unigram model then encodes text with the ids of
+``sentencepiece.SentencePieceProcessor.encode`` (:func:`encode`), also as a
+``tokenizers.Tokenizer`` (:func:`unigram_tokenizer`).
 
 The fields read (field numbers of ``sentencepiece_model.proto``)::
 
@@ -15,17 +16,19 @@ The fields read (field numbers of ``sentencepiece_model.proto``)::
     NormalizerSpec  1 name, 2 precompiled_charsmap, 3 add_dummy_prefix,
                     4 remove_extra_whitespaces, 5 escape_whitespaces
 
-How SentencePiece encodes (normalizer.cc, unigram_model.cc), and how it is reproduced here:
+How SentencePiece encodes (normalizer.cc, unigram_model.cc), reproduced here in Python:
 
 1. the text is rewritten by the precompiled character map of the normalisation rule
    (``nmt_nfkc``: NFKC and a few more rules, U+2581 among the spaces), longest key first;
 2. with ``remove_extra_whitespaces``, leading and trailing spaces are dropped and runs of them
-   become one; with ``add_dummy_prefix`` a space is put in front; every space becomes U+2581.
-   Steps 1-2 are :func:`normalize` (in Python: ``tokenizers``' own ``Precompiled``
-   normaliser takes the shortest key of a grapheme and drops the rest of it);
-3. Viterbi over the pieces (normal pieces only; a character no piece covers is the unknown
-   piece with score ``min(normal scores) - 10``, runs of them merged into one) ->
-   ``tokenizers.models.Unigram``.
+   become one; with ``add_dummy_prefix`` a space is put in front; every space becomes U+2581
+   (steps 1-2: :func:`normalize`);
+3. Viterbi over the normal pieces with float32 path scores; a character no piece covers is the
+   unknown piece with score ``min(normal scores) - 10``, runs of them merged into one
+   (:class:`_Unigram`).
+
+``tokenizers``' own ``Precompiled`` normaliser and ``Unigram`` model would be faster but give
+other ids on some texts (see :func:`unigram_tokenizer`).
 
 Examples
 --------
@@ -37,13 +40,15 @@ Examples
 """
 from __future__ import annotations
 
+import math
 import os
 import struct
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CharsMap", "Piece", "SentencePieceModel", "normalize", "parse_model", "read_model",
-           "unigram_tokenizer"]
+__all__ = ["CharsMap", "Piece", "SentencePieceModel", "encode", "normalize", "parse_model",
+           "read_model", "unigram_tokenizer"]
 
 #: SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -185,6 +190,14 @@ class SentencePieceModel:
             object.__setattr__(self, "_cmap", cached)
         return cached
 
+    def _lattice(self) -> _Unigram:
+        """The unigram model's tables (:class:`_Unigram`), built once."""
+        cached = self.__dict__.get("_unigram")
+        if cached is None:
+            cached = _Unigram(self)
+            object.__setattr__(self, "_unigram", cached)
+        return cached
+
     def piece_id(self, piece: str) -> int | None:
         """The id of a piece string, or None."""
         for i, p in enumerate(self.pieces):
@@ -272,10 +285,7 @@ def parse_model(data: bytes, source: str = "SentencePiece model") -> SentencePie
     if len(unknown) != 1:
         raise ValueError(f"{source}: a SentencePiece model has exactly one unknown piece, this "
                          f"one has {len(unknown)}")
-    if "unk_id" in kw and kw["unk_id"] != unknown[0]:
-        raise ValueError(f"{source}: trainer_spec.unk_id {kw['unk_id']} is not the unknown "
-                         f"piece {unknown[0]}")
-    kw["unk_id"] = unknown[0]
+    kw["unk_id"] = unknown[0]  # as SentencePiece: the unknown piece, whatever trainer_spec says
     n = len(pieces)
     for name in ("bos_id", "eos_id", "pad_id"):
         if not -1 <= kw.get(name, -1) < n:
@@ -475,12 +485,126 @@ class _Normalizer:
 
 
 # ----------------------------------------------------------------------------------------------
+# segmentation
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32."""
+    return array("f", [x])[0]
+
+
+class _Unigram:
+    """SentencePiece's unigram segmentation (``unigram_model.cc``, ``EncodeOptimized``).
+
+    The best path ending at each character, left to right: every normal piece starting at a
+    character is a candidate for the position it ends at, with the path score up to its start
+    plus its own score, summed in float32 as SentencePiece does (it decides between equal and
+    nearly equal segmentations, e.g. ``g`` + ``gg`` or ``gg`` + ``g``, by that rounding; a
+    float32 sum computed in double and then rounded is the float32 sum); the first candidate
+    keeps a tie. A character no piece of length one covers is an unknown piece scoring
+    ``min(normal scores) - 10``. Runs of unknown pieces are merged into one.
+    """
+
+    def __init__(self, model: SentencePieceModel):
+        #: the normal pieces as a trie of dicts, char -> node; a node's "" holds (id, score)
+        self.trie: dict[str, Any] = {}
+        low = math.inf
+        for i, p in enumerate(model.pieces):
+            if p.type != "normal":
+                continue
+            node = self.trie
+            for ch in p.piece:
+                node = node.setdefault(ch, {})
+            node[""] = (i, _f32(p.score))
+            low = min(low, _f32(p.score))
+        if low == math.inf:
+            raise ValueError("a SentencePiece model without normal pieces")
+        self.unk_id = model.unk_id
+        self.unk_score = _f32(low - 10.0)
+
+    def segment(self, text: str) -> list[tuple[int, int, int]]:
+        """(start, end, id) of each piece of a normalised text, unknown runs merged."""
+        n = len(text)
+        score = [0.0] * (n + 1)
+        start = [-1] * (n + 1)
+        ids = [-1] * (n + 1)
+        f32 = array("f", [0.0])
+        root, unk_id, unk_score = self.trie, self.unk_id, self.unk_score
+        for at in range(n):
+            here = score[at]
+            node = root
+            end = at
+            single = False
+            while end < n:
+                child = node.get(text[end])
+                if child is None:
+                    break
+                node = child
+                end += 1
+                hit = node.get("")
+                if hit is not None:
+                    f32[0] = hit[1] + here
+                    cand = f32[0]
+                    if start[end] == -1 or cand > score[end]:
+                        score[end], start[end], ids[end] = cand, at, hit[0]
+                    if end == at + 1:
+                        single = True
+            if not single:
+                f32[0] = unk_score + here
+                cand = f32[0]
+                if start[at + 1] == -1 or cand > score[at + 1]:
+                    score[at + 1], start[at + 1], ids[at + 1] = cand, at, unk_id
+        out: list[tuple[int, int, int]] = []
+        end = n
+        while end > 0:
+            at = start[end]
+            if out and ids[end] == unk_id == out[-1][2]:
+                out[-1] = (at, out[-1][1], unk_id)
+            else:
+                out.append((at, end, ids[end]))
+            end = at
+        out.reverse()
+        return out
+
+
+def encode(model: SentencePieceModel, text: str) -> list[int]:
+    """The ids of ``text``: ``sentencepiece.SentencePieceProcessor.encode`` without it.
+
+    Examples
+    --------
+    >>> encode(read_model("spiece.model"), "a photo of a cat")          # doctest: +SKIP
+    """
+    return [i for _, _, i in model._lattice().segment(normalize(model, text))]
+
+
+class _PreTokenizer:
+    """:class:`_Unigram`'s segmentation as a ``tokenizers`` custom pre-tokenizer: every piece
+    becomes its own pre-token (a WordLevel model then gives its id)."""
+
+    def __init__(self, model: SentencePieceModel):
+        self.lattice = model._lattice()
+
+    def split(self, i: int, normalized: Any) -> list[Any]:
+        return [normalized[a:b] for a, b, _ in self.lattice.segment(normalized.normalized)]
+
+    def pre_tokenize(self, pretok: Any) -> None:
+        pretok.split(self.split)
+
+
+# ----------------------------------------------------------------------------------------------
 # the tokenizer
 
 
 def unigram_tokenizer(model: SentencePieceModel, *, eos: int | None = None,
                       context_length: int | None = None, pad_id: int | None = None) -> Any:
-    """A ``tokenizers.Tokenizer`` that segments text as SentencePiece does with ``model``.
+    """A ``tokenizers.Tokenizer`` that tokenises text as SentencePiece does with ``model``.
+
+    Its normaliser is :func:`normalize`, its pre-tokenizer splits the normalised text into
+    the pieces of SentencePiece's segmentation (:class:`_Unigram`), and a WordLevel model gives
+    each its id (a run of unknown characters: the unknown id). ``tokenizers``' own
+    ``Precompiled`` normaliser and ``Unigram`` model are not used: the first takes the shortest
+    key of a grapheme and drops the rest of it, the second sums scores in float64, where
+    SentencePiece's float32 sums decide between equal segmentations (``g`` + ``gg`` or
+    ``gg`` + ``g``); both give other ids on some texts.
 
     Parameters
     ----------
@@ -497,11 +621,9 @@ def unigram_tokenizer(model: SentencePieceModel, *, eos: int | None = None,
     Returns
     -------
     tokenizers.Tokenizer
-        Without the options, ``tok.encode(text).ids`` equals
-        ``sentencepiece.SentencePieceProcessor(model_file=...).encode(text)``. Only normal
-        pieces are matched in text; the others (``<pad>``, ``</s>``, ``<unk>``) are named with a
-        leading space in the Tokenizer's vocabulary, a string no normalised text contains.
-        The normaliser is a Python one: the Tokenizer cannot be saved to JSON.
+        Without the options, ``tok.encode(text).ids == encode(model, text)``, the ids of
+        ``sentencepiece.SentencePieceProcessor(model_file=...).encode(text)``. Its normaliser
+        and pre-tokenizer are Python objects: it cannot be saved to JSON or pickled.
 
     Raises
     ------
@@ -510,7 +632,7 @@ def unigram_tokenizer(model: SentencePieceModel, *, eos: int | None = None,
         reproduce (user-defined pieces, byte fallback, whitespace as suffix, whitespace not
         escaped).
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     if model.model_type != "unigram":
         raise ValueError(f"a SentencePiece {model.model_type} model; only unigram models "
@@ -524,19 +646,15 @@ def unigram_tokenizer(model: SentencePieceModel, *, eos: int | None = None,
     for name, i in (("eos", eos), ("pad_id", pad_id)):
         if i is not None and not 0 <= i < n:
             raise ValueError(f"{name} {i} is outside the {n} pieces")
-    normal = [p.score for p in model.pieces if p.type == "normal"]
-    if not normal:
-        raise ValueError("a SentencePiece model without normal pieces")
-    # the unknown score is the lowest normal score minus 10 in both libraries; tokenizers takes
-    # the minimum over every piece, so the others must not score lower than the normal ones
-    low = min(normal)
-    vocab = [(p.piece, p.score) if p.type == "normal" else (" " + p.piece, low)
-             for p in model.pieces]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=model.unk_id, byte_fallback=False))
-    # normalised in Python (tokenizers' Precompiled takes the shortest key of a grapheme where
-    # SentencePiece takes the longest); spaces are U+2581 after it: no pre-tokenizer
-    model._charsmap()  # a malformed map fails here, not at the first text
+    model._charsmap()  # a malformed map fails here, not inside tokenizers (which hides errors)
+    model._lattice()
+    # the pre-tokens are normal pieces or runs of unknown characters; the other pieces get a
+    # name with a leading space, which no normalised text holds
+    vocab = {(p.piece if p.type == "normal" else " " + p.piece): i
+             for i, p in enumerate(model.pieces)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=" " + model.pieces[model.unk_id].piece))
     tok.normalizer = normalizers.Normalizer.custom(_Normalizer(model))
+    tok.pre_tokenizer = pre_tokenizers.PreTokenizer.custom(_PreTokenizer(model))
     tok.decoder = decoders.Metaspace(replacement=SPACE_SYMBOL, prepend_scheme=(
         "always" if model.add_dummy_prefix else "never"), split=False)
     if eos is not None:

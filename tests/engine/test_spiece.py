@@ -21,6 +21,7 @@ import pytest
 from clipdecomp.engine.siglip import SiglipTokenizer, canonicalize, load_siglip
 from clipdecomp.engine.spiece import (
     CharsMap,
+    encode,
     normalize,
     parse_model,
     read_model,
@@ -269,6 +270,35 @@ def test_encode_without_dummy_prefix_or_whitespace_removal(unigram):
         for t in ["a photo", "  a   photo  ", "", " ", "x\u3000 y\t", "東京 cat  "] + \
                 random_texts(200, 2):
             assert tok.encode(t).ids == sp.encode(t), (prefix, remove, repr(t))
+
+
+def test_ties_broken_as_sentencepiece_does():
+    """Pieces that repeat one letter (g, gg, ggg) segment a run of it in many ways of equal or
+    nearly equal score; SentencePiece decides by its float32 sums. Random scores, random runs
+    after unknown characters and other pieces."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(["g", "g", "g", "f", "日", " ", "gg"]) for _ in range(rng.randint(1, 30)))
+             for _ in range(400)]
+    for seed in range(6):
+        r = random.Random(seed)
+        proto = pb.ModelProto()
+        for piece, kind in (("<pad>", 3), ("</s>", 3), ("<unk>", 2)):
+            proto.pieces.add(piece=piece, score=0.0, type=kind)
+        for piece in ("\u2581", "g", "gg", "ggg", "f", "fg", "\u2581g", "\u2581gg"):
+            proto.pieces.add(piece=piece, score=-r.uniform(1, 12), type=1)
+        proto.trainer_spec.model_type = 1
+        proto.trainer_spec.unk_id = 2
+        proto.normalizer_spec.name = "identity"
+        data = proto.SerializeToString()
+        sp = spm.SentencePieceProcessor(model_proto=data)
+        m = parse_model(data)
+        tok = unigram_tokenizer(m)
+        for t in texts:
+            want = sp.encode(t)
+            assert encode(m, t) == want, (seed, repr(t))
+            assert tok.encode(t).ids == want, (seed, repr(t))
 
 
 def test_unknown_characters_merge_into_one_piece(unigram):
