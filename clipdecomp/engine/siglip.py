@@ -531,6 +531,7 @@ class SiglipTokenizer:
         self.canonical = bool(canonical)
         #: transformers' text rules around a SigLIP v1 ``spiece.model`` (:func:`_spiece_ids`)
         self._spiece: _SpieceText | None = None
+        self._source: tuple[str, dict[str, Any], int, bool] | None = None
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike[str], context_length: int = 64,
@@ -609,7 +610,14 @@ class SiglipTokenizer:
                             re.compile(f"({alternatives})") if alternatives else None)
         tok = cls(backend, context_length, specials[pad], False, canonical)
         tok._spiece = rules
+        tok._source = (path, dict(tc), int(context_length), bool(canonical))
         return tok
+
+    def __reduce__(self) -> Any:
+        # a spiece.model tokenizer holds Python parts tokenizers cannot pickle: rebuild it
+        if self._spiece is not None:
+            return (SiglipTokenizer._from_spiece, self._source)
+        return super().__reduce__()
 
     def encode(self, text: str) -> list[int]:
         """The ids of one text, with the special tokens the tokenizer adds, cut to C (for a

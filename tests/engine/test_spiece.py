@@ -334,6 +334,16 @@ def test_siglip_ids_match_transformers(siglip_dir):
     assert (got[:, -1] == 1).all()
 
 
+def test_siglip_tokenizer_pickles(siglip_dir):
+    import pickle
+
+    tok = SiglipTokenizer.from_dir(siglip_dir, context_length=16)
+    again = pickle.loads(pickle.dumps(tok))
+    texts = ["a photo of a cat", "Two dogs </s> 3 cats!"]
+    assert again.context_length == 16
+    assert again(texts).tolist() == tok(texts).tolist()
+
+
 def test_siglip_ids_without_lower_casing(unigram, tmp_path):
     ref = transformers.SiglipTokenizer(unigram, do_lower_case=False)
     ref.save_pretrained(tmp_path)
