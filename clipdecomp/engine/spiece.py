@@ -127,13 +127,13 @@ def _expect(r: _Reader, name: str, wire: int, want: int) -> None:
         raise r._fail(f"field {name} has wire type {wire}, expected {want}")
 
 
-def _int32(v: int) -> int:
+def _int32(r: _Reader, v: int, name: str) -> int:
     """A varint as protobuf's int32 (negative values are sign-extended to 64 bits)."""
     v &= (1 << 64) - 1
     if v >= 1 << 63:
         v -= 1 << 64
     if not -(1 << 31) <= v < 1 << 31:
-        raise ValueError(f"int32 field out of range: {v}")
+        raise r._fail(f"{name} {v} is not an int32")
     return v
 
 
@@ -232,7 +232,7 @@ def _read_trainer(r: _Reader, out: dict[str, Any]) -> None:
             out["model_type"] = _MODEL_TYPES.get(int(v), f"type {v}")
         elif num in ints:
             _expect(r, f"trainer_spec.{ints[num]}", wire, 0)
-            out[ints[num]] = _int32(int(v))
+            out[ints[num]] = _int32(r, int(v), f"trainer_spec.{ints[num]}")
         elif num in bools:
             _expect(r, f"trainer_spec.{bools[num]}", wire, 0)
             out[bools[num]] = bool(v)

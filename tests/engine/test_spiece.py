@@ -168,6 +168,7 @@ def test_malformed_files_raise(unigram, tmp_path):
         b"\x0a\x05\x0a\x03ab": "past the end",
         b"\x08\x01": "field pieces has wire type 0",
         b"\x0a\x04\x0a\x02\xff\xfe": "not UTF-8",
+        b"\x12\x07\xc0\x02\x80\x80\x80\x80\x10": "trainer_spec.unk_id 4294967296 is not an int32",
         b"\x0a\x03\x0a\x01a": "no trainer_spec",
         b"\x0a\x03\x0a\x01a\x12\x00\x1a\x00": "exactly one unknown piece",
     }
