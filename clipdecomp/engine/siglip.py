@@ -432,17 +432,63 @@ def siglip_config_from_open_clip(config: Mapping[str, Any], source: str = "open_
 # tokenizer
 
 
-def canonicalize(text: str) -> str:
-    """open_clip's ``clean="canonicalize"`` for SigLIP: lower case, no punctuation, single
-    spaces.
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def canonicalize(text: str, lower: bool = True) -> str:
+    """SigLIP's text canonicalisation (big_vision's, open_clip's ``clean="canonicalize"``,
+    transformers' ``SiglipTokenizer.canonicalize_text``): lower case, no ASCII punctuation,
+    single spaces, no space at either end.
 
     Examples
     --------
     >>> canonicalize("A  Photo, of a CAT!")
     'a photo of a cat'
     """
-    text = text.translate(str.maketrans("", "", string.punctuation))
-    return " ".join(text.lower().split())
+    if lower:
+        text = text.lower()
+    return " ".join(text.translate(_NO_PUNCTUATION).split())
+
+
+@dataclass(frozen=True)
+class _SpieceText:
+    """What transformers' ``SiglipTokenizer`` (SigLIP v1, ``spiece.model``) adds around
+    SentencePiece: the special tokens matched in the raw text (string -> id), lower-casing,
+    the end token, and the ``<unk>`` prefix it encodes every stretch of text after."""
+
+    specials: Mapping[str, int]
+    lower: bool
+    eos_id: int
+    unk: str
+    unk_len: int           # pieces of SentencePiece's encoding of ``unk`` alone
+    boundary_id: int       # the piece U+2581, or -1
+    split: re.Pattern[str] | None
+
+
+def _spiece_ids(backend: Any, rules: _SpieceText, text: str, max_len: int) -> list[int]:
+    """transformers' ``SiglipTokenizer`` ids of one text (``truncation=True``), with
+    ``backend`` the SentencePiece model (:func:`clipdecomp.engine.spiece.unigram_tokenizer`).
+
+    As ``SiglipTokenizer.tokenize``: U+2581 becomes a space and one is put in front; the text
+    is split at special tokens; every other stretch is canonicalised and SentencePiece
+    encodes ``<unk>`` + it, of which the pieces of ``<unk>`` are dropped. A lone boundary
+    piece before a special token is dropped; ``</s>`` is appended unless the ids end with it,
+    after cutting to ``max_len - 1``.
+    """
+    s = "\u2581" + text.replace("\u2581", " ")
+    parts = rules.split.split(s) if rules.split is not None else [s]
+    ids: list[int] = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            ids.append(rules.specials[part])
+            continue
+        c = canonicalize(part, rules.lower)
+        if c:
+            ids += backend.encode(rules.unk + c).ids[rules.unk_len:]
+        if i == 0 and len(parts) > 1 and ids == [rules.boundary_id]:
+            ids = []
+    ids = ids[: max(max_len - 1, 0)]
+    return ids if ids and ids[-1] == rules.eos_id else [*ids, rules.eos_id]
 
 
 class SiglipTokenizer:
@@ -451,7 +497,9 @@ class SiglipTokenizer:
     The text tower reads the LAST position, so every row is padded to exactly C tokens, as
     transformers' processor does with ``padding="max_length", max_length=64``. The vocabulary
     comes from ``tokenizer.json`` through the ``tokenizers`` library, or (SigLIP's repositories
-    ship only ``spiece.model``) from transformers' own tokenizer of the directory.
+    ship only ``spiece.model``) from the SentencePiece model read by
+    :mod:`clipdecomp.engine.spiece`, with transformers' ``SiglipTokenizer`` text rules
+    (lower case, no punctuation, ``</s>`` appended; the same ids).
 
     Parameters
     ----------
@@ -481,6 +529,9 @@ class SiglipTokenizer:
         self.pad_id = int(pad_id)
         self.lowercase = bool(lowercase)
         self.canonical = bool(canonical)
+        #: transformers' text rules around a SigLIP v1 ``spiece.model`` (:func:`_spiece_ids`)
+        self._spiece: _SpieceText | None = None
+        self._source: tuple[str, dict[str, Any], int, bool] | None = None
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike[str], context_length: int = 64,
@@ -513,18 +564,60 @@ class SiglipTokenizer:
                 raise ValueError(f"{tj}: no pad token ('{pad}', '<pad>' or '</s>') in the "
                                  "vocabulary")
             return cls(backend, context_length, pad_id, lower, canonical)
-        if os.path.isfile(os.path.join(d, "spiece.model")):
-            try:
-                from transformers import AutoTokenizer
-
-                backend = AutoTokenizer.from_pretrained(d)
-            except (ImportError, OSError, ValueError) as e:  # no sentencepiece, ...
-                raise ImportError(
-                    f"{d} has only spiece.model (no tokenizer.json): reading it needs "
-                    f"transformers and sentencepiece (`pip install transformers sentencepiece`): "
-                    f"{e}") from None
-            return cls(backend, context_length, int(backend.pad_token_id), False, canonical)
+        sp = os.path.join(d, "spiece.model")
+        if os.path.isfile(sp):
+            return cls._from_spiece(sp, tc, context_length, canonical)
         raise FileNotFoundError(f"{d}: no tokenizer.json or spiece.model")
+
+    @classmethod
+    def _from_spiece(cls, path: str, tc: Mapping[str, Any], context_length: int,
+                     canonical: bool) -> SiglipTokenizer:
+        """transformers' ``SiglipTokenizer`` (SigLIP v1) from ``spiece.model`` and the
+        ``tokenizer_config.json`` entries it reads, without sentencepiece."""
+        from clipdecomp.engine.spiece import read_model, unigram_tokenizer
+
+        model = read_model(path)
+        try:
+            backend = unigram_tokenizer(model)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        # the special tokens: tokenizer_config's added tokens, then eos, unk, pad and extras
+        specials: dict[str, int] = {}
+        for k, v in (tc.get("added_tokens_decoder") or {}).items():
+            if isinstance(v, Mapping) and isinstance(v.get("content"), str) and \
+                    str(k).isdigit() and int(k) < len(model.pieces):
+                specials[v["content"]] = int(k)
+
+        def token(key: str, default: str) -> str:
+            v = tc.get(key) or default
+            return str(v.get("content", default) if isinstance(v, Mapping) else v)
+
+        eos, unk, pad = token("eos_token", "</s>"), token("unk_token", "<unk>"), \
+            token("pad_token", "</s>")
+        extra = [t for key in ("additional_special_tokens", "extra_special_tokens")
+                 for t in (tc.get(key) or []) if isinstance(t, str)]
+        for t in (eos, unk, pad, *extra):
+            if t not in specials:
+                i = model.piece_id(t)
+                if i is None:
+                    raise ValueError(f"{path}: special token {t!r} is neither a piece of the "
+                                     "model nor in tokenizer_config.json's added tokens")
+                specials[t] = i
+        boundary = model.piece_id("\u2581")
+        alternatives = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
+        rules = _SpieceText(specials, bool(tc.get("do_lower_case", True)), specials[eos], unk,
+                            len(backend.encode(unk).ids), -1 if boundary is None else boundary,
+                            re.compile(f"({alternatives})") if alternatives else None)
+        tok = cls(backend, context_length, specials[pad], False, canonical)
+        tok._spiece = rules
+        tok._source = (path, dict(tc), int(context_length), bool(canonical))
+        return tok
+
+    def __reduce__(self) -> Any:
+        # a spiece.model tokenizer holds Python parts tokenizers cannot pickle: rebuild it
+        if self._spiece is not None:
+            return (SiglipTokenizer._from_spiece, self._source)
+        return super().__reduce__()
 
     def encode(self, text: str) -> list[int]:
         """The ids of one text, with the special tokens the tokenizer adds, cut to C (for a
@@ -533,6 +626,8 @@ class SiglipTokenizer:
             text = canonicalize(text)
         if self.lowercase:
             text = text.lower()
+        if self._spiece is not None:
+            return _spiece_ids(self.backend, self._spiece, text, self.context_length)
         if hasattr(self.backend, "encode_batch"):      # tokenizers.Tokenizer
             return list(self.backend.encode(text).ids)
         return list(self.backend(text, truncation=True,
