@@ -742,9 +742,20 @@ class SigLIP:
             yield s, preprocess_items(items[s:s + batch_size], c.image_size, c.mean, c.std,
                                       "squash", c.interpolation, start=s, listed=True)
 
-    def _run(self, pixels: np.ndarray, **opts: Any) -> dict[str, np.ndarray]:
+    def _images(self, images: Any) -> tuple[Any, int]:
+        """The images as read once (a generator can be read only once) and how many."""
+        if _is_float_array(images):
+            arr = np.asarray(images)
+            return images, (arr.shape[0] if arr.ndim == 4 else 1)
+        items = as_image_list(images)
+        return items, len(items)
+
+    def _run(self, pixels: np.ndarray, out: dict[str, np.ndarray] | None = None,
+             **opts: Any) -> dict[str, np.ndarray]:
+        """One core call; the core writes into the arrays of ``out`` (slices of the caller's
+        results) and allocates the others it returns."""
         return self._core.encode_image(np.ascontiguousarray(pixels, dtype=np.float32),
-                                       threads=self.threads, **opts)
+                                       threads=self.threads, out=out, **opts)
 
     def encode_image(self, images: Any, normalize: bool = False, batch_size: int = 8
                      ) -> np.ndarray:
@@ -757,12 +768,11 @@ class SigLIP:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        parts = []
+        images, n = self._images(images)
+        out = np.empty((n, self.config.width), np.float32)
         for s, px in self._batches(images, batch_size):
-            e = np.array(self._run(px)["embedding"])
-            _check_finite(e, s, "encode_image")
-            parts.append(e)
-        out = np.concatenate(parts) if parts else np.zeros((0, self.config.width), np.float32)
+            r = self._run(px, out={"embedding": out[s:s + px.shape[0]]})
+            _check_finite(r["embedding"], s, "encode_image")
         return _normalize(out) if normalize else out
 
     def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
@@ -795,11 +805,10 @@ class SigLIP:
                 raise ValueError(f"token ids must be integers [T, {self.config.context_length}] "
                                  f"(padded to the context length), got {ids.dtype} "
                                  f"{list(ids.shape)}")
-        parts = [np.array(self._core.encode_text(np.ascontiguousarray(ids[s:s + batch_size],
-                                                                      dtype=np.int32),
-                                                 threads=self.threads))
-                 for s in range(0, ids.shape[0], batch_size)]
-        out = np.concatenate(parts) if parts else np.zeros((0, self.config.width), np.float32)
+        out = np.empty((ids.shape[0], self.config.width), np.float32)
+        for s in range(0, ids.shape[0], batch_size):
+            self._core.encode_text(np.ascontiguousarray(ids[s:s + batch_size], dtype=np.int32),
+                                   threads=self.threads, out=out[s:s + batch_size])
         return _normalize(out) if normalize else out
 
     def logits(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
@@ -851,27 +860,33 @@ class SigLIP:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         deep = depth == "deep"
-        parts: list[dict[str, np.ndarray]] = []
-        for s, px in self._batches(images, batch_size):
-            r = self._run(px, heads=deep, mlps=deep, pool_tokens=spatial)
-            _check_finite(r["embedding"], s, "decompose")
-            parts.append(r)
-        if not parts:
-            raise ValueError("no images given")
-
-        def cat(k: str) -> np.ndarray:
-            return parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts])
-
-        emb, stats = cat("embedding"), cat("ln_stats")
-        pool_heads, pool_mlp, pool_attn = cat("pool_heads"), cat("pool_mlp"), cat("pool_attn")
+        images, n = self._images(images)
+        c = self.config
+        L, H, N, W = c.layers, c.heads, c.n_tokens, c.width
+        shapes = {"embedding": (W,), "ln_stats": (3,), "pool_heads": (H, W), "pool_mlp": (W,),
+                  "pool_attn": (H, N)}
         if deep:
-            heads = cat("heads")
-            mlps = np.concatenate([cat("mlps"), pool_mlp[:, None]], axis=1)
+            shapes.update(heads=(L, H, W), mlps=(L + 1, W))
+        if spatial:
+            shapes["pool_tokens"] = (N, H, W)
+        out = {k: np.empty((n,) + v, np.float32) for k, v in shapes.items()}
+        for s, px in self._batches(images, batch_size):
+            e = s + px.shape[0]
+            r = self._run(px, heads=deep, mlps=deep, pool_tokens=spatial,
+                          out={k: a[s:e] for k, a in out.items()})
+            _check_finite(r["embedding"], s, "decompose")
+        if n == 0:
+            raise ValueError("no images given")
+        emb, stats = out["embedding"], out["ln_stats"]
+        pool_heads, pool_mlp, pool_attn = out["pool_heads"], out["pool_mlp"], out["pool_attn"]
+        if deep:
+            heads = out["heads"]       # the pooling MLP's term joins the mlps as their last row
+            mlps = np.concatenate([out["mlps"], pool_mlp[:, None]], axis=1)
             tokens = None
         else:
             heads = pool_heads[:, None]
             mlps = pool_mlp[:, None]
-            tokens = cat("pool_tokens")[:, None] if spatial else None
+            tokens = out["pool_tokens"][:, None] if spatial else None
         return SiglipDecomposition(model_config=self.config, depth=depth, embedding=emb,
                                    ln_stats=stats, heads=heads, mlps=mlps, tokens=tokens,
                                    pool_heads=pool_heads, pool_mlp=pool_mlp, pool_attn=pool_attn)
