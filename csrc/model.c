@@ -1571,6 +1571,10 @@ static cd_status vision_forward_chunk(vision_ctx *vc, const float *images) {
  * contributes
  *   sum_h W_O[:, h] W_V[h] (gamma * sum_i c[h, i] (t[i] - mu[i] / K_t)) + pool_const / K_t
  * with K_t = K = 2L + 1 for a layer-level row, K H for a head; these sum to a exactly.
+ * Deep per-token terms (tokens): the same map without the sum over i, for the head terms,
+ *   tokens[l, i, h'] = sum_h W_O[:, h] W_V[h] (gamma * c[h, i] (t[i] - mu[i] / (K H)))
+ *                      + pool_const / (K H N),   t[i] = W_O^l[:, h'] z^l_h'[i] + b_O^l / H,
+ * so that tokens summed over i are the heads' deep terms.
  * The per-token attention outputs and MLP outputs of every layer are kept (chunk scratch)
  * until p and sigma are known at the end.                                                     */
 
@@ -1598,10 +1602,12 @@ typedef struct {
     float *u;          /* (R, H, W) R = L+1 + L*H raw rows, per pooling head */
     float *zu;         /* (R, W) */
     float *y;          /* (R, W) */
+    float *tt, *tv, *to; /* (N, W) each, per-token deep terms: a head's term at every token,
+                          * through W_V, through W_O */
 } siglip_scratch;
 
 /* one thread's share of the per-thread scratch */
-typedef struct { float *av, *c, *u, *zu, *y; } siglip_thread;
+typedef struct { float *av, *c, *u, *zu, *y, *tt, *tv, *to; } siglip_thread;
 
 static siglip_thread siglip_thread_scratch(const siglip_scratch *s, const cd_config *cf, int t) {
     const size_t W = (size_t)cf->width, H = (size_t)cf->heads, L = (size_t)cf->layers;
@@ -1609,7 +1615,9 @@ static siglip_thread siglip_thread_scratch(const siglip_scratch *s, const cd_con
     const size_t R = L + 1 + L * H, ts = (size_t)t;
     siglip_thread sc = {s->av + ts * N * d, s->c ? s->c + ts * H * N : NULL,
                         s->u ? s->u + ts * R * H * W : NULL,
-                        s->zu ? s->zu + ts * R * W : NULL, s->y ? s->y + ts * R * W : NULL};
+                        s->zu ? s->zu + ts * R * W : NULL, s->y ? s->y + ts * R * W : NULL,
+                        s->tt ? s->tt + ts * N * W : NULL, s->tv ? s->tv + ts * N * W : NULL,
+                        s->to ? s->to + ts * N * W : NULL};
     return sc;
 }
 
@@ -1621,7 +1629,7 @@ static int siglip_scratch_specs(siglip_scratch *s, scratch_spec *sp, const cd_co
     const size_t N = G * G, d = W / H, R = L + 1 + L * H;
     const size_t fcw = F * N > 3 * S * S ? F * N : 3 * S * S;
     const size_t rows = N < CD_ATT_ROW_BLOCK ? N : CD_ATT_ROW_BLOCK;
-    const int deep = o->heads || o->mlps;
+    const int rows_deep = o->heads || o->mlps, deep = rows_deep || o->tokens;
     const scratch_spec spec[] = {
         {&s->x, PER_IMAGE, N, W, 1}, {&s->blk.ln, PER_IMAGE, N, W, 1},
         {&s->blk.qkv, PER_IMAGE, N, 3 * W, 1}, {&s->blk.att, PER_IMAGE, N, W, 1},
@@ -1633,12 +1641,32 @@ static int siglip_scratch_specs(siglip_scratch *s, scratch_spec *sp, const cd_co
         {&s->keep, PER_IMAGE, (2 * L + 1) * N, W, deep},
         {&s->blk.tiles, PER_THREAD, rows, N, 1},
         {&s->av, PER_WORKER, N, d, 1}, {&s->c, PER_WORKER, H, N, deep},
-        {&s->u, PER_WORKER, R * H, W, deep}, {&s->zu, PER_WORKER, R, W, deep},
-        {&s->y, PER_WORKER, R, W, deep},
+        {&s->u, PER_WORKER, R * H, W, rows_deep}, {&s->zu, PER_WORKER, R, W, rows_deep},
+        {&s->y, PER_WORKER, R, W, rows_deep}, {&s->tt, PER_WORKER, N, W, o->tokens},
+        {&s->tv, PER_WORKER, N, W, o->tokens}, {&s->to, PER_WORKER, N, W, o->tokens},
     };
     const int k = (int)(sizeof spec / sizeof spec[0]);
     memcpy(sp, spec, sizeof spec);
     return k;
+}
+
+/* c (H, N) = p / sigma of image b of the chunk; csum[h] = sum_i c[h, i], cmu[h] = sum_i c[h, i]
+ * mu[i] (either may be NULL) */
+static void siglip_coefs(const siglip_scratch *s, int b, int H, int N, float *c, double *csum,
+                         double *cmu) {
+    const float *p = s->p + idx_bld((size_t)b, 0, H, N), *mu = s->mu + (size_t)b * N;
+    const float *sigma = s->sigma + (size_t)b * N;
+    for (int h = 0; h < H; h++) {
+        double su = 0.0, sm = 0.0;
+        for (int i = 0; i < N; i++) {
+            const float ci = p[(size_t)h * N + i] / sigma[i];
+            c[(size_t)h * N + i] = ci;
+            su += ci;
+            sm += (double)ci * mu[i];
+        }
+        if (csum) csum[h] = su;
+        if (cmu) cmu[h] = sm;
+    }
 }
 
 /* the deep terms of image b of the chunk into heads (L, H, D) and mlps (L+1, D) of the result
@@ -1652,20 +1680,8 @@ static void siglip_deep(const cd_model *m, const siglip_scratch *s, const siglip
     const float K = (float)(2 * L + 1);
     const size_t NW = (size_t)N * W, HW = (size_t)H * W;
     const float *keep = s->keep + idx_bld((size_t)b, 0, 2 * (size_t)L + 1, NW);
-    const float *p = s->p + idx_bld((size_t)b, 0, H, N), *mu = s->mu + (size_t)b * N;
-    const float *sigma = s->sigma + (size_t)b * N;
-    double csum[1024], cmu[1024];  /* H <= 1024: larger is refused by siglip_validate */
-    for (int h = 0; h < H; h++) {
-        double su = 0.0, sm = 0.0;
-        for (int i = 0; i < N; i++) {
-            const float ci = p[(size_t)h * N + i] / sigma[i];
-            sc->c[(size_t)h * N + i] = ci;
-            su += ci;
-            sm += (double)ci * mu[i];
-        }
-        csum[h] = su;
-        cmu[h] = sm;
-    }
+    double csum[1024], cmu[1024];  /* H <= 1024: larger is refused by check_vision_opts */
+    siglip_coefs(s, b, H, N, sc->c, csum, cmu);
     /* rows 0..L: the embeddings and the MLPs, u[r, h] = c[h] @ t_r - cmu[h] / K */
     for (int r = 0; r <= L; r++) {
         float *u = sc->u + (size_t)r * HW;
@@ -1710,6 +1726,51 @@ static void siglip_deep(const cd_model *m, const siglip_scratch *s, const siglip
     }
 }
 
+/* the per-token deep terms of image b of the chunk into tokens (L, N, H, D) of the result:
+ * per layer l and head h', the head's term at every token, t (N, W), then
+ *   tokens[l, :, h'] = ((gamma * (t - mu / (K H))) @ W_V^T, pooling head h's slice scaled by
+ *                       c[h, :]) @ W_O^T + pool_const / (K H N),   all / ||emb||
+ * (c is in sc->c, from siglip_coefs) */
+static void siglip_deep_tokens(const cd_model *m, const siglip_scratch *s,
+                               const siglip_thread *sc, int b, float *tokens, float inv_norm) {
+    const cd_config *cf = &m->cfg;
+    const cd_weights *w = &m->w;
+    const int W = cf->width, H = cf->heads, L = cf->layers, d = W / H;
+    const int G = cf->image_size / cf->patch_size, N = G * G;
+    const size_t NW = (size_t)N * W;
+    const float kh = 1.0f / ((float)(2 * L + 1) * H), kc = kh / (float)N, inv_h = 1.0f / H;
+    const float *keep = s->keep + idx_bld((size_t)b, 0, 2 * (size_t)L + 1, NW);
+    const float *mu = s->mu + (size_t)b * N, *gamma = w->ln_post_w;
+    for (int l = 0; l < L; l++) {
+        const cd_block *blk = &w->blocks[l];
+        const float *z = keep + (size_t)(L + 1 + l) * NW;   /* (N, W) heads concatenated */
+        for (int hp = 0; hp < H; hp++) {
+            /* tt (N, W) = gamma * (z[:, h'] @ W_O^l[:, h']^T + b_O^l / H - mu / (K H)) */
+            cd_sgemm_nt(N, W, d, 1.0f, z + (size_t)hp * d, W, blk->out_w + (size_t)hp * d, W,
+                        sc->tt, W, 0);
+            for (int i = 0; i < N; i++) {
+                float *row = sc->tt + (size_t)i * W;
+                const float sh = mu[i] * kh;
+                for (int j = 0; j < W; j++) row[j] = gamma[j] * (row[j] + blk->out_b[j] * inv_h - sh);
+            }
+            /* tv = tt @ W_V^T, pooling head h's columns scaled by c[h, i] */
+            cd_sgemm_nt(N, W, W, 1.0f, sc->tt, W, w->pool_v_w, W, sc->tv, W, 0);
+            for (int i = 0; i < N; i++)
+                for (int h = 0; h < H; h++) {
+                    const float ci = sc->c[(size_t)h * N + i];
+                    float *v = sc->tv + (size_t)i * W + (size_t)h * d;
+                    for (int j = 0; j < d; j++) v[j] *= ci;
+                }
+            cd_matmul(sc->to, sc->tv, &w->pool_out, NULL, N, 0);
+            for (int i = 0; i < N; i++) {
+                float *dst = tokens + idx_blnhd(0, l, i, hp, L, N, H, W);
+                const float *src = sc->to + (size_t)i * W;
+                for (int j = 0; j < W; j++) dst[j] = (src[j] + w->pool_const[j] * kc) * inv_norm;
+            }
+        }
+    }
+}
+
 /* images (Bc, 3, S, S) of the chunk starting at image b0 of the call */
 static cd_status siglip_forward_chunk(const cd_model *m, const cd_vision_opts *o,
                                       const cd_vision_result *r, siglip_scratch *s, int b0,
@@ -1718,7 +1779,7 @@ static cd_status siglip_forward_chunk(const cd_model *m, const cd_vision_opts *o
     const cd_weights *w = &m->w;
     const int Bc = s->Bc, W = c->width, H = c->heads, L = c->layers, F = c->mlp_dim;
     const int S = c->image_size, P = c->patch_size, G = S / P, N = G * G, d = W / H;
-    const int R = Bc * N, deep = o->heads || o->mlps;
+    const int R = Bc * N, rows_deep = o->heads || o->mlps, deep = rows_deep || o->tokens;
     const size_t NW = (size_t)N * W, K = 2 * (size_t)L + 1;
 
     /* x = patches @ conv^T + conv_b + pos */
@@ -1817,9 +1878,14 @@ static cd_status siglip_forward_chunk(const cd_model *m, const cd_vision_opts *o
             for (size_t t = 0; t < (size_t)N * H; t++)
                 for (int j = 0; j < W; j++) pt[t * W + j] += w->pool_out_b[j] * sh;
         }
-        if (deep)
+        if (rows_deep)
             siglip_deep(m, s, &sc, b, o->heads ? r->heads + idx_blhd(img, 0, 0, L, H, W) : NULL,
                         o->mlps ? r->mlps + idx_bld(img, 0, (size_t)L + 1, W) : NULL, inv);
+        if (o->tokens) {
+            if (!rows_deep) siglip_coefs(s, b, H, N, sc.c, NULL, NULL);
+            siglip_deep_tokens(m, s, &sc, b, r->tokens + idx_blnhd(img, 0, 0, 0, L, N, H, W),
+                               inv);
+        }
     }
     return CD_OK;
 }
@@ -1844,7 +1910,7 @@ int cd_vision_outputs(const cd_config *c, const cd_vision_opts *opts, int B, cd_
         {"heads", &r->heads, o->heads, 4, {Bn, L, H, D}},
         {"mlps", &r->mlps, o->mlps, 3, {Bn, L + 1, D}},
         {"cls_to_cls", &r->cls_to_cls, clip && o->cls_to_cls, 3, {Bn, L, D}},
-        {"tokens", &r->tokens, clip && o->tokens, 5, {Bn, L, Nn, H, D}},
+        {"tokens", &r->tokens, o->tokens, 5, {Bn, L, Nn, H, D}},
         {"probe", &r->probe_out, clip && o->probe != NULL, 5, {Bn, L, Nn, H, Tn}},
         {"attn_cls", &r->attn_cls, clip && o->attn, 4, {Bn, L, H, Nn}},
         {"attn_mean", &r->attn_mean, clip && o->attn, 4, {Bn, L, Nn, Nn}},
@@ -1900,13 +1966,13 @@ static cd_status check_images(const float *images, int B, int S, cd_error *err) 
 static cd_status check_vision_opts(const cd_config *c, const cd_vision_opts *o, cd_error *err) {
     const int W = c->width, H = c->heads, D = c->embed_dim;
     if (c->family == CD_FAMILY_SIGLIP) {
-        if (o->cls_to_cls || o->tokens || o->probe || o->n_probe || o->attn) {
-            set_err(err, "SigLIP has no class token: cls_to_cls, tokens, probe and attn are not "
-                    "offered (use pool_tokens for the pooling head's per-token terms, heads / "
-                    "mlps for the deep terms)");
+        if (o->cls_to_cls || o->probe || o->n_probe || o->attn || o->token_embeddings) {
+            set_err(err, "SigLIP has no class token: cls_to_cls, probe, attn and "
+                    "token_embeddings are not offered (use pool_tokens for the pooling head's "
+                    "per-token terms, heads / mlps / tokens for the deep terms)");
             return CD_ERR_VALUE;
         }
-        if (H > 1024 && (o->heads || o->mlps)) {
+        if (H > 1024 && (o->heads || o->mlps || o->tokens)) {
             set_err(err, "the deep decomposition supports at most 1024 heads, this model has %d",
                     H);
             return CD_ERR_VALUE;

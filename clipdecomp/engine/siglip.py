@@ -12,7 +12,8 @@ with a residual. Two decompositions are offered (``docs/decomposition.md``, "Sig
     attention is linear in its values, so the attention part splits over every layer and head
     of the encoder: ``heads [B, L, H, D]`` and ``mlps [B, L+2, D]`` (row 0 the patch and
     position embeddings, rows 1..L the MLPs of the layers, row L+1 the pooling MLP, the one
-    nonlinear term).
+    nonlinear term), and with ``spatial=True`` ``tokens [B, L, N, H, D]``: each encoder head's
+    term at each token the pooling head reads (summed over N: ``heads``).
 
 In both, every term is divided by ``||embedding||`` and ``heads.sum((1, 2)) + mlps.sum(1) ==
 embedding / ||embedding||``, so TextSpan, ablation, retrieval, heat maps and segmentation take
@@ -838,7 +839,10 @@ class SigLIP:
             pooling MLP). ``"deep"``: the attention part split over every layer and head of the
             encoder, the pooling MLP kept as the last row of ``mlps``.
         spatial : bool
-            Keep the per-token terms of the pooling attention (``depth="pool"`` only).
+            Keep per-token terms ``tokens``: with ``depth="pool"`` those of the pooling
+            attention per (token, pooling head), ``[B, 1, N, H, D]``; with ``depth="deep"``
+            those of every encoder head at every token read by the pooling head,
+            ``[B, L, N, H, D]`` (L * N * H * D floats per image), summing over N to ``heads``.
         batch_size : int
             Images per forward pass.
 
@@ -851,12 +855,11 @@ class SigLIP:
         >>> dec = model.decompose(images, spatial=True)                  # doctest: +SKIP
         >>> dec.tokens.shape                                             # doctest: +SKIP
         (2, 1, 196, 12, 768)
+        >>> model.decompose(images, depth="deep", spatial=True).tokens.shape  # doctest: +SKIP
+        (2, 12, 196, 12, 768)
         """
         if depth not in ("pool", "deep"):
             raise ValueError(f"depth must be 'pool' or 'deep', got {depth!r}")
-        if spatial and depth == "deep":
-            raise ValueError("per-token terms are offered for the pooling head (depth='pool'); "
-                             "the deep decomposition keeps heads [B, L, H, D] and mlps only")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         deep = depth == "deep"
@@ -868,12 +871,15 @@ class SigLIP:
         if deep:
             shapes.update(heads=(L, H, W), mlps=(L + 1, W))
         if spatial:
-            shapes["pool_tokens"] = (N, H, W)
+            shapes["tokens" if deep else "pool_tokens"] = (L if deep else 1, N, H, W)
         out = {k: np.empty((n,) + v, np.float32) for k, v in shapes.items()}
         for s, px in self._batches(images, batch_size):
             e = s + px.shape[0]
-            r = self._run(px, heads=deep, mlps=deep, pool_tokens=spatial,
-                          out={k: a[s:e] for k, a in out.items()})
+            dst = {k: a[s:e] for k, a in out.items()}
+            if "pool_tokens" in dst:
+                dst["pool_tokens"] = dst["pool_tokens"][:, 0]
+            r = self._run(px, heads=deep, mlps=deep, tokens=deep and spatial,
+                          pool_tokens=spatial and not deep, out=dst)
             _check_finite(r["embedding"], s, "decompose")
         if n == 0:
             raise ValueError("no images given")
@@ -882,11 +888,11 @@ class SigLIP:
         if deep:
             heads = out["heads"]       # the pooling MLP's term joins the mlps as their last row
             mlps = np.concatenate([out["mlps"], pool_mlp[:, None]], axis=1)
-            tokens = None
+            tokens = out.get("tokens")
         else:
             heads = pool_heads[:, None]
             mlps = pool_mlp[:, None]
-            tokens = out["pool_tokens"][:, None] if spatial else None
+            tokens = out.get("pool_tokens")
         return SiglipDecomposition(model_config=self.config, depth=depth, embedding=emb,
                                    ln_stats=stats, heads=heads, mlps=mlps, tokens=tokens,
                                    pool_heads=pool_heads, pool_mlp=pool_mlp, pool_attn=pool_attn)
@@ -930,8 +936,9 @@ class SiglipDecomposition(Decomposition):
     heads : float32 ``[B, 1, H, D]`` (pool) or ``[B, L, H, D]`` (deep)
     mlps : float32 ``[B, 1, D]`` (pool: the pooling MLP) or ``[B, L+2, D]`` (deep: row 0 the
         embeddings, rows 1..L the layers' MLPs, row L+1 the pooling MLP)
-    tokens : float32 ``[B, 1, N, H, D]``
-        The pooling attention per (token, head), with ``spatial=True`` (pool only).
+    tokens : float32 ``[B, 1, N, H, D]`` (pool) or ``[B, L, N, H, D]`` (deep)
+        With ``spatial=True``: the pooling attention per (token, pooling head), or each
+        encoder head's deep term per token (``tokens.sum(2) == heads``).
     pool_heads : float32 ``[B, H, D]``
         The pooling attention per head (the out-projection bias shared equally), both depths.
     pool_mlp : float32 ``[B, D]``
@@ -969,15 +976,17 @@ class SiglipDecomposition(Decomposition):
 
     @property
     def tokens(self) -> np.ndarray:
-        """float32 ``[B, 1, N, H, D]``: the pooling attention per (token, head)."""
+        """float32 ``[B, 1, N, H, D]`` (pool: the pooling attention per (token, head)) or
+        ``[B, L, N, H, D]`` (deep: each encoder head's term per token)."""
         if self._tokens is None:
             raise ValueError("per-token terms were not kept: call model.decompose(images, "
-                             f"depth='pool', spatial=True) ({format_bytes(self._token_bytes())} here)")
+                             f"depth={self.depth!r}, spatial=True) "
+                             f"({format_bytes(self._token_bytes())} here)")
         return self._tokens
 
     def project_tokens(self, directions: np.ndarray, batch_size: int | None = None,
                        progress: bool = False) -> np.ndarray:
-        """``tokens @ directions.T``: float32 ``[B, 1, N, H, T]`` (needs ``spatial=True``)."""
+        """``tokens @ directions.T``: float32 ``[B, L', N, H, T]`` (needs ``spatial=True``)."""
         d = np.asarray(directions, np.float32)
         if d.ndim == 1:
             d = d[None]
