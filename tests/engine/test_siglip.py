@@ -469,7 +469,7 @@ def test_deep_token_terms(name, tmp_path_factory):
     assert dec.tokens.shape == (2, L, N, H, D)
     heads, mlps, toks = _deep_oracle(m, x, c, tokens=True)
     assert rel(dec.tokens, toks) < 1e-4
-    assert rel(dec.heads, heads) < 1e-4
+    assert rel(dec.heads, heads) < 1e-4 and rel(dec.mlps[:, :-1], mlps) < 1e-4
     assert np.abs(dec.tokens.sum(2) - dec.heads).max() < 1e-5
     e = dec.embedding / dec.norm[:, None]
     assert np.abs(dec.tokens.sum((1, 2, 3)) + dec.mlps.sum(1) - e).max() < 1e-5
