@@ -127,7 +127,7 @@ typedef struct {
     int heads;        /* fill heads      (B, L, H, D) */
     int mlps;         /* fill mlps       (B, L+1, D)  row 0 = the ln_pre term */
     int cls_to_cls;   /* fill cls_to_cls (B, L, D) */
-    int tokens;       /* fill tokens     (B, L, N, H, D) */
+    int tokens;       /* fill tokens     (B, L, N, H, D); SigLIP: the deep per-token terms */
     const float *probe; int n_probe; /* optional (T, D) directions: fill probe_out (B, L, N, H, T) */
     int attn;         /* fill attn_cls (B, L, H, N) and attn_mean (B, L, N, N) */
     int threads;      /* <= 0: OpenMP default */
@@ -157,7 +157,9 @@ typedef struct {
     /* SigLIP only (the pooling head; H = pooling heads = encoder heads, D = W), each divided by
      * ||embedding||: pool_heads[b].sum(H) + pool_mlp[b] == embedding[b] / ||embedding[b]||.
      * heads / mlps then hold the deep terms of the attention part:
-     *   heads[b].sum(L, H) + mlps[b].sum(L+1) == pool_heads[b].sum(H)   (docs/decomposition.md) */
+     *   heads[b].sum(L, H) + mlps[b].sum(L+1) == pool_heads[b].sum(H)   (docs/decomposition.md)
+     * and tokens (B, L, N, H, D) each encoder head's deep term at each token:
+     *   tokens[b].sum(N) == heads[b] */
     float *pool_heads;  /* (B, H, D) the pooling attention per head, out-proj bias / H each */
     float *pool_tokens; /* (B, N, H, D) per (token, head), out-proj bias / (N H) each */
     float *pool_mlp;    /* (B, D) the pooling MLP's output (the residual's second branch) */
@@ -166,9 +168,9 @@ typedef struct {
     size_t block_bytes;
 } cd_vision_result;
 
-/* images: (B, 3, S, S) float32, already normalised. SigLIP refuses cls_to_cls, tokens, probe
- * and attn (the class-token arrays) with CD_ERR_VALUE; pool_heads, pool_mlp and pool_attn are
- * always filled for it. The result is allocated by the core (free it with
+/* images: (B, 3, S, S) float32, already normalised. SigLIP refuses cls_to_cls, probe, attn and
+ * token_embeddings (the class-token arrays) with CD_ERR_VALUE; pool_heads, pool_mlp and
+ * pool_attn are always filled for it. The result is allocated by the core (free it with
  * cd_vision_result_free); cd_encode_image_into fills arrays the caller allocated. */
 cd_status cd_encode_image(const cd_model *m, const float *images, int B,
                           const cd_vision_opts *opts, cd_vision_result **out, cd_error *err);

@@ -1239,6 +1239,7 @@ typedef enum {
 } scratch_scale;
 
 typedef struct { float **dst; scratch_scale per; size_t a, b; int on; } scratch_spec;
+#define MAX_SCRATCH_SPECS 32  /* arrays of one call's scratch, at most */
 
 static size_t scale_count(scratch_scale per, size_t Bc, size_t nthreads) {
     switch (per) {
@@ -1329,9 +1330,9 @@ static int vision_scratch_specs(vision_scratch *s, scratch_spec *sp, const cd_co
         {&s->blk.tiles, PER_THREAD, rows, N, 1}, {&s->av, PER_THREAD, N, d, 1},
         {&s->probe_fold, PER_CALL, L * W, T, probe},
     };
-    const int k = (int)(sizeof spec / sizeof spec[0]);
+    _Static_assert(sizeof spec / sizeof spec[0] <= MAX_SCRATCH_SPECS, "too many arrays");
     memcpy(sp, spec, sizeof spec);
-    return k;
+    return (int)(sizeof spec / sizeof spec[0]);
 }
 
 typedef struct {
@@ -1645,9 +1646,9 @@ static int siglip_scratch_specs(siglip_scratch *s, scratch_spec *sp, const cd_co
         {&s->y, PER_WORKER, R, W, rows_deep}, {&s->tt, PER_WORKER, N, W, o->tokens},
         {&s->tv, PER_WORKER, N, W, o->tokens}, {&s->to, PER_WORKER, N, W, o->tokens},
     };
-    const int k = (int)(sizeof spec / sizeof spec[0]);
+    _Static_assert(sizeof spec / sizeof spec[0] <= MAX_SCRATCH_SPECS, "too many arrays");
     memcpy(sp, spec, sizeof spec);
-    return k;
+    return (int)(sizeof spec / sizeof spec[0]);
 }
 
 /* c (H, N) = p / sigma of image b of the chunk; csum[h] = sum_i c[h, i], cmu[h] = sum_i c[h, i]
@@ -2017,7 +2018,7 @@ static cd_status vision_validate(const cd_model *m, const float *images, int B,
 typedef struct {
     vision_scratch clip;
     siglip_scratch siglip;
-    scratch_spec spec[24];
+    scratch_spec spec[MAX_SCRATCH_SPECS];
     int n_spec;
 } image_scratch;
 
@@ -2069,7 +2070,7 @@ too_big:
 
 /* allocate: the scratch of chunks of `chunk` images (NULL when memory is short) */
 static void *image_scratch_alloc(image_scratch *s, int chunk, int nthreads) {
-    plan_item it[24];
+    plan_item it[MAX_SCRATCH_SPECS];
     const int k = scratch_items(s->spec, s->n_spec, (size_t)chunk, (size_t)nthreads, it);
     if (k < 0) return NULL;
     s->clip.Bc = s->siglip.Bc = chunk;
