@@ -1603,12 +1603,17 @@ typedef struct {
     float *u;          /* (R, H, W) R = L+1 + L*H raw rows, per pooling head */
     float *zu;         /* (R, W) */
     float *y;          /* (R, W) */
-    float *tt, *tv, *to; /* (N, W) each, per-token deep terms: a head's term at every token,
-                          * through W_V, through W_O */
+    float *tv, *to;    /* (N, W) each, per-token deep terms: a head's term at every token
+                        * through W_V, then through W_O */
+    /* per call, per-token deep terms only: */
+    float *vg;         /* (W, W) W_V diag(gamma) */
+    float *vfold;      /* (L, W, W) vg @ W_O^l: column block h' maps head h' of layer l */
+    float *vb;         /* (L, W) vg @ b_O^l / H */
+    float *vsum;       /* (W) vg @ 1 */
 } siglip_scratch;
 
 /* one thread's share of the per-thread scratch */
-typedef struct { float *av, *c, *u, *zu, *y, *tt, *tv, *to; } siglip_thread;
+typedef struct { float *av, *c, *u, *zu, *y, *tv, *to; } siglip_thread;
 
 static siglip_thread siglip_thread_scratch(const siglip_scratch *s, const cd_config *cf, int t) {
     const size_t W = (size_t)cf->width, H = (size_t)cf->heads, L = (size_t)cf->layers;
@@ -1617,8 +1622,7 @@ static siglip_thread siglip_thread_scratch(const siglip_scratch *s, const cd_con
     siglip_thread sc = {s->av + ts * N * d, s->c ? s->c + ts * H * N : NULL,
                         s->u ? s->u + ts * R * H * W : NULL,
                         s->zu ? s->zu + ts * R * W : NULL, s->y ? s->y + ts * R * W : NULL,
-                        s->tt ? s->tt + ts * N * W : NULL, s->tv ? s->tv + ts * N * W : NULL,
-                        s->to ? s->to + ts * N * W : NULL};
+                        s->tv ? s->tv + ts * N * W : NULL, s->to ? s->to + ts * N * W : NULL};
     return sc;
 }
 
@@ -1643,8 +1647,10 @@ static int siglip_scratch_specs(siglip_scratch *s, scratch_spec *sp, const cd_co
         {&s->blk.tiles, PER_THREAD, rows, N, 1},
         {&s->av, PER_WORKER, N, d, 1}, {&s->c, PER_WORKER, H, N, deep},
         {&s->u, PER_WORKER, R * H, W, rows_deep}, {&s->zu, PER_WORKER, R, W, rows_deep},
-        {&s->y, PER_WORKER, R, W, rows_deep}, {&s->tt, PER_WORKER, N, W, o->tokens},
+        {&s->y, PER_WORKER, R, W, rows_deep},
         {&s->tv, PER_WORKER, N, W, o->tokens}, {&s->to, PER_WORKER, N, W, o->tokens},
+        {&s->vg, PER_CALL, W, W, o->tokens}, {&s->vfold, PER_CALL, L * W, W, o->tokens},
+        {&s->vb, PER_CALL, L, W, o->tokens}, {&s->vsum, PER_CALL, W, 1, o->tokens},
     };
     _Static_assert(sizeof spec / sizeof spec[0] <= MAX_SCRATCH_SPECS, "too many arrays");
     memcpy(sp, spec, sizeof spec);
@@ -1727,11 +1733,37 @@ static void siglip_deep(const cd_model *m, const siglip_scratch *s, const siglip
     }
 }
 
-/* the per-token deep terms of image b of the chunk into tokens (L, N, H, D) of the result:
- * per layer l and head h', the head's term at every token, t (N, W), then
- *   tokens[l, :, h'] = ((gamma * (t - mu / (K H))) @ W_V^T, pooling head h's slice scaled by
- *                       c[h, :]) @ W_O^T + pool_const / (K H N),   all / ||emb||
- * (c is in sc->c, from siglip_coefs) */
+/* the per-call maps of the per-token deep terms: W_V diag(gamma) folded into each layer's
+ * out-projection (vfold), and the images of the constant rows (vb, vsum) */
+static void siglip_token_fold(const cd_model *m, siglip_scratch *s) {
+    const cd_config *cf = &m->cfg;
+    const cd_weights *w = &m->w;
+    const int W = cf->width, H = cf->heads, L = cf->layers;
+    const float *gamma = w->ln_post_w;
+    for (int o = 0; o < W; o++) {
+        double sum = 0.0;
+        for (int j = 0; j < W; j++) {
+            const float v = w->pool_v_w[(size_t)o * W + j] * gamma[j];
+            s->vg[(size_t)o * W + j] = v;
+            sum += v;
+        }
+        s->vsum[o] = (float)sum;
+    }
+    const float inv_h = 1.0f / H;
+    for (int l = 0; l < L; l++) {
+        const cd_block *blk = &w->blocks[l];
+        cd_sgemm_nn(W, W, W, 1.0f, s->vg, W, blk->out_w, W, s->vfold + idx_bld(l, 0, W, W), W,
+                    0);
+        cd_sgemm_nt(1, W, W, inv_h, blk->out_b, W, s->vg, W, s->vb + (size_t)l * W, W, 0);
+    }
+}
+
+/* the per-token deep terms of image b of the chunk into tokens (L, N, H, D) of the result: per
+ * layer l and head h', with z (N, d) the head's attention output at every token,
+ *   tv = z @ vfold[l][:, h']^T + vb[l] - mu / (K H) vsum
+ *      = (gamma * (W_O^l[:, h'] z + b_O^l / H - mu / (K H))) @ W_V^T,
+ * pooling head h's columns scaled by c[h, :] (sc->c, from siglip_coefs), then
+ *   tokens[l, :, h'] = (tv @ W_O^T + pool_const / (K H N)) / ||emb|| */
 static void siglip_deep_tokens(const cd_model *m, const siglip_scratch *s,
                                const siglip_thread *sc, int b, float *tokens, float inv_norm) {
     const cd_config *cf = &m->cfg;
@@ -1739,29 +1771,24 @@ static void siglip_deep_tokens(const cd_model *m, const siglip_scratch *s,
     const int W = cf->width, H = cf->heads, L = cf->layers, d = W / H;
     const int G = cf->image_size / cf->patch_size, N = G * G;
     const size_t NW = (size_t)N * W;
-    const float kh = 1.0f / ((float)(2 * L + 1) * H), kc = kh / (float)N, inv_h = 1.0f / H;
+    const float kh = 1.0f / ((float)(2 * L + 1) * H), kc = kh / (float)N;
     const float *keep = s->keep + idx_bld((size_t)b, 0, 2 * (size_t)L + 1, NW);
-    const float *mu = s->mu + (size_t)b * N, *gamma = w->ln_post_w;
+    const float *mu = s->mu + (size_t)b * N;
     for (int l = 0; l < L; l++) {
-        const cd_block *blk = &w->blocks[l];
         const float *z = keep + (size_t)(L + 1 + l) * NW;   /* (N, W) heads concatenated */
+        const float *vf = s->vfold + idx_bld(l, 0, W, W), *vb = s->vb + (size_t)l * W;
         for (int hp = 0; hp < H; hp++) {
-            /* tt (N, W) = gamma * (z[:, h'] @ W_O^l[:, h']^T + b_O^l / H - mu / (K H)) */
-            cd_sgemm_nt(N, W, d, 1.0f, z + (size_t)hp * d, W, blk->out_w + (size_t)hp * d, W,
-                        sc->tt, W, 0);
+            cd_sgemm_nt(N, W, d, 1.0f, z + (size_t)hp * d, W, vf + (size_t)hp * d, W, sc->tv, W,
+                        0);
             for (int i = 0; i < N; i++) {
-                float *row = sc->tt + (size_t)i * W;
+                float *row = sc->tv + (size_t)i * W;
                 const float sh = mu[i] * kh;
-                for (int j = 0; j < W; j++) row[j] = gamma[j] * (row[j] + blk->out_b[j] * inv_h - sh);
-            }
-            /* tv = tt @ W_V^T, pooling head h's columns scaled by c[h, i] */
-            cd_sgemm_nt(N, W, W, 1.0f, sc->tt, W, w->pool_v_w, W, sc->tv, W, 0);
-            for (int i = 0; i < N; i++)
                 for (int h = 0; h < H; h++) {
                     const float ci = sc->c[(size_t)h * N + i];
-                    float *v = sc->tv + (size_t)i * W + (size_t)h * d;
-                    for (int j = 0; j < d; j++) v[j] *= ci;
+                    for (int j = h * d; j < (h + 1) * d; j++)
+                        row[j] = (row[j] + vb[j] - sh * s->vsum[j]) * ci;
                 }
+            }
             cd_matmul(sc->to, sc->tv, &w->pool_out, NULL, N, 0);
             for (int i = 0; i < N; i++) {
                 float *dst = tokens + idx_blnhd(0, l, i, hp, L, N, H, W);
@@ -2105,6 +2132,7 @@ static cd_status siglip_run(const cd_model *m, const float *images, int B,
                             const cd_vision_opts *o, const cd_vision_result *r,
                             siglip_scratch *s) {
     const int S = m->cfg.image_size, chunk = s->Bc;
+    if (o->tokens) siglip_token_fold(m, s);
     for (int b0 = 0; b0 < B; b0 += chunk) {
         s->Bc = B - b0 < chunk ? B - b0 : chunk;
         cd_status st = siglip_forward_chunk(m, o, r, s, b0, images + (size_t)b0 * 3 * S * S);
