@@ -1603,8 +1603,8 @@ typedef struct {
     float *u;          /* (R, H, W) R = L+1 + L*H raw rows, per pooling head */
     float *zu;         /* (R, W) */
     float *y;          /* (R, W) */
-    float *tv, *to;    /* (N, W) each, per-token deep terms: a head's term at every token
-                        * through W_V, then through W_O */
+    float *tv;         /* (N, H, W) per-token deep terms: the heads' terms of one layer at
+                        * every token, through W_V */
     /* per call, per-token deep terms only: */
     float *vg;         /* (W, W) W_V diag(gamma) */
     float *vfold;      /* (L, W, W) vg @ W_O^l: column block h' maps head h' of layer l */
@@ -1613,7 +1613,7 @@ typedef struct {
 } siglip_scratch;
 
 /* one thread's share of the per-thread scratch */
-typedef struct { float *av, *c, *u, *zu, *y, *tv, *to; } siglip_thread;
+typedef struct { float *av, *c, *u, *zu, *y, *tv; } siglip_thread;
 
 static siglip_thread siglip_thread_scratch(const siglip_scratch *s, const cd_config *cf, int t) {
     const size_t W = (size_t)cf->width, H = (size_t)cf->heads, L = (size_t)cf->layers;
@@ -1622,7 +1622,7 @@ static siglip_thread siglip_thread_scratch(const siglip_scratch *s, const cd_con
     siglip_thread sc = {s->av + ts * N * d, s->c ? s->c + ts * H * N : NULL,
                         s->u ? s->u + ts * R * H * W : NULL,
                         s->zu ? s->zu + ts * R * W : NULL, s->y ? s->y + ts * R * W : NULL,
-                        s->tv ? s->tv + ts * N * W : NULL, s->to ? s->to + ts * N * W : NULL};
+                        s->tv ? s->tv + ts * N * H * W : NULL};
     return sc;
 }
 
@@ -1648,7 +1648,7 @@ static int siglip_scratch_specs(siglip_scratch *s, scratch_spec *sp, const cd_co
         {&s->av, PER_WORKER, N, d, 1}, {&s->c, PER_WORKER, H, N, deep},
         {&s->u, PER_WORKER, R * H, W, rows_deep}, {&s->zu, PER_WORKER, R, W, rows_deep},
         {&s->y, PER_WORKER, R, W, rows_deep},
-        {&s->tv, PER_WORKER, N, W, o->tokens}, {&s->to, PER_WORKER, N, W, o->tokens},
+        {&s->tv, PER_WORKER, N * H, W, o->tokens},
         {&s->vg, PER_CALL, W, W, o->tokens}, {&s->vfold, PER_CALL, L * W, W, o->tokens},
         {&s->vb, PER_CALL, L, W, o->tokens}, {&s->vsum, PER_CALL, W, 1, o->tokens},
     };
@@ -1760,10 +1760,11 @@ static void siglip_token_fold(const cd_model *m, siglip_scratch *s) {
 
 /* the per-token deep terms of image b of the chunk into tokens (L, N, H, D) of the result: per
  * layer l and head h', with z (N, d) the head's attention output at every token,
- *   tv = z @ vfold[l][:, h']^T + vb[l] - mu / (K H) vsum
- *      = (gamma * (W_O^l[:, h'] z + b_O^l / H - mu / (K H))) @ W_V^T,
- * pooling head h's columns scaled by c[h, :] (sc->c, from siglip_coefs), then
- *   tokens[l, :, h'] = (tv @ W_O^T + pool_const / (K H N)) / ||emb|| */
+ *   tv[:, h'] = z @ vfold[l][:, h']^T + vb[l] - mu / (K H) vsum
+ *             = (gamma * (W_O^l[:, h'] z + b_O^l / H - mu / (K H))) @ W_V^T,
+ * pooling head h's columns scaled by c[h, :] (sc->c, from siglip_coefs), then for the whole
+ * layer at once
+ *   tokens[l] (N*H, W) = (tv @ W_O^T + pool_const / (K H N)) / ||emb|| */
 static void siglip_deep_tokens(const cd_model *m, const siglip_scratch *s,
                                const siglip_thread *sc, int b, float *tokens, float inv_norm) {
     const cd_config *cf = &m->cfg;
@@ -1778,10 +1779,11 @@ static void siglip_deep_tokens(const cd_model *m, const siglip_scratch *s,
         const float *z = keep + (size_t)(L + 1 + l) * NW;   /* (N, W) heads concatenated */
         const float *vf = s->vfold + idx_bld(l, 0, W, W), *vb = s->vb + (size_t)l * W;
         for (int hp = 0; hp < H; hp++) {
-            cd_sgemm_nt(N, W, d, 1.0f, z + (size_t)hp * d, W, vf + (size_t)hp * d, W, sc->tv, W,
-                        0);
+            float *tv = sc->tv + (size_t)hp * W;                /* rows (i, h') of (N, H, W) */
+            cd_sgemm_nt(N, W, d, 1.0f, z + (size_t)hp * d, W, vf + (size_t)hp * d, W, tv,
+                        H * W, 0);
             for (int i = 0; i < N; i++) {
-                float *row = sc->tv + (size_t)i * W;
+                float *row = tv + (size_t)i * H * W;
                 const float sh = mu[i] * kh;
                 for (int h = 0; h < H; h++) {
                     const float ci = sc->c[(size_t)h * N + i];
@@ -1789,13 +1791,12 @@ static void siglip_deep_tokens(const cd_model *m, const siglip_scratch *s,
                         row[j] = (row[j] + vb[j] - sh * s->vsum[j]) * ci;
                 }
             }
-            cd_matmul(sc->to, sc->tv, &w->pool_out, NULL, N, 0);
-            for (int i = 0; i < N; i++) {
-                float *dst = tokens + idx_blnhd(0, l, i, hp, L, N, H, W);
-                const float *src = sc->to + (size_t)i * W;
-                for (int j = 0; j < W; j++) dst[j] = (src[j] + w->pool_const[j] * kc) * inv_norm;
-            }
         }
+        float *dst = tokens + idx_blnhd(0, l, 0, 0, L, N, H, W);
+        cd_matmul(dst, sc->tv, &w->pool_out, NULL, N * H, 0);
+        for (size_t t = 0; t < (size_t)N * H; t++)
+            for (int j = 0; j < W; j++)
+                dst[t * W + j] = (dst[t * W + j] + w->pool_const[j] * kc) * inv_norm;
     }
 }
 
