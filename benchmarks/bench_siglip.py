@@ -10,7 +10,9 @@ warm-up round, so that a busy spell falls on all of them alike):
 * ``clipdecomp encode_image``: the embedding only;
 * ``clipdecomp decompose pool``: the reference decomposition (per-head terms, MLP term);
 * ``clipdecomp decompose pool, spatial``: with the (token, head) terms ``[B, 1, N, H, D]``;
-* ``clipdecomp decompose deep``: heads ``[B, L, H, D]`` and mlps ``[B, L+2, D]``.
+* ``clipdecomp decompose deep``: heads ``[B, L, H, D]`` and mlps ``[B, L+2, D]``;
+* ``clipdecomp decompose deep, spatial``: with each encoder head's term per token
+  ``[B, L, N, H, D]``.
 
 Both sides use ``--threads`` threads (``torch.set_num_threads`` and the core's ``threads``);
 the command, the instruction-set path and the versions are printed with the table.
@@ -100,6 +102,8 @@ def run(threads: int, reps: int, batch: int) -> tuple[list[tuple[str, float]], d
              lambda: model.decompose(x, spatial=True, batch_size=batch)),
             ("clipdecomp decompose deep",
              lambda: model.decompose(x, depth="deep", batch_size=batch)),
+            ("clipdecomp decompose deep, spatial",
+             lambda: model.decompose(x, depth="deep", spatial=True, batch_size=batch)),
         ]
         times = _best_round_robin([fn for _, fn in named], reps)
         rows = [(name, t) for (name, _), t in zip(named, times)]

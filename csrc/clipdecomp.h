@@ -127,7 +127,7 @@ typedef struct {
     int heads;        /* fill heads      (B, L, H, D) */
     int mlps;         /* fill mlps       (B, L+1, D)  row 0 = the ln_pre term */
     int cls_to_cls;   /* fill cls_to_cls (B, L, D) */
-    int tokens;       /* fill tokens     (B, L, N, H, D) */
+    int tokens;       /* fill tokens     (B, L, N, H, D); SigLIP: the deep per-token terms */
     const float *probe; int n_probe; /* optional (T, D) directions: fill probe_out (B, L, N, H, T) */
     int attn;         /* fill attn_cls (B, L, H, N) and attn_mean (B, L, N, N) */
     int threads;      /* <= 0: OpenMP default */
@@ -157,7 +157,9 @@ typedef struct {
     /* SigLIP only (the pooling head; H = pooling heads = encoder heads, D = W), each divided by
      * ||embedding||: pool_heads[b].sum(H) + pool_mlp[b] == embedding[b] / ||embedding[b]||.
      * heads / mlps then hold the deep terms of the attention part:
-     *   heads[b].sum(L, H) + mlps[b].sum(L+1) == pool_heads[b].sum(H)   (docs/decomposition.md) */
+     *   heads[b].sum(L, H) + mlps[b].sum(L+1) == pool_heads[b].sum(H)   (docs/decomposition.md)
+     * and tokens (B, L, N, H, D) each encoder head's deep term at each token:
+     *   tokens[b].sum(N) == heads[b] */
     float *pool_heads;  /* (B, H, D) the pooling attention per head, out-proj bias / H each */
     float *pool_tokens; /* (B, N, H, D) per (token, head), out-proj bias / (N H) each */
     float *pool_mlp;    /* (B, D) the pooling MLP's output (the residual's second branch) */
@@ -166,12 +168,56 @@ typedef struct {
     size_t block_bytes;
 } cd_vision_result;
 
-/* images: (B, 3, S, S) float32, already normalised. SigLIP refuses cls_to_cls, tokens, probe
- * and attn (the class-token arrays) with CD_ERR_VALUE; pool_heads, pool_mlp and pool_attn are
- * always filled for it. */
+/* images: (B, 3, S, S) float32, already normalised. SigLIP refuses cls_to_cls, probe, attn and
+ * token_embeddings (the class-token arrays) with CD_ERR_VALUE; pool_heads, pool_mlp and
+ * pool_attn are always filled for it. The result is allocated by the core (free it with
+ * cd_vision_result_free); cd_encode_image_into fills arrays the caller allocated. */
 cd_status cd_encode_image(const cd_model *m, const float *images, int B,
                           const cd_vision_opts *opts, cd_vision_result **out, cd_error *err);
 void cd_vision_result_free(cd_vision_result *r);
+
+/* One output array of an image call: its name, its shape (dims[0] = B) and the field of a
+ * cd_vision_result that points to it. */
+typedef struct {
+    const char *name;   /* "embedding", "ln_stats", "heads", ..., "probe" (probe_out), ... */
+    int ndim;
+    int64_t dims[5];
+    float **slot;
+} cd_vision_output;
+#define CD_VISION_MAX_OUTPUTS 16
+
+/* The arrays that an image call with `opts` (NULL: none) fills for B images on a model of config
+ * `c`, in the order of cd_vision_result, with slots into *r; also sets r->B .. r->W. Returns how
+ * many (at most CD_VISION_MAX_OUTPUTS). Options the family does not offer are left out here and
+ * refused by the call. */
+int cd_vision_outputs(const cd_config *c, const cd_vision_opts *opts, int B, cd_vision_result *r,
+                      cd_vision_output *outs);
+
+/* As cd_encode_image, into arrays the caller allocated: every array cd_vision_outputs lists must
+ * be set in *out (float32, C order, its shape), the others are ignored; out->block is not used.
+ * Every element of the listed arrays is written. The arrays must not overlap each other or the
+ * images. */
+cd_status cd_encode_image_into(const cd_model *m, const float *images, int B,
+                               const cd_vision_opts *opts, cd_vision_result *out, cd_error *err);
+
+/* The memory of an image call. */
+typedef struct {
+    int chunk;                 /* images the core computes at once */
+    int threads;               /* OpenMP threads of the call */
+    size_t scratch_per_image;  /* bytes of activations per image of a chunk */
+    size_t scratch_fixed;      /* bytes of scratch per call that do not grow with the chunk
+                                * (attention tiles, per-thread buffers, the probe's fold) */
+    size_t model_bytes;        /* bytes the model keeps from the first such call on (the
+                                * per-token fold of tokens / probe), 0 if none */
+    size_t result_per_image;   /* bytes of the output arrays per image */
+} cd_vision_plan;
+
+/* The plan of an image call of B images with `opts` on a model of config `c` (checked as
+ * cd_model_load checks it) within a scratch budget in bytes (0: the core's default, 256 MiB):
+ * the call then allocates chunk * scratch_per_image + scratch_fixed bytes of scratch, and the
+ * caller result_per_image * B bytes of outputs. */
+cd_status cd_encode_image_plan(const cd_config *c, const cd_vision_opts *opts, int B,
+                               size_t budget, cd_vision_plan *plan, cd_error *err);
 
 /* tokens: (T, C) int32 token ids; features at argmax(ids) (the end-of-text token), or at the
  * last position C - 1 for SigLIP (whose ids are padded to C).

@@ -4,15 +4,19 @@
  *       .config -> dict, .layout -> "open_clip" | "hf", .path -> str,
  *       .raw_logit_scale -> float | None (as stored: a log)
  *       .encode_image(pixels [B, 3, S, S], *, heads=False, mlps=False, cls_to_cls=False,
- *                     tokens=False, probe=None [T, D], attn=False, threads=0) -> dict
+ *                     tokens=False, probe=None [T, D], attn=False, threads=0,
+ *                     token_embeddings=False, pool_tokens=False, out=None) -> dict
  *           keys: embedding [B, D], ln_stats [B, 3] and, as requested, heads [B, L, H, D],
  *           mlps [B, L+1, D], cls_to_cls [B, L, D], tokens [B, L, N, H, D],
- *           probe [B, L, N, H, T], attn_cls [B, L, H, N], attn_mean [B, L, N, N]
- *           (float32 views over one block owned by a capsule: zero-copy)
+ *           probe [B, L, N, H, T], attn_cls [B, L, H, N], attn_mean [B, L, N, N], ... (the
+ *           list is cd_vision_outputs'). The core writes into out[key] where the caller gives
+ *           an array (float32, C order, that shape: e.g. a slice of a larger result), into a
+ *           new array otherwise; the dict holds those arrays.
  *       .neuron_coefs(pixels, layer, *, record=None, threads=0, scratch_budget=0) -> dict
  *           (neurons.h)
- *       .encode_text(ids [T, C], *, threads=0) -> [T, D]
+ *       .encode_text(ids [T, C], *, threads=0, out=None [T, D]) -> [T, D] (out when given)
  *       .set_precision("bf16" | "bf16-emulated"), .precision -> "fp32" | "bf16" | "bf16-emulated"
+ *   image_plan(config, images, **options) -> dict: the memory of an encode_image call
  *   isa(), set_isa(name), has_bf16(), _matmul, _sgemm_nt, _sgemm_nn (kernel tests),
  *   _moments_update (HeadStats: per-head second moments), _neuron_fold_apply (neurons.h)
  *
@@ -326,35 +330,131 @@ static PyObject *Model_get_logit_bias(ModelObject *self, void *closure) {
     return PyFloat_FromDouble((double)v);
 }
 
-static void result_capsule_free(PyObject *cap) {
-    cd_vision_result_free((cd_vision_result *)PyCapsule_GetPointer(cap, "clipdecomp._core.result"));
+/* [lo, hi) of the bytes an array with non-negative strides spans (hi == lo when empty) */
+static void array_extent(PyArrayObject *a, char **lo, char **hi) {
+    char *p = (char *)PyArray_DATA(a);
+    npy_intp last = PyArray_ITEMSIZE(a);
+    for (int i = 0; i < PyArray_NDIM(a); i++) {
+        if (PyArray_DIM(a, i) == 0) { *lo = *hi = p; return; }
+        last += (PyArray_DIM(a, i) - 1) * PyArray_STRIDE(a, i);
+    }
+    *lo = p;
+    *hi = p + last;
 }
 
-/* a float32 array over `data`, kept alive by `owner` */
-static PyObject *view(PyObject *owner, float *data, int nd, const npy_intp *dims) {
-    PyArray_Descr *descr = PyArray_DescrFromType(NPY_FLOAT32);
-    if (!descr) return NULL;
-    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, (npy_intp *)dims, NULL, data,
-                                         NPY_ARRAY_CARRAY, NULL);
-    if (!arr) return NULL;
-    Py_INCREF(owner);
-    if (PyArray_SetBaseObject((PyArrayObject *)arr, owner) < 0) {  /* steals owner */
-        Py_DECREF(arr);
-        return NULL;
+static int arrays_overlap(PyArrayObject *a, PyArrayObject *b) {
+    char *alo, *ahi, *blo, *bhi;
+    array_extent(a, &alo, &ahi);
+    array_extent(b, &blo, &bhi);
+    return alo < bhi && blo < ahi;
+}
+
+static PyObject *dims_tuple(int nd, const npy_intp *dims) {
+    PyObject *t = PyTuple_New(nd);
+    for (int i = 0; t && i < nd; i++) {
+        PyObject *v = PyLong_FromSsize_t((Py_ssize_t)dims[i]);
+        if (!v) {
+            Py_CLEAR(t);
+            break;
+        }
+        PyTuple_SET_ITEM(t, i, v);
     }
-    return arr;
+    return t;
+}
+
+/* An output array given by the caller as out[name]: float32, C-contiguous, aligned, writeable,
+ * of shape dims. Returns a new reference, or NULL with ValueError / TypeError set. */
+static PyArrayObject *out_array(PyObject *obj, const char *name, int nd, const npy_intp *dims) {
+    PyArrayObject *a = PyArray_Check(obj) ? (PyArrayObject *)obj : NULL;
+    int ok = a && PyArray_TYPE(a) == NPY_FLOAT32 && PyArray_IS_C_CONTIGUOUS(a) &&
+             PyArray_ISALIGNED(a) && PyArray_ISWRITEABLE(a) && PyArray_NDIM(a) == nd;
+    for (int i = 0; ok && i < nd; i++) ok = PyArray_DIM(a, i) == dims[i];
+    if (ok) {
+        Py_INCREF(obj);
+        return a;
+    }
+    PyObject *want = dims_tuple(nd, dims);
+    if (!want) return NULL;
+    if (!a)
+        PyErr_Format(PyExc_TypeError, "out['%s'] must be a numpy array of shape %R, got %s", name,
+                     want, Py_TYPE(obj)->tp_name);
+    else {
+        PyObject *got = PyObject_GetAttrString(obj, "shape");
+        if (got)
+            PyErr_Format(PyExc_ValueError, "out['%s'] must be a writeable, C-contiguous, aligned "
+                         "float32 array of shape %R; got %s %R%s%s", name, want,
+                         PyArray_DESCR(a)->typeobj->tp_name, got,
+                         PyArray_IS_C_CONTIGUOUS(a) ? "" : ", not C-contiguous",
+                         PyArray_ISWRITEABLE(a) ? "" : ", read-only");
+        Py_XDECREF(got);
+    }
+    Py_DECREF(want);
+    return NULL;
+}
+
+/* Every key of out (a dict or None) names one of the n outputs of the call. */
+static int check_out_keys(PyObject *out, const char *const *names, int n) {
+    if (out == Py_None) return 0;
+    PyObject *key, *val;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(out, &pos, &key, &val)) {
+        const char *k = PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : NULL;
+        int found = 0;
+        for (int i = 0; k && i < n; i++) found |= !strcmp(k, names[i]);
+        if (!found) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "out[%R]: not an output of this call", key);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The output arrays of a call: out[name] where given (checked), else new empty arrays (the core
+ * writes every element). None of them may overlap another or the inputs `ins`. */
+static int output_arrays(PyObject *out, int k, const char *const *names, const int *nds,
+                         npy_intp (*dims)[5], PyArrayObject **arrs, PyArrayObject **ins,
+                         int n_ins) {
+    if (check_out_keys(out, names, k)) return -1;
+    for (int i = 0; i < k; i++) {
+        PyObject *given = out != Py_None ? PyDict_GetItemString(out, names[i]) : NULL;
+        if (given) {
+            arrs[i] = out_array(given, names[i], nds[i], dims[i]);
+            if (!arrs[i]) return -1;
+            for (int j = 0; j < i + n_ins; j++) {
+                PyArrayObject *other = j < i ? arrs[j] : ins[j - i];
+                if (other && arrays_overlap(arrs[i], other)) {
+                    if (j < i)
+                        PyErr_Format(PyExc_ValueError, "out['%s'] shares memory with out['%s']",
+                                     names[i], names[j]);
+                    else
+                        PyErr_Format(PyExc_ValueError, "out['%s'] shares memory with an input",
+                                     names[i]);
+                    return -1;
+                }
+            }
+        } else {
+            arrs[i] = (PyArrayObject *)PyArray_SimpleNew(nds[i], dims[i], NPY_FLOAT32);
+            if (!arrs[i]) return -1;
+        }
+    }
+    return 0;
 }
 
 static PyObject *Model_encode_image(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"pixels", "heads", "mlps", "cls_to_cls", "tokens", "probe", "attn",
-                             "threads", "token_embeddings", "pool_tokens", NULL};
-    PyObject *pix_obj, *probe_obj = Py_None;
+                             "threads", "token_embeddings", "pool_tokens", "out", NULL};
+    PyObject *pix_obj, *probe_obj = Py_None, *out_obj = Py_None;
     int heads = 0, mlps = 0, cls = 0, tokens = 0, attn = 0, threads = 0, tok_emb = 0;
     int pool_tokens = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$ppppOpipp:encode_image", kwlist, &pix_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$ppppOpippO:encode_image", kwlist, &pix_obj,
                                      &heads, &mlps, &cls, &tokens, &probe_obj, &attn, &threads,
-                                     &tok_emb, &pool_tokens))
+                                     &tok_emb, &pool_tokens, &out_obj))
         return NULL;
+    if (out_obj != Py_None && !PyDict_Check(out_obj)) {
+        PyErr_SetString(PyExc_TypeError, "out must be a dict of output arrays or None");
+        return NULL;
+    }
     const cd_config *c = cd_model_config(self->m);
     const int S = c->image_size, D = c->embed_dim;
     char expect[96];
@@ -400,56 +500,44 @@ static PyObject *Model_encode_image(ModelObject *self, PyObject *args, PyObject 
     }
     o.cancel = py_cancel;
     const int B = (int)pd[0];
-    const float *images = (const float *)PyArray_DATA(pix);
-    cd_vision_result *r = NULL;
-    cd_error err;
-    cd_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = cd_encode_image(self->m, images, B, &o, &r, &err);
-    Py_END_ALLOW_THREADS
+
+    /* the outputs: the caller's arrays where given, new ones for the rest */
+    cd_vision_result r;
+    memset(&r, 0, sizeof r);
+    cd_vision_output outs[CD_VISION_MAX_OUTPUTS];
+    const int k = cd_vision_outputs(c, &o, B, &r, outs);
+    const char *names[CD_VISION_MAX_OUTPUTS];
+    int nds[CD_VISION_MAX_OUTPUTS];
+    npy_intp dims[CD_VISION_MAX_OUTPUTS][5];
+    PyArrayObject *arrs[CD_VISION_MAX_OUTPUTS] = {NULL};
+    PyArrayObject *ins[2] = {pix, probe};
+    PyObject *d = NULL;
+    for (int i = 0; i < k; i++) {
+        names[i] = outs[i].name;
+        nds[i] = outs[i].ndim;
+        for (int j = 0; j < outs[i].ndim; j++) dims[i][j] = (npy_intp)outs[i].dims[j];
+    }
+    if (output_arrays(out_obj, k, names, nds, dims, arrs, ins, 2)) goto done;
+    for (int i = 0; i < k; i++) *outs[i].slot = (float *)PyArray_DATA(arrs[i]);
+    {
+        const float *images = (const float *)PyArray_DATA(pix);
+        cd_error err;
+        cd_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = cd_encode_image_into(self->m, images, B, &o, &r, &err);
+        Py_END_ALLOW_THREADS
+        if (st != CD_OK) {
+            raise_status(st, &err, NULL);
+            goto done;
+        }
+    }
+    d = PyDict_New();
+    for (int i = 0; d && i < k; i++)
+        if (PyDict_SetItemString(d, names[i], (PyObject *)arrs[i]) < 0) Py_CLEAR(d);
+done:
+    for (int i = 0; i < k; i++) Py_XDECREF(arrs[i]);
     Py_DECREF(pix);
     Py_XDECREF(probe);
-    if (st != CD_OK) return raise_status(st, &err, NULL);
-
-    PyObject *cap = PyCapsule_New(r, "clipdecomp._core.result", result_capsule_free);
-    if (!cap) {
-        cd_vision_result_free(r);
-        return NULL;
-    }
-    PyObject *d = PyDict_New();
-    if (!d) {
-        Py_DECREF(cap);
-        return NULL;
-    }
-    const npy_intp Bn = r->B, L = r->L, H = r->H, N = r->N, Dn = r->D, T = r->T;
-    struct { const char *key; float *data; int nd; npy_intp dims[5]; } outs[] = {
-        {"embedding", r->embedding, 2, {Bn, Dn}},
-        {"ln_stats", r->ln_stats, 2, {Bn, 3}},
-        {"heads", r->heads, 4, {Bn, L, H, Dn}},
-        {"mlps", r->mlps, 3, {Bn, L + 1, Dn}},
-        {"cls_to_cls", r->cls_to_cls, 3, {Bn, L, Dn}},
-        {"tokens", r->tokens, 5, {Bn, L, N, H, Dn}},
-        {"probe", r->probe_out, 5, {Bn, L, N, H, T}},
-        {"attn_cls", r->attn_cls, 4, {Bn, L, H, N}},
-        {"attn_mean", r->attn_mean, 4, {Bn, L, N, N}},
-        {"token_embeddings", r->token_embeddings, 3, {Bn, N, Dn}},
-        {"pool_heads", r->pool_heads, 3, {Bn, H, Dn}},
-        {"pool_tokens", r->pool_tokens, 4, {Bn, N, H, Dn}},
-        {"pool_mlp", r->pool_mlp, 2, {Bn, Dn}},
-        {"pool_attn", r->pool_attn, 3, {Bn, H, N}},
-    };
-    for (size_t i = 0; i < sizeof outs / sizeof outs[0]; i++) {
-        if (!outs[i].data) continue;
-        PyObject *a = view(cap, outs[i].data, outs[i].nd, outs[i].dims);
-        if (!a || PyDict_SetItemString(d, outs[i].key, a) < 0) {
-            Py_XDECREF(a);
-            Py_DECREF(d);
-            Py_DECREF(cap);
-            return NULL;
-        }
-        Py_DECREF(a);
-    }
-    Py_DECREF(cap);  /* the arrays hold it now */
     return d;
 }
 
@@ -489,10 +577,11 @@ static PyArrayObject *as_ids(PyObject *obj, int C) {
 }
 
 static PyObject *Model_encode_text(ModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"ids", "threads", NULL};
-    PyObject *ids_obj;
+    static char *kwlist[] = {"ids", "threads", "out", NULL};
+    PyObject *ids_obj, *out_obj = Py_None;
     int threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$i:encode_text", kwlist, &ids_obj, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$iO:encode_text", kwlist, &ids_obj, &threads,
+                                     &out_obj))
         return NULL;
     const cd_config *c = cd_model_config(self->m);
     if (c->text_layers <= 0) {
@@ -503,7 +592,9 @@ static PyObject *Model_encode_text(ModelObject *self, PyObject *args, PyObject *
     PyArrayObject *ids = as_ids(ids_obj, c->context_length);
     if (!ids) return NULL;
     npy_intp dims[2] = {PyArray_DIM(ids, 0), c->embed_dim};
-    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    PyArrayObject *out = out_obj == Py_None
+        ? (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32)
+        : out_array(out_obj, "features", 2, dims);
     if (!out) {
         Py_DECREF(ids);
         return NULL;
@@ -649,11 +740,15 @@ static PyMethodDef Model_methods[] = {
      "'bf16-emulated' (any CPU), once, right after loading; not while the model is in use."},
     {"encode_image", (PyCFunction)(void (*)(void))Model_encode_image, METH_VARARGS | METH_KEYWORDS,
      "encode_image(pixels, *, heads=False, mlps=False, cls_to_cls=False, tokens=False, "
-     "probe=None, attn=False, threads=0) -> dict\n\n"
+     "probe=None, attn=False, threads=0, token_embeddings=False, pool_tokens=False, out=None) "
+     "-> dict\n\n"
      "pixels: float32 [B, 3, S, S], already normalised. Returns embedding [B, D] (not "
      "normalised), ln_stats [B, 3] (mu, sigma, ||embedding||) and the requested terms: heads "
      "[B, L, H, D], mlps [B, L+1, D], cls_to_cls [B, L, D], tokens [B, L, N, H, D], probe "
-     "[B, L, N, H, T] (= tokens @ probe.T), attn_cls [B, L, H, N], attn_mean [B, L, N, N]."},
+     "[B, L, N, H, T] (= tokens @ probe.T), attn_cls [B, L, H, N], attn_mean [B, L, N, N], "
+     "token_embeddings [B, N, D]; SigLIP: pool_heads [B, H, D], pool_tokens [B, N, H, D], "
+     "pool_mlp [B, D], pool_attn [B, H, N]. out: a dict of arrays to write into (float32, "
+     "C-contiguous, writeable, each of its key's shape); the others are allocated."},
     {"neuron_coefs", (PyCFunction)(void (*)(void))Model_neuron_coefs,
      METH_VARARGS | METH_KEYWORDS,
      "neuron_coefs(pixels, layer, *, record=None, threads=0, scratch_budget=0) -> dict\n\n"
@@ -661,9 +756,10 @@ static PyMethodDef Model_methods[] = {
      "(csrc/neurons.h): coef [B, J, H, F], aux [B, J, H, 2], act_cls [B, F], embedding [B, D], "
      "ln_stats [B, 3] and, given record (R neuron indices), acts [B, N, R]."},
     {"encode_text", (PyCFunction)(void (*)(void))Model_encode_text, METH_VARARGS | METH_KEYWORDS,
-     "encode_text(ids, *, threads=0) -> ndarray\n\n"
+     "encode_text(ids, *, threads=0, out=None) -> ndarray\n\n"
      "ids: integer [T, C] token ids. Returns float32 [T, D] features (not normalised) at the "
-     "position of each row's largest id (the end-of-text token)."},
+     "position of each row's largest id (the end-of-text token; SigLIP: the last position). "
+     "out: a float32 [T, D] array to write into (C-contiguous, writeable); returned."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -911,25 +1007,6 @@ static int moments_acc_ok(PyArrayObject *a, const char *name, const char *expect
     return 1;
 }
 
-/* [lo, hi) of the bytes an array with non-negative strides spans (hi == lo when empty) */
-static void moments_extent(PyArrayObject *a, char **lo, char **hi) {
-    char *p = (char *)PyArray_DATA(a);
-    npy_intp last = PyArray_ITEMSIZE(a);
-    for (int i = 0; i < PyArray_NDIM(a); i++) {
-        if (PyArray_DIM(a, i) == 0) { *lo = *hi = p; return; }
-        last += (PyArray_DIM(a, i) - 1) * PyArray_STRIDE(a, i);
-    }
-    *lo = p;
-    *hi = p + last;
-}
-
-static int moments_overlap(PyArrayObject *a, PyArrayObject *b) {
-    char *alo, *ahi, *blo, *bhi;
-    moments_extent(a, &alo, &ahi);
-    moments_extent(b, &blo, &bhi);
-    return alo < bhi && blo < ahi;
-}
-
 static PyObject *mod_moments_update(PyObject *mod, PyObject *args, PyObject *kwds) {
     (void)mod;
     static char *kwlist[] = {"outer", "sums", "x", NULL};
@@ -989,8 +1066,8 @@ static PyObject *mod_moments_update(PyObject *mod, PyObject *args, PyObject *kwd
         Py_XDECREF(st);
         return NULL;
     }
-    if (moments_overlap(x, outer) || (sums && (moments_overlap(x, sums) ||
-                                               moments_overlap(outer, sums)))) {
+    if (arrays_overlap(x, outer) || (sums && (arrays_overlap(x, sums) ||
+                                               arrays_overlap(outer, sums)))) {
         PyErr_SetString(PyExc_ValueError,
                         "_moments_update: outer, sums and x must not share memory");
         return NULL;
@@ -1055,8 +1132,61 @@ fail:
     return NULL;
 }
 
+/* image_plan(config, images, *, heads=False, ..., probe=0, threads=0, budget=0) -> dict */
+static PyObject *mod_image_plan(PyObject *mod, PyObject *args, PyObject *kwds) {
+    (void)mod;
+    static char *kwlist[] = {"config", "images", "heads", "mlps", "cls_to_cls", "tokens", "probe",
+                             "attn", "token_embeddings", "pool_tokens", "threads", "budget",
+                             NULL};
+    PyObject *cfg_dict;
+    int images, heads = 0, mlps = 0, cls = 0, tokens = 0, probe = 0, attn = 0, tok_emb = 0;
+    int pool_tokens = 0, threads = 0;
+    Py_ssize_t budget = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!i|$ppppipppin:image_plan", kwlist,
+                                     &PyDict_Type, &cfg_dict, &images, &heads, &mlps, &cls,
+                                     &tokens, &probe, &attn, &tok_emb, &pool_tokens, &threads,
+                                     &budget))
+        return NULL;
+    if (images < 0 || probe < 0 || budget < 0) {
+        PyErr_SetString(PyExc_ValueError, "image_plan: images, probe and budget must be >= 0");
+        return NULL;
+    }
+    cd_config cfg;
+    double ln_eps;
+    if (parse_config(cfg_dict, &cfg, &ln_eps)) return NULL;
+    static const float no_data = 0.0f;  /* the plan reads the probe's size only */
+    cd_vision_opts o;
+    memset(&o, 0, sizeof o);
+    o.heads = heads;
+    o.mlps = mlps;
+    o.cls_to_cls = cls;
+    o.tokens = tokens;
+    o.attn = attn;
+    o.token_embeddings = tok_emb;
+    o.pool_tokens = pool_tokens;
+    o.threads = threads > 0 ? threads : 0;
+    o.probe = probe ? &no_data : NULL;
+    o.n_probe = probe;
+    cd_vision_plan p;
+    cd_error err;
+    cd_status st = cd_encode_image_plan(&cfg, &o, images, (size_t)budget, &p, &err);
+    if (st != CD_OK) return raise_status(st, &err, NULL);
+    return Py_BuildValue("{s:i,s:i,s:n,s:n,s:n,s:n}", "chunk", p.chunk, "threads", p.threads,
+                         "scratch_per_image", (Py_ssize_t)p.scratch_per_image,
+                         "scratch_fixed", (Py_ssize_t)p.scratch_fixed,
+                         "model_bytes", (Py_ssize_t)p.model_bytes,
+                         "result_per_image", (Py_ssize_t)p.result_per_image);
+}
+
 static PyMethodDef module_methods[] = {
     {"isa", mod_isa, METH_NOARGS, "isa() -> str: the instruction-set path in use."},
+    {"image_plan", (PyCFunction)(void (*)(void))mod_image_plan, METH_VARARGS | METH_KEYWORDS,
+     "image_plan(config, images, *, heads=False, mlps=False, cls_to_cls=False, tokens=False, "
+     "probe=0, attn=False, token_embeddings=False, pool_tokens=False, threads=0, budget=0) -> "
+     "dict\n\nThe memory of Model.encode_image over `images` images with these options (probe: "
+     "the number of directions; budget: the core's scratch limit in bytes, 0 = its default): "
+     "chunk (images computed at once), threads, scratch_per_image, scratch_fixed, model_bytes "
+     "(kept by the model from the first such call on) and result_per_image, in bytes."},
     {"has_bf16", mod_has_bf16, METH_NOARGS,
      "has_bf16() -> bool: whether precision 'bf16' runs here (AVX512_BF16 on the avx512 path)."},
     {"set_isa", mod_set_isa, METH_O,

@@ -55,6 +55,27 @@ def open_model(weights: str, cfg: ModelConfig | Any, layout: str) -> Any:
     return extension().Model(weights, cfg.to_core_dict(), layout)
 
 
+def image_plan(cfg: ModelConfig | Any, images: int, *, threads: int, heads: bool = False,
+               mlps: bool = False, cls_to_cls: bool = False, tokens: bool = False,
+               attn: bool = False, probe: int = 0) -> dict[str, int]:
+    """The C core's memory plan of one ``encode_image`` call over ``images`` images with these
+    outputs (``probe``: the number of directions) on ``threads`` threads: ``chunk`` (images it
+    computes at once), ``scratch_per_image`` and ``scratch_fixed`` (bytes of its working
+    memory: ``chunk * scratch_per_image + scratch_fixed``), ``model_bytes`` (kept by the model
+    from the first such call on) and ``result_per_image`` (bytes of the output arrays).
+
+    Examples
+    --------
+    >>> from clipdecomp.engine.config import ModelConfig
+    >>> cfg = ModelConfig(224, 16, 768, 12, 12, 3072, 512, "gelu")
+    >>> image_plan(cfg, 8, threads=1)["result_per_image"]        # embedding and ln_stats
+    2060
+    """
+    return dict(extension().image_plan(cfg.to_core_dict(), images, threads=threads, heads=heads,
+                                       mlps=mlps, cls_to_cls=cls_to_cls, tokens=tokens,
+                                       attn=attn, probe=probe))
+
+
 def set_precision(core_model: Any, precision: str) -> str:
     """Convert a freshly opened core model to ``precision``; returns the precision in effect
     (``"bf16"`` becomes ``"bf16-emulated"``, with a warning, on a CPU without AVX512_BF16)."""

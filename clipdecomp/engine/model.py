@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from clipdecomp.engine import core as _engine_core
 from clipdecomp.engine.config import MAX_THREADS, ModelConfig, check_size
 from clipdecomp.engine.decomposition import (
     IDENTITY_TOL,
@@ -43,9 +44,6 @@ __all__ = ["CLIP", "MemoryPlan", "available_memory", "debug_enabled", "default_t
 _BATCH = 8
 #: bytes of per-token terms one spatial batch may hold before the batch is made smaller
 _SPATIAL_BATCH_BYTES = 512 * 2**20
-#: the C core's own scratch limit per call (CD_SCRATCH_BUDGET in csrc/model.c): it runs a call
-#: in chunks of images whose scratch stays below this, at least one image per chunk
-_CORE_SCRATCH_BYTES = 256 * 2**20
 #: the default memory budget: this fraction of the memory available when a batch is planned
 _BUDGET_FRACTION = 0.5
 _F32 = 4
@@ -256,14 +254,15 @@ class MemoryPlan:
     result_per_image : int
         Bytes of the returned arrays per image (kept for all B images).
     batch_per_image : int
-        Bytes per image of one batch in flight: the core's result block, the preprocessed pixels.
+        Bytes per image of one batch in flight: the preprocessed pixels (and the results when
+        they are not kept: the core writes the kept ones in place).
     scratch_per_image : int
         The core's activations per image (it holds at most ``core_chunk`` images' worth).
     core_chunk : int
-        Images the core computes at once (its own 256 MiB scratch limit).
+        Images the core computes at once (the core's own plan, within its scratch limit).
     fixed : int
-        Bytes per call that do not grow with the batch (attention tiles, the folded per-token
-        maps).
+        Bytes per call that do not grow with the batch (attention tiles, per-thread buffers,
+        the folded per-token maps).
     budget : int
         The budget the plan was made for.
     batch_size : int
@@ -286,36 +285,6 @@ class MemoryPlan:
                 + min(b, self.core_chunk) * self.scratch_per_image + self.fixed)
 
 
-def _core_scratch_floats(c: ModelConfig, *, decompose: bool, tokens: bool, probe: int) -> int:
-    """Floats of the C core's per-image scratch (chunk_plan in csrc/model.c)."""
-    n, w, h, layers = c.n_tokens, c.width, c.heads, c.layers
-    fc = max(c.mlp_dim * n, 3 * c.image_size * c.image_size)
-    floats = 7 * n * w + fc + h * n + 2 * w + 3
-    if decompose:
-        floats += layers * h * w + (layers + 1) * w + layers * w
-    if tokens or probe:
-        floats += layers * w + layers * c.embed_dim
-    if probe:
-        floats += layers * probe
-    return floats + 16 * 16          # each array aligned to 64 bytes
-
-
-def _result_floats(c: ModelConfig, *, decompose: bool, tokens: bool, attn: bool,
-                   probe: int) -> int:
-    """Floats per image of the arrays one core call returns."""
-    layers, n, h, d = c.layers, c.n_tokens, c.heads, c.embed_dim
-    floats = d + 3
-    if decompose:
-        floats += layers * h * d + (layers + 1) * d + layers * d
-    if tokens:
-        floats += layers * n * h * d
-    if attn:
-        floats += layers * h * n + layers * n * n
-    if probe:
-        floats += layers * n * h * probe
-    return floats
-
-
 def plan_memory(config: ModelConfig, images: int, budget: int, *, decompose: bool = True,
                 tokens: bool = False, attn: bool = False, probe: int = 0,
                 keep_pixels: bool = False, threads: int = 1, batch_size: int = _BATCH,
@@ -333,20 +302,18 @@ def plan_memory(config: ModelConfig, images: int, budget: int, *, decompose: boo
     (0, 55)
     """
     c = config
-    res = _result_floats(c, decompose=decompose, tokens=tokens, attn=attn, probe=probe) * _F32
+    core = _engine_core.image_plan(c, max(images, 1), threads=max(1, threads),
+                                   heads=decompose, mlps=decompose, cls_to_cls=decompose,
+                                   tokens=tokens, attn=attn, probe=probe)
+    res = core["result_per_image"]
     pix = 3 * c.image_size * c.image_size * _F32
-    scratch = _core_scratch_floats(c, decompose=decompose, tokens=tokens, probe=probe) * _F32
-    chunk = max(1, _CORE_SCRATCH_BYTES // scratch)
-    n, dh = c.n_tokens, c.head_dim
-    fixed = max(1, threads) * (n * n + n * dh) * _F32
-    if tokens or probe:
-        fixed += c.layers * c.width * c.embed_dim * _F32       # the fold, built once per model
-    if probe:
-        fixed += c.layers * c.width * probe * _F32
+    # the per-token fold is built once per model and kept: counted with the call's scratch
+    fixed = core["scratch_fixed"] + core["model_bytes"]
     result_kept = (res + (pix if keep_pixels else 0)) if results else 0
-    plan = MemoryPlan(images=images, result_per_image=result_kept, batch_per_image=res + pix,
-                      scratch_per_image=scratch, core_chunk=chunk, fixed=fixed, budget=budget,
-                      batch_size=0)
+    plan = MemoryPlan(images=images, result_per_image=result_kept,
+                      batch_per_image=pix + (0 if results else res),
+                      scratch_per_image=core["scratch_per_image"], core_chunk=core["chunk"],
+                      fixed=fixed, budget=budget, batch_size=0)
     bs = max(1, min(batch_size, max(images, 1)))
     if plan.need(bs) > budget:      # the largest batch that fits: need() grows with the batch
         lo, hi = 0, bs
@@ -606,9 +573,12 @@ class CLIP:
             return 1
         return self.threads
 
-    def _run(self, pixels: np.ndarray, **opts: Any) -> dict[str, np.ndarray]:
+    def _run(self, pixels: np.ndarray, out: dict[str, np.ndarray] | None = None,
+             **opts: Any) -> dict[str, np.ndarray]:
+        """One core call; the core writes into the arrays of ``out`` (slices of the caller's
+        results) and allocates the others it returns."""
         return self._core.encode_image(np.ascontiguousarray(pixels, dtype=np.float32),
-                                       threads=self._call_threads(), **opts)
+                                       threads=self._call_threads(), out=out, **opts)
 
     def encode_image(self, images: Any, normalize: bool = False,
                      batch_size: int | None = None, progress: bool = False) -> np.ndarray:
@@ -642,8 +612,7 @@ class CLIP:
         out = np.empty((n, self.config.embed_dim), dtype=np.float32)
         with _progress(n, progress, "encode_image") as bar:
             for s, px in self._batches(images, plan.batch_size):
-                r = self._run(px)
-                out[s:s + px.shape[0]] = r["embedding"]
+                r = self._run(px, out={"embedding": out[s:s + px.shape[0]]})
                 _check_finite(r["embedding"], s, "encode_image")
                 del r
                 bar.update(px.shape[0])
@@ -682,8 +651,8 @@ class CLIP:
         out = np.empty((n, c.n_tokens, c.embed_dim), dtype=np.float32)
         with _progress(n, progress, "token_embeddings") as bar:
             for s, px in self._batches(images, plan.batch_size):
-                r = self._run(px, token_embeddings=True)
-                out[s:s + px.shape[0]] = r["token_embeddings"]
+                r = self._run(px, token_embeddings=True,
+                              out={"token_embeddings": out[s:s + px.shape[0]]})
                 _check_finite(r["embedding"], s, "token_embeddings")
                 del r
                 bar.update(px.shape[0])
@@ -739,7 +708,8 @@ class CLIP:
         ids = self._as_ids(texts_or_ids)
         out = np.empty((ids.shape[0], self.config.embed_dim), dtype=np.float32)
         for s in range(0, ids.shape[0], bs):
-            out[s:s + bs] = self._core.encode_text(ids[s:s + bs], threads=self._call_threads())
+            self._core.encode_text(ids[s:s + bs], threads=self._call_threads(),
+                                   out=out[s:s + bs])
         return _normalize(out) if normalize else out
 
     # -- the decomposition ---------------------------------------------------------------------
@@ -821,20 +791,17 @@ class CLIP:
         debug = debug_enabled()
         with _progress(n, progress, "decompose") as bar:
             for s, px in self._batches(images, plan.batch_size):
-                r = self._run(px, heads=True, mlps=True, cls_to_cls=True, tokens=spatial,
-                              attn=attn)
                 e = s + px.shape[0]
+                r = self._run(px, heads=True, mlps=True, cls_to_cls=True, tokens=spatial,
+                              attn=attn, out={k: a[s:e] for k, a in out.items() if k != "pixels"})
                 _check_finite(r["embedding"], s, "decompose")
                 if debug:
                     check_identity(r["heads"], r["mlps"], r["embedding"], r["ln_stats"][:, 2],
                                    r.get("tokens"), start=s,
                                    tol=IDENTITY_TOL if self.precision == "fp32"
                                    else IDENTITY_TOL_BF16)
-                for k in shapes:
-                    if k == "pixels":
-                        out[k][s:e] = px
-                    else:
-                        out[k][s:e] = r[k]
+                if keep_pixels:
+                    out["pixels"][s:e] = px
                 del r
                 bar.update(px.shape[0])
         return Decomposition(config=c, embedding=out["embedding"], ln_stats=out["ln_stats"],
@@ -859,9 +826,7 @@ class CLIP:
         with _progress(n, progress, "probe") as bar:
             for s in range(0, n, plan.batch_size):
                 px = pixels[s:s + plan.batch_size]
-                r = self._run(px, probe=directions)
-                out[s:s + px.shape[0]] = r["probe"]
-                del r
+                self._run(px, probe=directions, out={"probe": out[s:s + px.shape[0]]})
                 bar.update(px.shape[0])
         return out
 

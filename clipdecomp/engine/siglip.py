@@ -12,7 +12,8 @@ with a residual. Two decompositions are offered (``docs/decomposition.md``, "Sig
     attention is linear in its values, so the attention part splits over every layer and head
     of the encoder: ``heads [B, L, H, D]`` and ``mlps [B, L+2, D]`` (row 0 the patch and
     position embeddings, rows 1..L the MLPs of the layers, row L+1 the pooling MLP, the one
-    nonlinear term).
+    nonlinear term), and with ``spatial=True`` ``tokens [B, L, N, H, D]``: each encoder head's
+    term at each token the pooling head reads (summed over N: ``heads``).
 
 In both, every term is divided by ``||embedding||`` and ``heads.sum((1, 2)) + mlps.sum(1) ==
 embedding / ||embedding||``, so TextSpan, ablation, retrieval, heat maps and segmentation take
@@ -837,9 +838,20 @@ class SigLIP:
             yield s, preprocess_items(items[s:s + batch_size], c.image_size, c.mean, c.std,
                                       "squash", c.interpolation, start=s, listed=True)
 
-    def _run(self, pixels: np.ndarray, **opts: Any) -> dict[str, np.ndarray]:
+    def _images(self, images: Any) -> tuple[Any, int]:
+        """The images as read once (a generator can be read only once) and how many."""
+        if _is_float_array(images):
+            arr = np.asarray(images)
+            return images, (arr.shape[0] if arr.ndim == 4 else 1)
+        items = as_image_list(images)
+        return items, len(items)
+
+    def _run(self, pixels: np.ndarray, out: dict[str, np.ndarray] | None = None,
+             **opts: Any) -> dict[str, np.ndarray]:
+        """One core call; the core writes into the arrays of ``out`` (slices of the caller's
+        results) and allocates the others it returns."""
         return self._core.encode_image(np.ascontiguousarray(pixels, dtype=np.float32),
-                                       threads=self.threads, **opts)
+                                       threads=self.threads, out=out, **opts)
 
     def encode_image(self, images: Any, normalize: bool = False, batch_size: int = 8
                      ) -> np.ndarray:
@@ -852,12 +864,11 @@ class SigLIP:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        parts = []
+        images, n = self._images(images)
+        out = np.empty((n, self.config.width), np.float32)
         for s, px in self._batches(images, batch_size):
-            e = np.array(self._run(px)["embedding"])
-            _check_finite(e, s, "encode_image")
-            parts.append(e)
-        out = np.concatenate(parts) if parts else np.zeros((0, self.config.width), np.float32)
+            r = self._run(px, out={"embedding": out[s:s + px.shape[0]]})
+            _check_finite(r["embedding"], s, "encode_image")
         return _normalize(out) if normalize else out
 
     def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
@@ -890,11 +901,10 @@ class SigLIP:
                 raise ValueError(f"token ids must be integers [T, {self.config.context_length}] "
                                  f"(padded to the context length), got {ids.dtype} "
                                  f"{list(ids.shape)}")
-        parts = [np.array(self._core.encode_text(np.ascontiguousarray(ids[s:s + batch_size],
-                                                                      dtype=np.int32),
-                                                 threads=self.threads))
-                 for s in range(0, ids.shape[0], batch_size)]
-        out = np.concatenate(parts) if parts else np.zeros((0, self.config.width), np.float32)
+        out = np.empty((ids.shape[0], self.config.width), np.float32)
+        for s in range(0, ids.shape[0], batch_size):
+            self._core.encode_text(np.ascontiguousarray(ids[s:s + batch_size], dtype=np.int32),
+                                   threads=self.threads, out=out[s:s + batch_size])
         return _normalize(out) if normalize else out
 
     def logits(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
@@ -924,7 +934,10 @@ class SigLIP:
             pooling MLP). ``"deep"``: the attention part split over every layer and head of the
             encoder, the pooling MLP kept as the last row of ``mlps``.
         spatial : bool
-            Keep the per-token terms of the pooling attention (``depth="pool"`` only).
+            Keep per-token terms ``tokens``: with ``depth="pool"`` those of the pooling
+            attention per (token, pooling head), ``[B, 1, N, H, D]``; with ``depth="deep"``
+            those of every encoder head at every token read by the pooling head,
+            ``[B, L, N, H, D]`` (L * N * H * D floats per image), summing over N to ``heads``.
         batch_size : int
             Images per forward pass.
 
@@ -937,36 +950,44 @@ class SigLIP:
         >>> dec = model.decompose(images, spatial=True)                  # doctest: +SKIP
         >>> dec.tokens.shape                                             # doctest: +SKIP
         (2, 1, 196, 12, 768)
+        >>> model.decompose(images, depth="deep", spatial=True).tokens.shape  # doctest: +SKIP
+        (2, 12, 196, 12, 768)
         """
         if depth not in ("pool", "deep"):
             raise ValueError(f"depth must be 'pool' or 'deep', got {depth!r}")
-        if spatial and depth == "deep":
-            raise ValueError("per-token terms are offered for the pooling head (depth='pool'); "
-                             "the deep decomposition keeps heads [B, L, H, D] and mlps only")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         deep = depth == "deep"
-        parts: list[dict[str, np.ndarray]] = []
-        for s, px in self._batches(images, batch_size):
-            r = self._run(px, heads=deep, mlps=deep, pool_tokens=spatial)
-            _check_finite(r["embedding"], s, "decompose")
-            parts.append(r)
-        if not parts:
-            raise ValueError("no images given")
-
-        def cat(k: str) -> np.ndarray:
-            return parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts])
-
-        emb, stats = cat("embedding"), cat("ln_stats")
-        pool_heads, pool_mlp, pool_attn = cat("pool_heads"), cat("pool_mlp"), cat("pool_attn")
+        images, n = self._images(images)
+        c = self.config
+        L, H, N, W = c.layers, c.heads, c.n_tokens, c.width
+        shapes = {"embedding": (W,), "ln_stats": (3,), "pool_heads": (H, W), "pool_mlp": (W,),
+                  "pool_attn": (H, N)}
         if deep:
-            heads = cat("heads")
-            mlps = np.concatenate([cat("mlps"), pool_mlp[:, None]], axis=1)
-            tokens = None
+            shapes.update(heads=(L, H, W), mlps=(L + 1, W))
+        if spatial:
+            shapes["tokens" if deep else "pool_tokens"] = (L if deep else 1, N, H, W)
+        out = {k: np.empty((n,) + v, np.float32) for k, v in shapes.items()}
+        for s, px in self._batches(images, batch_size):
+            e = s + px.shape[0]
+            dst = {k: a[s:e] for k, a in out.items()}
+            if "pool_tokens" in dst:
+                dst["pool_tokens"] = dst["pool_tokens"][:, 0]
+            r = self._run(px, heads=deep, mlps=deep, tokens=deep and spatial,
+                          pool_tokens=spatial and not deep, out=dst)
+            _check_finite(r["embedding"], s, "decompose")
+        if n == 0:
+            raise ValueError("no images given")
+        emb, stats = out["embedding"], out["ln_stats"]
+        pool_heads, pool_mlp, pool_attn = out["pool_heads"], out["pool_mlp"], out["pool_attn"]
+        if deep:
+            heads = out["heads"]       # the pooling MLP's term joins the mlps as their last row
+            mlps = np.concatenate([out["mlps"], pool_mlp[:, None]], axis=1)
+            tokens = out.get("tokens")
         else:
             heads = pool_heads[:, None]
             mlps = pool_mlp[:, None]
-            tokens = cat("pool_tokens")[:, None] if spatial else None
+            tokens = out.get("pool_tokens")
         return SiglipDecomposition(model_config=self.config, depth=depth, embedding=emb,
                                    ln_stats=stats, heads=heads, mlps=mlps, tokens=tokens,
                                    pool_heads=pool_heads, pool_mlp=pool_mlp, pool_attn=pool_attn)
@@ -1010,8 +1031,9 @@ class SiglipDecomposition(Decomposition):
     heads : float32 ``[B, 1, H, D]`` (pool) or ``[B, L, H, D]`` (deep)
     mlps : float32 ``[B, 1, D]`` (pool: the pooling MLP) or ``[B, L+2, D]`` (deep: row 0 the
         embeddings, rows 1..L the layers' MLPs, row L+1 the pooling MLP)
-    tokens : float32 ``[B, 1, N, H, D]``
-        The pooling attention per (token, head), with ``spatial=True`` (pool only).
+    tokens : float32 ``[B, 1, N, H, D]`` (pool) or ``[B, L, N, H, D]`` (deep)
+        With ``spatial=True``: the pooling attention per (token, pooling head), or each
+        encoder head's deep term per token (``tokens.sum(2) == heads``).
     pool_heads : float32 ``[B, H, D]``
         The pooling attention per head (the out-projection bias shared equally), both depths.
     pool_mlp : float32 ``[B, D]``
@@ -1049,15 +1071,17 @@ class SiglipDecomposition(Decomposition):
 
     @property
     def tokens(self) -> np.ndarray:
-        """float32 ``[B, 1, N, H, D]``: the pooling attention per (token, head)."""
+        """float32 ``[B, 1, N, H, D]`` (pool: the pooling attention per (token, head)) or
+        ``[B, L, N, H, D]`` (deep: each encoder head's term per token)."""
         if self._tokens is None:
             raise ValueError("per-token terms were not kept: call model.decompose(images, "
-                             f"depth='pool', spatial=True) ({format_bytes(self._token_bytes())} here)")
+                             f"depth={self.depth!r}, spatial=True) "
+                             f"({format_bytes(self._token_bytes())} here)")
         return self._tokens
 
     def project_tokens(self, directions: np.ndarray, batch_size: int | None = None,
                        progress: bool = False) -> np.ndarray:
-        """``tokens @ directions.T``: float32 ``[B, 1, N, H, T]`` (needs ``spatial=True``)."""
+        """``tokens @ directions.T``: float32 ``[B, L', N, H, T]`` (needs ``spatial=True``)."""
         d = np.asarray(directions, np.float32)
         if d.ndim == 1:
             d = d[None]

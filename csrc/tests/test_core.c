@@ -256,6 +256,44 @@ static void check_model(const fixture *fx, const char *file, cd_layout want_layo
     cd_vision_result_free(r);
     cd_vision_result_free(r1);
 
+    /* into caller-allocated arrays (one malloc each, as cd_vision_outputs lists them) */
+    {
+        cd_vision_result into;
+        memset(&into, 0, sizeof into);
+        cd_vision_output outs[CD_VISION_MAX_OUTPUTS];
+        const int k = cd_vision_outputs(c, &o, fx->B, &into, outs);
+        CHECK(k == 9 && into.B == (int)B && into.N == (int)N && into.T == (int)Tp,
+              "%s: %d outputs listed", file, k);
+        st = cd_encode_image_into(m, fx->images, fx->B, &o, &into, &err);
+        CHECK(st == CD_ERR_VALUE && strstr(err.msg, "embedding"),
+              "%s: into without arrays: status %d: %s", file, st, err.msg);
+        for (int i = 0; i < k; i++) {
+            size_t n = 1;
+            for (int j = 0; j < outs[i].ndim; j++) n *= (size_t)outs[i].dims[j];
+            *outs[i].slot = (float *)malloc(n * sizeof(float));
+        }
+        st = cd_encode_image_into(m, fx->images, fx->B, &o, &into, &err);
+        CHECK(st == CD_OK, "%s: encode_image_into status %d: %s", file, st, err.msg);
+        if (st == CD_OK) {
+            expect_close(file, "embedding (into)", into.embedding, fx->embedding, B * D, TOL);
+            expect_close(file, "heads (into)", into.heads, fx->heads, B * L * H * D, TOL);
+            expect_close(file, "tokens (into)", into.tokens, fx->tokens, B * L * N * H * D, TOL);
+            expect_close(file, "probe_out (into)", into.probe_out, fx->probe_out,
+                         B * L * N * H * Tp, TOL);
+            expect_close(file, "attn_mean (into)", into.attn_mean, fx->attn_mean,
+                         B * L * N * N, TOL);
+        }
+        for (int i = 0; i < k; i++) free(*outs[i].slot);
+        cd_vision_plan plan;
+        st = cd_encode_image_plan(c, &o, fx->B, 1, &plan, &err);
+        CHECK(st == CD_OK && plan.chunk == 1 && plan.threads == 1 && plan.scratch_per_image > 0 &&
+              plan.model_bytes == L * (size_t)c->width * D * sizeof(float) &&
+              plan.result_per_image == (D + 3 + L * H * D + (L + 1) * D + L * D +
+                                        L * N * H * D + L * N * H * Tp + L * H * N + L * N * N) *
+                                       sizeof(float),
+              "%s: plan status %d chunk %d: %s", file, st, plan.chunk, err.msg);
+    }
+
     /* text */
     float *text = (float *)calloc((size_t)fx->T * D, sizeof(float));
     st = cd_encode_text(m, fx->ids, fx->T, text, 0, NULL, NULL, &err);

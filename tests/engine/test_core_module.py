@@ -1,8 +1,8 @@
 """clipdecomp._core against the plain NumPy oracle (tests/oracle.py) on tiny random weights.
 
 Both key layouts, F32 / F16 / BF16 files, GELU and QuickGELU, every output of encode_image, the
-decomposition's identities, the text tower, zero-copy ownership, argument checking and
-malformed files.
+decomposition's identities, the text tower, results written into given arrays, the memory plan,
+argument checking and malformed files.
 """
 
 from __future__ import annotations
@@ -152,21 +152,102 @@ def small(tmp_path_factory):
     return {"path": path, "cfg": cfg, "sd": sd, "model": core.Model(path, cfg)}
 
 
-def test_zero_copy_views_outlive_model(small):
+def test_results_outlive_model(small):
     model = core.Model(small["path"], small["cfg"])
     out = model.encode_image(images_for(small["cfg"]), heads=True, tokens=True)
-    base = out["heads"].base
-    assert not out["heads"].flags.owndata and out["heads"].flags.c_contiguous
-    assert type(base).__name__ == "PyCapsule" and out["tokens"].base is base
+    assert out["heads"].flags.owndata and out["heads"].flags.c_contiguous
     want = out["heads"].copy()
     del model, out["tokens"]
     gc.collect()
     _ = [np.ones(1000) for _ in range(10)]
     np.testing.assert_array_equal(out["heads"], want)
-    heads = out.pop("heads")
-    del out
-    gc.collect()
-    np.testing.assert_array_equal(heads, want)
+
+
+def test_writes_into_given_arrays(small):
+    """out= arrays (slices of larger results) are filled in place, with the numbers of a call
+    that allocates, and nothing outside them is touched."""
+    model, cfg = small["model"], small["cfg"]
+    px = images_for(cfg, b=3, seed=4)
+    opts = {"heads": True, "mlps": True, "cls_to_cls": True, "tokens": True, "attn": True,
+            "token_embeddings": True, "probe": np.eye(2, cfg["embed_dim"], dtype=np.float32)}
+    ref = model.encode_image(px, **opts)
+    big = {k: np.full((5,) + v.shape[1:], np.nan, np.float32) for k, v in ref.items()}
+    given = {k: v[1:4] for k, v in big.items()}
+    got = model.encode_image(px, out=given, **opts)
+    assert sorted(got) == sorted(ref)
+    for k, v in ref.items():
+        assert got[k] is given[k], k
+        np.testing.assert_array_equal(big[k][1:4], v, err_msg=k)
+        assert np.isnan(big[k][[0, 4]]).all(), k
+    # only some given: the others are allocated
+    emb = np.empty((3, cfg["embed_dim"]), np.float32)
+    part = model.encode_image(px, heads=True, out={"embedding": emb})
+    assert part["embedding"] is emb
+    np.testing.assert_array_equal(part["heads"], ref["heads"])
+    # the text tower too
+    ids = ids_for(cfg, t=3)
+    feats = np.full((4, cfg["embed_dim"]), np.nan, np.float32)
+    assert model.encode_text(ids, out=feats[1:]) is not None
+    np.testing.assert_array_equal(feats[1:], model.encode_text(ids))
+    assert np.isnan(feats[0]).all()
+
+
+def test_given_arrays_are_checked(small):
+    model, cfg = small["model"], small["cfg"]
+    px = images_for(cfg, b=2)
+    d = cfg["embed_dim"]
+    bad = [
+        ({"embedding": np.zeros((3, d), np.float32)}, ValueError, "shape"),
+        ({"embedding": np.zeros((2, d), np.float64)}, ValueError, "float32"),
+        ({"embedding": np.zeros((d, 2), np.float32).T}, ValueError, "C-contiguous"),
+        ({"embedding": [[0.0] * d] * 2}, TypeError, "numpy array"),
+        ({"tokens": np.zeros((2, 1), np.float32)}, ValueError, "not an output"),
+        ({"embedding": px.reshape(-1)[:2 * d].reshape(2, d)}, ValueError, "shares memory"),
+    ]
+    ro = np.zeros((2, d), np.float32)
+    ro.flags.writeable = False
+    bad.append(({"embedding": ro}, ValueError, "read-only"))
+    shared = np.zeros(2 * d + 6, np.float32)
+    bad.append(({"embedding": shared[:2 * d].reshape(2, d),
+                 "ln_stats": shared[2 * d - 3:2 * d + 3].reshape(2, 3)},
+                ValueError, r"out\['ln_stats'\] shares memory with out\['embedding'\]"))
+    for out, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            model.encode_image(px, out=out)
+    with pytest.raises(TypeError, match="dict"):
+        model.encode_image(px, out=[np.zeros((2, d), np.float32)])
+    with pytest.raises(ValueError, match="shape"):
+        model.encode_text(ids_for(cfg, t=2), out=np.zeros((3, d), np.float32))
+
+
+def test_image_plan(small):
+    """The core's plan: the result bytes are those of the arrays a call returns (counted from
+    the arrays), and the chunk follows the scratch budget."""
+    model, cfg = small["model"], small["cfg"]
+    px = images_for(cfg, b=3)
+    for opts in [{}, {"heads": True, "mlps": True, "cls_to_cls": True},
+                 {"tokens": True, "attn": True, "probe": 2}]:
+        call = dict(opts)
+        if "probe" in call:
+            call["probe"] = np.ones((2, cfg["embed_dim"]), np.float32)
+        got = sum(a.nbytes for a in model.encode_image(px, **call).values())
+        plan = core.image_plan(cfg, 3, threads=1, **opts)
+        assert plan["result_per_image"] * 3 == got, opts
+        assert plan["chunk"] == 3 and plan["threads"] == 1
+        assert plan["model_bytes"] == (4 * cfg["layers"] * cfg["width"] * cfg["embed_dim"]
+                                       if "tokens" in opts else 0)
+        one = core.image_plan(cfg, 3, threads=1, budget=plan["scratch_per_image"], **opts)
+        assert one["chunk"] == 1
+        two = core.image_plan(cfg, 3, threads=1, budget=2 * plan["scratch_per_image"], **opts)
+        assert two["chunk"] == 2
+    assert core.image_plan(cfg, 3, threads=3)["scratch_fixed"] > \
+        core.image_plan(cfg, 3, threads=1)["scratch_fixed"]
+    with pytest.raises(ValueError, match="heads"):
+        core.image_plan({**cfg, "heads": 0}, 1)
+    with pytest.raises(ValueError, match="pool_tokens"):
+        core.image_plan(cfg, 1, pool_tokens=True)
+    with pytest.raises(ValueError, match=">= 0"):
+        core.image_plan(cfg, -1)
 
 
 def test_threads_and_concurrent_calls(small):

@@ -367,8 +367,9 @@ def test_pool_terms_match_torch(name, tmp_path_factory):
     assert rel(attn + mlp, pooled) < 1e-4
 
 
-def _deep_oracle(m, x: np.ndarray, c: SiglipConfig):
-    """The deep terms, transcribed from docs/decomposition.md over transformers' activations."""
+def _deep_oracle(m, x: np.ndarray, c: SiglipConfig, tokens: bool = False):
+    """The deep terms, transcribed from docs/decomposition.md over transformers' activations
+    (with ``tokens``, also the heads' per-token terms ``[B, L, N, H, D]``)."""
     vm = m.vision_model.double()
     caps: dict = {"z": [], "mlp": []}
     hooks = [vm.embeddings.register_forward_hook(lambda mod, i, o: caps.__setitem__("emb", o))]
@@ -417,12 +418,21 @@ def _deep_oracle(m, x: np.ndarray, c: SiglipConfig):
         u = torch.einsum("bhn,bnw->bhw", cw, t) - torch.einsum("bhn,bn->bh", cw, mu)[..., None] / kt
         return torch.einsum("ohd,hdw,bhw->bo", wo, wv, u * gamma) + pconst / kt
 
+    def mapped_per_token(t, kt):  # t [B, N, W] -> [B, N, W]: the sum over i left out
+        n = t.shape[1]
+        u = cw[:, :, :, None] * (t - mu[..., None] / kt)[:, None]          # [B, H, N, W]
+        return torch.einsum("ohd,hdw,bhnw->bno", wo, wv, u * gamma) + pconst / (kt * n)
+
     norm = pooled.norm(dim=-1, keepdim=True)
     mlps = [mapped(emb, K)] + [mapped(t, K) for t in caps["mlp"]]
     heads = [[mapped(th[:, :, h], K * nh) for h in range(nh)] for th in terms_heads]
     mlps_t = torch.stack(mlps, 1) / norm[:, None]
     heads_t = torch.stack([torch.stack(r, 1) for r in heads], 1) / norm[:, None, None]
-    return heads_t.numpy(), mlps_t.numpy()
+    if not tokens:
+        return heads_t.numpy(), mlps_t.numpy()
+    toks = torch.stack([torch.stack([mapped_per_token(th[:, :, h], K * nh) for h in range(nh)], 2)
+                        for th in terms_heads], 1)                       # [B, L, N, H, W]
+    return heads_t.numpy(), mlps_t.numpy(), (toks / norm[:, None, None, None]).numpy()
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
@@ -443,6 +453,34 @@ def test_deep_terms(name, tmp_path_factory):
     # the pooling MLP row is the reference decomposition's MLP term
     pool = model.decompose(x)
     assert np.abs(dec.mlps[:, -1] - pool.mlps[:, 0]).max() < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_deep_token_terms(name, tmp_path_factory):
+    """Each encoder head's term at each token the pooling head reads: against the transcription
+    of docs/decomposition.md over transformers' activations, summing over tokens to the heads'
+    deep terms, and with the rest to the unit embedding."""
+    m, d = siglip_model(name, tmp_path_factory)
+    model = load_siglip(d, threads=1)
+    c = model.config
+    x = pixels(2, c.image_size, seed=13)
+    dec = model.decompose(x, depth="deep", spatial=True)
+    L, H, N, D = c.layers, c.heads, c.n_tokens, c.width
+    assert dec.tokens.shape == (2, L, N, H, D)
+    heads, mlps, toks = _deep_oracle(m, x, c, tokens=True)
+    assert rel(dec.tokens, toks) < 1e-4
+    assert rel(dec.heads, heads) < 1e-4 and rel(dec.mlps[:, :-1], mlps) < 1e-4
+    assert np.abs(dec.tokens.sum(2) - dec.heads).max() < 1e-5
+    e = dec.embedding / dec.norm[:, None]
+    assert np.abs(dec.tokens.sum((1, 2, 3)) + dec.mlps.sum(1) - e).max() < 1e-5
+    # the same numbers as without them, and chunked over batches and threads
+    plain = model.decompose(x, depth="deep")
+    np.testing.assert_array_equal(dec.heads, plain.heads)
+    two = load_siglip(d, threads=2).decompose(x, depth="deep", spatial=True, batch_size=1)
+    assert np.abs(two.tokens - dec.tokens).max() < 1e-6
+    # only the tokens asked of the core: the coefficients come without the row terms
+    alone = model._core.encode_image(x, tokens=True)
+    np.testing.assert_array_equal(alone["tokens"], dec.tokens)
 
 
 def test_deep_terms_siglip2(tmp_path_factory):
@@ -596,13 +634,15 @@ def test_core_refuses_wrong_options(tmp_path_factory):
     _, d = siglip_model("w60h5", tmp_path_factory)
     model = load_siglip(d, threads=1)
     x = pixels(1, 32)
-    for opt in ("tokens", "cls_to_cls", "attn"):
+    for opt in ("token_embeddings", "cls_to_cls", "attn"):
         with pytest.raises(ValueError, match="no class token"):
             model._core.encode_image(x, **{opt: True})
-    with pytest.raises(ValueError, match="depth='pool'"):
-        model.decompose(x, depth="deep", spatial=True)
+    with pytest.raises(ValueError, match="no class token"):
+        model._core.encode_image(x, probe=np.ones((1, model.config.width), np.float32))
     with pytest.raises(ValueError, match="spatial=True"):
         _ = model.decompose(x).tokens
+    with pytest.raises(ValueError, match="depth='deep', spatial=True"):
+        _ = model.decompose(x, depth="deep").tokens
     # a CLIP config on SigLIP weights: the anchor tensor is missing, said plainly
     cfg = {**model.config.to_core_dict()}
     cfg.pop("family")
