@@ -47,6 +47,12 @@ void cd_gemm_weight_free(cd_gemm_weight *pw);
  * weight is not float32. */
 int  cd_gemm_to_bf16(cd_gemm_weight *pw, int precision);
 
+/* The weight (OC, K) back as float32 from its packed panels (bf16 values widened): the one
+ * copy a model keeps is the packed one, and a caller that needs the plain matrix (the
+ * decomposition's out-projection) unpacks it into its own scratch. Returns 0, or -1 for a
+ * weight not made by cd_gemm_pack. */
+int  cd_gemm_unpack(const cd_gemm_weight *pw, float *dst /* (OC, K) */);
+
 /* float32 -> bf16, round to nearest even (NaN stays NaN), and back */
 static inline uint16_t cd_bf16_from_f32(float x) {
     union { float f; uint32_t u; } v = {x};

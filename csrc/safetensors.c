@@ -6,6 +6,7 @@
  * header where parsing stopped.
  */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE   /* madvise */
 #include "safetensors.h"
 
 #include <errno.h>
@@ -616,6 +617,22 @@ void cd_st_close(cd_st_file *f) {
     if (f->map) munmap(f->map, f->map_len);
     free(f->path);
     memset(f, 0, sizeof *f);
+}
+
+void cd_st_release(const cd_st_file *f, const cd_st_tensor *t) {
+    if (!f->map || !t || t->end <= t->begin) return;
+    static long page = 0;
+    if (page <= 0) page = sysconf(_SC_PAGESIZE);
+    if (page <= 0) return;
+    /* the pages that hold any byte of the tensor: a neighbour sharing the first or last page
+     * loses nothing, as the mapping is never written and a later read faults the page back in */
+    const uintptr_t base = (uintptr_t)f->map, lo = (uintptr_t)t->data;
+    const uintptr_t hi = lo + (t->end - t->begin);
+    const uintptr_t a = lo - (lo - base) % (uintptr_t)page;
+    const uintptr_t limit = base + f->map_len;
+    uintptr_t b = hi + ((uintptr_t)page - (hi - base) % (uintptr_t)page) % (uintptr_t)page;
+    if (b > limit) b = limit;
+    if (b > a) (void)madvise((void *)a, (size_t)(b - a), MADV_DONTNEED);
 }
 
 const cd_st_tensor *cd_st_find(const cd_st_file *f, const char *name) {
