@@ -47,6 +47,9 @@ void cd_gemm_weight_free(cd_gemm_weight *pw);
  * weight is not float32. */
 int  cd_gemm_to_bf16(cd_gemm_weight *pw, int precision);
 
+/* cd_gemm_pack then cd_gemm_to_bf16(CD_GEMM_BF16) in one step, bit for bit, without the
+ * float32 panels in between (a loader converting as it reads). Returns 0 or -1 as they do. */
+int  cd_gemm_pack_bf16(cd_gemm_weight *pw, const float *weight /* (OC, K) */, int OC, int K);
 /* The weight (OC, K) back as float32 from its packed panels (bf16 values widened): the one
  * copy a model keeps is the packed one, and a caller that needs the plain matrix (the
  * decomposition's out-projection) unpacks it into its own scratch. Returns 0, or -1 for a

@@ -370,7 +370,7 @@ static cd_status pack_err(loader *ld, const char *what) {
 /* A packed block weight in the loader's precision (cd_model_set_precision's conversion, one
  * weight at a time, so that the float32 copy of the whole model never exists). */
 static cd_status to_precision(loader *ld, cd_gemm_weight *pw, const char *what) {
-    if (ld->precision == CD_PRECISION_FP32) return CD_OK;
+    if (ld->precision == CD_PRECISION_FP32 || pw->precision != CD_GEMM_FP32) return CD_OK;
     const int gp = ld->precision == CD_PRECISION_BF16 ? CD_GEMM_BF16 : CD_GEMM_BF16_EMULATED;
     return cd_gemm_to_bf16(pw, gp) ? pack_err(ld, what) : CD_OK;
 }
@@ -389,11 +389,23 @@ static cd_status pack(loader *ld, cd_gemm_weight *pw, const char *base, const ch
     return rc ? pack_err(ld, leaf) : CD_OK;
 }
 
-/* pack() of a transformer block's weight, converted to the loader's precision */
+/* pack() of a transformer block's weight in the loader's precision (bf16 packed straight from
+ * the source, without float32 panels in between) */
 static cd_status pack_block(loader *ld, cd_gemm_weight *pw, const char *base, const char *leaf,
                             int OC, int K) {
-    cd_status st = pack(ld, pw, base, leaf, OC, K);
-    return st ? st : to_precision(ld, pw, leaf);
+    if (ld->precision != CD_PRECISION_BF16) {
+        cd_status st = pack(ld, pw, base, leaf, OC, K);
+        return st ? st : to_precision(ld, pw, leaf);
+    }
+    const float *v;
+    float *tmp;
+    int64_t dims[2] = {OC, K};
+    cd_status st = fetch(ld, base, leaf, 2, dims, &v, &tmp);
+    if (st) return st;
+    int rc = cd_gemm_pack_bf16(pw, v, OC, K);
+    free(tmp);
+    release_last(ld);
+    return rc ? pack_err(ld, leaf) : CD_OK;
 }
 
 /* A projection stored (K, OC) (in, out) as in open_clip: transpose, then pack. */
@@ -494,7 +506,8 @@ static cd_status load_block(loader *ld, cd_block *blk, const char *base, int W, 
             free(tmp);
             release_last(ld);
         }
-        int rc = cd_gemm_pack(&blk->qkv, cat, 3 * W, W);
+        int rc = ld->precision == CD_PRECISION_BF16 ? cd_gemm_pack_bf16(&blk->qkv, cat, 3 * W, W)
+                                                    : cd_gemm_pack(&blk->qkv, cat, 3 * W, W);
         free(cat);
         if (rc) return pack_err(ld, "self_attn");
         blk->qkv_b = bias;
