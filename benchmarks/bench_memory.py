@@ -117,7 +117,8 @@ def write_checkpoint(directory: Path, name: str, dtype: str = "F32", seed: int =
                                         "layers": layers, "head_width": w // h,
                                         "mlp_ratio": f / w},
                          "text_cfg": {"context_length": CONTEXT, "vocab_size": VOCAB,
-                                      "width": tw, "heads": th, "layers": tl}}}
+                                      "width": tw, "heads": th, "layers": tl,
+                                      "mlp_ratio": tf / tw}}}
     (directory / "open_clip_config.json").write_text(json.dumps(cfg))
     return path
 
@@ -161,6 +162,8 @@ def child(args: argparse.Namespace) -> None:
     out = {"base": base * 1024, "peak_load": _status_kib("VmHWM") * 1024,
            "steady": _status_kib("VmRSS") * 1024, "nbytes": model.nbytes,
            "predicted": load_memory(model.config, model.precision)[0], "load_s": load_s,
+           # parameters of what was loaded (no panel padding in these geometries)
+           "params": load_memory(model.config, "fp32")[0] // 4,
            "precision": model.precision}
     if args.decompose:
         rng = np.random.default_rng(0)
@@ -233,10 +236,11 @@ def main(argv: list[str] | None = None) -> None:
             f"ISA path: {core.isa()}, AVX512_BF16: {'yes' if core.has_bf16() else 'no'}"
             f", load average at start {tuple(round(x, 2) for x in os.getloadavg())} "
             f"(shared machine), {os.cpu_count()} CPUs\n\n"
-            "| model | file | towers | precision | file GiB | weights GiB (nbytes) | base GiB | "
-            "peak at load GiB | steady GiB | peak / steady | steady / weights | load s | "
-            "budget | decompose 8: images/s | peak overall GiB |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "| model | file | towers | precision | file GiB | weights GiB (nbytes) | "
+            "nbytes / (params x 4 or 2 B) | base GiB | peak at load GiB | steady GiB | "
+            "peak / steady | (steady - base) / nbytes | load s | budget | "
+            "decompose: images/s | peak overall GiB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(head, flush=True)
     rows = []
     for name in args.models.split(","):
@@ -255,9 +259,11 @@ def main(argv: list[str] | None = None) -> None:
                                    f"| error: {r['error']} |")
                         else:
                             w = r["nbytes"]
+                            per = r["params"] * (2 if r["precision"] == "bf16" else 4)
                             dec = (f"{r['images_per_s']:.2f}" if "images_per_s" in r else "-")
                             row = (f"| {name} | {dtype} | {towers} | {r['precision']} | "
-                                   f"{_gib(size)} | {_gib(w)} | {_gib(r['base'])} | "
+                                   f"{_gib(size)} | {_gib(w)} | {w / per:.3f} | "
+                                   f"{_gib(r['base'])} | "
                                    f"{_gib(r['peak_load'])} | {_gib(r['steady'])} | "
                                    f"{r['peak_load'] / r['steady']:.3f} | "
                                    f"{(r['steady'] - r['base']) / w:.3f} | {r['load_s']:.1f} | "

@@ -152,7 +152,7 @@ def test_half_files_load_as_their_float32_values(b16, dtype, tmp_path):
     src = SafetensorsFile(half)
     assert {t.dtype for t in src.tensors.values()} == {dtype}
     widened = tmp_path / "open_clip_model.safetensors"
-    save_file({k: src.read(k) for k in src.keys()}, str(widened))
+    save_file({k: src.read(k) for k in src}, str(widened))
     shutil.copy(os.path.join(d, "open_clip_config.json"), tmp_path / "open_clip_config.json")
     a = clipdecomp.load(half, threads=1)
     b = clipdecomp.load(str(widened), threads=1)
