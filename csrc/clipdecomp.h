@@ -73,6 +73,12 @@ typedef struct {
 
 typedef struct cd_model cd_model;
 
+/* Whether the core can run a model of this config: every entry in range, the divisibility
+ * rules (image by patch for CLIP, width by heads), sizes within the int strides of the GEMMs.
+ * The one validation of a config: cd_model_load runs it first, and the Python package's
+ * ModelConfig asks it too. CD_ERR_VALUE with a message naming the entry. */
+cd_status cd_config_check(const cd_config *cfg, cd_error *err);
+
 /* Load a .safetensors checkpoint (open_clip or HF transformers key layout; F32/F16/BF16).
  * The file is memory-mapped read-only while loading and closed before this returns; every
  * tensor is checked against cfg, then copied or packed into the model's own memory, and its

@@ -933,6 +933,15 @@ static cd_status check_config(const cd_config *c, const char *path, cd_error *er
     return CD_OK;
 }
 
+cd_status cd_config_check(const cd_config *cfg, cd_error *err) {
+    if (err) err->msg[0] = '\0';
+    if (!cfg) {
+        set_err(err, "cd_config_check: NULL argument");
+        return CD_ERR_VALUE;
+    }
+    return check_config(cfg, "model config", err);
+}
+
 /* The key prefix under which `anchor` appears ("" or ending in '.'), or -1 if absent. */
 static int find_prefix(const cd_st_file *f, const char *anchor, char *prefix, size_t cap) {
     size_t an = strlen(anchor);

@@ -1069,8 +1069,26 @@ fail:
     return NULL;
 }
 
+static PyObject *mod_check_config(PyObject *mod, PyObject *arg) {
+    (void)mod;
+    if (!PyDict_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "_check_config() takes a dict");
+        return NULL;
+    }
+    cd_config cfg;
+    double ln_eps;
+    if (parse_config(arg, &cfg, &ln_eps)) return NULL;
+    cd_error err;
+    cd_status st = cd_config_check(&cfg, &err);
+    if (st != CD_OK) return raise_status(st, &err, NULL);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"isa", mod_isa, METH_NOARGS, "isa() -> str: the instruction-set path in use."},
+    {"_check_config", mod_check_config, METH_O,
+     "_check_config(config: dict): ValueError when the core cannot run a model of this config "
+     "(cd_config_check: ranges, divisibility, size limits)."},
     {"has_bf16", mod_has_bf16, METH_NOARGS,
      "has_bf16() -> bool: whether precision 'bf16' runs here (AVX512_BF16 on the avx512 path)."},
     {"set_isa", mod_set_isa, METH_O,

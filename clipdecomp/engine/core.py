@@ -49,6 +49,13 @@ def isa() -> str:
     return str(extension().isa())
 
 
+def check_config(core_dict: dict[str, Any]) -> None:
+    """ValueError when the C core cannot run a model of this config (a dict as
+    ``ModelConfig.to_core_dict()`` makes): the one validation of a model's geometry, the one
+    ``open_model`` runs too (``cd_config_check`` in csrc/model.c)."""
+    extension()._check_config(core_dict)
+
+
 def open_model(weights: str, cfg: ModelConfig | Any, layout: str,
                precision: str = "fp32") -> Any:
     """Open a safetensors checkpoint in the core (``_core.Model``) with the config ``cfg`` (a
