@@ -35,6 +35,7 @@
 #include "gemm.h"
 #include "moments.h"
 #include "neurons.h"
+#include "safetensors.h"
 
 typedef struct {
     PyObject_HEAD
@@ -1069,6 +1070,48 @@ fail:
     return NULL;
 }
 
+/* the tensor table of a safetensors file, from the core's parser (the package's only one) */
+static PyObject *mod_safetensors_header(PyObject *mod, PyObject *arg) {
+    (void)mod;
+    PyObject *path_bytes = NULL;
+    if (!PyUnicode_FSConverter(arg, &path_bytes)) return NULL;
+    const char *path = PyBytes_AS_STRING(path_bytes);
+    cd_st_file f;
+    cd_error err;
+    err.msg[0] = '\0';
+    cd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = cd_st_open(&f, path, &err);
+    Py_END_ALLOW_THREADS
+    if (st != CD_OK) {
+        cd_st_close(&f);
+        raise_status(st, &err, path);
+        Py_DECREF(path_bytes);
+        return NULL;
+    }
+    Py_DECREF(path_bytes);
+    PyObject *list = PyList_New(f.n_tensors), *out = NULL;
+    for (int i = 0; list && i < f.n_tensors; i++) {
+        const cd_st_tensor *t = &f.tensors[i];
+        PyObject *shape = PyTuple_New(t->ndim);
+        for (int k = 0; shape && k < t->ndim; k++) {
+            PyObject *v = PyLong_FromLongLong((long long)t->shape[k]);
+            if (!v) { Py_CLEAR(shape); break; }
+            PyTuple_SET_ITEM(shape, k, v);
+        }
+        PyObject *item = shape ? Py_BuildValue("(ssNnn)", t->name, cd_st_dtype_name(t->dtype),
+                                               shape, (Py_ssize_t)t->begin, (Py_ssize_t)t->end)
+                               : NULL;
+        if (!item) { Py_CLEAR(list); break; }
+        PyList_SET_ITEM(list, i, item);
+    }
+    if (list)
+        out = Py_BuildValue("(nnN)", (Py_ssize_t)(f.data - (const unsigned char *)f.map),
+                            (Py_ssize_t)f.data_len, list);
+    cd_st_close(&f);
+    return out;
+}
+
 static PyObject *mod_check_config(PyObject *mod, PyObject *arg) {
     (void)mod;
     if (!PyDict_Check(arg)) {
@@ -1086,6 +1129,10 @@ static PyObject *mod_check_config(PyObject *mod, PyObject *arg) {
 
 static PyMethodDef module_methods[] = {
     {"isa", mod_isa, METH_NOARGS, "isa() -> str: the instruction-set path in use."},
+    {"_safetensors_header", mod_safetensors_header, METH_O,
+     "_safetensors_header(path) -> (data_start, data_size, [(name, dtype, shape, begin, end)]):"
+     " the tensor table of a .safetensors file, parsed and checked by the core (sorted by "
+     "name; offsets relative to data_start). ValueError for a malformed file."},
     {"_check_config", mod_check_config, METH_O,
      "_check_config(config: dict): ValueError when the core cannot run a model of this config "
      "(cd_config_check: ranges, divisibility, size limits)."},

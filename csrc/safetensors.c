@@ -84,6 +84,7 @@ typedef struct {
     const char *file;
     cd_error *err;
     int failed;
+    size_t data_len;   /* bytes of the data section, for the offsets of the entries */
 } jcur;
 
 static int jfail(jcur *j, const char *what) {
@@ -397,6 +398,15 @@ check:
     uint64_t isz = DTYPES[t->dtype].size;
     if (numel > UINT64_MAX / isz || numel > (uint64_t)SIZE_MAX)
         return jfail(j, "tensor size overflows");
+    if (off[1] > (uint64_t)j->data_len) {   /* first: a file cut short says so */
+        if (!j->failed)
+            set_err(j->err, "%s: invalid safetensors file: tensor '%s' has data_offsets "
+                    "[%llu, %llu] outside the data section of %zu bytes (file truncated?)",
+                    j->file, t->name, (unsigned long long)off[0], (unsigned long long)off[1],
+                    j->data_len);
+        j->failed = 1;
+        return -1;
+    }
     if (off[1] < off[0] || off[1] - off[0] != numel * isz) {
         if (!j->failed)
             set_err(j->err, "%s: invalid safetensors header: tensor '%s' has data_offsets "
@@ -443,7 +453,7 @@ static size_t utf8_invalid_at(const unsigned char *s, size_t n) {
 }
 
 static cd_status parse_header(cd_st_file *f, const char *hdr, size_t n, cd_error *err) {
-    jcur j = {hdr, hdr, hdr + n, f->path, err, 0};
+    jcur j = {hdr, hdr, hdr + n, f->path, err, 0, f->data_len};
     int cap = 0;
     size_t bad = utf8_invalid_at((const unsigned char *)hdr, n);
     if (bad < n) {
@@ -589,7 +599,7 @@ cd_status cd_st_open(cd_st_file *f, const char *path, cd_error *err) {
     if (st.st_size < 8) {
         close(fd);
         set_err(err, "%s: not a safetensors file: %lld bytes, shorter than the 8-byte header "
-                "length", path, (long long)st.st_size);
+                "length (truncated or empty)", path, (long long)st.st_size);
         return CD_ERR_FORMAT;
     }
     if ((uint64_t)st.st_size > (uint64_t)SIZE_MAX) {
