@@ -148,8 +148,9 @@ def _status_kib(key: str) -> int:
 def child(args: argparse.Namespace) -> None:
     import warnings
 
+    if args.before:                      # the package of an earlier tree, for a side-by-side
+        sys.path.insert(0, args.before)
     import clipdecomp
-    from clipdecomp.engine.model import load_memory
 
     if args.budget:
         clipdecomp.set_memory_budget(args.budget)
@@ -157,14 +158,21 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        model = clipdecomp.load(args.child, precision=args.precision, towers=args.towers)
+        if args.before:
+            model = clipdecomp.load(args.child, precision=args.precision)
+        else:
+            model = clipdecomp.load(args.child, precision=args.precision, towers=args.towers)
     load_s = time.perf_counter() - t0
     out = {"base": base * 1024, "peak_load": _status_kib("VmHWM") * 1024,
-           "steady": _status_kib("VmRSS") * 1024, "nbytes": model.nbytes,
-           "predicted": load_memory(model.config, model.precision)[0], "load_s": load_s,
-           # parameters of what was loaded (no panel padding in these geometries)
-           "params": load_memory(model.config, "fp32")[0] // 4,
-           "precision": model.precision}
+           "steady": _status_kib("VmRSS") * 1024, "load_s": load_s,
+           "precision": model.precision, "package": os.path.dirname(clipdecomp.__file__)}
+    if not args.before:
+        from clipdecomp.engine.model import load_memory
+
+        out["nbytes"] = model.nbytes
+        out["predicted"] = load_memory(model.config, model.precision)[0]
+        # parameters of what was loaded (no panel padding in these geometries)
+        out["params"] = load_memory(model.config, "fp32")[0] // 4
     if args.decompose:
         rng = np.random.default_rng(0)
         s = model.config.image_size
@@ -189,11 +197,13 @@ def _gib(n: float) -> str:
 
 
 def run_child(path: Path, precision: str, towers: str, decompose: int, budget: str,
-              timeout: int) -> dict:
+              timeout: int, before: str = "") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path),
            "--precision", precision, "--towers", towers, "--decompose", str(decompose)]
     if budget:
         cmd += ["--budget", budget]
+    if before:
+        cmd += ["--before", before]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -214,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--out", default=None, help="append the Markdown table to this file")
+    ap.add_argument("--before", default="", help="also load each checkpoint (fp32, both "
+                    "towers) with the package of this source tree (an earlier version, built "
+                    "in place), side by side")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -271,6 +284,15 @@ def main(argv: list[str] | None = None) -> None:
                                    f"{_gib(r.get('peak_all', r['peak_load']))} |")
                         rows.append(row)
                         print(row + f"  <!-- load {os.getloadavg()[0]:.2f} -->", flush=True)
+                if args.before:
+                    r = run_child(path, "fp32", "both", 0, "", args.timeout, args.before)
+                    row = (f"| {name} | {dtype} | both | fp32, before (`{args.before}`) | "
+                           f"{_gib(size)} | - | - | {_gib(r['base'])} | {_gib(r['peak_load'])} | "
+                           f"{_gib(r['steady'])} | {r['peak_load'] / r['steady']:.3f} | - | "
+                           f"{r['load_s']:.1f} | - | - | {_gib(r['peak_load'])} |"
+                           if "error" not in r else f"| {name} | before | error: {r['error']} |")
+                    rows.append(row)
+                    print(row, flush=True)
             finally:
                 if not args.keep:
                     shutil.rmtree(tmp, ignore_errors=True)
