@@ -37,12 +37,13 @@ def _core_config(model):
     return model.config.to_core_dict()
 
 
+@pytest.mark.parametrize("layout", ["open_clip", "hf"])
 @pytest.mark.parametrize("precision", ["bf16-emulated", "bf16"])
-def test_converting_while_loading_equals_converting_after(b32, precision):
+def test_converting_while_loading_equals_converting_after(b32, precision, layout):
     if precision == "bf16" and not clipdecomp.has_bf16():
         pytest.skip("this CPU has no AVX512_BF16: native bf16 is covered by test_gemm's "
                     "emulated-intrinsics program")
-    path = b32.file("open_clip", "F32")
+    path = b32.file(layout, "F32")
     ref_model = clipdecomp.load(path, threads=1)
     cfg = _core_config(ref_model)
     ext = engine_core.extension()
