@@ -7,7 +7,7 @@ CC      ?= gcc
 CSRC    := $(filter-out csrc/module.c,$(wildcard csrc/*.c))
 CFLAGS_CORE := -O2 -g -std=c11 -fopenmp -Wall -Wextra -Icsrc
 
-.PHONY: venv venv-run build test test-c test-py test-browser test-sanitize typecheck lint demo bench notebooks clean
+.PHONY: venv venv-run build test test-c test-py test-browser test-sanitize typecheck lint demo bench bench-memory notebooks clean
 
 # what the package itself needs (pyproject's dependencies) and its build: enough for the demo
 $(VENV)/.stamp-run: pyproject.toml
@@ -91,6 +91,12 @@ demo: build
 
 bench: build venv
 	$(VPY) benchmarks/run.py
+
+# peak and steady memory of loading B/16, L/14, H/14 (random weights, each in a fresh process;
+# writes multi-GB checkpoints to /tmp and deletes them); results in benchmarks/MEMORY.md
+bench-memory: build
+	$(VPY) benchmarks/bench_memory.py --models B16,L14,H14 --precisions fp32,bf16 \
+	    --towers both,image --decompose 8
 
 # execute every notebook in place, so the committed outputs (and figures) are current
 notebooks: build venv

@@ -73,11 +73,24 @@ typedef struct {
 
 typedef struct cd_model cd_model;
 
+/* Whether the core can run a model of this config: every entry in range, the divisibility
+ * rules (image by patch for CLIP, width by heads), sizes within the int strides of the GEMMs.
+ * The one validation of a config: cd_model_load runs it first, and the Python package's
+ * ModelConfig asks it too. CD_ERR_VALUE with a message naming the entry. */
+cd_status cd_config_check(const cd_config *cfg, cd_error *err);
+
 /* Load a .safetensors checkpoint (open_clip or HF transformers key layout; F32/F16/BF16).
- * The file is memory-mapped; every tensor is checked against cfg before use. */
+ * The file is memory-mapped read-only while loading and closed before this returns; every
+ * tensor is checked against cfg, then copied or packed into the model's own memory, and its
+ * pages of the mapping are released at once, so that loading peaks near the size of the loaded
+ * model rather than file + model. cfg->text_layers == 0 loads the image tower alone (any text
+ * tower in the file is left unread). */
 cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg,
                         cd_layout layout, cd_error *err);
 void cd_model_free(cd_model *m);
+/* Bytes the model holds: its weights as stored (packed, in their precision), plus the
+ * per-token fold once a call has built it. */
+size_t cd_model_nbytes(const cd_model *m);
 const cd_config *cd_model_config(const cd_model *m);
 cd_layout cd_model_layout(const cd_model *m);            /* the layout actually found */
 /* The checkpoint's `logit_scale` as stored (a log: exp() gives CLIP's temperature). Returns 1 and
@@ -106,6 +119,11 @@ int cd_has_bf16(void);
  * is not fp32 -> bf16 / bf16-emulated, or bf16 on a CPU without it. */
 cd_status cd_model_set_precision(cd_model *m, cd_precision p, cd_error *err);
 cd_precision cd_model_precision(const cd_model *m);
+/* cd_model_load with the blocks' weights converted to `precision` one by one as they are
+ * packed (the result of cd_model_set_precision without a float32 copy of the whole model ever
+ * existing). Same errors as cd_model_set_precision for a precision the CPU lacks. */
+cd_status cd_model_load_as(cd_model **out, const char *path, const cd_config *cfg,
+                           cd_layout layout, cd_precision precision, cd_error *err);
 
 /* Called (from the calling thread only, never inside a parallel region) between layers;
  * a non-zero return stops the computation with CD_ERR_INTERRUPTED. */

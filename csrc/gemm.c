@@ -308,6 +308,80 @@ void cd_gemm_weight_free(cd_gemm_weight *pw) {
     memset(pw, 0, sizeof(*pw));
 }
 
+int cd_gemm_pack_bf16(cd_gemm_weight *pw, const float *weight, int OC, int K) {
+    if (!pw) return -1;
+    memset(pw, 0, sizeof(*pw));
+    if (!weight || OC <= 0 || K <= 0 || OC > CD_GEMM_MAX_ROWS || K > CD_GEMM_MAX_ROWS) return -1;
+    const size_t np = ((size_t)OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
+    const size_t pairs = ((size_t)K + 1) / 2;
+    if (np > SIZE_MAX / CD_GEMM_NR / pairs) return -1;
+    const size_t words = np * CD_GEMM_NR * pairs;
+    if (words > ((size_t)PTRDIFF_MAX - 63) / sizeof(uint32_t)) return -1;
+    const size_t bytes = (words * sizeof(uint32_t) + 63) / 64 * 64;
+    uint32_t *dst = (uint32_t *)aligned_alloc(64, bytes);
+    if (!dst) return -1;
+    /* the layout cd_gemm_to_bf16 makes from cd_gemm_pack's, straight from the (OC, K) rows */
+    for (int s0 = 0; s0 < K; s0 += CD_GEMM_KS) {
+        const int ks = K - s0 < CD_GEMM_KS ? K - s0 : CD_GEMM_KS, ks2 = (ks + 1) / 2;
+        uint32_t *bs = dst + (size_t)(s0 / 2) * CD_GEMM_NR * np;
+        for (size_t p = 0; p < np; p++) {
+            uint32_t *out = bs + p * (size_t)ks2 * CD_GEMM_NR;
+            for (int j = 0; j < CD_GEMM_NR; j++) {
+                const size_t o = p * CD_GEMM_NR + (size_t)j;
+                const float *row = weight + o * (size_t)K + s0;
+                for (int kp = 0; kp < ks2; kp++) {
+                    uint32_t lo = 0, hi = 0;
+                    if (o < (size_t)OC) {
+                        lo = cd_bf16_from_f32(row[2 * kp]);
+                        if (2 * kp + 1 < ks) hi = cd_bf16_from_f32(row[2 * kp + 1]);
+                    }
+                    out[(size_t)kp * CD_GEMM_NR + j] = lo | hi << 16;
+                }
+            }
+        }
+    }
+    pw->OC = OC; pw->K = K;
+    pw->packed_bf16 = dst; pw->packed_bf16_len = words;
+    pw->precision = CD_GEMM_BF16;
+    pw->isa = cd_cpu_isa();
+    pw->panel = CD_GEMM_NR;
+    pw->slice = CD_GEMM_KS;
+    return 0;
+}
+
+int cd_gemm_unpack(const cd_gemm_weight *pw, float *dst) {
+    if (!pw || !dst || pw->panel != CD_GEMM_NR || pw->slice != CD_GEMM_KS) return -1;
+    const int OC = pw->OC, K = pw->K;
+    const size_t np = ((size_t)OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
+    const int bf16 = pw->precision == CD_GEMM_BF16;
+    if (bf16 ? !pw->packed_bf16 : !pw->packed) return -1;
+    /* the inverse of the layouts of cd_gemm_pack and cd_gemm_to_bf16 above */
+    for (int k0 = 0; k0 < K; k0 += CD_GEMM_KS) {
+        const int ks = K - k0 < CD_GEMM_KS ? K - k0 : CD_GEMM_KS, ks2 = (ks + 1) / 2;
+        for (size_t p = 0; p < np; p++) {
+            const int j0 = (int)p * CD_GEMM_NR;
+            const int nv = OC - j0 < CD_GEMM_NR ? OC - j0 : CD_GEMM_NR;
+            if (!bf16) {
+                const float *src = pw->packed + (size_t)k0 * CD_GEMM_NR * np +
+                                   p * (size_t)ks * CD_GEMM_NR;
+                for (int k = 0; k < ks; k++)
+                    for (int j = 0; j < nv; j++)
+                        dst[(size_t)(j0 + j) * K + k0 + k] = src[(size_t)k * CD_GEMM_NR + j];
+            } else {
+                const uint32_t *src = pw->packed_bf16 + (size_t)(k0 / 2) * CD_GEMM_NR * np +
+                                      p * (size_t)ks2 * CD_GEMM_NR;
+                for (int k = 0; k < ks; k++)
+                    for (int j = 0; j < nv; j++) {
+                        const uint32_t pair = src[(size_t)(k / 2) * CD_GEMM_NR + j];
+                        dst[(size_t)(j0 + j) * K + k0 + k] =
+                            cd_bf16_to_f32((uint16_t)(k % 2 ? pair >> 16 : pair & 0xffffu));
+                    }
+            }
+        }
+    }
+    return 0;
+}
+
 int cd_gemm_to_bf16(cd_gemm_weight *pw, int precision) {
     if (!pw || !pw->packed || pw->precision != CD_GEMM_FP32) return -1;
     if (precision == CD_GEMM_BF16_EMULATED) {   /* round in place: same layout, fp32 kernels */

@@ -47,6 +47,15 @@ void cd_gemm_weight_free(cd_gemm_weight *pw);
  * weight is not float32. */
 int  cd_gemm_to_bf16(cd_gemm_weight *pw, int precision);
 
+/* cd_gemm_pack then cd_gemm_to_bf16(CD_GEMM_BF16) in one step, bit for bit, without the
+ * float32 panels in between (a loader converting as it reads). Returns 0 or -1 as they do. */
+int  cd_gemm_pack_bf16(cd_gemm_weight *pw, const float *weight /* (OC, K) */, int OC, int K);
+/* The weight (OC, K) back as float32 from its packed panels (bf16 values widened): the one
+ * copy a model keeps is the packed one, and a caller that needs the plain matrix (the
+ * decomposition's out-projection) unpacks it into its own scratch. Returns 0, or -1 for a
+ * weight not made by cd_gemm_pack. */
+int  cd_gemm_unpack(const cd_gemm_weight *pw, float *dst /* (OC, K) */);
+
 /* float32 -> bf16, round to nearest even (NaN stays NaN), and back */
 static inline uint16_t cd_bf16_from_f32(float x) {
     union { float f; uint32_t u; } v = {x};

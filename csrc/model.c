@@ -38,6 +38,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 /* scratch for the activations of one forward chunk: the batch is split so that it stays
  * below this (at least one image or text per chunk) */
@@ -53,7 +56,8 @@ typedef struct {
     cd_gemm_weight qkv;           /* (3W, W) packed: [q; k; v] */
     const float *qkv_b;           /* (3W) */
     cd_gemm_weight out;           /* (W, W) packed */
-    const float *out_w;           /* (W, W) unpacked (out, in), vision only: the decomposition */
+    const float *out_w;           /* (W, W) unpacked (out, in), SigLIP's vision blocks only (its
+                                   * deep decomposition); CLIP unpacks `out` when it needs it */
     const float *out_b;           /* (W) */
     const float *ln2_w, *ln2_b;   /* (W) */
     cd_gemm_weight fc;            /* (F, W) packed */
@@ -103,6 +107,7 @@ struct cd_model {
     cd_weights w;
     float **owned;                /* converted / assembled buffers the weights point into */
     int n_owned, cap_owned;
+    size_t owned_bytes;           /* their size */
     int has_logit_scale;
     float logit_scale;            /* as stored (a log) */
     int has_logit_bias;
@@ -215,7 +220,17 @@ typedef struct {
     cd_error *err;
     int bare_vision;              /* a SigLIP vision tower saved alone (transformers'
                                    * SiglipVisionModel): its keys lack "vision_model." */
+    cd_precision precision;       /* of the blocks' products: each packed block weight is
+                                   * converted as soon as it is packed */
+    const cd_st_tensor *last;     /* the tensor fetched last, until its pages are released */
 } loader;
+
+/* Release the source pages of the tensor fetched last: once a tensor is copied or packed, the
+ * mapping's copy of it leaves memory, so that loading peaks near the model's own size. */
+static void release_last(loader *ld) {
+    if (ld->last) cd_st_release(&ld->m->file, ld->last);
+    ld->last = NULL;
+}
 
 /* name without its leading "vision_model." when the loader reads a bare vision tower */
 static const char *vision_key(const loader *ld, const char *name) {
@@ -224,7 +239,7 @@ static const char *vision_key(const loader *ld, const char *name) {
     return name;
 }
 
-static int own(cd_model *m, float *buf) {
+static int own(cd_model *m, float *buf, size_t n_floats) {
     if (m->n_owned == m->cap_owned) {
         int ncap = m->cap_owned ? 2 * m->cap_owned : 64;
         float **no = (float **)realloc(m->owned, (size_t)ncap * sizeof(float *));
@@ -233,6 +248,7 @@ static int own(cd_model *m, float *buf) {
         m->cap_owned = ncap;
     }
     m->owned[m->n_owned++] = buf;
+    m->owned_bytes += n_floats * sizeof(float);
     return 0;
 }
 
@@ -275,6 +291,7 @@ static cd_status fetch(loader *ld, const char *base, const char *leaf, int ndim,
     char name[512];
     *vals = NULL;
     *tmp = NULL;
+    release_last(ld);   /* every caller is done with the previous tensor */
     int n = snprintf(name, sizeof name, "%s%s%s", ld->prefix, vision_key(ld, base),
                      vision_key(ld, leaf));
     if (n < 0 || (size_t)n >= sizeof name) {
@@ -299,6 +316,8 @@ static cd_status fetch(loader *ld, const char *base, const char *leaf, int ndim,
     }
     cd_status st = cd_st_read_f32(&ld->m->file, t, vals, tmp, ld->err);
     if (st) return st;
+    ld->last = t;
+    if (*tmp) release_last(ld);   /* converted: the source is no longer read */
     size_t bad;
     if (find_nonfinite(*vals, t->numel, &bad)) {
         float x = (*vals)[bad];
@@ -321,9 +340,10 @@ static cd_status keep(loader *ld, const float **out, const char *base, const cha
     float *tmp;
     cd_status st = fetch(ld, base, leaf, ndim, dims, out, &tmp);
     if (st) return st;
+    size_t n = 1;
+    for (int i = 0; i < ndim; i++) n *= (size_t)dims[i];  /* == numel, checked by the parser */
     if (!tmp) {
-        size_t n = 1, bytes;
-        for (int i = 0; i < ndim; i++) n *= (size_t)dims[i];  /* == numel, checked by the parser */
+        size_t bytes;
         if (mul_sz(&bytes, n ? n : 1, sizeof(float)) || !(tmp = (float *)malloc(bytes))) {
             *out = NULL;
             set_err(ld->err, "%s: out of memory", ld->m->file.path);
@@ -332,7 +352,8 @@ static cd_status keep(loader *ld, const float **out, const char *base, const cha
         memcpy(tmp, *out, n * sizeof(float));
         *out = tmp;
     }
-    if (own(ld->m, tmp)) {
+    release_last(ld);
+    if (own(ld->m, tmp, n ? n : 1)) {
         free(tmp);
         *out = NULL;
         set_err(ld->err, "%s: out of memory", ld->m->file.path);
@@ -346,6 +367,14 @@ static cd_status pack_err(loader *ld, const char *what) {
     return CD_ERR_NOMEM;
 }
 
+/* A packed block weight in the loader's precision (cd_model_set_precision's conversion, one
+ * weight at a time, so that the float32 copy of the whole model never exists). */
+static cd_status to_precision(loader *ld, cd_gemm_weight *pw, const char *what) {
+    if (ld->precision == CD_PRECISION_FP32 || pw->precision != CD_GEMM_FP32) return CD_OK;
+    const int gp = ld->precision == CD_PRECISION_BF16 ? CD_GEMM_BF16 : CD_GEMM_BF16_EMULATED;
+    return cd_gemm_to_bf16(pw, gp) ? pack_err(ld, what) : CD_OK;
+}
+
 /* fetch() of a linear weight (OC, K) packed for cd_matmul; the float data is not kept */
 static cd_status pack(loader *ld, cd_gemm_weight *pw, const char *base, const char *leaf, int OC,
                       int K) {
@@ -356,6 +385,26 @@ static cd_status pack(loader *ld, cd_gemm_weight *pw, const char *base, const ch
     if (st) return st;
     int rc = cd_gemm_pack(pw, v, OC, K);
     free(tmp);
+    release_last(ld);
+    return rc ? pack_err(ld, leaf) : CD_OK;
+}
+
+/* pack() of a transformer block's weight in the loader's precision (bf16 packed straight from
+ * the source, without float32 panels in between) */
+static cd_status pack_block(loader *ld, cd_gemm_weight *pw, const char *base, const char *leaf,
+                            int OC, int K) {
+    if (ld->precision != CD_PRECISION_BF16) {
+        cd_status st = pack(ld, pw, base, leaf, OC, K);
+        return st ? st : to_precision(ld, pw, leaf);
+    }
+    const float *v;
+    float *tmp;
+    int64_t dims[2] = {OC, K};
+    cd_status st = fetch(ld, base, leaf, 2, dims, &v, &tmp);
+    if (st) return st;
+    int rc = cd_gemm_pack_bf16(pw, v, OC, K);
+    free(tmp);
+    release_last(ld);
     return rc ? pack_err(ld, leaf) : CD_OK;
 }
 
@@ -372,6 +421,7 @@ static cd_status pack_transposed(loader *ld, cd_gemm_weight *pw, const char *key
     for (int k = 0; k < K; k++)
         for (int o = 0; o < OC; o++) tr[(size_t)o * K + k] = v[(size_t)k * OC + o];
     free(tmp);
+    release_last(ld);
     int rc = cd_gemm_pack(pw, tr, OC, K);
     free(tr);
     return rc ? pack_err(ld, key) : CD_OK;
@@ -399,16 +449,19 @@ static cd_status load_fused_block(loader *ld, cd_block *blk, const char *base, i
 #define TRY(x) do { if ((st = (x)) != CD_OK) return st; } while (0)
     TRY(keep(ld, &blk->ln1_w, base, leaf_name(b, sizeof b, k->ln1, "weight"), 1, dW));
     TRY(keep(ld, &blk->ln1_b, base, leaf_name(b, sizeof b, k->ln1, "bias"), 1, dW));
-    TRY(pack(ld, &blk->qkv, base, k->qkv_w, 3 * W, W));
+    TRY(pack_block(ld, &blk->qkv, base, k->qkv_w, 3 * W, W));
     TRY(keep(ld, &blk->qkv_b, base, k->qkv_b, 1, d3W));
-    TRY(pack(ld, &blk->out, base, leaf_name(b, sizeof b, k->out, "weight"), W, W));
-    if (keep_out) TRY(keep(ld, &blk->out_w, base, b, 2, dWW));
+    /* SigLIP's deep decomposition keeps the plain matrix too, read before the packed copy is
+     * converted */
+    if (keep_out) TRY(keep(ld, &blk->out_w, base, leaf_name(b, sizeof b, k->out, "weight"), 2,
+                           dWW));
+    TRY(pack_block(ld, &blk->out, base, leaf_name(b, sizeof b, k->out, "weight"), W, W));
     TRY(keep(ld, &blk->out_b, base, leaf_name(b, sizeof b, k->out, "bias"), 1, dW));
     TRY(keep(ld, &blk->ln2_w, base, leaf_name(b, sizeof b, k->ln2, "weight"), 1, dW));
     TRY(keep(ld, &blk->ln2_b, base, leaf_name(b, sizeof b, k->ln2, "bias"), 1, dW));
-    TRY(pack(ld, &blk->fc, base, leaf_name(b, sizeof b, k->fc, "weight"), F, W));
+    TRY(pack_block(ld, &blk->fc, base, leaf_name(b, sizeof b, k->fc, "weight"), F, W));
     TRY(keep(ld, &blk->fc_b, base, leaf_name(b, sizeof b, k->fc, "bias"), 1, dF));
-    TRY(pack(ld, &blk->proj, base, leaf_name(b, sizeof b, k->proj, "weight"), W, F));
+    TRY(pack_block(ld, &blk->proj, base, leaf_name(b, sizeof b, k->proj, "weight"), W, F));
     TRY(keep(ld, &blk->proj_b, base, leaf_name(b, sizeof b, k->proj, "bias"), 1, dW));
     return CD_OK;
 }
@@ -434,7 +487,7 @@ static cd_status load_block(loader *ld, cd_block *blk, const char *base, int W, 
             return pack_err(ld, "self_attn");
         float *cat = (float *)malloc(cat_bytes);
         float *bias = (float *)malloc(3 * (size_t)W * sizeof(float));
-        if (!cat || !bias || own(ld->m, bias)) {
+        if (!cat || !bias || own(ld->m, bias, 3 * (size_t)W)) {
             free(cat);
             free(bias);
             return pack_err(ld, "self_attn");
@@ -446,24 +499,28 @@ static cd_status load_block(loader *ld, cd_block *blk, const char *base, int W, 
             if (st) { free(cat); return st; }
             memcpy(cat + i * ww, v, ww * sizeof(float));
             free(tmp);
+            release_last(ld);
             st = fetch(ld, base, bn[i], 1, dW, &v, &tmp);
             if (st) { free(cat); return st; }
             memcpy(bias + (size_t)i * W, v, (size_t)W * sizeof(float));
             free(tmp);
+            release_last(ld);
         }
-        int rc = cd_gemm_pack(&blk->qkv, cat, 3 * W, W);
+        int rc = ld->precision == CD_PRECISION_BF16 ? cd_gemm_pack_bf16(&blk->qkv, cat, 3 * W, W)
+                                                    : cd_gemm_pack(&blk->qkv, cat, 3 * W, W);
         free(cat);
         if (rc) return pack_err(ld, "self_attn");
         blk->qkv_b = bias;
+        TRY(to_precision(ld, &blk->qkv, "self_attn"));
     }
-    TRY(pack(ld, &blk->out, base, "self_attn.out_proj.weight", W, W));
     if (keep_out) TRY(keep(ld, &blk->out_w, base, "self_attn.out_proj.weight", 2, dWW));
+    TRY(pack_block(ld, &blk->out, base, "self_attn.out_proj.weight", W, W));
     TRY(keep(ld, &blk->out_b, base, "self_attn.out_proj.bias", 1, dW));
     TRY(keep(ld, &blk->ln2_w, base, "layer_norm2.weight", 1, dW));
     TRY(keep(ld, &blk->ln2_b, base, "layer_norm2.bias", 1, dW));
-    TRY(pack(ld, &blk->fc, base, "mlp.fc1.weight", F, W));
+    TRY(pack_block(ld, &blk->fc, base, "mlp.fc1.weight", F, W));
     TRY(keep(ld, &blk->fc_b, base, "mlp.fc1.bias", 1, dF));
-    TRY(pack(ld, &blk->proj, base, "mlp.fc2.weight", W, F));
+    TRY(pack_block(ld, &blk->proj, base, "mlp.fc2.weight", W, F));
     TRY(keep(ld, &blk->proj_b, base, "mlp.fc2.bias", 1, dW));
     return CD_OK;
 }
@@ -484,6 +541,7 @@ static cd_status load_vision(loader *ld) {
     if (st) return st;
     int rc = cd_gemm_pack(&m->w.conv, v, W, 3 * P * P);
     free(tmp);
+    release_last(ld);
     if (rc) return pack_err(ld, "patch embedding");
     TRY(keep(ld, &m->w.class_emb, "",
              hf ? "vision_model.embeddings.class_embedding" : "visual.class_embedding", 1, dW));
@@ -500,7 +558,7 @@ static cd_status load_vision(loader *ld) {
         char base[96];
         snprintf(base, sizeof base,
                  hf ? "vision_model.encoder.layers.%d." : "visual.transformer.resblocks.%d.", l);
-        TRY(load_block(ld, &m->w.blocks[l], base, W, c->mlp_dim, 1));
+        TRY(load_block(ld, &m->w.blocks[l], base, W, c->mlp_dim, 0));
     }
     TRY(keep(ld, &m->w.ln_post_w, "",
              hf ? "vision_model.post_layernorm.weight" : "visual.ln_post.weight", 1, dW));
@@ -557,7 +615,7 @@ static cd_status load_text(loader *ld) {
 /* a copy of n floats of `src` that the model owns */
 static cd_status own_copy(loader *ld, const float **out, const float *src, size_t n) {
     float *buf = (float *)malloc((n ? n : 1) * sizeof(float));
-    if (!buf || own(ld->m, buf)) {
+    if (!buf || own(ld->m, buf, n ? n : 1)) {
         free(buf);
         set_err(ld->err, "%s: out of memory", ld->m->file.path);
         return CD_ERR_NOMEM;
@@ -595,7 +653,7 @@ static cd_status load_siglip_head(loader *ld) {
         /* [q; kv] assembled into a buffer of the model's */
         float *cat_w = (float *)malloc(3 * WW * sizeof(float));
         float *cat_b = (float *)malloc(3 * (size_t)W * sizeof(float));
-        if (!cat_w || !cat_b || own(m, cat_b)) {
+        if (!cat_w || !cat_b || own(m, cat_b, 3 * (size_t)W)) {
             free(cat_w);
             free(cat_b);
             return pack_err(ld, "visual.trunk.attn_pool");
@@ -610,6 +668,7 @@ static cd_status load_siglip_head(loader *ld) {
             if (st) { free(cat_w); return st; }
             memcpy(parts[i].dst, v, parts[i].n * sizeof(float));
             free(t);
+            release_last(ld);
         }
         in_w = cat_w;
         tmp = cat_w;
@@ -617,7 +676,7 @@ static cd_status load_siglip_head(loader *ld) {
     }
     /* q = probe @ W_Q^T + b_Q, in double */
     float *q = (float *)malloc((size_t)W * sizeof(float));
-    if (!q || own(m, q)) {
+    if (!q || own(m, q, (size_t)W)) {
         free(q);
         free(tmp);
         return pack_err(ld, "vision_model.head.attention");
@@ -631,6 +690,7 @@ static cd_status load_siglip_head(loader *ld) {
     int rc = cd_gemm_pack(&w->pool_kv, in_w + WW, 2 * W, W);
     st = rc ? pack_err(ld, "attention.in_proj_weight") : own_copy(ld, &w->pool_v_w, in_w + 2 * WW, WW);
     free(tmp);
+    release_last(ld);
     if (st) return st;
     w->pool_kv_b = in_b + W;
     char b[96];
@@ -646,7 +706,7 @@ static cd_status load_siglip_head(loader *ld) {
     /* pool_const = W_O (W_V beta + b_V) + b_O, in double */
     float *pc = (float *)malloc((size_t)W * sizeof(float));
     double *vb = (double *)malloc((size_t)W * sizeof(double));
-    if (!pc || !vb || own(m, pc)) {
+    if (!pc || !vb || own(m, pc, (size_t)W)) {
         free(pc);
         free(vb);
         return pack_err(ld, "vision_model.head");
@@ -699,6 +759,7 @@ static cd_status load_siglip_vision(loader *ld) {
                         conv[o * K + ((size_t)ch * P + py) * P + px] =
                             v[o * K + ((size_t)py * P + px) * 3 + ch];
         free(tmp);
+        release_last(ld);
         rc = cd_gemm_pack(&m->w.conv, conv, W, (int)K);
         free(conv);
     } else {
@@ -706,6 +767,7 @@ static cd_status load_siglip_vision(loader *ld) {
         if (st) return st;
         rc = cd_gemm_pack(&m->w.conv, v, W, 3 * P * P);
         free(tmp);
+        release_last(ld);
     }
     if (rc) return pack_err(ld, "patch embedding");
     TRY(keep(ld, &m->w.conv_b, "", oc ? "visual.trunk.patch_embed.proj.bias"
@@ -871,6 +933,15 @@ static cd_status check_config(const cd_config *c, const char *path, cd_error *er
     return CD_OK;
 }
 
+cd_status cd_config_check(const cd_config *cfg, cd_error *err) {
+    if (err) err->msg[0] = '\0';
+    if (!cfg) {
+        set_err(err, "cd_config_check: NULL argument");
+        return CD_ERR_VALUE;
+    }
+    return check_config(cfg, "model config", err);
+}
+
 /* The key prefix under which `anchor` appears ("" or ending in '.'), or -1 if absent. */
 static int find_prefix(const cd_st_file *f, const char *anchor, char *prefix, size_t cap) {
     size_t an = strlen(anchor);
@@ -944,6 +1015,11 @@ void cd_model_free(cd_model *m) {
 
 cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, cd_layout layout,
                         cd_error *err) {
+    return cd_model_load_as(out, path, cfg, layout, CD_PRECISION_FP32, err);
+}
+
+cd_status cd_model_load_as(cd_model **out, const char *path, const cd_config *cfg,
+                           cd_layout layout, cd_precision precision, cd_error *err) {
     if (err) err->msg[0] = '\0';
     if (!out || !path || !cfg) {
         set_err(err, "cd_model_load: NULL argument");
@@ -952,6 +1028,17 @@ cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, 
     *out = NULL;
     cd_status st = check_config(cfg, path, err);
     if (st) return st;
+    if (precision != CD_PRECISION_FP32 && precision != CD_PRECISION_BF16 &&
+        precision != CD_PRECISION_BF16_EMULATED) {
+        set_err(err, "%s: unknown precision %d", path, (int)precision);
+        return CD_ERR_VALUE;
+    }
+    if (precision == CD_PRECISION_BF16 && !cd_cpu_has_bf16()) {
+        set_err(err, "precision bf16 needs a CPU with AVX512_BF16 (and the avx512 path); this "
+                "one runs '%s' without it: use bf16-emulated for the same numbers at fp32 speed",
+                cd_isa_name());
+        return CD_ERR_VALUE;
+    }
     if (layout != CD_LAYOUT_AUTO && layout != CD_LAYOUT_OPEN_CLIP && layout != CD_LAYOUT_HF) {
         set_err(err, "%s: unknown layout %d", path, (int)layout);
         return CD_ERR_VALUE;
@@ -1015,7 +1102,7 @@ cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, 
         }
     }
     m->layout = layout;
-    loader ld = {m, prefix, err, bare};
+    loader ld = {m, prefix, err, bare, precision, NULL};
     st = siglip ? load_siglip_vision(&ld) : load_vision(&ld);
     if (!st) st = check_no_extra_block(&ld, 0);
     if (!st && cfg->text_layers > 0) st = siglip ? load_siglip_text(&ld) : load_text(&ld);
@@ -1056,8 +1143,33 @@ cd_status cd_model_load(cd_model **out, const char *path, const cd_config *cfg, 
     /* every weight is now packed or copied: drop the mapping, so that the model no longer
      * depends on the file (rewriting or truncating it would otherwise crash a later call) */
     cd_st_close(&m->file);
+    m->precision = precision;
+#ifdef __GLIBC__
+    malloc_trim(0);   /* hand the heap the loader's temporaries left back to the system */
+#endif
     *out = m;
     return CD_OK;
+}
+
+static size_t weight_bytes(const cd_gemm_weight *w) {
+    return w->packed_len * sizeof(float) + w->packed_bf16_len * sizeof(uint32_t);
+}
+
+size_t cd_model_nbytes(const cd_model *m) {
+    size_t n = m->owned_bytes + weight_bytes(&m->w.conv) + weight_bytes(&m->w.proj) +
+               weight_bytes(&m->w.tproj) + weight_bytes(&m->w.pool_kv) +
+               weight_bytes(&m->w.pool_out) + weight_bytes(&m->w.pool_fc) +
+               weight_bytes(&m->w.pool_proj);
+    for (int t = 0; t < 2; t++) {
+        const cd_block *blocks = t == 0 ? m->w.blocks : m->w.tblocks;
+        const int L = t == 0 ? m->cfg.layers : m->cfg.text_layers;
+        for (int l = 0; blocks && l < L; l++)
+            n += weight_bytes(&blocks[l].qkv) + weight_bytes(&blocks[l].out) +
+                 weight_bytes(&blocks[l].fc) + weight_bytes(&blocks[l].proj);
+    }
+    if (atomic_load_explicit(&((cd_model *)m)->fold_ready, memory_order_acquire))
+        n += (size_t)m->cfg.layers * m->cfg.width * m->cfg.embed_dim * sizeof(float);
+    return n;
 }
 
 const cd_config *cd_model_config(const cd_model *m) { return &m->cfg; }
@@ -1134,21 +1246,24 @@ static cd_status compute_fold(cd_model *m, cd_error *err) {
     }
     float *fold = (float *)malloc(fold_n * sizeof(float));
     float *tmp = (float *)malloc(ww * sizeof(float));  /* (W_in, W_out) = W_O^T * gamma */
-    if (!fold || !tmp) {
+    float *wo = (float *)malloc(ww * sizeof(float));   /* (W_out, W_in) W_O unpacked */
+    if (!fold || !tmp || !wo) {
         free(fold);
         free(tmp);
+        free(wo);
         set_err(err, "out of memory for the per-token fold (%zu floats)", fold_n);
         return CD_ERR_NOMEM;
     }
     const float *gamma = m->w.ln_post_w;
     for (int l = 0; l < L; l++) {
-        const float *wo = m->w.blocks[l].out_w;  /* (W_out, W_in) */
+        cd_gemm_unpack(&m->w.blocks[l].out, wo);
         #pragma omp parallel for schedule(static)
         for (int j = 0; j < W; j++)
             for (int o = 0; o < W; o++) tmp[(size_t)j * W + o] = wo[(size_t)o * W + j] * gamma[o];
         cd_matmul(fold + (size_t)l * W * D, tmp, &m->w.proj, NULL, W, 0);
     }
     free(tmp);
+    free(wo);
     m->fold = fold;
     return CD_OK;
 }
@@ -1305,6 +1420,8 @@ typedef struct {
     float *pconst;     /* (Bc, L, T) ... probed */
     float *av;         /* (nthreads, N, d) attention-weighted values of one head */
     float *probe_fold; /* (L, W, T) = F[l] @ probe^T */
+    float *wo;         /* (W, W) the current layer's out-projection, unpacked from the one
+                        * (packed) copy the model keeps */
 } vision_scratch;
 
 /* the scratch of a CLIP image call (returns the number of specs) */
@@ -1329,6 +1446,7 @@ static int vision_scratch_specs(vision_scratch *s, scratch_spec *sp, const cd_co
         {&s->pconst, PER_IMAGE, L, T, probe},
         {&s->blk.tiles, PER_THREAD, rows, N, 1}, {&s->av, PER_THREAD, N, d, 1},
         {&s->probe_fold, PER_CALL, L * W, T, probe},
+        {&s->wo, PER_CALL, W, W, o->heads || o->cls_to_cls},
     };
     _Static_assert(sizeof spec / sizeof spec[0] <= MAX_SCRATCH_SPECS, "too many arrays");
     memcpy(sp, spec, sizeof spec);
@@ -1355,11 +1473,13 @@ static void decompose_layer(vision_ctx *vc, int l) {
     const cd_block *blk = &m->w.blocks[l];
     const size_t ldq = (size_t)3 * W;
     const float *qkv = s->blk.qkv, *att = s->blk.att;
+    const float *out_w = s->wo;
+    if (o->heads || o->cls_to_cls) cd_gemm_unpack(&blk->out, s->wo);
 
     if (o->heads) {
         /* c[b,l,h] = W_O[:, h-slice] @ z[b,l,h] + b_O / H with z = att[b, 0, h-slice] */
         for (int h = 0; h < H; h++)
-            cd_sgemm_nt(Bc, W, d, 1.0f, att + (size_t)h * d, N * W, blk->out_w + (size_t)h * d,
+            cd_sgemm_nt(Bc, W, d, 1.0f, att + (size_t)h * d, N * W, out_w + (size_t)h * d,
                         W, s->heads_raw + idx_blhd(0, l, h, L, H, W), L * H * W, 0);
         const float inv_h = 1.0f / (float)H;
         for (int b = 0; b < Bc; b++)
@@ -1378,7 +1498,7 @@ static void decompose_layer(vision_ctx *vc, int l) {
                 for (int j = 0; j < d; j++) t[h * d + j] = a * v0[h * d + j];
             }
         }
-        cd_sgemm_nt(Bc, W, W, 1.0f, s->rows, W, blk->out_w, W, s->cls_raw + idx_bld(0, l, L, W),
+        cd_sgemm_nt(Bc, W, W, 1.0f, s->rows, W, out_w, W, s->cls_raw + idx_bld(0, l, L, W),
                     L * W, 0);
         const float inv_n = 1.0f / (float)N;
         for (int b = 0; b < Bc; b++) {

@@ -1,7 +1,7 @@
 /* module.c -- the CPython extension clipdecomp._core: argument checking and ownership only.
  *
- *   Model(path, config, layout="auto")
- *       .config -> dict, .layout -> "open_clip" | "hf", .path -> str,
+ *   Model(path, config, layout="auto", precision="fp32")
+ *       .config -> dict, .layout -> "open_clip" | "hf", .path -> str, .nbytes -> int,
  *       .raw_logit_scale -> float | None (as stored: a log)
  *       .encode_image(pixels [B, 3, S, S], *, heads=False, mlps=False, cls_to_cls=False,
  *                     tokens=False, probe=None [T, D], attn=False, threads=0,
@@ -39,6 +39,7 @@
 #include "gemm.h"
 #include "moments.h"
 #include "neurons.h"
+#include "safetensors.h"
 
 typedef struct {
     PyObject_HEAD
@@ -212,13 +213,30 @@ static int parse_config(PyObject *d, cd_config *c, double *ln_eps) {
     return 0;
 }
 
+static const char *PRECISION_NAMES[] = {"fp32", "bf16", "bf16-emulated"};
+
+/* "fp32" | "bf16" | "bf16-emulated" -> cd_precision, or -1 with a ValueError set */
+static int precision_from(const char *name, const char *who) {
+    for (int i = 0; i < 3; i++)
+        if (strcmp(name, PRECISION_NAMES[i]) == 0) return i;
+    PyErr_Format(PyExc_ValueError, "%s: precision must be 'fp32', 'bf16' or 'bf16-emulated', "
+                 "not '%s'", who, name);
+    return -1;
+}
+
 static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"path", "config", "layout", NULL};
+    static char *kwlist[] = {"path", "config", "layout", "precision", NULL};
     PyObject *path_bytes = NULL, *cfg_dict;
-    const char *layout_s = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&O!|s:Model", kwlist, PyUnicode_FSConverter,
-                                     &path_bytes, &PyDict_Type, &cfg_dict, &layout_s))
+    const char *layout_s = "auto", *precision_s = "fp32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&O!|ss:Model", kwlist, PyUnicode_FSConverter,
+                                     &path_bytes, &PyDict_Type, &cfg_dict, &layout_s,
+                                     &precision_s))
         return NULL;
+    const int precision = precision_from(precision_s, "Model");
+    if (precision < 0) {
+        Py_DECREF(path_bytes);
+        return NULL;
+    }
     cd_layout layout;
     if (!strcmp(layout_s, "auto")) layout = CD_LAYOUT_AUTO;
     else if (!strcmp(layout_s, "open_clip")) layout = CD_LAYOUT_OPEN_CLIP;
@@ -251,7 +269,7 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     cd_error err;
     cd_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = cd_model_load(&self->m, path, &cfg, layout, &err);
+    st = cd_model_load_as(&self->m, path, &cfg, layout, (cd_precision)precision, &err);
     Py_END_ALLOW_THREADS
     if (st != CD_OK) {
         raise_status(st, &err, path);
@@ -700,17 +718,6 @@ fail:
     return d;
 }
 
-static const char *PRECISION_NAMES[] = {"fp32", "bf16", "bf16-emulated"};
-
-/* "fp32" | "bf16" | "bf16-emulated" -> cd_precision, or -1 with a ValueError set */
-static int precision_from(const char *name, const char *who) {
-    for (int i = 0; i < 3; i++)
-        if (strcmp(name, PRECISION_NAMES[i]) == 0) return i;
-    PyErr_Format(PyExc_ValueError, "%s: precision must be 'fp32', 'bf16' or 'bf16-emulated', "
-                 "not '%s'", who, name);
-    return -1;
-}
-
 static PyObject *Model_set_precision(ModelObject *self, PyObject *arg) {
     const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
     if (!name) {
@@ -727,6 +734,11 @@ static PyObject *Model_set_precision(ModelObject *self, PyObject *arg) {
     Py_END_ALLOW_THREADS
     if (st != CD_OK) return raise_status(st, &err, NULL);
     Py_RETURN_NONE;
+}
+
+static PyObject *Model_get_nbytes(ModelObject *self, void *closure) {
+    (void)closure;
+    return PyLong_FromSize_t(cd_model_nbytes(self->m));
 }
 
 static PyObject *Model_get_precision(ModelObject *self, void *closure) {
@@ -767,6 +779,8 @@ static PyGetSetDef Model_getset[] = {
     {"config", (getter)Model_get_config, NULL, "the model's configuration (a new dict)", NULL},
     {"layout", (getter)Model_get_layout, NULL, "'open_clip' or 'hf': the key layout found", NULL},
     {"path", (getter)Model_get_path, NULL, "the checkpoint's path", NULL},
+    {"nbytes", (getter)Model_get_nbytes, NULL,
+     "bytes the model holds: its weights as stored, plus the per-token fold once built", NULL},
     {"precision", (getter)Model_get_precision, NULL,
      "'fp32', 'bf16' or 'bf16-emulated': the precision of the blocks' matrix products", NULL},
     {"raw_logit_scale", (getter)Model_get_logit_scale, NULL,
@@ -783,9 +797,10 @@ static PyTypeObject ModelType = {
     .tp_basicsize = sizeof(ModelObject),
     .tp_dealloc = (destructor)Model_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Model(path, config, layout='auto')\n\n"
+    .tp_doc = "Model(path, config, layout='auto', precision='fp32')\n\n"
               "A CLIP checkpoint (.safetensors, open_clip or HF transformers layout, F32/F16/BF16) "
-              "loaded by the C core. config: dict of image_size, patch_size, width, layers, "
+              "loaded by the C core, its blocks' weights in `precision` ('fp32', 'bf16', "
+              "'bf16-emulated'), converted one by one as they are packed. config: dict of image_size, patch_size, width, layers, "
               "heads, mlp_dim, embed_dim, act ('gelu' | 'quick_gelu'), ln_eps (default 1e-5) "
               "and, for the text tower, text_layers (0 or absent: none), context_length, "
               "vocab_size, text_width, text_heads, text_mlp_dim, text_act.",
@@ -1178,6 +1193,63 @@ static PyObject *mod_image_plan(PyObject *mod, PyObject *args, PyObject *kwds) {
                          "result_per_image", (Py_ssize_t)p.result_per_image);
 }
 
+/* the tensor table of a safetensors file, from the core's parser (the package's only one) */
+static PyObject *mod_safetensors_header(PyObject *mod, PyObject *arg) {
+    (void)mod;
+    PyObject *path_bytes = NULL;
+    if (!PyUnicode_FSConverter(arg, &path_bytes)) return NULL;
+    const char *path = PyBytes_AS_STRING(path_bytes);
+    cd_st_file f;
+    cd_error err;
+    err.msg[0] = '\0';
+    cd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = cd_st_open(&f, path, &err);
+    Py_END_ALLOW_THREADS
+    if (st != CD_OK) {
+        cd_st_close(&f);
+        raise_status(st, &err, path);
+        Py_DECREF(path_bytes);
+        return NULL;
+    }
+    Py_DECREF(path_bytes);
+    PyObject *list = PyList_New(f.n_tensors), *out = NULL;
+    for (int i = 0; list && i < f.n_tensors; i++) {
+        const cd_st_tensor *t = &f.tensors[i];
+        PyObject *shape = PyTuple_New(t->ndim);
+        for (int k = 0; shape && k < t->ndim; k++) {
+            PyObject *v = PyLong_FromLongLong((long long)t->shape[k]);
+            if (!v) { Py_CLEAR(shape); break; }
+            PyTuple_SET_ITEM(shape, k, v);
+        }
+        PyObject *item = shape ? Py_BuildValue("(ssNnn)", t->name, cd_st_dtype_name(t->dtype),
+                                               shape, (Py_ssize_t)t->begin, (Py_ssize_t)t->end)
+                               : NULL;
+        if (!item) { Py_CLEAR(list); break; }
+        PyList_SET_ITEM(list, i, item);
+    }
+    if (list)
+        out = Py_BuildValue("(nnN)", (Py_ssize_t)(f.data - (const unsigned char *)f.map),
+                            (Py_ssize_t)f.data_len, list);
+    cd_st_close(&f);
+    return out;
+}
+
+static PyObject *mod_check_config(PyObject *mod, PyObject *arg) {
+    (void)mod;
+    if (!PyDict_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "_check_config() takes a dict");
+        return NULL;
+    }
+    cd_config cfg;
+    double ln_eps;
+    if (parse_config(arg, &cfg, &ln_eps)) return NULL;
+    cd_error err;
+    cd_status st = cd_config_check(&cfg, &err);
+    if (st != CD_OK) return raise_status(st, &err, NULL);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"isa", mod_isa, METH_NOARGS, "isa() -> str: the instruction-set path in use."},
     {"image_plan", (PyCFunction)(void (*)(void))mod_image_plan, METH_VARARGS | METH_KEYWORDS,
@@ -1187,6 +1259,13 @@ static PyMethodDef module_methods[] = {
      "the number of directions; budget: the core's scratch limit in bytes, 0 = its default): "
      "chunk (images computed at once), threads, scratch_per_image, scratch_fixed, model_bytes "
      "(kept by the model from the first such call on) and result_per_image, in bytes."},
+    {"_safetensors_header", mod_safetensors_header, METH_O,
+     "_safetensors_header(path) -> (data_start, data_size, [(name, dtype, shape, begin, end)]):"
+     " the tensor table of a .safetensors file, parsed and checked by the core (sorted by "
+     "name; offsets relative to data_start). ValueError for a malformed file."},
+    {"_check_config", mod_check_config, METH_O,
+     "_check_config(config: dict): ValueError when the core cannot run a model of this config "
+     "(cd_config_check: ranges, divisibility, size limits)."},
     {"has_bf16", mod_has_bf16, METH_NOARGS,
      "has_bf16() -> bool: whether precision 'bf16' runs here (AVX512_BF16 on the avx512 path)."},
     {"set_isa", mod_set_isa, METH_O,

@@ -6,6 +6,7 @@
  * header where parsing stopped.
  */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE   /* madvise */
 #include "safetensors.h"
 
 #include <errno.h>
@@ -83,6 +84,7 @@ typedef struct {
     const char *file;
     cd_error *err;
     int failed;
+    size_t data_len;   /* bytes of the data section, for the offsets of the entries */
 } jcur;
 
 static int jfail(jcur *j, const char *what) {
@@ -396,6 +398,15 @@ check:
     uint64_t isz = DTYPES[t->dtype].size;
     if (numel > UINT64_MAX / isz || numel > (uint64_t)SIZE_MAX)
         return jfail(j, "tensor size overflows");
+    if (off[1] > (uint64_t)j->data_len) {   /* first: a file cut short says so */
+        if (!j->failed)
+            set_err(j->err, "%s: invalid safetensors file: tensor '%s' has data_offsets "
+                    "[%llu, %llu] outside the data section of %zu bytes (file truncated?)",
+                    j->file, t->name, (unsigned long long)off[0], (unsigned long long)off[1],
+                    j->data_len);
+        j->failed = 1;
+        return -1;
+    }
     if (off[1] < off[0] || off[1] - off[0] != numel * isz) {
         if (!j->failed)
             set_err(j->err, "%s: invalid safetensors header: tensor '%s' has data_offsets "
@@ -442,7 +453,7 @@ static size_t utf8_invalid_at(const unsigned char *s, size_t n) {
 }
 
 static cd_status parse_header(cd_st_file *f, const char *hdr, size_t n, cd_error *err) {
-    jcur j = {hdr, hdr, hdr + n, f->path, err, 0};
+    jcur j = {hdr, hdr, hdr + n, f->path, err, 0, f->data_len};
     int cap = 0;
     size_t bad = utf8_invalid_at((const unsigned char *)hdr, n);
     if (bad < n) {
@@ -588,7 +599,7 @@ cd_status cd_st_open(cd_st_file *f, const char *path, cd_error *err) {
     if (st.st_size < 8) {
         close(fd);
         set_err(err, "%s: not a safetensors file: %lld bytes, shorter than the 8-byte header "
-                "length", path, (long long)st.st_size);
+                "length (truncated or empty)", path, (long long)st.st_size);
         return CD_ERR_FORMAT;
     }
     if ((uint64_t)st.st_size > (uint64_t)SIZE_MAX) {
@@ -616,6 +627,22 @@ void cd_st_close(cd_st_file *f) {
     if (f->map) munmap(f->map, f->map_len);
     free(f->path);
     memset(f, 0, sizeof *f);
+}
+
+void cd_st_release(const cd_st_file *f, const cd_st_tensor *t) {
+    if (!f->map || !t || t->end <= t->begin) return;
+    static long page = 0;
+    if (page <= 0) page = sysconf(_SC_PAGESIZE);
+    if (page <= 0) return;
+    /* the pages that hold any byte of the tensor: a neighbour sharing the first or last page
+     * loses nothing, as the mapping is never written and a later read faults the page back in */
+    const uintptr_t base = (uintptr_t)f->map, lo = (uintptr_t)t->data;
+    const uintptr_t hi = lo + (t->end - t->begin);
+    const uintptr_t a = lo - (lo - base) % (uintptr_t)page;
+    const uintptr_t limit = base + f->map_len;
+    uintptr_t b = hi + ((uintptr_t)page - (hi - base) % (uintptr_t)page) % (uintptr_t)page;
+    if (b > limit) b = limit;
+    if (b > a) (void)madvise((void *)a, (size_t)(b - a), MADV_DONTNEED);
 }
 
 const cd_st_tensor *cd_st_find(const cd_st_file *f, const char *name) {

@@ -5,7 +5,8 @@
  *    "__metadata__": {"key": "value"}}
  * then the data section; offsets are relative to the data section.
  *
- * The file is memory-mapped. The header is parsed by a small hand-written JSON reader and checked
+ * The file is memory-mapped (read-only, private); a loader releases each tensor's pages once it
+ * has its own copy (cd_st_release), so the mapping never holds the whole file resident. The header is parsed by a small hand-written JSON reader and checked
  * strictly: header length inside the file and at most CD_ST_MAX_HEADER bytes, every tensor's
  * [begin, end) inside the data section and equal to itemsize * prod(shape) (overflow-checked),
  * no duplicate names, known dtype names only. Floating tensors in F32, F16 and BF16 can be read
@@ -54,6 +55,12 @@ cd_status cd_st_open(cd_st_file *f, const char *path, cd_error *err);
 cd_status cd_st_open_buffer(cd_st_file *f, const void *buf, size_t len, const char *name,
                             cd_error *err);
 void cd_st_close(cd_st_file *f);
+
+/* Drop the resident pages of t's bytes from the mapping (no-op over a caller's buffer): a
+ * loader that has copied or packed a tensor releases its source as it goes, so that the file
+ * and the model's copy of the same tensor are never resident together. Reading t again after
+ * this is still valid (the pages are read from the file again). */
+void cd_st_release(const cd_st_file *f, const cd_st_tensor *t);
 
 /* The tensor called `name`, or NULL. */
 const cd_st_tensor *cd_st_find(const cd_st_file *f, const char *name);

@@ -132,28 +132,24 @@ class ModelConfig:
                            normalise_act(self.text_act, "text_act") if self.text_act else act)
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-        for f in ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "embed_dim"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"ModelConfig.{f} must be a positive int, got {v!r}")
-        for f in ("context_length", "vocab_size", "text_width", "text_layers", "text_heads",
+        # the types are translated here; the rules of a runnable geometry (ranges,
+        # divisibility, size limits) have one authority, the C core's cd_config_check
+        for f in ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "embed_dim",
+                  "context_length", "vocab_size", "text_width", "text_layers", "text_heads",
                   "text_mlp_dim"):
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"ModelConfig.{f} must be an int >= 0, got {v!r}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
-                             f"{self.patch_size}")
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
-        if self.text_layers and (self.text_heads <= 0 or self.text_width % self.text_heads):
-            raise ValueError(f"text_width {self.text_width} is not a multiple of text_heads "
-                             f"{self.text_heads}")
-        if not (self.ln_eps > 0 and math.isfinite(self.ln_eps)):
-            raise ValueError(f"ln_eps must be a positive number, got {self.ln_eps!r}")
+            if not isinstance(v, int) or isinstance(v, bool):
+                # ValueError, as every bad config (a float read from a JSON file, ...)
+                raise ValueError(f"ModelConfig.{f} must be an int, got {v!r}")  # noqa: TRY004
+        if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)):
+            raise ValueError(  # noqa: TRY004
+                f"ModelConfig.ln_eps must be a number, got {self.ln_eps!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std need 3 channels (std > 0), got {self.mean}, "
                              f"{self.std}")
+        from clipdecomp.engine.core import check_config
+
+        check_config(self.to_core_dict())
 
     @property
     def grid(self) -> int:

@@ -49,10 +49,22 @@ def isa() -> str:
     return str(extension().isa())
 
 
-def open_model(weights: str, cfg: ModelConfig | Any, layout: str) -> Any:
+def check_config(core_dict: dict[str, Any]) -> None:
+    """ValueError when the C core cannot run a model of this config (a dict as
+    ``ModelConfig.to_core_dict()`` makes): the one validation of a model's geometry, the one
+    ``open_model`` runs too (``cd_config_check`` in csrc/model.c)."""
+    extension()._check_config(core_dict)
+
+
+def open_model(weights: str, cfg: ModelConfig | Any, layout: str,
+               precision: str = "fp32") -> Any:
     """Open a safetensors checkpoint in the core (``_core.Model``) with the config ``cfg`` (a
-    :class:`ModelConfig` or a SigLIP config: anything with ``to_core_dict()``)."""
-    return extension().Model(weights, cfg.to_core_dict(), layout)
+    :class:`ModelConfig` or a SigLIP config: anything with ``to_core_dict()``), the blocks'
+    weights converted to ``precision`` one by one as they are packed, so that the float32 copy
+    of the whole model never exists (``"bf16"`` becomes ``"bf16-emulated"``, with a warning,
+    on a CPU without AVX512_BF16)."""
+    return extension().Model(weights, cfg.to_core_dict(), layout,
+                             precision=effective_precision(precision, stacklevel=4))
 
 
 def image_plan(cfg: ModelConfig | Any, images: int, *, threads: int, heads: bool = False,
@@ -76,18 +88,26 @@ def image_plan(cfg: ModelConfig | Any, images: int, *, threads: int, heads: bool
                                        attn=attn, probe=probe))
 
 
-def set_precision(core_model: Any, precision: str) -> str:
-    """Convert a freshly opened core model to ``precision``; returns the precision in effect
-    (``"bf16"`` becomes ``"bf16-emulated"``, with a warning, on a CPU without AVX512_BF16)."""
-    if precision == "fp32":
-        return "fp32"
+def effective_precision(precision: str, stacklevel: int = 3) -> str:
+    """The precision the core runs for ``precision`` on this CPU: ``"bf16"`` becomes
+    ``"bf16-emulated"``, with a warning, on a CPU without AVX512_BF16."""
     if precision == "bf16" and not has_bf16():
         warnings.warn("precision='bf16': this CPU has no AVX512_BF16 (or the avx512 path is "
                       "off), so bf16 is emulated: the same bf16 roundings (numbers within 1e-3 of "
                       "native bf16), computed by the float32 kernels at float32 speed and memory",
                       RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=stacklevel)
         precision = "bf16-emulated"
+    return precision
+
+
+def set_precision(core_model: Any, precision: str) -> str:
+    """Convert a freshly opened core model to ``precision``; returns the precision in effect
+    (see :func:`effective_precision`). :func:`open_model` with ``precision=`` does the same
+    while loading, without the float32 copy."""
+    if precision == "fp32":
+        return "fp32"
+    precision = effective_precision(precision, stacklevel=4)
     core_model.set_precision(precision)
     return precision
 

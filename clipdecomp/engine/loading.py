@@ -43,7 +43,7 @@ from clipdecomp.engine.config import (
 )
 from clipdecomp.engine.core import PRECISIONS
 from clipdecomp.engine.hub import list_pretrained
-from clipdecomp.engine.model import CLIP
+from clipdecomp.engine.model import CLIP, check_load_memory
 from clipdecomp.engine.safetensors_io import SafetensorsFile
 from clipdecomp.engine.tokenizer import Tokenizer, default_tokenizer, find_tokenizer
 
@@ -52,6 +52,8 @@ __all__ = ["CONVERT_HINT", "LAYOUTS", "ModelSpec", "checkpoint_path", "list_pret
 
 #: layouts the C core reads
 LAYOUTS = ("auto", "open_clip", "hf")
+#: what ``load(..., towers=)`` accepts
+TOWERS = ("both", "image")
 #: weights file names looked for in a directory, in order
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                 "model.safetensors")
@@ -220,7 +222,7 @@ def _read_config(config: Any, src: _Source, shapes: dict[str, tuple[int, ...]],
 def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None = None,
          act: str | None = None, threads: int | None = None, layout: str = "auto",
          config: Any = None, tokenizer: Tokenizer | None = None,
-         precision: str = "fp32") -> CLIP:
+         precision: str = "fp32", towers: str = "both") -> CLIP:
     """Load a CLIP ViT checkpoint (safetensors) into the clipdecomp C core.
 
     Parameters
@@ -255,7 +257,18 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         at float32 speed, within 1.7e-3 of the largest decomposition term of native bf16
         (measured; the hardware sums and rounds in its own order). The patch
         embedding, the projections, attention and the folds of the decomposition stay float32.
-        Measured errors against fp32: ``benchmarks/PRECISION.md``.
+        Measured errors against fp32: ``benchmarks/PRECISION.md``. The weights are converted
+        one by one as they are read, so loading in bf16 never holds the float32 model.
+    towers : {"both", "image"}
+        ``"image"`` loads the image tower and its projection alone, leaving a text tower in the
+        file unread (the memory of a job that only decomposes images: data-set runs, workers);
+        ``encode_text`` then raises, saying to load again with ``towers="both"``.
+
+    Memory: the weights file is mapped read-only and each tensor's pages are released as soon
+    as the model has its own (packed) copy, so loading peaks near the loaded model's size
+    (:func:`clipdecomp.engine.model.load_memory`; ``docs/memory.md``). A model whose loading
+    would exceed the budget set with :func:`clipdecomp.set_memory_budget` (or, without one,
+    the memory available) is refused with ``MemoryError`` before anything large is allocated.
 
     Returns
     -------
@@ -269,6 +282,8 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         Pickled weights (with how to convert them), an unknown layout or model name, a
         malformed safetensors file (:class:`clipdecomp.engine.safetensors_io.SafetensorsError`), no
         way to know the activation (pass ``act=``), or a config the C core cannot run.
+    MemoryError
+        Loading would exceed the memory budget (the message names both).
     ImportError, RuntimeError
         Hub names without ``huggingface_hub`` installed, or without network / cached copy.
 
@@ -295,6 +310,8 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         raise ValueError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if towers not in TOWERS:
+        raise ValueError(f"unknown towers {towers!r}: use one of {', '.join(TOWERS)}")
     if act is not None:
         act = normalise_act(act)
     src = _resolve(path_or_name, pretrained)
@@ -330,7 +347,7 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         changes["resize_mode"] = src.entry.resize_mode
     if not cfg.name:
         changes["name"] = src.name
-    if cfg.has_text and not has_text_tower(keys, found):
+    if cfg.has_text and (towers == "image" or not has_text_tower(keys, found)):
         changes["text_layers"] = 0
     cfg = cfg.replace(**changes)
 
@@ -349,13 +366,15 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         if ls.size == 1 and np.isfinite(ls[0]):
             logit_scale = float(np.exp(np.float64(ls[0])))
 
-    core = _core.open_model(weights, cfg, found)
-    _core.set_precision(core, precision)
+    run_precision = _core.effective_precision(precision, stacklevel=3)
+    check_load_memory(cfg, run_precision, weights)
+    core = _core.open_model(weights, cfg, found, run_precision)
     model = CLIP(core, cfg, tokenizer=tokenizer, logit_scale=logit_scale, path=weights,
                  threads=threads, act_source=act_source)
+    model.towers = towers
     model.spec = ModelSpec.of_call(path_or_name, pretrained=pretrained, act=act, threads=threads,
                                    layout=layout, config=config, tokenizer=tokenizer,
-                                   precision=precision)
+                                   precision=precision, towers=towers)
     return model
 
 
@@ -389,7 +408,7 @@ class ModelSpec:
     #: the defaults of :func:`load`; a spec records only the arguments that differ
     LOAD_DEFAULTS: ClassVar[dict[str, Any]] = {
         "pretrained": None, "act": None, "threads": None, "layout": "auto", "config": None,
-        "tokenizer": None, "precision": "fp32"}
+        "tokenizer": None, "precision": "fp32", "towers": "both"}
 
     @classmethod
     def of_call(cls, path_or_name: str | os.PathLike | None, **kwargs: Any) -> ModelSpec:

@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     from clipdecomp.engine.loading import ModelSpec
     from clipdecomp.methods.ablation import RepairedCLIP
 
-__all__ = ["CLIP", "MemoryPlan", "available_memory", "debug_enabled", "default_threads",
-           "get_memory_budget", "plan_memory", "set_debug", "set_memory_budget"]
+__all__ = ["CLIP", "MemoryPlan", "available_memory", "check_load_memory", "debug_enabled",
+           "default_threads", "get_memory_budget", "load_memory", "plan_memory", "set_debug",
+           "set_memory_budget"]
 
 #: images per forward pass when nothing else is asked
 _BATCH = 8
@@ -191,6 +192,18 @@ def set_memory_budget(nbytes: int | str | None) -> None:
         _memory_budget = value
 
 
+def _set_budget() -> int | None:
+    """The budget set by :func:`set_memory_budget` or ``CLIPDECOMP_MEMORY_BUDGET``, else None."""
+    with _settings_lock:
+        value = _memory_budget
+    if value is not None:
+        return value
+    env = os.environ.get("CLIPDECOMP_MEMORY_BUDGET", "").strip()
+    if env:
+        return _parse_bytes(env, "CLIPDECOMP_MEMORY_BUDGET")
+    return None
+
+
 def get_memory_budget() -> int:
     """The budget in bytes that a model without its own ``memory_budget`` uses now.
 
@@ -199,14 +212,87 @@ def get_memory_budget() -> int:
     >>> get_memory_budget() > 0
     True
     """
-    with _settings_lock:
-        value = _memory_budget
+    value = _set_budget()
     if value is not None:
         return value
-    env = os.environ.get("CLIPDECOMP_MEMORY_BUDGET", "").strip()
-    if env:
-        return _parse_bytes(env, "CLIPDECOMP_MEMORY_BUDGET")
     return max(1, int(available_memory() * _BUDGET_FRACTION))
+
+
+#: columns per packed panel of the core's GEMM weights (CD_GEMM_NR in csrc/gemm_kernels.h)
+_PANEL = 16
+
+
+def load_memory(config: ModelConfig, precision: str = "fp32") -> tuple[int, int]:
+    """(steady, peak): bytes a model of ``config`` holds once loaded, and at most while loading.
+
+    ``steady`` counts every weight the C core keeps, as it keeps it (its
+    :attr:`CLIP.nbytes` right after loading): float32, except the four matrices of every
+    transformer block in ``precision="bf16"`` (2 bytes a value); packed matrices have their
+    output rows rounded up to a panel of 16. No tensor is kept twice. ``peak`` adds what the
+    loader holds for one tensor at a time (its source pages and a float32 conversion) on top.
+    A config with ``text_layers == 0`` counts the image tower alone.
+
+    Examples
+    --------
+    >>> cfg = ModelConfig(224, 16, 768, 12, 12, 3072, 512, "gelu")
+    >>> steady, peak = load_memory(cfg)
+    >>> round(steady / 2**20), round(load_memory(cfg, "bf16")[0] / 2**20)
+    (327, 165)
+    """
+    def packed(oc: int, k: int, block: bool) -> int:
+        rows = -(-oc // _PANEL) * _PANEL
+        if block and precision == "bf16":
+            return rows * ((k + 1) // 2) * 4        # bf16 pairs in 32-bit words
+        return rows * k * 4
+
+    def blocks(n: int, w: int, f: int) -> tuple[int, int]:
+        one = (packed(3 * w, w, True) + packed(w, w, True) + packed(f, w, True)
+               + packed(w, f, True) + (4 * w + 3 * w + w + f + w) * 4)
+        return n * one, max(3 * w * w, f * w) * 4
+
+    c = config
+    w, p = c.width, c.patch_size
+    steady = packed(w, 3 * p * p, False) + (w + c.n_tokens * w + 4 * w) * 4
+    steady += packed(c.embed_dim, w, False)
+    vb, largest = blocks(c.layers, w, c.mlp_dim)
+    steady += vb
+    largest = max(largest, c.n_tokens * w * 4)
+    if c.has_text:
+        tw = c.text_width
+        tb, tl = blocks(c.text_layers, tw, c.text_mlp_dim)
+        steady += tb + (c.vocab_size * tw + c.context_length * tw + 2 * tw) * 4
+        steady += packed(c.embed_dim, tw, False)
+        largest = max(largest, tl, c.vocab_size * tw * 4)
+    return steady, steady + 2 * largest
+
+
+def check_load_memory(config: ModelConfig, precision: str, what: str) -> int:
+    """Refuse, before anything large is allocated, a model whose loading would not fit.
+
+    The limit is the budget of :func:`set_memory_budget` (or ``CLIPDECOMP_MEMORY_BUDGET``)
+    when one is set, else the memory available now. Returns the peak of :func:`load_memory`.
+
+    Raises
+    ------
+    MemoryError
+        Naming the need (steady and peak) and the budget.
+    """
+    steady, peak = load_memory(config, precision)
+    budget = _set_budget()
+    limit, source = (budget, "the memory budget") if budget is not None else (
+        available_memory(), "the memory available")
+    if peak > limit:
+        hint = ""
+        if config.has_text:
+            hint = "load(..., towers='image') loads the image tower alone; "
+        if precision == "fp32":
+            hint += "precision='bf16' halves the blocks' weights; "
+        raise MemoryError(
+            f"{what}: loading needs {format_bytes(peak)} ({format_bytes(steady)} of weights in "
+            f"{precision}, then the largest tensor in flight), more than {source} of "
+            f"{format_bytes(limit)}. {hint}raise the budget with "
+            "clipdecomp.set_memory_budget(bytes) or CLIPDECOMP_MEMORY_BUDGET.")
+    return peak
 
 
 def set_debug(on: bool | None) -> None:
@@ -415,6 +501,8 @@ class CLIP:
         #: how :func:`clipdecomp.load` was called for this model (what Dask workers load);
         #: None for a model made otherwise
         self.spec: ModelSpec | None = None
+        #: ``"image"`` when ``load(..., towers="image")`` left the file's text tower unread
+        self.towers = "both"
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -423,6 +511,13 @@ class CLIP:
         """``"fp32"``, ``"bf16"`` or ``"bf16-emulated"``: the precision of the blocks' matrix
         products (``load(..., precision=)``)."""
         return str(getattr(self._core, "precision", "fp32"))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights the C core holds for this model, as it holds them (packed, in
+        :attr:`precision`), plus the per-token fold once a call has built it
+        (:func:`load_memory` predicts it before loading)."""
+        return int(getattr(self._core, "nbytes", 0))
 
     @property
     def threads(self) -> int:
@@ -703,6 +798,10 @@ class CLIP:
         (1, 512)
         """
         if not self.config.has_text:
+            if self.towers == "image":
+                raise ValueError("this model was loaded with towers='image' (the image tower "
+                                 "alone): load it again with clipdecomp.load(..., "
+                                 "towers='both') for encode_text")
             raise ValueError("this checkpoint has no text tower: encode_text is not available")
         bs = self._batch_arg(batch_size, 256)
         ids = self._as_ids(texts_or_ids)
@@ -862,7 +961,7 @@ class CLIP:
             "logit_scale": self.logit_scale, "act_source": self.act_source,
             "threads": self._threads if self._threads_given else None,
             "memory_budget": self._memory_budget, "precision": self.precision,
-            "spec": self.spec,
+            "spec": self.spec, "towers": self.towers,
         }
         return (_restore, (state,))
 
@@ -956,12 +1055,14 @@ def _restore(state: dict) -> CLIP:
                 f"{old[key]} then, {new.get(key)} now), so the pickled model cannot be "
                 "restored from it. Load the model again with clipdecomp.load (copy weights "
                 "between machines with their times kept: cp -p, rsync -a)")
-    core = _core.open_model(path, state["config"], state["layout"] or "auto")
-    if state.get("precision", "fp32") != "fp32":   # bf16 pickled where the CPU had it, or not
-        _core.set_precision(core, "bf16" if state["precision"] == "bf16" else "bf16-emulated")
+    precision = state.get("precision", "fp32")
+    if precision != "fp32":   # bf16 pickled where the CPU had it, or not
+        precision = "bf16" if precision == "bf16" else "bf16-emulated"
+    core = _core.open_model(path, state["config"], state["layout"] or "auto", precision)
     model = CLIP(core, state["config"], tokenizer=_make_tokenizer(state["tokenizer"]),
                  logit_scale=state["logit_scale"], path=path, threads=state["threads"],
                  act_source=state["act_source"])
     model.memory_budget = state["memory_budget"]
     model.spec = state.get("spec")
+    model.towers = state.get("towers", "both")
     return model

@@ -645,6 +645,39 @@ static void check_ops(void) {
     CHECK(out[0] == 1 && out[1] == 2, "causal row 0: %g %g", out[0], out[1]);
 }
 
+/* The packed weight is the only copy a model keeps: unpacking gives the matrix back exactly,
+ * and packing to bf16 in one step gives the panels of packing then converting, bit for bit.
+ * Shapes off the panel (OC % 16 != 0) and the slice (K > 512, odd) on purpose. */
+static void check_pack_roundtrip(void) {
+    const int shapes[3][2] = {{37, 5}, {64, 1031}, {3, 512}};
+    for (int s = 0; s < 3; s++) {
+        const int OC = shapes[s][0], K = shapes[s][1];
+        const size_t n = (size_t)OC * K;
+        float *w = (float *)malloc(n * sizeof(float)), *back = (float *)malloc(n * sizeof(float));
+        uint32_t seed = 12345u + (uint32_t)s;
+        for (size_t i = 0; i < n; i++) {
+            seed = seed * 1664525u + 1013904223u;
+            w[i] = ((float)(seed >> 8) / 16777216.0f - 0.5f) * 3.0f;
+        }
+        cd_gemm_weight a, b;
+        CHECK(cd_gemm_pack(&a, w, OC, K) == 0, "pack %dx%d", OC, K);
+        CHECK(cd_gemm_unpack(&a, back) == 0 && memcmp(back, w, n * sizeof(float)) == 0,
+              "unpack %dx%d does not give the weight back", OC, K);
+        CHECK(cd_gemm_to_bf16(&a, CD_GEMM_BF16) == 0, "to_bf16 %dx%d", OC, K);
+        CHECK(cd_gemm_pack_bf16(&b, w, OC, K) == 0, "pack_bf16 %dx%d", OC, K);
+        CHECK(a.packed_bf16_len == b.packed_bf16_len && b.precision == CD_GEMM_BF16 &&
+              memcmp(a.packed_bf16, b.packed_bf16, a.packed_bf16_len * sizeof(uint32_t)) == 0,
+              "pack_bf16 %dx%d differs from pack + to_bf16", OC, K);
+        int same = cd_gemm_unpack(&b, back) == 0;
+        for (size_t i = 0; same && i < n; i++) same = back[i] == cd_bf16_round(w[i]);
+        CHECK(same, "unpack of bf16 %dx%d is not the bf16-rounded weight", OC, K);
+        cd_gemm_weight_free(&a);
+        cd_gemm_weight_free(&b);
+        free(w);
+        free(back);
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s FIXTURE_DIR\n", argv[0]);
@@ -657,6 +690,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     check_ops();
+    check_pack_roundtrip();
     check_safetensors();
     check_model(&fx, "model_oc_f32.safetensors", CD_LAYOUT_OPEN_CLIP);
     check_model(&fx, "model_oc_f32_odd.safetensors", CD_LAYOUT_OPEN_CLIP);

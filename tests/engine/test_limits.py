@@ -69,7 +69,7 @@ def test_header_size_limit(tmp_path):
     with open(p, "wb") as fh:
         fh.write(struct.pack("<Q", n) + b"{")
         fh.truncate(8 + n + 16)
-    with pytest.raises(SafetensorsError, match=r"header length 104857601 .*> 104857600"):
+    with pytest.raises(SafetensorsError, match=r"header length 104857601 exceeds the 104857600"):
         SafetensorsFile(p)
     with pytest.raises(ValueError, match=r"header length 104857601 exceeds the 104857600-byte"):
         core.Model(str(p), oracle.tiny_config())
@@ -84,7 +84,7 @@ def test_byte_counts_that_overflow(tmp_path, shape):
     p = raw_file(tmp_path / "o.safetensors", header, b"\0" * 16)
     with pytest.raises(ValueError, match="tensor size overflows"):
         core.Model(p, oracle.tiny_config())
-    with pytest.raises(SafetensorsError, match=r"visual.class_embedding.*needs \d+ bytes"):
+    with pytest.raises(SafetensorsError, match="tensor size overflows"):
         SafetensorsFile(p)
 
 

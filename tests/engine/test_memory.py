@@ -1,0 +1,168 @@
+"""Loading at the size of the weights: what the core keeps, in which precision, and the budget.
+
+The numbers of a model loaded the memory-lean way are checked against the same model loaded
+the long way (float32, converted afterwards) and against files holding the same values in
+another dtype; the byte counts against :func:`clipdecomp.engine.model.load_memory`, computed
+from the config alone. The transformers references of the loaded models are in
+``test_model.py`` / ``test_numerics.py`` / ``test_precision.py`` (they load through the same
+loader).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+from checkpoints import random_pixels, random_text_ids
+
+import clipdecomp
+from clipdecomp.engine import core as engine_core
+from clipdecomp.engine.model import load_memory
+from clipdecomp.engine.safetensors_io import SafetensorsFile
+
+pytestmark = pytest.mark.usefixtures("requires_core")
+
+_OUTPUTS = ("embedding", "ln_stats", "heads", "mlps", "cls_to_cls", "tokens")
+
+
+def _core_outputs(core_model, px):
+    r = core_model.encode_image(px, heads=True, mlps=True, cls_to_cls=True, tokens=True)
+    return {k: np.array(r[k]) for k in _OUTPUTS}
+
+
+def _core_config(model):
+    return model.config.to_core_dict()
+
+
+@pytest.mark.parametrize("layout", ["open_clip", "hf"])
+@pytest.mark.parametrize("precision", ["bf16-emulated", "bf16"])
+def test_converting_while_loading_equals_converting_after(b32, precision, layout):
+    if precision == "bf16" and not clipdecomp.has_bf16():
+        pytest.skip("this CPU has no AVX512_BF16: native bf16 is covered by test_gemm's "
+                    "emulated-intrinsics program")
+    path = b32.file(layout, "F32")
+    ref_model = clipdecomp.load(path, threads=1)
+    cfg = _core_config(ref_model)
+    ext = engine_core.extension()
+    direct = ext.Model(path, cfg, "auto", precision=precision)
+    after = ext.Model(path, cfg, "auto")
+    after.set_precision(precision)
+    assert direct.precision == after.precision == precision
+    assert direct.nbytes == after.nbytes
+    px = random_pixels(b32, 3, seed=4)
+    a, b = _core_outputs(direct, px), _core_outputs(after, px)
+    for k in _OUTPUTS:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    ids = random_text_ids(b32, 4, seed=1)
+    np.testing.assert_array_equal(direct.encode_text(ids), after.encode_text(ids))
+    # and the bf16 model differs from the float32 one (the conversion did happen)
+    assert not np.array_equal(a["heads"], _core_outputs(after.__class__(path, cfg), px)["heads"])
+
+
+@pytest.mark.parametrize("layout", ["open_clip", "hf"])
+def test_nbytes_is_the_planned_size(b32, b16, layout):
+    for ck in (b32, b16):
+        path = ck.file(layout, "F32")
+        for precision in ("fp32", "bf16-emulated") + (("bf16",) if clipdecomp.has_bf16() else ()):
+            for towers in ("both", "image"):
+                m = clipdecomp.load(path, precision=precision, towers=towers, threads=1)
+                steady, peak = load_memory(m.config, precision)
+                assert m.nbytes == steady, (ck.name, precision, towers)
+                assert peak > steady
+
+
+def test_one_copy_of_every_weight(b32):
+    """fp32: the core holds each parameter once (4 bytes each; no raw copy of the
+    out-projection beside the packed one). b32's widths are multiples of the GEMM panel."""
+    path = b32.file("open_clip", "F32")
+    params = sum(t.numel for k, t in SafetensorsFile(path).tensors.items() if k != "logit_scale")
+    m = clipdecomp.load(path, threads=1)
+    assert m.nbytes == 4 * params
+    vision = sum(t.numel for k, t in SafetensorsFile(path).tensors.items()
+                 if k.startswith("visual."))
+    assert clipdecomp.load(path, towers="image", threads=1).nbytes == 4 * vision
+    # the per-token fold is built on the first call that needs it, and counted from then on
+    m.decompose(random_pixels(b32, 1, seed=0), spatial=True)
+    c = m.config
+    assert m.nbytes == 4 * params + 4 * c.layers * c.width * c.embed_dim
+
+
+def test_towers_image(b16):
+    path = b16.file("open_clip", "F32")
+    both = clipdecomp.load(path, threads=1)
+    image = clipdecomp.load(path, towers="image", threads=1)
+    assert image.towers == "image" and not image.config.has_text
+    assert image.nbytes < both.nbytes
+    px = random_pixels(b16, 2, seed=7)
+    a = both.decompose(px, spatial=True)
+    b = image.decompose(px, spatial=True)
+    for k in ("embedding", "heads", "mlps", "cls_to_cls", "tokens"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
+    with pytest.raises(ValueError, match="towers='image'.*towers='both'"):
+        image.encode_text(["a photo"])
+    assert image.spec is not None and image.spec.kwargs == {"threads": 1, "towers": "image"}
+    again = image.spec.load()
+    assert again.towers == "image" and again.nbytes == load_memory(image.config)[0]
+    restored = pickle.loads(pickle.dumps(image))
+    assert restored.towers == "image" and not restored.config.has_text
+    with pytest.raises(ValueError, match="unknown towers 'text'"):
+        clipdecomp.load(path, towers="text")
+
+
+def test_budget_refuses_a_model_before_loading_it(b32, monkeypatch):
+    path = b32.file("open_clip", "F32")
+    cfg = clipdecomp.load(path, threads=1).config
+    steady, peak = load_memory(cfg, "fp32")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the core was asked to load a model over the budget")
+
+    try:
+        clipdecomp.set_memory_budget(peak - 1)
+        with monkeypatch.context() as mp:
+            mp.setattr(engine_core, "open_model", no_load)
+            with pytest.raises(MemoryError, match=r"loading needs .* more than the memory "
+                               r"budget of .*towers='image'.*precision='bf16'") as e:
+                clipdecomp.load(path, threads=1)
+            assert path in str(e.value)
+        # what fits is loaded: exactly the peak, or the image tower alone within the same budget
+        clipdecomp.set_memory_budget(peak)
+        assert clipdecomp.load(path, threads=1).nbytes == steady
+        clipdecomp.set_memory_budget(peak - 1)
+        assert clipdecomp.load(path, towers="image", threads=1).towers == "image"
+        # the environment variable is a budget too
+        clipdecomp.set_memory_budget(None)
+        monkeypatch.setenv("CLIPDECOMP_MEMORY_BUDGET", "1K")
+        with pytest.raises(MemoryError, match=r"1\.0 KiB"):
+            clipdecomp.load(path, threads=1)
+    finally:
+        clipdecomp.set_memory_budget(None)
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+def test_half_files_load_as_their_float32_values(b16, dtype, tmp_path):
+    """An F16 / BF16 file gives the numbers of an F32 file holding the same (rounded) values:
+    the conversion while loading, and the release of each tensor's pages, lose nothing."""
+    d = b16.dirs[("open_clip", dtype)]
+    half = os.path.join(d, "open_clip_model.safetensors")
+    from safetensors.numpy import save_file
+
+    src = SafetensorsFile(half)
+    assert {t.dtype for t in src.tensors.values()} == {dtype}
+    widened = tmp_path / "open_clip_model.safetensors"
+    save_file({k: src.read(k) for k in src}, str(widened))
+    shutil.copy(os.path.join(d, "open_clip_config.json"), tmp_path / "open_clip_config.json")
+    a = clipdecomp.load(half, threads=1)
+    b = clipdecomp.load(str(widened), threads=1)
+    assert a.nbytes == b.nbytes
+    px = random_pixels(b16, 2, seed=3)
+    da, db = a.decompose(px, spatial=True), b.decompose(px, spatial=True)
+    for k in ("embedding", "heads", "mlps", "tokens"):
+        np.testing.assert_array_equal(getattr(da, k), getattr(db, k), err_msg=k)
+    ids = random_text_ids(b16, 3, seed=2)
+    np.testing.assert_array_equal(a.encode_text(ids), b.encode_text(ids))
+    with open(os.path.join(d, "open_clip_config.json")) as fh:
+        assert json.load(fh)   # the config travelled with the file
