@@ -270,24 +270,23 @@ class NeuronStats:
                 raise ValueError(f"NeuronStats.update: images from {first} were added already")
             self._norms[first] = (idx, nrm)
         self.count += b
-        thr = self.top_norms.min(1)                                     # [F]
-        cand = nrm > thr[None, :]
+        if b == 0:
+            return nrm
+        # the k largest of (kept, new) per neuron; a new image enters only when it is strictly
+        # above the neuron's current k-th norm (kept images win ties)
         k = self.k
-        for n in np.nonzero(cand.any(0))[0]:
-            rows = np.nonzero(cand[:, n])[0]
-            vals = np.concatenate([self.top_norms[n], nrm[rows, n]])
-            if vals.size > k:
-                keep = np.argpartition(-vals, k - 1)[:k]
-            else:
-                keep = np.arange(vals.size)
-            new = np.sort(keep[keep >= k]) - k                          # kept candidates
-            if new.size == 0:
-                continue
-            free = np.setdiff1d(np.arange(k), keep[keep < k])[: new.size]   # evicted slots
-            src = rows[new]
-            self.top_norms[n, free] = nrm[src, n]
-            self.top_idx[n, free] = idx[src]
-            self.top_eff[n, free] = cen[src, n]
+        thr = self.top_norms.min(1)                                     # [F]
+        new_vals = np.where(nrm.T > thr[:, None], nrm.T, -np.inf)       # [F, b]
+        vals = np.concatenate([self.top_norms, new_vals], 1)            # [F, k + b]
+        keep = np.argpartition(-vals, k - 1, axis=1)[:, :k]
+        chosen = np.zeros(vals.shape, bool)
+        np.put_along_axis(chosen, keep, True, 1)
+        f_out, slot = np.nonzero(~chosen[:, :k])                         # evicted slots
+        f_in, row = np.nonzero(chosen[:, k:])                            # entering images
+        # per neuron as many enter as leave; both lists are ordered by neuron
+        self.top_norms[f_out, slot] = nrm[row, f_in]
+        self.top_idx[f_out, slot] = idx[row]
+        self.top_eff[f_out, slot] = cen[row, f_in]
         return nrm
 
     def result(self, layer: int | None = None) -> NeuronStatsResult:
@@ -328,9 +327,23 @@ def principal_directions(centred: np.ndarray) -> np.ndarray:
     array([[1., 0.]], dtype=float32)
     """
     x = np.asarray(centred, np.float64)
-    _, _, vh = np.linalg.svd(x, full_matrices=False)
-    pc = vh[:, 0]                                                       # [F, D]
+    _, k, D = x.shape
+    # the top eigenvector of the smaller of X X^T [k, k] and X^T X [D, D] (one batched eigh,
+    # far cheaper than an SVD of every [k, D] matrix)
+    if k <= D:
+        _, u = np.linalg.eigh(x @ x.transpose(0, 2, 1))                 # [F, k, k]
+        pc = np.einsum("fk,fkd->fd", u[:, :, -1], x)
+    else:
+        pc = np.linalg.eigh(x.transpose(0, 2, 1) @ x)[1][:, :, -1]      # [F, D]
+    size = np.linalg.norm(pc, axis=1, keepdims=True)
+    pc = np.where(size > 0, pc / np.where(size > 0, size, 1.0), 0.0)
+    pc[size[:, 0] == 0, 0] = 1.0                # all-zero effects: any unit direction
     positive = (np.einsum("fkd,fd->fk", x, pc) > 0).sum(1)
+    tie = 2 * positive == k
+    if tie.any():   # half the rows on each side: the rule keeps the SVD's own sign, negated
+        vh = np.linalg.svd(x[tie], full_matrices=False)[2][:, 0]
+        pc[tie] *= np.where(np.einsum("fd,fd->f", pc[tie], vh) < 0, -1.0, 1.0)[:, None]
+        positive[tie] = (np.einsum("fkd,fd->fk", x[tie], pc[tie]) > 0).sum(1)
     sign = np.where(positive > x.shape[1] // 2, 1.0, -1.0)
     return (pc * sign[:, None]).astype(np.float32)
 
