@@ -214,7 +214,8 @@ CHILDREN = {"ours": child_ours, "stream": child_stream, "reference": child_refer
 
 
 def run_child(kind: str, job: dict, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS=str(threads))
     p = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(job)], env=env,
                        check=False, capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
