@@ -132,11 +132,13 @@ def chunk_rows(model: Any, paths: Sequence[str], ok: np.ndarray, spec: NeuronSta
     for b0 in range(0, len(rows), batch_size):
         sel = rows[b0:b0 + batch_size]
         loaded = [load_image(model.preprocess, paths[i]) for i in sel]
-        bad = [(paths[i], err) for i, (px, err) in zip(sel, loaded) if px is None]
-        if bad:
-            raise ValueError(f"neurons: {bad[0][0]} could not be read again for its neuron "
-                             f"effects ({bad[0][1]}); did it change during the run?")
-        pixels = np.stack([px for px, _ in loaded])
+        images = []
+        for i, (px, err) in zip(sel, loaded):
+            if px is None:
+                raise ValueError(f"neurons: {paths[i]} could not be read again for its neuron "
+                                 f"effects ({err}); did it change during the run?")
+            images.append(px)
+        pixels = np.stack(images)
         for lay in spec.layers:
             with guard:
                 got = [o for _, o in neuron_forward(model, pixels, lay, batch_size=len(sel))]
