@@ -143,7 +143,8 @@ def run_dataset(
     >>> st = run_dataset(model, "imagenet/val", "val.zarr", layers="-4:")    # doctest: +SKIP
     >>> st.stats.mean_heads.shape                                            # doctest: +SKIP
     (12, 12, 512)
-    >>> st = run_dataset(model, "imagenet/val", "val.zarr", neurons=NeuronStatsSpec(9, k=100))  # doctest: +SKIP
+    >>> st = run_dataset(model, "imagenet/val", "val.zarr",               # doctest: +SKIP
+    ...                  neurons=NeuronStatsSpec(9, k=100))
     >>> st.neuron_stats(9).pcs.shape                                         # doctest: +SKIP
     (3072, 512)
     """
