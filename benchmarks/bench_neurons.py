@@ -320,7 +320,8 @@ def store_runs(a, cpu_model, make_model) -> int:
                    "out": os.path.join(tmp, f"s{n}.zarr")}
             rows.append(run_child("store", job, a.threads))
             shutil.rmtree(job["out"], ignore_errors=True)
-            print(f"  N = {n}: done; load average {os.getloadavg()}", flush=True)
+            print(f"  N = {n}: {json.dumps(rows[-1])}; load average {os.getloadavg()}",
+                  flush=True)
     print(f"CPU: {cpu_model()}; ISA path: {_core.isa()}; threads: {a.threads}; "
           f"load average after: {os.getloadavg()}")
     r0 = rows[0]
