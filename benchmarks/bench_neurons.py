@@ -215,7 +215,7 @@ CHILDREN = {"ours": child_ours, "stream": child_stream, "reference": child_refer
 
 def run_child(kind: str, job: dict, threads: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads),
-               OPENBLAS_NUM_THREADS=str(threads))
+               OPENBLAS_NUM_THREADS="1")   # NumPy's BLAS: small calls only, see NEURONS.md
     p = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(job)], env=env,
                        check=False, capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:

@@ -17,6 +17,7 @@ Shapes: N images, F neurons, D embedding dim, k top images.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -315,6 +316,19 @@ class NeuronStats:
                                  pcs=pcs, norms=norms, n_images=self.count, layer=layer)
 
 
+def _one_blas_thread() -> Any:
+    """One BLAS thread for the body when threadpoolctl is installed (else no change).
+
+    The principal directions are thousands of small (k x k) eigenproblems: BLAS threads only
+    add synchronisation to each, and on a machine with more busy threads than cores OpenBLAS's
+    threaded divide-and-conquer eigensolver was seen to take seconds per 100 x 100 matrix."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def principal_directions(centred: np.ndarray) -> np.ndarray:
     """First right singular vector of each ``[k, D]`` matrix of ``centred [F, k, D]``, signed
     so that more than half of the rows project positively (else negated), as the reference's
@@ -328,22 +342,22 @@ def principal_directions(centred: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(centred, np.float64)
     _, k, D = x.shape
-    # the top eigenvector of the smaller of X X^T [k, k] and X^T X [D, D] (one batched eigh,
-    # far cheaper than an SVD of every [k, D] matrix)
-    if k <= D:
-        _, u = np.linalg.eigh(x @ x.transpose(0, 2, 1))                 # [F, k, k]
-        pc = np.einsum("fk,fkd->fd", u[:, :, -1], x)
-    else:
-        pc = np.linalg.eigh(x.transpose(0, 2, 1) @ x)[1][:, :, -1]      # [F, D]
-    size = np.linalg.norm(pc, axis=1, keepdims=True)
-    pc = np.where(size > 0, pc / np.where(size > 0, size, 1.0), 0.0)
-    pc[size[:, 0] == 0, 0] = 1.0                # all-zero effects: any unit direction
-    positive = (np.einsum("fkd,fd->fk", x, pc) > 0).sum(1)
-    tie = 2 * positive == k
-    if tie.any():   # half the rows on each side: the rule keeps the SVD's own sign, negated
-        vh = np.linalg.svd(x[tie], full_matrices=False)[2][:, 0]
-        pc[tie] *= np.where(np.einsum("fd,fd->f", pc[tie], vh) < 0, -1.0, 1.0)[:, None]
-        positive[tie] = (np.einsum("fkd,fd->fk", x[tie], pc[tie]) > 0).sum(1)
+    with _one_blas_thread():
+        # the top eigenvector of the smaller of X X^T [k, k] and X^T X [D, D] (one batched
+        # eigh, far cheaper than an SVD of every [k, D] matrix)
+        if k <= D:
+            _, u = np.linalg.eigh(x @ x.transpose(0, 2, 1))             # [F, k, k]
+            pc = np.einsum("fk,fkd->fd", u[:, :, -1], x)
+        else:
+            pc = np.linalg.eigh(x.transpose(0, 2, 1) @ x)[1][:, :, -1]  # [F, D]
+        size = np.linalg.norm(pc, axis=1, keepdims=True)
+        pc = np.where(size > 0, pc / np.where(size > 0, size, 1.0), 0.0)
+        pc[size[:, 0] == 0, 0] = 1.0            # all-zero effects: any unit direction
+        positive = (np.einsum("fkd,fd->fk", x, pc) > 0).sum(1)
+        tie = 2 * positive == k
+        if tie.any():   # half the rows on each side: the rule keeps the SVD's sign, negated
+            vh = np.linalg.svd(x[tie], full_matrices=False)[2][:, 0]
+            pc[tie] *= np.where(np.einsum("fd,fd->f", pc[tie], vh) < 0, -1.0, 1.0)[:, None]
     sign = np.where(positive > x.shape[1] // 2, 1.0, -1.0)
     return (pc * sign[:, None]).astype(np.float32)
 
