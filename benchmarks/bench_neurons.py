@@ -10,12 +10,20 @@ initialisation, QuickGELU), neuron layer 9 (effects through the heads of layers 
    difference of the two on the same image;
 2. the peak memory of a streamed ``neuron_stats`` run (two passes: means, then top-k images and
    principal directions) against what the ``[N, F, D]`` array of the reference's pipeline
-   would take for the same N and for N = 10,000.
+   would take for the same N and for N = 10,000;
+3. (``--parts store``) the peak memory of whole data-set runs with neuron statistics
+   (``run_dataset(..., neurons=NeuronStatsSpec(layer, k=100))``: decomposition, neuron rows,
+   then the statistics from the stored rows) over made-up image files, each run in its own
+   process, for every N of ``--store-images``, against what ``[N, F, D]`` would need.
+   ``--store-geometry toy`` uses the embedded shapes-world model (6 layers, F = 768, D = 128,
+   64 px; neuron layer 4), ``B32`` the random ViT-B/32 (layer 9).
 
 Usage::
 
     python benchmarks/bench_neurons.py [--threads 1] [--batch 8] [--ref-images 1]
                                        [--stream-images 64]
+    python benchmarks/bench_neurons.py --parts store --store-geometry toy \
+                                       --store-images 1000,10000
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -158,11 +167,55 @@ def child_reference(job: dict) -> dict:
     return {"images_per_s": px.shape[0] / wall, "peak_rss_MiB": peak_rss_mib()}
 
 
-CHILDREN = {"ours": child_ours, "stream": child_stream, "reference": child_reference}
+def write_images(root: str, n: int, seed: int = 0) -> None:
+    """n made-up 64x64 PNG files (smooth colour gradients plus noise) in folders of 1,000."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:64, 0:64] / 63.0
+    for i in range(n):
+        sub = os.path.join(root, f"d{i // 1000:03d}")
+        os.makedirs(sub, exist_ok=True)
+        c = rng.uniform(size=(3, 3))
+        img = c[:, 0] * yy[..., None] + c[:, 1] * xx[..., None] + c[:, 2] * 0.3
+        img = np.clip(img + rng.normal(scale=0.05, size=img.shape), 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(os.path.join(sub, f"{i:06d}.png"))
+
+
+def du_mib(path: str) -> float:
+    total = 0
+    for d, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(d, f)) for f in files)
+    return total / 2**20
+
+
+def child_store(job: dict) -> dict:
+    import clipdecomp
+    from clipdecomp.data.runner import run_dataset
+    from clipdecomp.methods.neuron_stats import NeuronStatsSpec
+
+    model = (clipdecomp.load(threads=job["threads"]) if job["model"] == "toy"
+             else clipdecomp.load(job["model"], threads=job["threads"]))
+    base = peak_rss_mib()
+    t0 = time.perf_counter()
+    r = run_dataset(model, job["images"], job["out"], chunk_size=job["chunk"],
+                    batch_size=job["batch"], layers="-1:", progress=False,
+                    neurons=NeuronStatsSpec(job["layer"], k=100))
+    wall = time.perf_counter() - t0
+    st = r.neuron_stats(job["layer"], norms=False)
+    c = model.config
+    return {"images": r.n, "valid": st.n_images, "seconds": wall, "peak_rss_MiB": peak_rss_mib(),
+            "before_MiB": base, "store_MiB": du_mib(job["out"]), "F": c.mlp_dim,
+            "D": c.embed_dim, "k": st.k, "layer": job["layer"]}
+
+
+CHILDREN = {"ours": child_ours, "stream": child_stream, "reference": child_reference,
+            "store": child_store}
 
 
 def run_child(kind: str, job: dict, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS="1")   # NumPy's BLAS: small calls only, see NEURONS.md
     p = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(job)], env=env,
                        check=False, capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
@@ -177,7 +230,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ref-images", type=int, default=1)
     ap.add_argument("--stream-images", type=int, default=64)
     ap.add_argument("--parts", default="ours,reference,stream",
-                    help="comma-separated subset of ours,reference,stream")
+                    help="comma-separated subset of ours,reference,stream,store")
+    ap.add_argument("--store-images", default="10000",
+                    help="comma-separated image counts of the data-set runs (--parts store)")
+    ap.add_argument("--store-geometry", default="toy", choices=["toy", "B32"])
+    ap.add_argument("--store-chunk", type=int, default=256)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -186,9 +243,13 @@ def main(argv=None) -> int:
     from run import cpu_model, make_model
 
     parts = set(a.parts.split(","))
-    if not parts <= {"ours", "reference", "stream"}:
-        ap.error(f"--parts: unknown {sorted(parts - {'ours', 'reference', 'stream'})}")
+    known = {"ours", "reference", "stream", "store"}
+    if not parts <= known:
+        ap.error(f"--parts: unknown {sorted(parts - known)}")
     print("command:", shlex.join([sys.executable, *sys.argv]))
+    print(f"load average before: {os.getloadavg()}")
+    if parts == {"store"}:
+        return store_runs(a, cpu_model, make_model)
     F, D = 3072, 512
     with tempfile.TemporaryDirectory() as tmp:
         path = str(make_model("B32", Path(tmp)))
@@ -233,6 +294,49 @@ def main(argv=None) -> int:
               f"before the run: {stream['before_MiB']:.0f} MiB, of which pixels "
               f"{stream['pixels_MiB']:.0f} MiB); the [N, F, D] array would take {full:.0f} MiB "
               f"for these images and {full10k:.1f} GiB for 10,000")
+    return 0
+
+
+def store_runs(a, cpu_model, make_model) -> int:
+    """--parts store: one data-set run per N, each in its own process."""
+    from clipdecomp import _core
+
+    counts = [int(v) for v in a.store_images.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.store_geometry == "toy":
+            model, layer, batch = "toy", 4, max(a.batch, 32)
+        else:
+            model, layer, batch = str(make_model("B32", Path(tmp))), LAYER, a.batch
+        imgs = os.path.join(tmp, "imgs")
+        write_images(imgs, max(counts), seed=5)
+        for n in counts:
+            listing = os.path.join(tmp, f"list{n}.txt")
+            with open(listing, "w") as f:
+                f.writelines(os.path.join(imgs, f"d{i // 1000:03d}", f"{i:06d}.png\n")
+                             for i in range(n))
+            job = {"model": model, "threads": a.threads, "batch": batch, "layer": layer,
+                   "chunk": a.store_chunk, "images": listing,
+                   "out": os.path.join(tmp, f"s{n}.zarr")}
+            rows.append(run_child("store", job, a.threads))
+            shutil.rmtree(job["out"], ignore_errors=True)
+            print(f"  N = {n}: {json.dumps(rows[-1])}; load average {os.getloadavg()}",
+                  flush=True)
+    print(f"CPU: {cpu_model()}; ISA path: {_core.isa()}; threads: {a.threads}; "
+          f"load average after: {os.getloadavg()}")
+    r0 = rows[0]
+    print(f"{a.store_geometry} geometry, neuron layer {r0['layer']}, k = {r0['k']}, "
+          f"F = {r0['F']}, D = {r0['D']}; run_dataset(..., layers='-1:', "
+          f"neurons=NeuronStatsSpec({r0['layer']}, k=100)), chunks of {a.store_chunk}")
+    print()
+    print("| images | seconds | images/s | peak RSS (MiB) | before the run (MiB) | store on "
+          "disk (MiB) | [N, F, D] float32 would need |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        need = r["images"] * r["F"] * r["D"] * 4
+        print(f"| {r['images']} | {r['seconds']:.0f} | {r['images'] / r['seconds']:.1f} | "
+              f"{r['peak_rss_MiB']:.0f} | {r['before_MiB']:.0f} | {r['store_MiB']:.0f} | "
+              f"{need / 2**20:,.0f} MiB |")
     return 0
 
 

@@ -101,6 +101,12 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None,
                    help="layers whose heads to keep, e.g. -4: (the last four) or 0,5,11 "
                    "(default all)")
+    p.add_argument("--neurons", default=None, metavar="LAYERS",
+                   help="also compute the second-order neuron statistics of these MLP layers, "
+                   "e.g. 9 or 8,9,10 or -3 (mean, norms, top-k images and principal component "
+                   "of every neuron; one more forward pass per image and layer)")
+    p.add_argument("--neuron-k", type=int, default=100, metavar="K",
+                   help="top images per neuron for --neurons (default 100)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run on the Dask cluster of this scheduler (tcp://host:8786)")
     p.add_argument("--workers", type=int, default=None,
@@ -124,14 +130,16 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def _join_layers(argv: Sequence[str]) -> list[str]:
-    """Let ``--layers -4:`` through argparse (which reads ``-4:`` as an option)."""
+    """Let ``--layers -4:`` and ``--neurons -3,-2`` through argparse (which reads ``-4:`` as
+    an option)."""
     argv = list(argv)
     out: list[str] = []
     i = 0
     while i < len(argv):
         a = argv[i]
-        if a == "--layers" and i + 1 < len(argv) and argv[i + 1][:2].lstrip("-")[:1].isdigit():
-            out.append(f"--layers={argv[i + 1]}")
+        if a in ("--layers", "--neurons") and i + 1 < len(argv) \
+                and argv[i + 1][:2].lstrip("-")[:1].isdigit():
+            out.append(f"{a}={argv[i + 1]}")
             i += 2
             continue
         out.append(a)
@@ -152,9 +160,19 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     from clipdecomp.engine.loading import ModelSpec
 
     args = run_parser().parse_args(_join_layers(sys.argv[1:] if argv is None else argv))
+    neurons = None
     try:
         if args.threads is not None:
             check_size(args.threads, "--threads", maximum=MAX_THREADS)
+        if args.neurons is not None:
+            from clipdecomp.methods.neuron_stats import NeuronStatsSpec
+
+            try:
+                layers = tuple(int(v) for v in args.neurons.split(","))
+            except ValueError:
+                raise ValueError(f"--neurons: expected layers such as 9 or 8,9,10, got "
+                                 f"{args.neurons!r}") from None
+            neurons = NeuronStatsSpec(layers, k=args.neuron_k)
     except ValueError as e:
         print(f"clipdecomp run: error: {e}", file=sys.stderr)
         return 2
@@ -168,7 +186,7 @@ def run_main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype, layers=args.layers, progress=not args.no_progress,
             scheduler=args.scheduler, workers=args.workers, layout=args.layout,
             decode_threads=args.decode_threads, checkpoint_seconds=args.checkpoint_seconds,
-            overwrite=args.overwrite, content_hash=args.content_hash,
+            overwrite=args.overwrite, content_hash=args.content_hash, neurons=neurons,
         )
         if args.reference_npy:
             from clipdecomp.data.reference import write_reference_npy

@@ -79,12 +79,12 @@ def neuron_report(model: Any = None, layer: int | None = None, *, n_images: int 
     from clipdecomp.engine.loading import load
     from clipdecomp.methods.neuron_stats import neuron_stats
     from clipdecomp.methods.neuron_texts import neuron_texts
-    from clipdecomp.methods.neurons import _check_layer, neuron_ablation
+    from clipdecomp.methods.neurons import check_neuron_layer, neuron_ablation
     from clipdecomp.methods.zeroshot import zero_shot_classifier
 
     model = model if model is not None else load()
-    layer = _check_layer(model, model.config.layers - 2 if layer is None else layer,
-                         need_later=True)
+    layer = check_neuron_layer(model, model.config.layers - 2 if layer is None else layer,
+                               need_later=True)
     if not 0 < share < 1:
         raise ValueError(f"share must be in (0, 1), got {share!r}")
     style = style or toy.MODEL_STYLE

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdecomp.data import neuron_store
 from clipdecomp.data import store as _store
 from clipdecomp.data.sources import ImageSource, load_image, printable_path
 from clipdecomp.data.store import Moments, StoreReader
@@ -254,6 +255,8 @@ class RunState:
         self.rows_done = 0
         self.rows_ok = 0
         self.skipped: list[tuple[int, str, str]] = []
+        #: the neuron statistics this store computes (``run_dataset(..., neurons=)``)
+        self.neurons = neuron_store.spec_of_settings(meta["settings"].get("neurons"))
 
     @property
     def chunk_size(self) -> int:
@@ -347,8 +350,12 @@ def prepare_store(
     overwrite: bool = False,
     checkpoint_seconds: float | None = None,
     content_hash: bool = False,
+    neurons: Any = None,
 ) -> RunState:
     """Create the store, or check that an existing one matches this run and open it.
+
+    ``neurons`` (``run_dataset(..., neurons=)``) is checked against the model's layers and
+    recorded in the settings; ``state.neurons`` is the checked spec (None without).
 
     An existing store must list the same source files, unchanged since it was made (size and
     modification time; also their bytes when it was made with ``content_hash``), and its
@@ -372,6 +379,9 @@ def prepare_store(
         },
         "created": _store._now(),
     }
+    neuron_settings = neuron_store.settings_of(neurons, L)
+    if neuron_settings is not None:   # stores without neurons keep their settings as they were
+        meta["settings"]["neurons"] = neuron_settings
     if not overwrite and _store.is_store(out):
         stored = StoreReader(out).metadata
         _store.compare_metadata(stored, _store.jsonable(meta), f"the store {out}")

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdecomp.data import neuron_store
 from clipdecomp.data import store as _store
 from clipdecomp.data.chunks import (
     ChunkTask,
@@ -39,6 +40,7 @@ from clipdecomp.data.store import StoreReader
 from clipdecomp.engine.config import MAX_THREADS, check_size
 from clipdecomp.engine.helpers import optional_import, progress_bar
 from clipdecomp.engine.loading import ModelSpec
+from clipdecomp.methods.neuron_stats import NeuronStatsSpec
 
 __all__ = ["local_client", "run_distributed", "worker_model"]
 
@@ -90,12 +92,16 @@ def chunk_task(
     batch_size: int,
     kept: tuple,
     decode_threads: int | None = None,
+    neurons: NeuronStatsSpec | None = None,
 ) -> dict:
     """Run on a worker: compute one chunk, write its rows, return its statistics."""
     model, lock = worker_model(spec)
     pool = _pool(decode_threads or min(4, os.cpu_count() or 1))
     res = next(iter(iter_chunk_results(model, [task], batch_size, kept, pool, lock=lock)))
     res.finish()
+    if neurons is not None:
+        res.arrays.update(neuron_store.chunk_rows(model, task.paths, res.ok, neurons,
+                                                  batch_size, lock=lock))
     root = _store._zarr().open_group(out, mode="r+")
     digest = _store.write_rows(root, res.start, res.arrays, res.ok, res.errors)
     return {
@@ -107,6 +113,13 @@ def chunk_task(
         "moments": res.moments,
         "seconds": res.seconds,
     }
+
+
+def neuron_stats_task(spec: ModelSpec, out: str, force: bool) -> list[int]:
+    """Run on a worker: the neuron statistics of a complete store (its model from ``spec``)."""
+    model, lock = worker_model(spec)
+    with lock:
+        return neuron_store.finalize(model, out, force=force)
 
 
 def local_client(n_workers: int, threads: int | None = None) -> Any:
@@ -154,6 +167,7 @@ def run_distributed(
     expected_config: dict | None = None,
     content_hash: bool = False,
     expected_precision: str | None = None,
+    neurons: NeuronStatsSpec | None = None,
 ) -> StoreReader:
     """The Dask side of :func:`clipdecomp.run_dataset` (same arguments; see there).
 
@@ -177,7 +191,7 @@ def run_distributed(
         with _store.store_lock(out):
             return _run_on(client, spec, source, out, chunk_size, batch_size, dtype, layers,
                            progress, decode_threads, checkpoint_seconds, overwrite,
-                           expected_config, content_hash, expected_precision)
+                           expected_config, content_hash, expected_precision, neurons)
     finally:
         if own is not None:
             cluster = getattr(own, "cluster", None)
@@ -188,7 +202,7 @@ def run_distributed(
 
 def _run_on(client, spec, source, out, chunk_size, batch_size, dtype, layers, progress,
             decode_threads, checkpoint_seconds, overwrite, expected_config, content_hash,
-            expected_precision) -> StoreReader:
+            expected_precision, neurons=None) -> StoreReader:
     """:func:`run_distributed` on a client, with the store's lock held."""
     distributed = _dask()
     identity = client.submit(identity_task, spec, pure=False).result()
@@ -209,7 +223,7 @@ def _run_on(client, spec, source, out, chunk_size, batch_size, dtype, layers, pr
             f"model given in {expected_precision!r} (a worker without AVX512_BF16 emulates "
             "bf16); pass a ModelSpec with precision= that every worker can run")
     state = prepare_store(out, identity, source, dtype, layers, chunk_size, overwrite,
-                          checkpoint_seconds, content_hash)
+                          checkpoint_seconds, content_hash, neurons)
     tasks = state.tasks(source)
     todo = state.rows_to_do(len(source))
     bar = progress_bar(total=len(source), initial=len(source) - todo, unit="img",
@@ -228,7 +242,7 @@ def _run_on(client, spec, source, out, chunk_size, batch_size, dtype, layers, pr
                 return
             running.add(client.submit(
                 chunk_task, spec, out, t, int(batch_size), state.kept, decode_threads,
-                key=f"clipdecomp-chunk-{tag}-{t.index}", pure=False,
+                state.neurons, key=f"clipdecomp-chunk-{tag}-{t.index}", pure=False,
             ))
 
     try:
@@ -258,4 +272,6 @@ def _run_on(client, spec, source, out, chunk_size, batch_size, dtype, layers, pr
         _store.append_run(out, summary)
         if progress:
             _print_summary(summary, out)
+    if state.neurons is not None:   # every chunk is done: the neuron statistics, on a worker
+        client.submit(neuron_stats_task, spec, out, state.rows_done > 0, pure=False).result()
     return StoreReader(out)

@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any
 
+from clipdecomp.data import neuron_store
 from clipdecomp.data import store as _store
 from clipdecomp.data.chunks import (
     ChunkResult,
@@ -38,6 +39,7 @@ from clipdecomp.data.store import StoreReader
 from clipdecomp.engine.config import MAX_THREADS, check_size
 from clipdecomp.engine.helpers import progress_bar
 from clipdecomp.engine.loading import ModelSpec, spec_of
+from clipdecomp.methods.neuron_stats import NeuronStatsSpec
 
 log = logging.getLogger("clipdecomp.data.runner")
 
@@ -62,6 +64,7 @@ def run_dataset(
     checkpoint_seconds: float | None = None,
     overwrite: bool = False,
     content_hash: bool = False,
+    neurons: Any = None,
 ) -> StoreReader:
     """Decompose every image of a collection into a Zarr store; resume it if it exists.
 
@@ -110,6 +113,14 @@ def run_dataset(
         Record a hash of every source file's bytes (reads every file once more when the store
         is made and on every resume). Without it, resuming checks each file's size and
         modification time only.
+    neurons : int, sequence of int, NeuronStatsSpec or dict, optional
+        Also compute the statistics of the second-order effects of the MLP neurons of these
+        layers (:class:`~clipdecomp.methods.neuron_stats.NeuronStatsSpec`: ``layers``, ``k``
+        top images, default 100): per-image neuron coefficients are stored with every chunk
+        (one more forward pass per image and layer) and, once the store is complete, each
+        neuron's mean effect, centred norm on every image, top-k images and first principal
+        component are written into it; read them with ``StoreReader.neuron_stats(layer)``.
+        Memory does not grow with the number of images (see :mod:`clipdecomp.data.neuron_store`).
 
     Returns
     -------
@@ -132,6 +143,10 @@ def run_dataset(
     >>> st = run_dataset(model, "imagenet/val", "val.zarr", layers="-4:")    # doctest: +SKIP
     >>> st.stats.mean_heads.shape                                            # doctest: +SKIP
     (12, 12, 512)
+    >>> st = run_dataset(model, "imagenet/val", "val.zarr",               # doctest: +SKIP
+    ...                  neurons=NeuronStatsSpec(9, k=100))
+    >>> st.neuron_stats(9).pcs.shape                                         # doctest: +SKIP
+    (3072, 512)
     """
     out = os.fspath(out)
     dtype = _check_dtype(dtype)
@@ -144,6 +159,7 @@ def run_dataset(
         decode_threads = check_size(decode_threads, "decode_threads", maximum=MAX_THREADS)
     if workers is not None:
         workers = check_size(workers, "workers")
+    neurons = NeuronStatsSpec.of(neurons)
     if client is not None or scheduler is not None or workers:
         from clipdecomp.data import distributed as _dist
 
@@ -157,22 +173,27 @@ def run_dataset(
             checkpoint_seconds=checkpoint_seconds, overwrite=overwrite,
             content_hash=content_hash,
             expected_precision=None if expected is None else str(model.precision),
+            neurons=neurons,
         )
     spec = None
     if isinstance(model, (ModelSpec, str, os.PathLike)):
         spec = spec_of(model)
         model = spec.load()
     identity = model_identity(model, spec)
+    if neurons is not None:
+        neuron_store.check_model(model)
     with _store.store_lock(out):
         return _run_local(model, src, out, identity, dtype, layers, chunk_size, batch_size,
-                          overwrite, checkpoint_seconds, content_hash, decode_threads, progress)
+                          overwrite, checkpoint_seconds, content_hash, decode_threads, progress,
+                          neurons)
 
 
 def _run_local(model, src, out, identity, dtype, layers, chunk_size, batch_size, overwrite,
-               checkpoint_seconds, content_hash, decode_threads, progress) -> StoreReader:
+               checkpoint_seconds, content_hash, decode_threads, progress,
+               neurons=None) -> StoreReader:
     """The local run of :func:`run_dataset`, with the store's lock held."""
     state = prepare_store(out, identity, src, dtype, layers, chunk_size, overwrite,
-                          checkpoint_seconds, content_hash)
+                          checkpoint_seconds, content_hash, neurons)
     tasks = state.tasks(src)
     todo = state.rows_to_do(len(src))
     n_threads = decode_threads or min(4, os.cpu_count() or 1)
@@ -203,6 +224,10 @@ def _run_local(model, src, out, identity, dtype, layers, chunk_size, batch_size,
     try:
         for res in iter_chunk_results(model, tasks, int(batch_size), state.kept, pool,
                                       on_batch=on_batch):
+            if state.neurons is not None:   # the chunk's neuron rows, written with its rows
+                res.arrays.update(neuron_store.chunk_rows(
+                    model, [src.abspath(i) for i in range(res.start, res.start + len(res.ok))],
+                    res.ok, state.neurons, int(batch_size)))
             if pending is not None:
                 pending.result()
             pending = writer.submit(finish, res)
@@ -224,4 +249,6 @@ def _run_local(model, src, out, identity, dtype, layers, chunk_size, batch_size,
         if progress:
             _print_summary(summary, out)
     log.info("run finished: %s", summary)
+    if state.neurons is not None:   # every chunk is done: the neuron statistics
+        neuron_store.finalize(model, out, force=state.rows_done > 0, progress=progress)
     return StoreReader(out)

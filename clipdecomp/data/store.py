@@ -19,6 +19,10 @@ Layout (Zarr v3 group; N images, L layers, Lk kept layers, H heads, D embedding 
                                  file when the store was made (-1 for a file that was missing)
     done         [n_chunks]      bool, chunk c (rows c*C .. c*C+C-1) is finished
     stats/slot0, stats/slot1     two copies of the statistics (see below)
+    neurons/<l>/...              with ``run_dataset(..., neurons=)``: per-image neuron
+                                 coefficients of layer l (rows like the others) and, once
+                                 the store is complete, the neuron statistics
+                                 (:mod:`clipdecomp.data.neuron_store`)
 
 Skipped images (unreadable or corrupt files) keep their row: ``ok`` is False, ``error`` holds the
 reason, and every float array holds zeros there (never NaN). They are left out of the
@@ -246,7 +250,7 @@ def compare_metadata(stored: dict, wanted: dict, where: str) -> None:
             f"(made with {sk.get('name')}); only its config was compared",
             stacklevel=3,
         )
-    for k in ("dtype", "layers", "chunk_size"):
+    for k in ("dtype", "layers", "chunk_size", "neurons"):
         fields.append((f"settings.{k}", stored["settings"].get(k), wanted["settings"].get(k)))
     for k in ("layout", "n", "listing_sha256"):
         fields.append((f"source.{k}", stored["source"].get(k), wanted["source"].get(k)))
@@ -314,10 +318,11 @@ def store_lock(path: str | os.PathLike) -> Iterator[None]:
 
 def rows_digest(arrays: dict[str, np.ndarray], ok: np.ndarray, errors: Sequence[str]) -> str:
     """BLAKE2b (128 bits, hex) of one chunk's rows as stored: the float arrays in the store's
-    dtype, ``ok`` and the error texts. :func:`write_rows` returns it; :func:`read_digest`
-    computes it again from the files."""
+    dtype (and the neuron rows, ``neurons/...``, when the store has them), ``ok`` and the error
+    texts. :func:`write_rows` returns it; :func:`read_digest` computes it again from the
+    files."""
     h = hashlib.blake2b(digest_size=16)
-    for f in FLOAT_FIELDS:
+    for f in FLOAT_FIELDS + tuple(sorted(k for k in arrays if k.startswith("neurons/"))):
         a = np.ascontiguousarray(arrays[f])
         h.update(f"{f}{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
@@ -329,7 +334,10 @@ def rows_digest(arrays: dict[str, np.ndarray], ok: np.ndarray, errors: Sequence[
 def read_digest(root, start: int, n: int) -> str:
     """:func:`rows_digest` of rows [start, start + n) as the store's files hold them now
     (raises what zarr raises for a chunk file it cannot decode)."""
-    arrays = {f: np.asarray(root[f][start:start + n]) for f in FLOAT_FIELDS}
+    from clipdecomp.data.neuron_store import row_fields
+
+    neurons = row_fields(root.attrs["clipdecomp"]["settings"].get("neurons"))
+    arrays = {f: np.asarray(root[f][start:start + n]) for f in FLOAT_FIELDS + tuple(neurons)}
     ok = np.asarray(root["ok"][start:start + n], bool)
     errors = [str(e) for e in np.asarray(root["error"][start:start + n]).tolist()]
     return rows_digest(arrays, ok, errors)
@@ -396,6 +404,9 @@ def create_store(
         g = stats.create_group(f"slot{slot}")
         g.attrs.put({"complete": False, "generation": -1})
         _create_stat_arrays(g, L, H, D, Lk, n_chunks)
+    from clipdecomp.data.neuron_store import create_arrays
+
+    create_arrays(root, meta)
     root.attrs.put({"clipdecomp": meta, "runs": []})
     return root
 
@@ -521,6 +532,9 @@ def write_rows(
                                  f"{start + n}); use dtype='float32'")
         stored[f] = src.astype(arr.dtype, copy=False)
         arr[start:start + n] = stored[f]
+    for f in sorted(k for k in arrays if k.startswith("neurons/")):   # float32, as computed
+        stored[f] = np.asarray(arrays[f], np.float32)
+        root[f][start:start + n] = stored[f]
     root["ok"][start:start + n] = np.asarray(ok, bool)
     root["error"][start:start + n] = np.asarray(list(errors), dtype=str)
     return rows_digest(stored, ok, errors)
@@ -741,6 +755,37 @@ class StoreReader:
         moments = load_committed(self.path, self.layers)[0]
         assert moments is not None   # asked with arrays
         return StoreStats.from_moments(moments)
+
+    @property
+    def neuron_layers(self) -> tuple[int, ...]:
+        """The layers whose neuron statistics the store holds (``run_dataset(..., neurons=)``;
+        empty without)."""
+        from clipdecomp.data.neuron_store import spec_of_settings
+
+        spec = spec_of_settings(self.metadata["settings"].get("neurons"))
+        return () if spec is None else spec.layers
+
+    def neuron_stats(self, layer: int | None = None, norms: bool = True) -> Any:
+        """The statistics of the second-order effects of the neurons of ``layer`` over the
+        valid rows (default: the store's only or first neuron layer), as
+        :class:`~clipdecomp.methods.neuron_stats.NeuronStatsResult`: ``mean [F, D]``,
+        ``top_images [F, k]`` (store rows), ``top_norms [F, k]``, ``pcs [F, D]`` and, with
+        ``norms``, ``norms [N, F]`` (0 on rows that are not valid).
+
+        Examples
+        --------
+        >>> st = StoreReader("val.zarr").neuron_stats(9)              # doctest: +SKIP
+        >>> st.pcs.shape, st.top_images.shape                         # doctest: +SKIP
+        ((3072, 512), (3072, 100))
+        """
+        from clipdecomp.data.neuron_store import read_stats
+
+        if layer is None:
+            if not self.neuron_layers:
+                raise ValueError(f"{self.path} has no neuron statistics: run it with "
+                                 "run_dataset(..., neurons=layer)")
+            layer = self.neuron_layers[0]
+        return read_stats(self.path, layer, norms=norms)
 
     def skipped(self) -> pd.DataFrame:
         """The images that could not be read: a DataFrame with columns row, path, reason."""

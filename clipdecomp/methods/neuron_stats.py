@@ -17,14 +17,16 @@ Shapes: N images, F neurons, D embedding dim, k top images.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["EffectMean", "NeuronStats", "NeuronStatsResult", "load_neuron_stats",
-           "neuron_stats", "save_neuron_stats"]
+__all__ = ["EffectMean", "NeuronStats", "NeuronStatsResult", "NeuronStatsSpec",
+           "load_neuron_stats", "neuron_stats", "save_neuron_stats", "stats_from_batches"]
 
 
 def _as_effects(effects: Any, what: str, shape: tuple[int, int] | None) -> np.ndarray:
@@ -38,6 +40,90 @@ def _as_effects(effects: Any, what: str, shape: tuple[int, int] | None) -> np.nd
     if not np.all(np.isfinite(e)):
         raise ValueError(f"{what}: effects contain NaN or inf")
     return np.asarray(e, np.float32)
+
+
+@dataclass(frozen=True)
+class NeuronStatsSpec:
+    """Which neuron statistics a data-set run computes (``run_dataset(..., neurons=)``).
+
+    Parameters
+    ----------
+    layers : int or sequence of int
+        The neuron layers (negative counts from the end; each needs a later layer). One more
+        forward pass per image and layer.
+    k : int
+        Top images per neuron (100, as the reference).
+    coefficient : float
+        The reference's scale factor of the effects (100).
+
+    Examples
+    --------
+    >>> NeuronStatsSpec(9)
+    NeuronStatsSpec(layers=(9,), k=100, coefficient=100.0)
+    >>> NeuronStatsSpec([-3, -2], k=50).resolved(12).layers
+    (9, 10)
+    """
+
+    layers: tuple[int, ...]
+    k: int = 100
+    coefficient: float = 100.0
+
+    def __post_init__(self) -> None:
+        raw: Any = self.layers
+        if isinstance(raw, (int, np.integer)) and not isinstance(raw, bool):
+            raw = (raw,)
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, Iterable):
+            raise TypeError(f"neuron layers must be an int or a sequence of ints, got {raw!r}")
+        layers = tuple(raw)
+        if not layers or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                             for v in layers):
+            raise TypeError(f"neuron layers must be an int or a non-empty sequence of ints, "
+                            f"got {self.layers!r}")
+        object.__setattr__(self, "layers", tuple(int(v) for v in layers))
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
+            raise ValueError(f"k must be a positive int, got {self.k!r}")
+        object.__setattr__(self, "k", int(self.k))
+        c = self.coefficient
+        if isinstance(c, bool) or not isinstance(c, (int, float, np.number)) \
+                or not np.isfinite(c) or c == 0:
+            raise ValueError(f"coefficient must be a finite non-zero number, got {c!r}")
+        object.__setattr__(self, "coefficient", float(c))
+
+    @classmethod
+    def of(cls, value: Any) -> NeuronStatsSpec | None:
+        """None, a spec, a layer, a sequence of layers, or a dict of the fields, as a spec.
+
+        Examples
+        --------
+        >>> NeuronStatsSpec.of({"layers": [9], "k": 20}).k
+        20
+        """
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"layers", "k", "coefficient"})
+            if unknown:
+                raise TypeError(f"neurons: unknown field(s) {unknown}; the fields are layers, k "
+                                "and coefficient")
+            return cls(**value)
+        return cls(value)
+
+    def resolved(self, n_layers: int) -> NeuronStatsSpec:
+        """The spec with its layers checked against a model of ``n_layers`` layers, counted
+        from 0 and sorted (ValueError naming a layer without a later one)."""
+        out = []
+        for v in self.layers:
+            a = v + n_layers if v < 0 else v
+            if not 0 <= a < n_layers - 1:
+                raise ValueError(f"neuron layer {v} is not in [0, {n_layers - 1}) for a model "
+                                 f"of {n_layers} layers (second-order effects need a later "
+                                 "layer)")
+            out.append(a)
+        return NeuronStatsSpec(tuple(sorted(set(out))), self.k, self.coefficient)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (what a store records)."""
+        return {"layers": list(self.layers), "k": self.k, "coefficient": self.coefficient}
 
 
 class EffectMean:
@@ -137,7 +223,7 @@ class NeuronStats:
     >>> eff = rng.standard_normal((50, 4, 8)).astype(np.float32)
     >>> s = NeuronStats(eff.mean(0), k=5)
     >>> for i in range(0, 50, 16):
-    ...     s.update(eff[i:i + 16])
+    ...     _ = s.update(eff[i:i + 16])
     >>> s.result().top_images.shape
     (4, 5)
     """
@@ -155,41 +241,54 @@ class NeuronStats:
         self.top_idx = np.full((F, self.k), -1, np.int64)
         self.top_eff = np.zeros((F, self.k, D), np.float32)
         self.keep_norms = keep_norms
-        self._norms: dict[int, np.ndarray] = {}
+        self._norms: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.count = 0
 
-    def update(self, effects: Any, start: int | None = None) -> None:
+    def update(self, effects: Any, start: int | None = None,
+               index: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Add a batch of effects ``[b, F, D]`` of images ``start .. start + b - 1`` (default:
-        following the images added so far)."""
+        following the images added so far), or of the images ``index`` (int ``[b]``). Returns
+        the batch's centred norms, float32 ``[b, F]``."""
         e = _as_effects(effects, "NeuronStats.update", self.mean.shape)
         b = e.shape[0]
-        if start is None:
-            start = self.count
+        if index is not None:
+            if start is not None:
+                raise ValueError("NeuronStats.update: give start or index, not both")
+            idx = np.asarray(index)
+            if idx.shape != (b,) or not np.issubdtype(idx.dtype, np.integer):
+                raise ValueError(f"NeuronStats.update: index must be {b} ints, got "
+                                 f"{idx.dtype} of shape {idx.shape}")
+            idx = idx.astype(np.int64)
+        else:
+            if start is None:
+                start = self.count
+            idx = np.arange(start, start + b, dtype=np.int64)
         cen = e - self.mean[None]
         nrm = np.linalg.norm(cen, axis=-1)                              # [b, F]
-        if self.keep_norms:
-            if start in self._norms:
-                raise ValueError(f"NeuronStats.update: images from {start} were added already")
-            self._norms[start] = nrm
+        if self.keep_norms and b:
+            first = int(idx[0])
+            if first in self._norms:
+                raise ValueError(f"NeuronStats.update: images from {first} were added already")
+            self._norms[first] = (idx, nrm)
         self.count += b
-        thr = self.top_norms.min(1)                                     # [F]
-        cand = nrm > thr[None, :]
+        if b == 0:
+            return nrm
+        # the k largest of (kept, new) per neuron; a new image enters only when it is strictly
+        # above the neuron's current k-th norm (kept images win ties)
         k = self.k
-        for n in np.nonzero(cand.any(0))[0]:
-            rows = np.nonzero(cand[:, n])[0]
-            vals = np.concatenate([self.top_norms[n], nrm[rows, n]])
-            if vals.size > k:
-                keep = np.argpartition(-vals, k - 1)[:k]
-            else:
-                keep = np.arange(vals.size)
-            new = np.sort(keep[keep >= k]) - k                          # kept candidates
-            if new.size == 0:
-                continue
-            free = np.setdiff1d(np.arange(k), keep[keep < k])[: new.size]   # evicted slots
-            src = rows[new]
-            self.top_norms[n, free] = nrm[src, n]
-            self.top_idx[n, free] = start + src
-            self.top_eff[n, free] = cen[src, n]
+        thr = self.top_norms.min(1)                                     # [F]
+        new_vals = np.where(nrm.T > thr[:, None], nrm.T, -np.inf)       # [F, b]
+        vals = np.concatenate([self.top_norms, new_vals], 1)            # [F, k + b]
+        keep = np.argpartition(-vals, k - 1, axis=1)[:, :k]
+        chosen = np.zeros(vals.shape, bool)
+        np.put_along_axis(chosen, keep, True, 1)
+        f_out, slot = np.nonzero(~chosen[:, :k])                         # evicted slots
+        f_in, row = np.nonzero(chosen[:, k:])                            # entering images
+        # per neuron as many enter as leave; both lists are ordered by neuron
+        self.top_norms[f_out, slot] = nrm[row, f_in]
+        self.top_idx[f_out, slot] = idx[row]
+        self.top_eff[f_out, slot] = cen[row, f_in]
+        return nrm
 
     def result(self, layer: int | None = None) -> NeuronStatsResult:
         """Sort the top images and compute the principal components (compute_pcas.py)."""
@@ -208,14 +307,26 @@ class NeuronStats:
         norms = None
         if self.keep_norms:
             starts = sorted(self._norms)
-            norms = np.concatenate([self._norms[s] for s in starts], 0)
-            expect = np.arange(norms.shape[0])
-            got = np.concatenate([np.arange(s, s + self._norms[s].shape[0]) for s in starts])
-            if not np.array_equal(got, expect):
+            norms = np.concatenate([self._norms[s][1] for s in starts], 0)
+            got = np.concatenate([self._norms[s][0] for s in starts])
+            if not np.array_equal(got, np.arange(norms.shape[0])):
                 raise ValueError("NeuronStats: the batches added do not cover images 0..N-1 "
                                  "exactly once")
         return NeuronStatsResult(mean=self.mean, top_images=top_idx, top_norms=top_norms,
                                  pcs=pcs, norms=norms, n_images=self.count, layer=layer)
+
+
+def _one_blas_thread() -> Any:
+    """One BLAS thread for the body when threadpoolctl is installed (else no change).
+
+    The principal directions are thousands of small (k x k) eigenproblems: BLAS threads only
+    add synchronisation to each, and on a machine with more busy threads than cores OpenBLAS's
+    threaded divide-and-conquer eigensolver was seen to take seconds per 100 x 100 matrix."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def principal_directions(centred: np.ndarray) -> np.ndarray:
@@ -225,16 +336,87 @@ def principal_directions(centred: np.ndarray) -> np.ndarray:
 
     Examples
     --------
-    >>> x = np.array([[[1.0, 0.0], [2.0, 0.1], [3.0, -0.1]]])
-    >>> principal_directions(x).round(2)
+    >>> x = np.array([[[1.0, 0.0], [2.0, 0.0], [-0.5, 0.0]]])
+    >>> principal_directions(x).round(2) + 0.0
     array([[1., 0.]], dtype=float32)
     """
     x = np.asarray(centred, np.float64)
-    _, _, vh = np.linalg.svd(x, full_matrices=False)
-    pc = vh[:, 0]                                                       # [F, D]
-    positive = (np.einsum("fkd,fd->fk", x, pc) > 0).sum(1)
+    _, k, D = x.shape
+    with _one_blas_thread():
+        # the top eigenvector of the smaller of X X^T [k, k] and X^T X [D, D] (one batched
+        # eigh, far cheaper than an SVD of every [k, D] matrix)
+        if k <= D:
+            _, u = np.linalg.eigh(x @ x.transpose(0, 2, 1))             # [F, k, k]
+            pc = np.einsum("fk,fkd->fd", u[:, :, -1], x)
+        else:
+            pc = np.linalg.eigh(x.transpose(0, 2, 1) @ x)[1][:, :, -1]  # [F, D]
+        size = np.linalg.norm(pc, axis=1, keepdims=True)
+        pc = np.where(size > 0, pc / np.where(size > 0, size, 1.0), 0.0)
+        pc[size[:, 0] == 0, 0] = 1.0            # all-zero effects: any unit direction
+        positive = (np.einsum("fkd,fd->fk", x, pc) > 0).sum(1)
+        tie = 2 * positive == k
+        if tie.any():   # half the rows on each side: the rule keeps the SVD's sign, negated
+            vh = np.linalg.svd(x[tie], full_matrices=False)[2][:, 0]
+            pc[tie] *= np.where(np.einsum("fd,fd->f", pc[tie], vh) < 0, -1.0, 1.0)[:, None]
     sign = np.where(positive > x.shape[1] // 2, 1.0, -1.0)
     return (pc * sign[:, None]).astype(np.float32)
+
+
+def stats_from_batches(batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], *,
+                       k: int = 100, mean: np.ndarray | None = None, keep_norms: bool = True,
+                       on_norms: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                       shape: tuple[int, int] | None = None,
+                       layer: int | None = None) -> NeuronStatsResult:
+    """Per-neuron statistics from effects that come in batches: the two passes of
+    ``compute_pcas.py`` (the mean, then the top images and principal directions), streamed.
+
+    Parameters
+    ----------
+    batches : callable
+        ``batches()`` yields ``(index, effects)`` per batch: ``index`` int ``[b]``, the images'
+        indices (unique over the data set), and ``effects`` ``[b, F, D]``. Called twice (once
+        when ``mean`` is given); it must yield the same images both times.
+    k : int
+        Top images per neuron.
+    mean : array ``[F, D]``, optional
+        The mean effects, when known (one pass instead of two).
+    keep_norms : bool
+        Keep the ``[N, F]`` centred norms in the result (the indices must then be 0..N-1).
+    on_norms : callable, optional
+        ``on_norms(index, norms)`` with every batch's centred norms ``[b, F]`` (to write them
+        somewhere instead of keeping them).
+    shape : (F, D), optional
+        The shape every batch must have (default: that of the first).
+    layer : int, optional
+        Recorded in the result.
+
+    Examples
+    --------
+    >>> eff = np.random.default_rng(0).standard_normal((40, 3, 4)).astype(np.float32)
+    >>> def batches():
+    ...     for s in range(0, 40, 16):
+    ...         yield np.arange(s, min(s + 16, 40)), eff[s:s + 16]
+    >>> stats_from_batches(batches, k=5).top_images.shape
+    (3, 5)
+    """
+    if mean is None:
+        acc: EffectMean | None = None
+        for _, eff in batches():
+            if acc is None:
+                F, D = shape if shape is not None else np.shape(eff)[1:]
+                acc = EffectMean(F, D)
+            acc.update(eff)
+        if acc is None:
+            raise ValueError("no images: the batches are empty")
+        mean = acc.result()
+    stats = NeuronStats(mean, k=k, keep_norms=keep_norms)
+    if shape is not None and stats.mean.shape != tuple(shape):
+        raise ValueError(f"mean must be [F, D] = {list(shape)}, got {list(stats.mean.shape)}")
+    for index, eff in batches():
+        nrm = stats.update(eff, index=index)
+        if on_norms is not None:
+            on_norms(np.asarray(index), nrm)
+    return stats.result(layer=layer)
 
 
 def neuron_stats(model: Any, images: Any, layer: int, *, k: int = 100,
@@ -244,7 +426,9 @@ def neuron_stats(model: Any, images: Any, layer: int, *, k: int = 100,
     """Per-neuron statistics of the second-order effects of ``layer`` over ``images``.
 
     Runs the model twice over the images (the mean, then the top images and directions) unless
-    ``mean`` is given; only one batch of effects is in memory at a time.
+    ``mean`` is given; only one batch of effects is in memory at a time. For a whole data set
+    on disk, ``run_dataset(..., neurons=layer)`` stores the same statistics
+    (:mod:`clipdecomp.data.neuron_store`).
 
     Parameters
     ----------
@@ -274,41 +458,30 @@ def neuron_stats(model: Any, images: Any, layer: int, *, k: int = 100,
     >>> st.pcs.shape, st.top_images.shape                     # doctest: +SKIP
     ((768, 128), (768, 20))
     """
-    from clipdecomp.engine.model import _progress
-    from clipdecomp.engine.preprocess import _is_float_array, as_image_list
+    from clipdecomp.engine.helpers import count_images, image_list, progress_bar
     from clipdecomp.methods.neurons import (
-        _check_layer,
-        _core,
-        _second_from,
+        check_neuron_layer,
         neuron_fold,
         neuron_forward,
+        second_order_from,
     )
 
-    layer = _check_layer(model, layer, need_later=True)
-    if not _is_float_array(images):
-        images = as_image_list(images)
-    n = model._count(images)
+    layer = check_neuron_layer(model, layer, need_later=True)
+    images = image_list(images)
+    n = count_images(images)
     fold = neuron_fold(model, layer)
     c = model.config
+    passes = iter(["neuron means", "neuron stats"] if mean is None else ["neuron stats"])
 
-    def batches(desc: str):
-        with _progress(n, progress, desc) as bar:
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        with progress_bar(total=n, enabled=progress, unit="img", desc=next(passes)) as bar:
             for s, out in neuron_forward(model, images, layer, batch_size=batch_size):
-                yield s, _second_from(fold, out, float(coefficient), _core())
-                bar.update(out["coef"].shape[0])
+                b = out["coef"].shape[0]
+                yield np.arange(s, s + b), second_order_from(fold, out, float(coefficient))
+                bar.update(b)
 
-    if mean is None:
-        acc = EffectMean(c.mlp_dim, c.embed_dim)
-        for _, eff in batches("neuron means"):
-            acc.update(eff)
-        mean = acc.result()
-    stats = NeuronStats(mean, k=k, keep_norms=keep_norms)
-    if stats.mean.shape != (c.mlp_dim, c.embed_dim):
-        raise ValueError(f"mean must be [F, D] = [{c.mlp_dim}, {c.embed_dim}], got "
-                         f"{stats.mean.shape}")
-    for s, eff in batches("neuron stats"):
-        stats.update(eff, start=s)
-    return stats.result(layer=layer)
+    return stats_from_batches(batches, k=k, mean=mean, keep_norms=keep_norms,
+                              shape=(c.mlp_dim, c.embed_dim), layer=layer)
 
 
 # -- files --------------------------------------------------------------------------------------

@@ -42,9 +42,18 @@ from typing import Any
 import numpy as np
 
 from clipdecomp.engine import core
+from clipdecomp.engine.config import check_size
+from clipdecomp.engine.helpers import (
+    count_images,
+    format_bytes,
+    image_batches,
+    image_list,
+    memory_budget,
+    progress_bar,
+)
 
-__all__ = ["NeuronFold", "first_order", "neuron_ablation", "neuron_fold", "neuron_forward",
-           "neuron_segment", "second_order"]
+__all__ = ["NeuronFold", "check_neuron_layer", "first_order", "neuron_ablation", "neuron_fold",
+           "neuron_forward", "neuron_segment", "second_order", "second_order_from"]
 
 #: the reference's scale factor of every effect
 COEFFICIENT = 100.0
@@ -170,7 +179,16 @@ _FOLDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FOLDS_LOCK = threading.Lock()
 
 
-def _check_layer(model: Any, layer: Any, *, need_later: bool) -> int:
+def check_neuron_layer(model: Any, layer: Any, *, need_later: bool) -> int:
+    """``layer`` as an index in ``[0, L)`` (negative counts from the end), or in ``[0, L - 1)``
+    with ``need_later`` (second-order effects need a later layer); TypeError / ValueError
+    otherwise.
+
+    Examples
+    --------
+    >>> check_neuron_layer(model, -2, need_later=True)        # doctest: +SKIP
+    10
+    """
     L = model.config.layers
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
         raise TypeError(f"layer must be an int, got {type(layer).__name__}")
@@ -197,7 +215,7 @@ def neuron_fold(model: Any, layer: int) -> NeuronFold:
     >>> fold.second.shape                                     # [F, K, D]
     (768, 6, 128)
     """
-    layer = _check_layer(model, layer, need_later=False)
+    layer = check_neuron_layer(model, layer, need_later=False)
     with _FOLDS_LOCK:
         cached = _FOLDS.get(model, {}).get(layer)
     if cached is not None and cached[0] == os.path.getmtime(model.path):
@@ -247,7 +265,7 @@ def neuron_fold(model: Any, layer: int) -> NeuronFold:
 
 def _batch_size(model: Any, batch_size: int | None, per_image_bytes: int) -> int:
     if batch_size is not None:
-        return model._batch_arg(batch_size, 8)
+        return check_size(batch_size, "batch_size", default=8)
     return int(max(1, min(32, (256 << 20) // max(per_image_bytes, 1))))
 
 
@@ -266,7 +284,7 @@ def neuron_forward(model: Any, images: Any, layer: int, *, record: Any = None,
     >>> for start, out in neuron_forward(model, images, 4, record=[7]):    # doctest: +SKIP
     ...     maps = out["acts"][:, 1:, 0]                       # [b, G*G]
     """
-    layer = _check_layer(model, layer, need_later=False)
+    layer = check_neuron_layer(model, layer, need_later=False)
     c = model.config
     rec = None
     if record is not None:
@@ -281,18 +299,9 @@ def neuron_forward(model: Any, images: Any, layer: int, *, record: Any = None,
     # the forward's scratch, and the [F, D] effects (and a copy) one image becomes downstream
     per_image = 4 * c.n_tokens * (c.mlp_dim + c.width * 6) + 8 * c.mlp_dim * c.embed_dim
     bs = _batch_size(model, batch_size, per_image)
-    from clipdecomp.engine.preprocess import _is_float_array, as_image_list
-
-    if not _is_float_array(images):
-        images = as_image_list(images)
-    for s, px in model._batches(images, bs):
+    for s, px in image_batches(model, image_list(images), bs):
         out = core.neuron_coefs(model, np.ascontiguousarray(px, np.float32), layer, rec)
         yield s, out
-
-
-def _core() -> Any:
-    """The engine's door to the C core (:mod:`clipdecomp.engine.core`)."""
-    return core
 
 
 def _scales(out: dict[str, np.ndarray], coefficient: float) -> tuple[np.ndarray, np.ndarray]:
@@ -304,9 +313,20 @@ def _scales(out: dict[str, np.ndarray], coefficient: float) -> tuple[np.ndarray,
     return coefficient / (norm * st[:, 1]), coefficient / norm
 
 
-def _second_from(fold: NeuronFold, out: dict[str, np.ndarray], coefficient: float,
-                 core: Any) -> np.ndarray:
-    """``[b, F, D]`` second-order effects of one batch from its coefficients."""
+def second_order_from(fold: NeuronFold, out: dict[str, np.ndarray],
+                      coefficient: float = COEFFICIENT) -> np.ndarray:
+    """``[b, F, D]`` second-order effects of one batch from what :func:`neuron_forward` yields
+    for it (only ``coef [b, J, H, F]``, ``aux [b, J, H, 2]`` and ``ln_stats [b, 3]`` are read).
+
+    The effects of an image are a function of these arrays and the fold alone, so a data set's
+    statistics can be computed from stored coefficients without running the model again.
+
+    Examples
+    --------
+    >>> fold = neuron_fold(model, 9)                          # doctest: +SKIP
+    >>> for s, out in neuron_forward(model, images, 9):       # doctest: +SKIP
+    ...     eff = second_order_from(fold, out)                # [b, F, D]
+    """
     b = out["coef"].shape[0]
     F, K, _ = fold.second.shape
     sc, inv_norm = _scales(out, coefficient)
@@ -327,8 +347,8 @@ def _second_from(fold: NeuronFold, out: dict[str, np.ndarray], coefficient: floa
     return core.neuron_fold_apply(coef, fold.second, sc.astype(np.float32), shift)
 
 
-def _first_from(fold: NeuronFold, out: dict[str, np.ndarray], coefficient: float,
-                core: Any) -> np.ndarray:
+def _first_from(fold: NeuronFold, out: dict[str, np.ndarray],
+                coefficient: float = COEFFICIENT) -> np.ndarray:
     """``[b, F, D]`` first-order (direct) effects of one batch."""
     F = fold.n_neurons
     K2 = 2 * fold.layers + 1
@@ -342,30 +362,26 @@ def _first_from(fold: NeuronFold, out: dict[str, np.ndarray], coefficient: float
 
 def _effects(model: Any, images: Any, layer: int, which: str, coefficient: float,
              batch_size: int | None, progress: bool) -> np.ndarray:
-    from clipdecomp.engine.helpers import format_bytes as _fmt_bytes
-    from clipdecomp.engine.model import _progress
-    from clipdecomp.engine.preprocess import _is_float_array, as_image_list
-
-    layer = _check_layer(model, layer, need_later=which == "second")
+    layer = check_neuron_layer(model, layer, need_later=which == "second")
     if not np.isfinite(coefficient) or coefficient == 0:
         raise ValueError(f"coefficient must be a finite non-zero number, got {coefficient!r}")
     c = model.config
-    if not _is_float_array(images):
-        images = as_image_list(images)
-    n = model._count(images)
+    images = image_list(images)
+    n = count_images(images)
     need = n * c.mlp_dim * c.embed_dim * 4
-    if need > model._budget():
+    if need > memory_budget(model):
         raise MemoryError(
-            f"{which}-order effects of {n} images take {_fmt_bytes(need)} ([B, F, D] = "
+            f"{which}-order effects of {n} images take {format_bytes(need)} ([B, F, D] = "
             f"[{n}, {c.mlp_dim}, {c.embed_dim}] float32), over the memory budget of "
-            f"{_fmt_bytes(model._budget())}; use clipdecomp.neuron_stats.neuron_stats for "
-            "data-set statistics without keeping them")
+            f"{format_bytes(memory_budget(model))}; use clipdecomp.methods.neuron_stats."
+            "neuron_stats for data-set statistics without keeping them (or run_dataset(..., "
+            "neurons=layer) for a whole data set)")
     fold = neuron_fold(model, layer)
     res = np.empty((n, c.mlp_dim, c.embed_dim), np.float32)
-    fn = _second_from if which == "second" else _first_from
-    with _progress(n, progress, f"{which}_order") as bar:
+    fn = second_order_from if which == "second" else _first_from
+    with progress_bar(total=n, enabled=progress, unit="img", desc=f"{which}_order") as bar:
         for s, out in neuron_forward(model, images, layer, batch_size=batch_size):
-            res[s:s + out["coef"].shape[0]] = fn(fold, out, coefficient, _core())
+            res[s:s + out["coef"].shape[0]] = fn(fold, out, coefficient)
             bar.update(out["coef"].shape[0])
     return res
 
@@ -487,20 +503,16 @@ def neuron_ablation(model: Any, images: Any, labels: Any, classifier: Any, stats
     """
     import pandas as pd
 
-    from clipdecomp.engine.model import _progress
-    from clipdecomp.engine.preprocess import _is_float_array, as_image_list
-
     if stats.layer is None:
         raise ValueError("stats has no layer: compute it with neuron_stats(model, ..., layer)")
-    layer = _check_layer(model, stats.layer, need_later=True)
+    layer = check_neuron_layer(model, stats.layer, need_later=True)
     c = model.config
     clf = _check_classifier(classifier, c.embed_dim)
     if stats.mean.shape != (c.mlp_dim, c.embed_dim):
         raise ValueError(f"stats are for [F, D] = {stats.mean.shape}, the model has "
                          f"[{c.mlp_dim}, {c.embed_dim}]")
-    if not _is_float_array(images):
-        images = as_image_list(images)
-    n = model._count(images)
+    images = image_list(images)
+    n = count_images(images)
     labels = np.asarray(labels).reshape(-1)
     if labels.shape[0] != n:
         raise ValueError(f"{labels.shape[0]} labels for {n} images")
@@ -512,9 +524,9 @@ def neuron_ablation(model: Any, images: Any, labels: Any, classifier: Any, stats
              "principal components"]
     logits = {k: np.empty((n, clf.shape[1])) for k in names}
     n_sig = 0
-    with _progress(n, progress, "neuron ablation") as bar:
+    with progress_bar(total=n, enabled=progress, unit="img", desc="neuron ablation") as bar:
         for s, out in neuron_forward(model, images, layer, batch_size=batch_size):
-            eff = _second_from(fold, out, float(coefficient), _core()).astype(np.float64)
+            eff = second_order_from(fold, out, float(coefficient)).astype(np.float64)
             b = eff.shape[0]
             emb = np.asarray(out["embedding"], np.float64)
             rep = coefficient * emb / np.linalg.norm(emb, axis=1, keepdims=True)
@@ -576,7 +588,6 @@ def neuron_segment(model: Any, images: Any, classifier: Any, stats: Any, *,
     >>> res = neuron_segment(model, images, clf, [st8, st9, st10])   # doctest: +SKIP
     >>> res.metrics(gt_masks)["miou"]                                # doctest: +SKIP
     """
-    from clipdecomp.engine.preprocess import _is_float_array, as_image_list
     from clipdecomp.methods.segmentation import SegmentationResult
     from clipdecomp.methods.spatial import upsample
 
@@ -590,13 +601,12 @@ def neuron_segment(model: Any, images: Any, classifier: Any, stats: Any, *,
             or not 1 <= top_neurons <= pcs.shape[0]:
         raise ValueError(f"top_neurons must be an int in [1, {pcs.shape[0]}], got "
                          f"{top_neurons!r}")
-    layers = [_check_layer(model, s.layer, need_later=False) for s in st_list]
+    layers = [check_neuron_layer(model, s.layer, need_later=False) for s in st_list]
     F = c.mlp_dim
     scores = np.abs(pcs @ clf)                                          # [F_all, C]
     chosen = np.argsort(scores, axis=0, kind="stable")[-top_neurons:].T  # [C, top]
-    if not _is_float_array(images):
-        images = as_image_list(images)
-    n = model._count(images)
+    images = image_list(images)
+    n = count_images(images)
     if classes is not None:
         classes = np.asarray(classes, np.int64).reshape(-1)
         if classes.shape[0] != n or classes.min() < 0 or classes.max() >= clf.shape[1]:
@@ -605,13 +615,13 @@ def neuron_segment(model: Any, images: Any, classifier: Any, stats: Any, *,
     # post-activation values at every token of every neuron that some class uses
     sums = np.zeros((n, c.n_tokens))
     pred = np.empty(n, np.int64)
-    from clipdecomp.engine.model import _progress
 
     for li, layer in enumerate(layers):
         in_layer = np.unique(chosen[(chosen >= li * F) & (chosen < (li + 1) * F)]) - li * F
         if li > 0 and not in_layer.size:
             continue
-        with _progress(n, progress, f"neuron maps, layer {layer}") as bar:
+        with progress_bar(total=n, enabled=progress, unit="img",
+                          desc=f"neuron maps, layer {layer}") as bar:
             for s, out in neuron_forward(model, images, layer, record=in_layer,
                                          batch_size=batch_size):
                 b = out["embedding"].shape[0]

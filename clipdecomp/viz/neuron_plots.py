@@ -10,11 +10,11 @@ __all__ = ["neuron_maps", "plot_neuron"]
 
 
 def _pick(images: Any, idx: Sequence[int]) -> Any:
-    from clipdecomp.engine.preprocess import _is_float_array, as_image_list
+    from clipdecomp.engine.helpers import image_list, is_pixel_array
 
-    if _is_float_array(images):
+    if is_pixel_array(images):
         return np.asarray(images)[np.asarray(idx, np.int64)]
-    items = as_image_list(images)
+    items = image_list(images)
     return [items[i] for i in idx]
 
 

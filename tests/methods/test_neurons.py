@@ -284,6 +284,39 @@ def test_streamed_stats_equal_in_memory_on_arrays():
     assert res.significant().sum(0).tolist() == [k - 1] * F   # strictly above the k-th
 
 
+@pytest.mark.parametrize("k, D", [(10, 12), (30, 6), (8, 8)])
+def test_principal_directions_equal_numpy_svd(k, D):
+    """The Gram-matrix route against numpy's SVD with the reference's sign rule, on both
+    branches (k <= D, k > D) and on rows built so that exactly half project positively."""
+    from clipdecomp.methods.neuron_stats import principal_directions
+
+    rng = np.random.default_rng(k + D)
+    x = rng.standard_normal((40, k, D)) * rng.exponential(1.0, (40, k, 1))
+    x[:5, k // 2:] = -x[:5, :k // 2] if k % 2 == 0 else x[:5, k // 2:]   # exact ties
+    got = principal_directions(x).astype(np.float64)
+    vh = np.linalg.svd(x, full_matrices=False)[2][:, 0]
+    positive = (np.einsum("fkd,fd->fk", x, vh) > 0).sum(1)
+    want = vh * np.where(positive > k // 2, 1.0, -1.0)[:, None]
+    assert np.abs(got - want).max() < 1e-5
+
+
+def test_top_k_by_index_and_ties():
+    from clipdecomp.methods.neuron_stats import NeuronStats
+
+    eff = np.zeros((6, 2, 3), np.float32)
+    eff[:, 0, 0] = [1, 3, 3, 2, 3, 0]               # neuron 0: three images tie at 3
+    eff[:, 1, 1] = [5, 4, 3, 2, 1, 6]
+    st = NeuronStats(np.zeros((2, 3), np.float32), k=2, keep_norms=False)
+    nrm = st.update(eff[:3], index=[10, 11, 12])
+    assert nrm.shape == (3, 2) and nrm[1, 0] == 3
+    st.update(eff[3:], index=[13, 14, 15])
+    res = st.result()
+    assert res.top_images.tolist() == [[11, 12], [15, 10]]  # the first images win the tie
+    assert res.top_norms.tolist() == [[3, 3], [6, 5]] and res.norms is None
+    with pytest.raises(ValueError, match="index must be"):
+        st.update(eff[:2], index=[1])
+
+
 def test_stats_fewer_images_than_k_and_errors():
     from clipdecomp.methods.neuron_stats import NeuronStats
 
