@@ -23,6 +23,16 @@ int cd_cpu_has_isa(int isa);
 /* 1 if bf16 dot products (AVX512_BF16) can run now: the CPU and operating system have them and
  * the path in use is avx512 (so CLIPDECOMP_ISA=avx2 turns them off too), else 0 */
 int cd_cpu_has_bf16(void);
+/* 1 if the bf16 products can run on AMX tiles (AMX-BF16 and AMX-TILE, their state enabled by
+ * the operating system, permission granted) on top of cd_cpu_has_bf16(), else 0 */
+int cd_cpu_can_amx(void);
+/* 1 if the bf16 products use AMX now: cd_cpu_can_amx() and not turned off (environment variable
+ * CLIPDECOMP_AMX=0 at first use, or cd_cpu_set_amx(0)) */
+int cd_cpu_has_amx(void);
+/* turn the AMX kernel on (1) or off (0); 0, or -1 (nothing changes) when it cannot run here */
+int cd_cpu_set_amx(int on);
+/* the kernel of CD_GEMM_BF16 products now: "amx", "avx512bf16" (vdpbf16ps) or "none" */
+const char *cd_bf16_kernel_name(void);
 /* the path in use now (CD_ISA_*): chosen at first call, CLIPDECOMP_ISA honoured */
 int cd_cpu_isa(void);
 /* use path `isa` from now on; 0, or -1 (and nothing changes) when the CPU cannot run it */
