@@ -8,6 +8,10 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -206,3 +210,55 @@ void cd_mark_omp_used(void) {
 }
 
 int cd_forked_child(void) { return load_int(&g_forked); }
+
+/* ------------------------------------------------------------------------------------------ */
+/* the profile (cpu.h): nanoseconds per kind, in atomic counters                              */
+
+static atomic_llong g_prof_ns[CD_PROF_COUNT];
+static atomic_int g_prof_on = -1;
+
+int cd_prof_on(void) {
+    int on = load_int(&g_prof_on);
+    if (on < 0) {
+        const char *e = getenv("CLIPDECOMP_PROFILE");
+        on = e && strcmp(e, "1") == 0;
+        store_int(&g_prof_on, on);
+    }
+    return on;
+}
+
+void cd_profile_enable(int on) { store_int(&g_prof_on, on ? 1 : 0); }
+
+double cd_prof_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+double cd_prof_begin(void) {
+    if (!cd_prof_on()) return -1.0;
+#ifdef _OPENMP
+    if (omp_get_level() > 0) return -1.0;
+#endif
+    return cd_prof_now();
+}
+
+void cd_prof_add(int what, double seconds) {
+    if (what < 0 || what >= CD_PROF_COUNT || !cd_prof_on()) return;
+    atomic_fetch_add_explicit(&g_prof_ns[what], (long long)(seconds * 1e9), memory_order_relaxed);
+}
+
+void cd_prof_end(int what, double t0) {
+    if (t0 >= 0.0) cd_prof_add(what, cd_prof_now() - t0);
+}
+
+int cd_profile_read(double *out, int n) {
+    for (int i = 0; i < n && i < CD_PROF_COUNT; i++)
+        out[i] = 1e-9 * (double)atomic_load_explicit(&g_prof_ns[i], memory_order_relaxed);
+    return CD_PROF_COUNT;
+}
+
+void cd_profile_reset(void) {
+    for (int i = 0; i < CD_PROF_COUNT; i++)
+        atomic_store_explicit(&g_prof_ns[i], 0, memory_order_relaxed);
+}

@@ -50,4 +50,31 @@ void cd_mark_omp_used(void);
  * its OpenMP regions must use one thread */
 int cd_forked_child(void);
 
+/* The profile: wall time per kind of operation, summed over the calls made outside any parallel
+ * region (the forward's top level), and the thread time of the bf16 conversions of activations.
+ * Off unless the environment variable CLIPDECOMP_PROFILE=1 is set at first use or
+ * cd_profile_enable(1) is called; benchmarks/bench_profile.py reads it. */
+enum {
+    CD_PROF_GEMM_F32 = 0,   /* cd_matmul on float32 (and bf16-emulated) weights */
+    CD_PROF_GEMM_BF16,      /* cd_matmul on bf16 weights (conversion of A included) */
+    CD_PROF_PACK_BF16,      /* the bf16 conversion of A inside it, thread-seconds */
+    CD_PROF_ATTENTION,      /* attention_forward */
+    CD_PROF_LAYERNORM,      /* layernorm_forward */
+    CD_PROF_ACT,            /* GELU, QuickGELU, GELU-tanh */
+    CD_PROF_ELEMWISE,       /* patches, embeddings, residual additions */
+    CD_PROF_COUNT
+};
+void cd_profile_enable(int on);
+/* seconds of each kind into out[0 .. n) (n <= CD_PROF_COUNT); returns CD_PROF_COUNT */
+int cd_profile_read(double *out, int n);
+void cd_profile_reset(void);
+/* start of a timed call: a time stamp, or -1 when off or inside a parallel region */
+double cd_prof_begin(void);
+/* add the time since t0 (from cd_prof_begin; nothing when t0 < 0) to kind `what` */
+void cd_prof_end(int what, double t0);
+/* add `seconds` to kind `what` from any thread (when on) */
+void cd_prof_add(int what, double seconds);
+int cd_prof_on(void);
+double cd_prof_now(void);
+
 #endif /* CLIPDECOMP_CPU_H */

@@ -435,6 +435,7 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
     if (i0 >= i1 || j0 >= j1) return;
     const int pairs = P->bf16;   /* 1: depth rows two to a word, so depths shift right by one */
     const int emulate = w->precision == CD_GEMM_BF16_EMULATED;
+    const int prof = pairs && cd_prof_on();
     /* both layouts hold 4-byte words; the kernels read them as their layout says */
     const float *packed = pairs ? (const float *)(const void *)w->packed_bf16 : w->packed;
     _Alignas(64) uint32_t sbuf[pairs && !abuf ? BF16_STACK_WORDS : 1];
@@ -452,14 +453,18 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
                 cd_gemm_block blk;
                 blk.mc = mc; blk.nc = j1 - j0; blk.kc = kcw;
                 if (P->amx) {   /* rows to a multiple of 32: whole pairs of row tiles */
+                    const double t0 = prof ? cd_prof_now() : 0.0;
 #if defined(__x86_64__) || defined(_M_X64)
                     cd_gemm_pack_rows_bf16_rm(apairs, arows + k0, (ptrdiff_t)K, mc, kc,
                                               (mc + 31) / 32 * 32);
 #endif
+                    if (prof) cd_prof_add(CD_PROF_PACK_BF16, cd_prof_now() - t0);
                     blk.a = (const float *)(const void *)apairs;
                     blk.pa = (ptrdiff_t)16 * kcw; blk.rsa = kcw; blk.csa = 1;
                 } else if (pairs) {
+                    const double t0 = prof ? cd_prof_now() : 0.0;
                     pack_rows_bf16(apairs, arows + k0, (ptrdiff_t)K, mc, kc, P->mr);
+                    if (prof) cd_prof_add(CD_PROF_PACK_BF16, cd_prof_now() - t0);
                     blk.a = (const float *)(const void *)apairs;
                     blk.pa = (ptrdiff_t)P->mr * kcw; blk.rsa = 1; blk.csa = P->mr;
                 } else if (abuf) {
@@ -497,6 +502,7 @@ void cd_matmul(float *out, const float *inp, const cd_gemm_weight *w, const floa
         cd_matmul(out + (size_t)h * w->OC, inp + (size_t)h * w->K, w, bias, M - h, accumulate);
         return;
     }
+    const double prof_t0 = cd_prof_begin();
     /* every path reads the same panel layout, whatever path was active at pack time */
     const gemm_path P =
         w->precision == CD_GEMM_BF16 ? path_for_bf16(w->K) : path_for(cd_cpu_isa());
@@ -546,6 +552,7 @@ void cd_matmul(float *out, const float *inp, const cd_gemm_weight *w, const floa
         }
         free(abuf);
     }
+    cd_prof_end(w->precision == CD_GEMM_BF16 ? CD_PROF_GEMM_BF16 : CD_PROF_GEMM_F32, prof_t0);
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -24,7 +24,7 @@ static int thread_id(void) { return 0; }
 /* parallelise element-wise loops only when there is enough work */
 #define PAR_MIN_ELEMS 32768
 
-void patches_forward(float *out, const float *images, int B, int S, int P) {
+static void patches_forward_run(float *out, const float *images, int B, int S, int P) {
     const int G = S / P;
     const size_t plane = (size_t)S * S;
     const size_t row_len = (size_t)3 * P * P;
@@ -46,7 +46,7 @@ void patches_forward(float *out, const float *images, int B, int S, int P) {
     }
 }
 
-void vision_embed_forward(float *x, const float *patch_emb, const float *cls, const float *pos,
+static void vision_embed_forward_run(float *x, const float *patch_emb, const float *cls, const float *pos,
                           int B, int N, int W) {
     #pragma omp parallel for collapse(2) schedule(static) if ((size_t)B * N * W > PAR_MIN_ELEMS)
     for (int b = 0; b < B; b++) {
@@ -72,7 +72,7 @@ void text_embed_forward(float *x, const int32_t *ids, const float *tok_emb, cons
     }
 }
 
-void layernorm_forward(float *out, float *mean, float *sigma, const float *inp,
+static void layernorm_forward_run(float *out, float *mean, float *sigma, const float *inp,
                        const float *weight, const float *bias, int R, int W, float eps) {
     #pragma omp parallel for schedule(static) if ((size_t)R * W > PAR_MIN_ELEMS)
     for (int r = 0; r < R; r++) {
@@ -255,7 +255,7 @@ static int spans_avx2(void) {
 
 #define ELEM_CHUNK 4096
 
-void gelu_forward(float *x, size_t n) {
+static void gelu_forward_run(float *x, size_t n) {
     const size_t nchunk = (n + ELEM_CHUNK - 1) / ELEM_CHUNK;
     const int avx2 = spans_avx2();
     (void)avx2;
@@ -270,7 +270,7 @@ void gelu_forward(float *x, size_t n) {
     }
 }
 
-void quick_gelu_forward(float *x, size_t n) {
+static void quick_gelu_forward_run(float *x, size_t n) {
     const size_t nchunk = (n + ELEM_CHUNK - 1) / ELEM_CHUNK;
     const int avx2 = spans_avx2();
     (void)avx2;
@@ -285,7 +285,7 @@ void quick_gelu_forward(float *x, size_t n) {
     }
 }
 
-void gelu_tanh_forward(float *x, size_t n) {
+static void gelu_tanh_forward_run(float *x, size_t n) {
     const size_t nchunk = (n + ELEM_CHUNK - 1) / ELEM_CHUNK;
     const int avx2 = spans_avx2();
     (void)avx2;
@@ -327,7 +327,7 @@ void gelu_tanh_forward_naive(float *x, size_t n) {
     }
 }
 
-void residual_forward(float *x, const float *y, size_t n) {
+static void residual_forward_run(float *x, const float *y, size_t n) {
     #pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMS)
     for (size_t i = 0; i < n; i++) x[i] += y[i];
 }
@@ -375,7 +375,7 @@ static void attention_rows(float *out, int ldo, float *P, const float *q, const 
  * N x N score matrix never exists. Tasks: (sequence, head, row block) without the head-averaged
  * map; with it, (sequence, row block), each task running every head on its rows so that the
  * average is accumulated without races. */
-void attention_forward(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
+static void attention_forward_run(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
                        size_t mean_bstride, const float *qkv, int B, int N, int W, int H,
                        int causal, float *scratch, int n_scratch) {
     const int d = W / H;
@@ -500,4 +500,60 @@ void scale_shift_rows(float *rows, size_t R, int C, size_t ld, float s, const fl
         float *x = rows + r * ld;
         for (int c = 0; c < C; c++) x[c] = x[c] * s + shift[c];
     }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* the public operations: the work above, timed when the profile is on (cpu.h)               */
+
+void patches_forward(float *out, const float *images, int B, int S, int P) {
+    const double t0 = cd_prof_begin();
+    patches_forward_run(out, images, B, S, P);
+    cd_prof_end(CD_PROF_ELEMWISE, t0);
+}
+
+void vision_embed_forward(float *x, const float *patch_emb, const float *cls, const float *pos,
+                             int B, int N, int W) {
+    const double t0 = cd_prof_begin();
+    vision_embed_forward_run(x, patch_emb, cls, pos, B, N, W);
+    cd_prof_end(CD_PROF_ELEMWISE, t0);
+}
+
+void layernorm_forward(float *out, float *mean, float *sigma, const float *inp,
+                       const float *weight, const float *bias, int R, int W, float eps) {
+    const double t0 = cd_prof_begin();
+    layernorm_forward_run(out, mean, sigma, inp, weight, bias, R, W, eps);
+    cd_prof_end(CD_PROF_LAYERNORM, t0);
+}
+
+void gelu_forward(float *x, size_t n) {
+    const double t0 = cd_prof_begin();
+    gelu_forward_run(x, n);
+    cd_prof_end(CD_PROF_ACT, t0);
+}
+
+void quick_gelu_forward(float *x, size_t n) {
+    const double t0 = cd_prof_begin();
+    quick_gelu_forward_run(x, n);
+    cd_prof_end(CD_PROF_ACT, t0);
+}
+
+void gelu_tanh_forward(float *x, size_t n) {
+    const double t0 = cd_prof_begin();
+    gelu_tanh_forward_run(x, n);
+    cd_prof_end(CD_PROF_ACT, t0);
+}
+
+void residual_forward(float *x, const float *y, size_t n) {
+    const double t0 = cd_prof_begin();
+    residual_forward_run(x, y, n);
+    cd_prof_end(CD_PROF_ELEMWISE, t0);
+}
+
+void attention_forward(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
+                       size_t mean_bstride, const float *qkv, int B, int N, int W, int H,
+                       int causal, float *scratch, int n_scratch) {
+    const double t0 = cd_prof_begin();
+    attention_forward_run(out, att_cls, cls_bstride, att_mean, mean_bstride, qkv, B, N, W, H,
+                          causal, scratch, n_scratch);
+    cd_prof_end(CD_PROF_ATTENTION, t0);
 }
