@@ -72,28 +72,52 @@ void text_embed_forward(float *x, const int32_t *ids, const float *tok_emb, cons
     }
 }
 
+/* one row of the layer norm, compiled for the baseline ISA and for AVX2 / AVX-512 (wider sums
+ * in double: the statistics agree with the baseline's to double rounding) */
+#define LN_ROW(SUFFIX, ATTR)                                                                \
+    ATTR static void ln_row_##SUFFIX(float *o, float *mean, float *sigma, const float *x,     \
+                                     const float *weight, const float *bias, int W,          \
+                                     float eps) {                                            \
+        double m = 0.0;                                                                     \
+        _Pragma("omp simd reduction(+ : m)") for (int w = 0; w < W; w++) m += x[w];          \
+        m /= W;                                                                             \
+        double v = 0.0;                                                                     \
+        _Pragma("omp simd reduction(+ : v)") for (int w = 0; w < W; w++) {                  \
+            double dv = (double)x[w] - m;                                                   \
+            v += dv * dv;                                                                   \
+        }                                                                                   \
+        v /= W;                                                                             \
+        double s = sqrt(v + (double)eps);                                                   \
+        float mf = (float)m, rs = (float)(1.0 / s);                                         \
+        _Pragma("omp simd") for (int w = 0; w < W; w++)                                     \
+            o[w] = (x[w] - mf) * rs * weight[w] + bias[w];                                  \
+        if (mean) *mean = mf;                                                               \
+        if (sigma) *sigma = (float)s;                                                       \
+    }
+
+LN_ROW(generic, )
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+LN_ROW(avx2, __attribute__((target("avx2,fma"))))
+LN_ROW(avx512, __attribute__((target("avx512f,avx2,fma,prefer-vector-width=512"))))
+#define HAVE_LN_ROWS 1
+#endif
+
 static void layernorm_forward_run(float *out, float *mean, float *sigma, const float *inp,
-                       const float *weight, const float *bias, int R, int W, float eps) {
+                                  const float *weight, const float *bias, int R, int W,
+                                  float eps) {
+#ifdef HAVE_LN_ROWS
+    const int isa = cd_cpu_isa();
+#endif
     #pragma omp parallel for schedule(static) if ((size_t)R * W > PAR_MIN_ELEMS)
     for (int r = 0; r < R; r++) {
         const float *x = inp + (size_t)r * W;
         float *o = out + (size_t)r * W;
-        double m = 0.0;
-        #pragma omp simd reduction(+ : m)
-        for (int w = 0; w < W; w++) m += x[w];
-        m /= W;
-        double v = 0.0;
-        #pragma omp simd reduction(+ : v)
-        for (int w = 0; w < W; w++) {
-            double dv = (double)x[w] - m;
-            v += dv * dv;
-        }
-        v /= W;
-        double s = sqrt(v + (double)eps);
-        float mf = (float)m, rs = (float)(1.0 / s);
-        for (int w = 0; w < W; w++) o[w] = (x[w] - mf) * rs * weight[w] + bias[w];
-        if (mean) mean[r] = mf;
-        if (sigma) sigma[r] = (float)s;
+        float *mr = mean ? mean + r : NULL, *sr = sigma ? sigma + r : NULL;
+#ifdef HAVE_LN_ROWS
+        if (isa >= CD_ISA_AVX512) { ln_row_avx512(o, mr, sr, x, weight, bias, W, eps); continue; }
+        if (isa >= CD_ISA_AVX2) { ln_row_avx2(o, mr, sr, x, weight, bias, W, eps); continue; }
+#endif
+        ln_row_generic(o, mr, sr, x, weight, bias, W, eps);
     }
 }
 
@@ -243,11 +267,15 @@ ELEM_SPANS(generic, )
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_AVX2_SPANS 1
 ELEM_SPANS(avx2, __attribute__((target("avx2,fma"))))
+/* and for AVX-512F (16 lanes); the same operations lane by lane, so the same values */
+ELEM_SPANS(avx512, __attribute__((target("avx512f,avx2,fma,prefer-vector-width=512"))))
 #endif
 
+/* 0: generic spans, 1: AVX2, 2: AVX-512 */
 static int spans_avx2(void) {
 #ifdef HAVE_AVX2_SPANS
-    return cd_cpu_isa() >= CD_ISA_AVX2;
+    const int isa = cd_cpu_isa();
+    return isa >= CD_ISA_AVX512 ? 2 : isa >= CD_ISA_AVX2;
 #else
     return 0;
 #endif
@@ -264,6 +292,7 @@ static void gelu_forward_run(float *x, size_t n) {
         float *p = x + c * ELEM_CHUNK;
         const size_t m = n - c * ELEM_CHUNK < ELEM_CHUNK ? n - c * ELEM_CHUNK : ELEM_CHUNK;
 #ifdef HAVE_AVX2_SPANS
+        if (avx2 == 2) { gelu_span_avx512(p, m); continue; }
         if (avx2) { gelu_span_avx2(p, m); continue; }
 #endif
         gelu_span_generic(p, m);
@@ -279,6 +308,7 @@ static void quick_gelu_forward_run(float *x, size_t n) {
         float *p = x + c * ELEM_CHUNK;
         const size_t m = n - c * ELEM_CHUNK < ELEM_CHUNK ? n - c * ELEM_CHUNK : ELEM_CHUNK;
 #ifdef HAVE_AVX2_SPANS
+        if (avx2 == 2) { quick_gelu_span_avx512(p, m); continue; }
         if (avx2) { quick_gelu_span_avx2(p, m); continue; }
 #endif
         quick_gelu_span_generic(p, m);
@@ -294,6 +324,7 @@ static void gelu_tanh_forward_run(float *x, size_t n) {
         float *p = x + c * ELEM_CHUNK;
         const size_t m = n - c * ELEM_CHUNK < ELEM_CHUNK ? n - c * ELEM_CHUNK : ELEM_CHUNK;
 #ifdef HAVE_AVX2_SPANS
+        if (avx2 == 2) { gelu_tanh_span_avx512(p, m); continue; }
         if (avx2) { gelu_tanh_span_avx2(p, m); continue; }
 #endif
         gelu_tanh_span_generic(p, m);
@@ -334,7 +365,12 @@ static void residual_forward_run(float *x, const float *y, size_t n) {
 
 void softmax_forward(float *row, int valid, int n) {
 #ifdef HAVE_AVX2_SPANS
-    if (spans_avx2()) {
+    const int level = spans_avx2();
+    if (level == 2) {
+        softmax_row_avx512(row, valid, n);
+        return;
+    }
+    if (level) {
         softmax_row_avx2(row, valid, n);
         return;
     }
