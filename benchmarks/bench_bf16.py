@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from run import GEOMETRIES, cpu_model, forward_flops, make_model  # noqa: E402
+from run import GEOMETRIES, cpu_model, forward_flops, make_model
 
 PROFILE_KINDS = ["GEMM fp32", "GEMM bf16", "bf16 conversion", "attention", "layer norms",
                  "GELU", "element-wise"]
@@ -178,15 +178,15 @@ def markdown(rows: list[dict], command: str) -> str:
     from clipdecomp import _core
 
     out = [f"Command: `{command}`  ",
-           f"CPU: {cpu_model()} ({os.cpu_count()} logical cores), ISA path: {_core.isa()}, "
-           f"bf16 kernel: {bf16_kernel()}  ",
+           (f"CPU: {cpu_model()} ({os.cpu_count()} logical cores), ISA path: {_core.isa()}, "
+           f"bf16 kernel: {bf16_kernel()}  "),
            "Load average (1, 5, 15 min) before / after each model: "
            + "; ".join(f"{r['model']} {tuple(round(x, 2) for x in r['load_before'])} / "
                        f"{tuple(round(x, 2) for x in r['load_after'])}" for r in rows),
            "", "Images/s (median of interleaved rounds) and ratios (> 1: the first is faster):", "",
-           "| model | batch | threads | fp32 | bf16 | bf16 decompose | PyTorch bf16 | PyTorch fp32 "
+           ("| model | batch | threads | fp32 | bf16 | bf16 decompose | PyTorch bf16 | PyTorch fp32 "
            "| bf16 / fp32 | bf16 / PyTorch bf16 | fp32 / PyTorch fp32 | decompose / forward (bf16) "
-           "| rel. L2 bf16 vs fp32 (ours / PyTorch) |",
+           "| rel. L2 bf16 vs fp32 (ours / PyTorch) |"),
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["img_s"]
@@ -196,8 +196,8 @@ def markdown(rows: list[dict], command: str) -> str:
                    f"{r['bf16_vs_torch_bf16']:.2f} | {r['fp32_vs_torch_fp32']:.2f} | "
                    f"{r['decompose_vs_bf16']:.3f} | {r['rel_l2_bf16_vs_fp32']:.1e} / "
                    f"{r['rel_l2_torch_bf16_vs_fp32']:.1e} |")
-    out += ["", "Where the time goes (one call each, core profile on; share of the call's wall "
-            "time, `rest` = decomposition folds, copies and glue):", "",
+    out += ["", ("Where the time goes (one call each, core profile on; share of the call's wall "
+            "time, `rest` = decomposition folds, copies and glue):"), "",
             "| model | call | wall s | " + " | ".join(PROFILE_KINDS) + " | rest |",
             "|---|---|---|" + "---|" * (len(PROFILE_KINDS) + 1)]
     for r in rows:
@@ -206,8 +206,8 @@ def markdown(rows: list[dict], command: str) -> str:
             cells = " | ".join(f"{100 * p[k] / p['wall']:.1f}%" for k in PROFILE_KINDS)
             out.append(f"| {r['model']} | {call} | {p['wall']:.3f} | {cells} | "
                        f"{100 * (p['wall'] - accounted) / p['wall']:.1f}% |")
-    out += ["", "fp32 forward against the core's GEMM on the model's linear-layer shapes "
-            "(interleaved, medians):", "",
+    out += ["", ("fp32 forward against the core's GEMM on the model's linear-layer shapes "
+            "(interleaved, medians):"), "",
             "| model | batch | GEMM GFLOP/s | forward GFLOP/s | forward / GEMM |",
             "|---|---|---|---|---|"]
     for r in rows:
