@@ -54,7 +54,41 @@ def _lib():
     lib.cd_profile_read.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
     lib.cd_profile_enable.argtypes = [ctypes.c_int]
     lib.cd_bf16_kernel_name.restype = ctypes.c_char_p
+    lib.cd_cpu_can_amx.restype = ctypes.c_int
     return lib
+
+
+def gemm_kernels(name: str = "B16", batch: int = 8, rounds: int = 5) -> list[dict]:
+    """GFLOP/s of the core's GEMM on the model's linear-layer shapes: fp32, bf16 on AMX tiles,
+    bf16 on vdpbf16ps (AMX turned off), interleaved; kernels this CPU lacks are left out."""
+    from clipdecomp import _core
+
+    lib = _lib()
+    lib.cd_cpu_set_amx.argtypes = [ctypes.c_int]
+    has_amx = bool(lib.cd_cpu_can_amx())
+    rng = np.random.default_rng(0)
+    rows = []
+    reps = 4  # products per timed call (one packing of the weight)
+    for op, m, k, n, _ in linear_shapes(name, batch):
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        fns = {"fp32": lambda x=x, w=w: _core._matmul(x, w, None, repeat=reps)}
+        if _core.has_bf16():
+            def dp(x=x, w=w):
+                lib.cd_cpu_set_amx(0)
+                try:
+                    _core._matmul(x, w, None, repeat=reps, precision="bf16")
+                finally:
+                    lib.cd_cpu_set_amx(1 if has_amx else 0)
+            fns["bf16 vdpbf16ps"] = dp
+            if has_amx:
+                fns["bf16 AMX"] = lambda x=x, w=w: _core._matmul(x, w, None, repeat=reps,
+                                                                 precision="bf16")
+        t = interleaved(fns, rounds)
+        flop = 2.0 * m * k * n * reps
+        rows.append({"op": f"{name} {op}", "M": m, "K": k, "N": n,
+                     **{f"{key} GFLOP/s": flop / v / 1e9 for key, v in t.items()}})
+    return rows
 
 
 def bf16_kernel() -> str:
@@ -216,6 +250,19 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(out)
 
 
+def gemm_markdown(rows: list[dict]) -> str:
+    from clipdecomp import _core
+
+    keys = [k for k in rows[0] if k.endswith("GFLOP/s")]
+    out = [(f"GEMM kernels (median of interleaved rounds), ISA path {_core.isa()}, bf16 kernel "
+           f"by default: {bf16_kernel()}, load average {tuple(round(x, 2) for x in os.getloadavg())}"),
+           "", "| op | M | K | N | " + " | ".join(keys) + " |", "|---|---|---|---|" + "---|" * len(keys)]
+    for r in rows:
+        out.append(f"| {r['op']} | {r['M']} | {r['K']} | {r['N']} | "
+                   + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="B16,L14")
@@ -223,7 +270,12 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--gemm-only", action="store_true",
+                    help="only the GEMM kernels table (fp32, bf16 AMX, bf16 vdpbf16ps)")
     args = ap.parse_args(argv)
+    if args.gemm_only:
+        print(gemm_markdown(gemm_kernels(args.models.split(",")[0], args.batch, args.rounds)))
+        return
     command = "python benchmarks/bench_bf16.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     rows = []

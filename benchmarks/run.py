@@ -279,6 +279,7 @@ def main(argv=None) -> None:
                 rows.append(bench_bf16.bench_model(name, make_model(name, Path(tmp)), 8,
                                                    args.threads, max(3, args.reps)))
         md = bench_bf16.markdown(rows, command.strip() + "  (section 5: benchmarks/bench_bf16.py)")
+        md += "\n\n" + bench_bf16.gemm_markdown(bench_bf16.gemm_kernels("B16", 8))
         print(md, flush=True)
         extra += ["## 5. bf16 against fp32 and PyTorch; where the time goes", "", md, ""]
     if "6" in sections:
