@@ -134,8 +134,9 @@ def pipeline_child(job: dict) -> dict:
     from clipdecomp.engine.loading import load
 
     model = load(job["model"], threads=job["threads"])
-    paths = open_source(job["images"]).paths
-    pixels = model.preprocess(list(paths))
+    src = open_source(job["images"])
+    paths = [src.abspath(i) for i in range(len(src))]
+    pixels = model.preprocess(paths)
     bs = job["batch_size"]
 
     def arrays():
