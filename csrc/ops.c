@@ -46,8 +46,8 @@ static void patches_forward_run(float *out, const float *images, int B, int S, i
     }
 }
 
-static void vision_embed_forward_run(float *x, const float *patch_emb, const float *cls, const float *pos,
-                          int B, int N, int W) {
+static void vision_embed_forward_run(float *x, const float *patch_emb, const float *cls,
+                                     const float *pos, int B, int N, int W) {
     #pragma omp parallel for collapse(2) schedule(static) if ((size_t)B * N * W > PAR_MIN_ELEMS)
     for (int b = 0; b < B; b++) {
         for (int n = 0; n < N; n++) {
@@ -411,9 +411,10 @@ static void attention_rows(float *out, int ldo, float *P, const float *q, const 
  * N x N score matrix never exists. Tasks: (sequence, head, row block) without the head-averaged
  * map; with it, (sequence, row block), each task running every head on its rows so that the
  * average is accumulated without races. */
-static void attention_forward_run(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
-                       size_t mean_bstride, const float *qkv, int B, int N, int W, int H,
-                       int causal, float *scratch, int n_scratch) {
+static void attention_forward_run(float *out, float *att_cls, size_t cls_bstride,
+                                  float *att_mean, size_t mean_bstride, const float *qkv, int B,
+                                  int N, int W, int H, int causal, float *scratch,
+                                  int n_scratch) {
     const int d = W / H;
     const int ld = 3 * W;
     const float scale = 1.0f / sqrtf((float)d);
