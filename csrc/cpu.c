@@ -66,7 +66,7 @@ static int detect_amx(void) {
 #else
     unsigned int a, b, c, d;
     if (__get_cpuid_max(0, NULL) < 7) return 0;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0;                      /* OSXSAVE */
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0;   /* OSXSAVE */
     __cpuid_count(7, 0, a, b, c, d);
     if (!((d >> 22) & 1) || !((d >> 24) & 1)) return 0;
     if ((read_xcr0() & 0x60000ull) != 0x60000ull) return 0;
