@@ -14,6 +14,12 @@ The model is a random-weight CLIP vision tower of ViT-S/16 geometry (width 384, 
 are 320x240 JPEGs. Usage::
 
     python benchmarks/bench_dataset.py [--sizes 48,144] [--quick]
+
+``--pipeline N`` measures instead, in one process, whole folders against the compute alone:
+``run_dataset`` (``clipdecomp run``: decode, preprocess, decompose, statistics, compressed
+store writes) on N 500x375 JPEGs, against ``decompose`` on the same images already decoded and
+preprocessed (the same batches, the same model and threads), in alternation over ``--rounds``
+rounds (a fresh store each time); it prints both images/s, their ratio and the load average.
 """
 from __future__ import annotations
 
@@ -51,17 +57,18 @@ def make_model(root: Path, geometry: dict) -> str:
     return str(out)
 
 
-def make_images(root: Path, n: int, seed: int = 0) -> str:
-    """n JPEG images (320x240, smooth colours plus noise) in one folder."""
+def make_images(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (320, 240)) -> str:
+    """n JPEG images (size = (width, height), smooth colours plus noise) in one folder."""
     from PIL import Image
 
-    d = root / f"images_{n}"
+    w, h = size
+    d = root / f"images_{n}_{w}x{h}"
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:240, 0:320]
+    yy, xx = np.mgrid[0:h, 0:w]
     for i in range(n):
         c = rng.uniform(size=(3, 3))
-        img = c[:, 0] * yy[..., None] / 240 + c[:, 1] * xx[..., None] / 320 + 0.2 * c[:, 2]
+        img = c[:, 0] * yy[..., None] / h + c[:, 1] * xx[..., None] / w + 0.2 * c[:, 2]
         img = np.clip(img + rng.normal(scale=0.05, size=img.shape), 0, 1)
         Image.fromarray((img * 255).astype(np.uint8)).save(d / f"{i:05d}.jpg", quality=90)
     return str(d)
@@ -115,6 +122,73 @@ def child(job: dict) -> dict:
         "peak_rss_MiB": peak_rss_mib(),
         "workers_peak_rss_MiB": workers_peak,
     }
+
+
+def pipeline_child(job: dict) -> dict:
+    """Run in the measuring subprocess: run_dataset on a folder against decompose on arrays."""
+    import shutil
+
+    from clipdecomp.data.chunks import _decompose
+    from clipdecomp.data.runner import run_dataset
+    from clipdecomp.data.sources import open_source
+    from clipdecomp.engine.loading import load
+
+    model = load(job["model"], threads=job["threads"])
+    src = open_source(job["images"])
+    paths = [src.abspath(i) for i in range(len(src))]
+    pixels = model.preprocess(paths)
+    bs = job["batch_size"]
+
+    def arrays():
+        for i in range(0, len(pixels), bs):
+            _decompose(model, pixels[i:i + bs])
+
+    def folder(k=[0]):  # noqa: B006 (a counter: a fresh store each call)
+        k[0] += 1
+        out = os.path.join(job["out"], f"run{k[0]}.zarr")
+        run_dataset(model, job["images"], out, chunk_size=job["chunk_size"], batch_size=bs,
+                    layers=None, progress=False)
+        shutil.rmtree(out, ignore_errors=True)
+
+    load0 = os.getloadavg()
+    arrays()  # warm-up
+    t_run, t_arr = [], []
+    for _ in range(job["rounds"]):
+        for fn, ts in ((folder, t_run), (arrays, t_arr)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    n = len(paths)
+    run_s, arr_s = n / float(np.median(t_run)), n / float(np.median(t_arr))
+    return {"images": n, "threads": job["threads"], "batch_size": bs,
+            "chunk_size": job["chunk_size"], "run_images_per_s": run_s,
+            "arrays_images_per_s": arr_s, "ratio": run_s / arr_s, "load_before": load0,
+            "load_after": os.getloadavg()}
+
+
+def pipeline(n: int, rounds: int = 3, chunk_size: int = 16, batch_size: int = 8,
+             quick: bool = False) -> dict:
+    """``clipdecomp run`` images/s against decompose on preprocessed arrays (one process)."""
+    cpus = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = _python(["--make-model", str(tmp), "--geometry", json.dumps(
+            QUICK if quick else GEOMETRY)], 1)
+        images = make_images(tmp, n, size=(500, 375))
+        job = {"model": model, "images": images, "out": str(tmp), "rounds": rounds,
+               "chunk_size": chunk_size, "batch_size": batch_size, "threads": cpus}
+        return json.loads(_python(["--pipeline-child", json.dumps(job)], cpus))
+
+
+def pipeline_markdown(r: dict, command: str) -> str:
+    return "\n".join([
+        f"Command: `{command}`  ",
+        (f"load average before {tuple(round(x, 2) for x in r['load_before'])}, after "
+        f"{tuple(round(x, 2) for x in r['load_after'])}"), "",
+        ("| images (500x375 JPEG) | threads | batch | chunk | `clipdecomp run` img/s "
+        "| decompose on arrays img/s | run / arrays |"), "|---|---|---|---|---|---|---|",
+        (f"| {r['images']} | {r['threads']} | {r['batch_size']} | {r['chunk_size']} | "
+        f"{r['run_images_per_s']:.2f} | {r['arrays_images_per_s']:.2f} | {r['ratio']:.2f} |")])
 
 
 def _python(args: list, threads: int, timeout: float = 1800) -> str:
@@ -173,12 +247,25 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smaller model and images")
     ap.add_argument("--chunk-size", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--pipeline", type=int, default=0,
+                    help="images: run_dataset on a folder against decompose on arrays")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--pipeline-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--geometry", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
+        return 0
+    if a.pipeline_child:
+        print(json.dumps(pipeline_child(json.loads(a.pipeline_child))))
+        return 0
+    if a.pipeline:
+        r = pipeline(a.pipeline, a.rounds, a.chunk_size, a.batch_size, a.quick)
+        cmd = "python benchmarks/bench_dataset.py " + " ".join(
+            argv if argv is not None else sys.argv[1:])
+        print(pipeline_markdown(r, cmd.strip()))
         return 0
     if a.make_model:
         print(make_model(Path(a.make_model), json.loads(a.geometry)))

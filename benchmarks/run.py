@@ -11,9 +11,17 @@ Measures, in one process per model, on random-weight CLIP vision towers of real 
 4. the GEMM alone against ``numpy.matmul`` on the model's shapes, and the whole forward's
    achieved GFLOP/s.
 
+5. bf16 against fp32 and PyTorch bf16 at batch 8, decompose against the bf16 forward, the
+   profile of where the time goes, and the fp32 forward against the GEMM (``bench_bf16.py``);
+6. ``encode_text`` against PyTorch at batch 256 on the description pool (``bench_text.py``);
+7. ``clipdecomp run`` on a folder of JPEGs against ``decompose`` on the same images as arrays
+   (``bench_dataset.py --pipeline``).
+
+Every table is printed as it is measured, with its command, the ISA path and the load average.
 Writes ``benchmarks/RESULTS.md``. Usage::
 
-    python benchmarks/run.py [--models B32,B16,L14] [--batches 1,8] [--threads N] [--quick]
+    python benchmarks/run.py [--models B32,B16,L14] [--batches 1,8] [--threads N]
+                             [--sections 1,3,4,5,6,7] [--bf16-models B16,L14]
 """
 from __future__ import annotations
 
@@ -231,7 +239,14 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--sections", default="1,3,4,5,6,7",
+                    help="1 (with 2): forward, 3: per-token terms, 4: GEMM, 5: bf16, 6: text, "
+                         "7: folders")
+    ap.add_argument("--bf16-models", default="B16,L14")
+    ap.add_argument("--text-texts", type=int, default=1024)
+    ap.add_argument("--pipeline-images", type=int, default=96)
     args = ap.parse_args(argv)
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     models = [m for m in args.models.split(",") if m]
     batches = [int(b) for b in args.batches.split(",")]
     command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -239,18 +254,47 @@ def main(argv=None) -> None:
     import clipdecomp._core as core
     import torch
 
-    fwd, spatial = [], []
+    fwd, spatial, gemm = [], [], []
+    print(f"ISA path: {core.isa()}, load average: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in models:
+        for name in models if sections & {"1", "3"} else []:
             path = make_model(name, Path(tmp))
-            fwd += bench_forward(name, path, batches, args.threads, args.reps)
-            if name in args.spatial_models.split(","):
+            if "1" in sections:
+                fwd += bench_forward(name, path, batches, args.threads, args.reps)
+            if "3" in sections and name in args.spatial_models.split(","):
                 spatial.append(bench_spatial(name, path, 1, args.threads))
             import shutil
             shutil.rmtree(path)
 
-    import bench_gemm
-    gemm = bench_gemm.run(args.threads)
+    if "4" in sections:
+        import bench_gemm
+        gemm = bench_gemm.run(args.threads)
+
+    extra = []
+    if "5" in sections:
+        import bench_bf16
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.bf16_models.split(","):
+                rows.append(bench_bf16.bench_model(name, make_model(name, Path(tmp)), 8,
+                                                   args.threads, max(3, args.reps)))
+        md = bench_bf16.markdown(rows, command.strip() + "  (section 5: benchmarks/bench_bf16.py)")
+        md += "\n\n" + bench_bf16.gemm_markdown(bench_bf16.gemm_kernels("B16", 8))
+        print(md, flush=True)
+        extra += ["## 5. bf16 against fp32 and PyTorch; where the time goes", "", md, ""]
+    if "6" in sections:
+        import bench_text
+        r = bench_text.run(args.text_texts, max(2, args.reps), args.threads)
+        md = bench_text.markdown(r, command.strip() + "  (section 6: benchmarks/bench_text.py)")
+        print(md, flush=True)
+        extra += ["## 6. encode_text against PyTorch, batch 256", "", md, ""]
+    if "7" in sections:
+        import bench_dataset
+        r = bench_dataset.pipeline(args.pipeline_images, max(2, args.reps))
+        md = bench_dataset.pipeline_markdown(
+            r, command.strip() + "  (section 7: benchmarks/bench_dataset.py --pipeline)")
+        print(md, flush=True)
+        extra += ["## 7. Whole folders: `clipdecomp run` against decompose on arrays", "", md, ""]
 
     lines = [
         "# Benchmark results",
@@ -287,6 +331,7 @@ def main(argv=None) -> None:
         table(gemm, [(k, k, ".2f" if isinstance(v, float) else "") for k, v in gemm[0].items()])
         if gemm else "(no rows)",
         "",
+        *extra,
     ]
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}")

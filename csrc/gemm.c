@@ -194,6 +194,7 @@ typedef void (*block_fn)(const cd_gemm_block *blk);
 typedef struct {
     block_fn fn;
     int bf16;      /* the kernel reads bf16 pairs (CD_GEMM_BF16 weights) */
+    int amx;       /* ... on AMX tiles: A packed row-major (cd_gemm_pack_rows_bf16_rm) */
     int mr;        /* row tile of the micro-kernel */
     int mc;        /* rows of a matmul job (multiple of mr): mc x kc floats of A stay in L2 */
     int kc;        /* largest depth block (<= CD_GEMM_KS): a (kc, 16) panel slice stays near L1 */
@@ -201,16 +202,30 @@ typedef struct {
 
 /* bf16 pairs: the AVX512_BF16 kernel, or the portable one; both read 12-row tiles of A. Depth
  * blocks of 256 (128 pairs) keep a pair panel slice in L1 like the float32 paths. */
-static gemm_path path_for_bf16(void) {
-    gemm_path p = {cd_gemm_block_bf16_generic, 1, CD_GEMM_MR_AVX512, 96, 256};
+static gemm_path path_for_bf16_dp(void) {
+    gemm_path p = {cd_gemm_block_bf16_generic, 1, 0, CD_GEMM_MR_AVX512, 96, 256};
 #if defined(__x86_64__) || defined(_M_X64)
     if (cd_cpu_has_bf16()) p.fn = cd_gemm_block_bf16_avx512;
 #endif
     return p;
 }
 
+/* On AMX (where the CPU has it and the depth K is a multiple of 32, so that every depth block
+ * is whole A and B tiles): 16-row tiles, blocks of 128 rows by a whole 512-deep slice (128 KiB
+ * of bf16 A in L2; a pair of panels of the slice, 32 KiB, in L1). */
+static gemm_path path_for_bf16(int K) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (K % 32 == 0 && cd_cpu_has_amx()) {
+        gemm_path p = {cd_gemm_block_bf16_amx, 1, 1, 16, 128, CD_GEMM_KS};
+        return p;
+    }
+#endif
+    (void)K;
+    return path_for_bf16_dp();
+}
+
 static gemm_path path_for(int isa) {
-    gemm_path p = {cd_gemm_block_generic, 0, CD_GEMM_MR_GENERIC, 64, 256};
+    gemm_path p = {cd_gemm_block_generic, 0, 0, CD_GEMM_MR_GENERIC, 64, 256};
 #if defined(__x86_64__) || defined(_M_X64)
     if (isa == CD_ISA_AVX512) {
         p.fn = cd_gemm_block_avx512; p.mr = CD_GEMM_MR_AVX512; p.mc = 96; p.kc = 256;
@@ -481,6 +496,11 @@ static void pack_rows(const gemm_path *P, float *dst, const float *a, size_t lda
 static void matmul_part(const gemm_path *P, float *out, const float *inp,
                         const cd_gemm_weight *w, const float *bias, int accumulate,
                         int i0, int i1, int p0, int p1, float *abuf) {
+    if (P->amx && !abuf) {   /* no scratch for the row-major A: the vdpbf16ps kernel */
+        const gemm_path Q = path_for_bf16_dp();
+        matmul_part(&Q, out, inp, w, bias, accumulate, i0, i1, p0, p1, abuf);
+        return;
+    }
     const int K = w->K, OC = w->OC;
     const size_t np = ((size_t)OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
     const int kcb = P->kc < CD_GEMM_KS ? P->kc : CD_GEMM_KS;   /* even */
@@ -489,6 +509,7 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
     if (i0 >= i1 || j0 >= j1) return;
     const int pairs = P->bf16;   /* 1: depth rows two to a word, so depths shift right by one */
     const int emulate = w->precision == CD_GEMM_BF16_EMULATED;
+    const int prof = pairs && cd_prof_on();
     /* both layouts hold 4-byte words; the kernels read them as their layout says */
     const float *packed = pairs ? (const float *)(const void *)w->packed_bf16 : w->packed;
     _Alignas(64) uint32_t sbuf[pairs && !abuf ? BF16_STACK_WORDS : 1];
@@ -505,8 +526,19 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
                 const int kcw = (kc + pairs) >> pairs;
                 cd_gemm_block blk;
                 blk.mc = mc; blk.nc = j1 - j0; blk.kc = kcw;
-                if (pairs) {
+                if (P->amx) {   /* rows to a multiple of 32: whole pairs of row tiles */
+                    const double t0 = prof ? cd_prof_now() : 0.0;
+#if defined(__x86_64__) || defined(_M_X64)
+                    cd_gemm_pack_rows_bf16_rm(apairs, arows + k0, (ptrdiff_t)K, mc, kc,
+                                              (mc + 31) / 32 * 32);
+#endif
+                    if (prof) cd_prof_add(CD_PROF_PACK_BF16, cd_prof_now() - t0);
+                    blk.a = (const float *)(const void *)apairs;
+                    blk.pa = (ptrdiff_t)16 * kcw; blk.rsa = kcw; blk.csa = 1;
+                } else if (pairs) {
+                    const double t0 = prof ? cd_prof_now() : 0.0;
                     pack_rows_bf16(apairs, arows + k0, (ptrdiff_t)K, mc, kc, P->mr);
+                    if (prof) cd_prof_add(CD_PROF_PACK_BF16, cd_prof_now() - t0);
                     blk.a = (const float *)(const void *)apairs;
                     blk.pa = (ptrdiff_t)P->mr * kcw; blk.rsa = 1; blk.csa = P->mr;
                 } else if (abuf) {
@@ -544,8 +576,10 @@ void cd_matmul(float *out, const float *inp, const cd_gemm_weight *w, const floa
         cd_matmul(out + (size_t)h * w->OC, inp + (size_t)h * w->K, w, bias, M - h, accumulate);
         return;
     }
+    const double prof_t0 = cd_prof_begin();
     /* every path reads the same panel layout, whatever path was active at pack time */
-    const gemm_path P = w->precision == CD_GEMM_BF16 ? path_for_bf16() : path_for(cd_cpu_isa());
+    const gemm_path P =
+        w->precision == CD_GEMM_BF16 ? path_for_bf16(w->K) : path_for(cd_cpu_isa());
     const int np = (w->OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
     const int mt = (M + P.mr - 1) / P.mr;                      /* row tiles */
     int nt = gemm_threads((long long)mt * np, 2.0 * M * (double)w->K * w->OC);
@@ -592,6 +626,7 @@ void cd_matmul(float *out, const float *inp, const cd_gemm_weight *w, const floa
         }
         free(abuf);
     }
+    cd_prof_end(w->precision == CD_GEMM_BF16 ? CD_PROF_GEMM_BF16 : CD_PROF_GEMM_F32, prof_t0);
 }
 
 /* ------------------------------------------------------------------------------------------ */

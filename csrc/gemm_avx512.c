@@ -19,6 +19,7 @@
 #define CD_BF16_TARGET __attribute__((target("avx512f,avx512bf16")))
 #endif
 #include <stdint.h>
+#include <string.h>
 
 #define MR CD_GEMM_MR_AVX512
 #define INL static inline __attribute__((always_inline)) CD_AVX512_TARGET
@@ -131,6 +132,171 @@ INL_BF16 void tile_12x32_bf16(int mr, int np, int kc, const uint32_t *a, ptrdiff
     __asm__ __volatile__("" ::: "memory");
     store_12x32(mr, np, acc, c, bias, nv, blk);
 }
+
+
+/* ---------------------------------------------------------------------------------------- */
+/* bf16 pairs on AMX tiles (AMX-BF16 tdpbf16ps): C tiles of 16 x 16 float32, A tiles of 16 rows
+ * x 32 depth (bf16, row-major: 16 words of pairs per row), B tiles of 16 pair rows x 16
+ * columns, which are 16 consecutive pair rows of a weight panel (64 bytes each) as packed.
+ * Up to 2 x 2 C tiles (32 x 32) stay in tiles 0-3 over the depth; tiles 4, 5 hold A, 6, 7 B.
+ * The left operand is packed row-major (cd_gemm_pack_rows_bf16_rm): word (i, kp) at
+ * a[i * rsa + kp], row tiles at pa, rows past mc zero up to a multiple of 32. kc (pairs) is a
+ * multiple of 16. tdpbf16ps treats bf16 denormals as zero and flushes denormal sums.        */
+
+#ifndef CD_AVX512_EMULATE
+#define CD_AMX_TARGET __attribute__((target("avx512f,avx512bw,amx-tile,amx-bf16")))
+
+typedef struct {
+    uint8_t palette, start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} cd_amx_cfg;
+
+/* C tile (rows, cols) <- alpha * t [+ bias] [+ C] from a 16 x 16 buffer */
+CD_AMX_TARGET static void amx_epilogue(const float *t, float *c, ptrdiff_t ldc, int rows,
+                                       int cols, const float *bias, float alpha, int load_c) {
+    const __mmask16 m = first_lanes16(cols);
+    const __m512 va = _mm512_set1_ps(alpha);
+    const __m512 vb = bias ? _mm512_maskz_loadu_ps(m, bias) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) {
+        __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(t + 16 * r), va, vb);
+        if (load_c) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, c + r * ldc));
+        _mm512_mask_storeu_ps(c + r * ldc, m, v);
+    }
+}
+
+/* a tile is "direct" when all its 16 x 16 values are wanted and C is read and written by the
+ * tile unit itself: alpha 1 and, with a bias, no accumulation (the bias row is loaded into
+ * every row of the tile with stride 0) */
+#define AMX_DIRECT(rows, cols) ((rows) == 16 && (cols) == 16 && blk->alpha == 1.0f && \
+                                !(blk->bias && blk->load_c))
+
+#define AMX_INIT(T, ok, cc, bb)                                                         \
+    do {                                                                                \
+        if (!(ok)) _tile_zero(T);                                                       \
+        else if (blk->bias) _tile_loadd(T, (bb), 0);                                    \
+        else if (blk->load_c) _tile_loadd(T, (cc), ldcb);                               \
+        else _tile_zero(T);                                                             \
+    } while (0)
+
+#define AMX_FINISH(T, ok, cc, rows, cols, bb)                                           \
+    do {                                                                                \
+        if (ok) {                                                                       \
+            _tile_stored(T, (cc), ldcb);                                                \
+        } else {                                                                        \
+            _tile_stored(T, tbuf, 64);                                                  \
+            amx_epilogue(tbuf, (cc), ldc, (rows), (cols), (bb), blk->alpha, blk->load_c); \
+        }                                                                               \
+    } while (0)
+
+CD_AMX_TARGET
+void cd_gemm_block_bf16_amx(const cd_gemm_block *blk) {
+    _Alignas(64) float tbuf[256];
+    cd_amx_cfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    const uint32_t *A = (const uint32_t *)(const void *)blk->a;
+    const uint32_t *Bw = (const uint32_t *)(const void *)blk->b;
+    const ptrdiff_t ldc = blk->ldc, ldcb = ldc * (ptrdiff_t)sizeof(float);
+    const ptrdiff_t rsb = blk->rsa * (ptrdiff_t)sizeof(uint32_t);   /* A row stride, bytes */
+    const int kc = blk->kc;
+    for (int j0 = 0, p = 0; j0 < blk->nc; j0 += 32, p += 2) {
+        const uint32_t *b0 = Bw + p * blk->psb, *b1 = b0 + blk->psb;
+        const int n0 = blk->nc - j0 < 16 ? blk->nc - j0 : 16;
+        const int n1 = blk->nc - j0 - 16 < 16 ? blk->nc - j0 - 16 : 16;   /* <= 0: no panel */
+        const float *bias0 = blk->bias ? blk->bias + j0 : NULL;
+        const float *bias1 = blk->bias ? blk->bias + j0 + 16 : NULL;
+        for (int i0 = 0, t = 0; i0 < blk->mc; i0 += 32, t += 2) {
+            const uint32_t *a0 = A + t * blk->pa, *a1 = a0 + blk->pa;
+            const int m0 = blk->mc - i0 < 16 ? blk->mc - i0 : 16;
+            const int m1 = blk->mc - i0 - 16 < 16 ? blk->mc - i0 - 16 : 16;
+            float *c00 = blk->c + i0 * ldc + j0, *c01 = c00 + 16;
+            float *c10 = c00 + 16 * ldc, *c11 = c10 + 16;
+            const int d00 = AMX_DIRECT(m0, n0), d01 = n1 > 0 && AMX_DIRECT(m0, n1);
+            const int d10 = m1 > 0 && AMX_DIRECT(m1, n0);
+            const int d11 = m1 > 0 && n1 > 0 && AMX_DIRECT(m1, n1);
+            AMX_INIT(0, d00, c00, bias0);
+            if (n1 > 0) AMX_INIT(1, d01, c01, bias1);
+            if (m1 > 0) {
+                AMX_INIT(2, d10, c10, bias0);
+                if (n1 > 0) AMX_INIT(3, d11, c11, bias1);
+            }
+            if (n1 > 0 && m1 > 0) {
+                for (int k = 0; k < kc; k += 16) {
+                    _tile_loadd(4, a0 + k, rsb);
+                    _tile_loadd(6, b0 + (ptrdiff_t)k * 16, 64);
+                    _tile_loadd(7, b1 + (ptrdiff_t)k * 16, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_loadd(5, a1 + k, rsb);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            } else {
+                for (int k = 0; k < kc; k += 16) {
+                    _tile_loadd(4, a0 + k, rsb);
+                    _tile_loadd(6, b0 + (ptrdiff_t)k * 16, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    if (n1 > 0) {
+                        _tile_loadd(7, b1 + (ptrdiff_t)k * 16, 64);
+                        _tile_dpbf16ps(1, 4, 7);
+                    }
+                    if (m1 > 0) {
+                        _tile_loadd(5, a1 + k, rsb);
+                        _tile_dpbf16ps(2, 5, 6);
+                    }
+                }
+            }
+            AMX_FINISH(0, d00, c00, m0, n0, bias0);
+            if (n1 > 0) AMX_FINISH(1, d01, c01, m0, n1, bias1);
+            if (m1 > 0) {
+                AMX_FINISH(2, d10, c10, m1, n0, bias0);
+                if (n1 > 0) AMX_FINISH(3, d11, c11, m1, n1, bias1);
+            }
+        }
+    }
+    _tile_release();
+}
+
+/* rows [0, mc) x depth [0, kc) of a into bf16, row-major (word (i, kp) = pair of a[i, 2 kp],
+ * a[i, 2 kp + 1]) at row stride kc / 2 words; kc a multiple of 32; rows mc .. mpad - 1 zero.
+ * The rounding is cd_bf16_from_f32's (to nearest even, NaN kept quiet), lane by lane. */
+CD_AMX_TARGET
+void cd_gemm_pack_rows_bf16_rm(uint32_t *dst, const float *a, ptrdiff_t lda, int mc, int kc,
+                               int mpad) {
+    const int kw = kc / 2;
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+    const __m512i expm = _mm512_set1_epi32(0x7F800000), manm = _mm512_set1_epi32(0x007FFFFF);
+    const __m512i qnan = _mm512_set1_epi32(0x0040);
+    for (int i = 0; i < mc; i++) {
+        const float *src = a + (ptrdiff_t)i * lda;
+        uint16_t *d = (uint16_t *)(void *)(dst + (size_t)i * kw);
+        for (int k = 0; k < kc; k += 16) {
+            const __m512i u = _mm512_loadu_si512((const void *)(src + k));
+            const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+            __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias), lsb), 16);
+            const __mmask16 isnan =
+                _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, expm), expm) &
+                _mm512_test_epi32_mask(u, manm);
+            r = _mm512_mask_or_epi32(r, isnan, _mm512_srli_epi32(u, 16), qnan);
+            _mm256_storeu_si256((__m256i *)(void *)(d + k), _mm512_cvtepi32_epi16(r));
+        }
+    }
+    for (int i = mc; i < mpad; i++) memset(dst + (size_t)i * kw, 0, (size_t)kw * sizeof(uint32_t));
+}
+#else   /* the emulated build has no AMX (cpu.c never reports it there): never called */
+void cd_gemm_block_bf16_amx(const cd_gemm_block *blk) { (void)blk; }
+void cd_gemm_pack_rows_bf16_rm(uint32_t *dst, const float *a, ptrdiff_t lda, int mc, int kc,
+                               int mpad) {
+    (void)dst; (void)a; (void)lda; (void)mc; (void)kc; (void)mpad;
+}
+#endif
 
 /* ---------------------------------------------------------------------------------------- */
 /* the walk over a block, shared by both kernels                                              */

@@ -32,6 +32,7 @@
 #ifndef CLIPDECOMP_GEMM_KERNELS_H
 #define CLIPDECOMP_GEMM_KERNELS_H
 #include <stddef.h>
+#include <stdint.h>
 
 #define CD_GEMM_NR 16          /* columns per packed panel, shared by every path */
 #define CD_GEMM_KS 512         /* depth of a slice of a packed weight, shared by every path */
@@ -60,6 +61,13 @@ void cd_gemm_block_bf16_generic(const cd_gemm_block *blk);   /* bf16 pairs, any 
 void cd_gemm_block_avx2(const cd_gemm_block *blk);
 void cd_gemm_block_avx512(const cd_gemm_block *blk);
 void cd_gemm_block_bf16_avx512(const cd_gemm_block *blk);    /* bf16 pairs, AVX512_BF16 */
+/* bf16 pairs on AMX tiles: A row-major (word (i, kp) at a[i * rsa + kp], 16-row tiles at pa,
+ * rows zero up to a multiple of 32), kc a multiple of 16 pairs; only where cd_cpu_has_amx() */
+void cd_gemm_block_bf16_amx(const cd_gemm_block *blk);
+/* a (mc, kc) at row stride lda into that row-major bf16 layout, kc a multiple of 32, rows
+ * mc .. mpad - 1 zero (AVX-512F/BW; only where cd_cpu_has_amx()) */
+void cd_gemm_pack_rows_bf16_rm(uint32_t *dst, const float *a, ptrdiff_t lda, int mc, int kc,
+                               int mpad);
 #endif
 
 /* one panel from rows: panel[k * 16 + j] = src[j * ld + k] for j < nv, k < kc; zero for

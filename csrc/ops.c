@@ -24,7 +24,7 @@ static int thread_id(void) { return 0; }
 /* parallelise element-wise loops only when there is enough work */
 #define PAR_MIN_ELEMS 32768
 
-void patches_forward(float *out, const float *images, int B, int S, int P) {
+static void patches_forward_run(float *out, const float *images, int B, int S, int P) {
     const int G = S / P;
     const size_t plane = (size_t)S * S;
     const size_t row_len = (size_t)3 * P * P;
@@ -46,8 +46,8 @@ void patches_forward(float *out, const float *images, int B, int S, int P) {
     }
 }
 
-void vision_embed_forward(float *x, const float *patch_emb, const float *cls, const float *pos,
-                          int B, int N, int W) {
+static void vision_embed_forward_run(float *x, const float *patch_emb, const float *cls,
+                                     const float *pos, int B, int N, int W) {
     #pragma omp parallel for collapse(2) schedule(static) if ((size_t)B * N * W > PAR_MIN_ELEMS)
     for (int b = 0; b < B; b++) {
         for (int n = 0; n < N; n++) {
@@ -72,28 +72,52 @@ void text_embed_forward(float *x, const int32_t *ids, const float *tok_emb, cons
     }
 }
 
-void layernorm_forward(float *out, float *mean, float *sigma, const float *inp,
-                       const float *weight, const float *bias, int R, int W, float eps) {
+/* one row of the layer norm, compiled for the baseline ISA and for AVX2 / AVX-512 (wider sums
+ * in double: the statistics agree with the baseline's to double rounding) */
+#define LN_ROW(SUFFIX, ATTR)                                                                \
+    ATTR static void ln_row_##SUFFIX(float *o, float *mean, float *sigma, const float *x,     \
+                                     const float *weight, const float *bias, int W,          \
+                                     float eps) {                                            \
+        double m = 0.0;                                                                     \
+        _Pragma("omp simd reduction(+ : m)") for (int w = 0; w < W; w++) m += x[w];          \
+        m /= W;                                                                             \
+        double v = 0.0;                                                                     \
+        _Pragma("omp simd reduction(+ : v)") for (int w = 0; w < W; w++) {                  \
+            double dv = (double)x[w] - m;                                                   \
+            v += dv * dv;                                                                   \
+        }                                                                                   \
+        v /= W;                                                                             \
+        double s = sqrt(v + (double)eps);                                                   \
+        float mf = (float)m, rs = (float)(1.0 / s);                                         \
+        _Pragma("omp simd") for (int w = 0; w < W; w++)                                     \
+            o[w] = (x[w] - mf) * rs * weight[w] + bias[w];                                  \
+        if (mean) *mean = mf;                                                               \
+        if (sigma) *sigma = (float)s;                                                       \
+    }
+
+LN_ROW(generic, )
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+LN_ROW(avx2, __attribute__((target("avx2,fma"))))
+LN_ROW(avx512, __attribute__((target("avx512f,avx2,fma,prefer-vector-width=512"))))
+#define HAVE_LN_ROWS 1
+#endif
+
+static void layernorm_forward_run(float *out, float *mean, float *sigma, const float *inp,
+                                  const float *weight, const float *bias, int R, int W,
+                                  float eps) {
+#ifdef HAVE_LN_ROWS
+    const int isa = cd_cpu_isa();
+#endif
     #pragma omp parallel for schedule(static) if ((size_t)R * W > PAR_MIN_ELEMS)
     for (int r = 0; r < R; r++) {
         const float *x = inp + (size_t)r * W;
         float *o = out + (size_t)r * W;
-        double m = 0.0;
-        #pragma omp simd reduction(+ : m)
-        for (int w = 0; w < W; w++) m += x[w];
-        m /= W;
-        double v = 0.0;
-        #pragma omp simd reduction(+ : v)
-        for (int w = 0; w < W; w++) {
-            double dv = (double)x[w] - m;
-            v += dv * dv;
-        }
-        v /= W;
-        double s = sqrt(v + (double)eps);
-        float mf = (float)m, rs = (float)(1.0 / s);
-        for (int w = 0; w < W; w++) o[w] = (x[w] - mf) * rs * weight[w] + bias[w];
-        if (mean) mean[r] = mf;
-        if (sigma) sigma[r] = (float)s;
+        float *mr = mean ? mean + r : NULL, *sr = sigma ? sigma + r : NULL;
+#ifdef HAVE_LN_ROWS
+        if (isa >= CD_ISA_AVX512) { ln_row_avx512(o, mr, sr, x, weight, bias, W, eps); continue; }
+        if (isa >= CD_ISA_AVX2) { ln_row_avx2(o, mr, sr, x, weight, bias, W, eps); continue; }
+#endif
+        ln_row_generic(o, mr, sr, x, weight, bias, W, eps);
     }
 }
 
@@ -243,11 +267,15 @@ ELEM_SPANS(generic, )
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_AVX2_SPANS 1
 ELEM_SPANS(avx2, __attribute__((target("avx2,fma"))))
+/* and for AVX-512F (16 lanes); the same operations lane by lane, so the same values */
+ELEM_SPANS(avx512, __attribute__((target("avx512f,avx2,fma,prefer-vector-width=512"))))
 #endif
 
+/* 0: generic spans, 1: AVX2, 2: AVX-512 */
 static int spans_avx2(void) {
 #ifdef HAVE_AVX2_SPANS
-    return cd_cpu_isa() >= CD_ISA_AVX2;
+    const int isa = cd_cpu_isa();
+    return isa >= CD_ISA_AVX512 ? 2 : isa >= CD_ISA_AVX2;
 #else
     return 0;
 #endif
@@ -255,7 +283,7 @@ static int spans_avx2(void) {
 
 #define ELEM_CHUNK 4096
 
-void gelu_forward(float *x, size_t n) {
+static void gelu_forward_run(float *x, size_t n) {
     const size_t nchunk = (n + ELEM_CHUNK - 1) / ELEM_CHUNK;
     const int avx2 = spans_avx2();
     (void)avx2;
@@ -264,13 +292,14 @@ void gelu_forward(float *x, size_t n) {
         float *p = x + c * ELEM_CHUNK;
         const size_t m = n - c * ELEM_CHUNK < ELEM_CHUNK ? n - c * ELEM_CHUNK : ELEM_CHUNK;
 #ifdef HAVE_AVX2_SPANS
+        if (avx2 == 2) { gelu_span_avx512(p, m); continue; }
         if (avx2) { gelu_span_avx2(p, m); continue; }
 #endif
         gelu_span_generic(p, m);
     }
 }
 
-void quick_gelu_forward(float *x, size_t n) {
+static void quick_gelu_forward_run(float *x, size_t n) {
     const size_t nchunk = (n + ELEM_CHUNK - 1) / ELEM_CHUNK;
     const int avx2 = spans_avx2();
     (void)avx2;
@@ -279,13 +308,14 @@ void quick_gelu_forward(float *x, size_t n) {
         float *p = x + c * ELEM_CHUNK;
         const size_t m = n - c * ELEM_CHUNK < ELEM_CHUNK ? n - c * ELEM_CHUNK : ELEM_CHUNK;
 #ifdef HAVE_AVX2_SPANS
+        if (avx2 == 2) { quick_gelu_span_avx512(p, m); continue; }
         if (avx2) { quick_gelu_span_avx2(p, m); continue; }
 #endif
         quick_gelu_span_generic(p, m);
     }
 }
 
-void gelu_tanh_forward(float *x, size_t n) {
+static void gelu_tanh_forward_run(float *x, size_t n) {
     const size_t nchunk = (n + ELEM_CHUNK - 1) / ELEM_CHUNK;
     const int avx2 = spans_avx2();
     (void)avx2;
@@ -294,6 +324,7 @@ void gelu_tanh_forward(float *x, size_t n) {
         float *p = x + c * ELEM_CHUNK;
         const size_t m = n - c * ELEM_CHUNK < ELEM_CHUNK ? n - c * ELEM_CHUNK : ELEM_CHUNK;
 #ifdef HAVE_AVX2_SPANS
+        if (avx2 == 2) { gelu_tanh_span_avx512(p, m); continue; }
         if (avx2) { gelu_tanh_span_avx2(p, m); continue; }
 #endif
         gelu_tanh_span_generic(p, m);
@@ -327,14 +358,19 @@ void gelu_tanh_forward_naive(float *x, size_t n) {
     }
 }
 
-void residual_forward(float *x, const float *y, size_t n) {
+static void residual_forward_run(float *x, const float *y, size_t n) {
     #pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMS)
     for (size_t i = 0; i < n; i++) x[i] += y[i];
 }
 
 void softmax_forward(float *row, int valid, int n) {
 #ifdef HAVE_AVX2_SPANS
-    if (spans_avx2()) {
+    const int level = spans_avx2();
+    if (level == 2) {
+        softmax_row_avx512(row, valid, n);
+        return;
+    }
+    if (level) {
         softmax_row_avx2(row, valid, n);
         return;
     }
@@ -375,9 +411,10 @@ static void attention_rows(float *out, int ldo, float *P, const float *q, const 
  * N x N score matrix never exists. Tasks: (sequence, head, row block) without the head-averaged
  * map; with it, (sequence, row block), each task running every head on its rows so that the
  * average is accumulated without races. */
-void attention_forward(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
-                       size_t mean_bstride, const float *qkv, int B, int N, int W, int H,
-                       int causal, float *scratch, int n_scratch) {
+static void attention_forward_run(float *out, float *att_cls, size_t cls_bstride,
+                                  float *att_mean, size_t mean_bstride, const float *qkv, int B,
+                                  int N, int W, int H, int causal, float *scratch,
+                                  int n_scratch) {
     const int d = W / H;
     const int ld = 3 * W;
     const float scale = 1.0f / sqrtf((float)d);
@@ -500,4 +537,60 @@ void scale_shift_rows(float *rows, size_t R, int C, size_t ld, float s, const fl
         float *x = rows + r * ld;
         for (int c = 0; c < C; c++) x[c] = x[c] * s + shift[c];
     }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* the public operations: the work above, timed when the profile is on (cpu.h)               */
+
+void patches_forward(float *out, const float *images, int B, int S, int P) {
+    const double t0 = cd_prof_begin();
+    patches_forward_run(out, images, B, S, P);
+    cd_prof_end(CD_PROF_ELEMWISE, t0);
+}
+
+void vision_embed_forward(float *x, const float *patch_emb, const float *cls, const float *pos,
+                             int B, int N, int W) {
+    const double t0 = cd_prof_begin();
+    vision_embed_forward_run(x, patch_emb, cls, pos, B, N, W);
+    cd_prof_end(CD_PROF_ELEMWISE, t0);
+}
+
+void layernorm_forward(float *out, float *mean, float *sigma, const float *inp,
+                       const float *weight, const float *bias, int R, int W, float eps) {
+    const double t0 = cd_prof_begin();
+    layernorm_forward_run(out, mean, sigma, inp, weight, bias, R, W, eps);
+    cd_prof_end(CD_PROF_LAYERNORM, t0);
+}
+
+void gelu_forward(float *x, size_t n) {
+    const double t0 = cd_prof_begin();
+    gelu_forward_run(x, n);
+    cd_prof_end(CD_PROF_ACT, t0);
+}
+
+void quick_gelu_forward(float *x, size_t n) {
+    const double t0 = cd_prof_begin();
+    quick_gelu_forward_run(x, n);
+    cd_prof_end(CD_PROF_ACT, t0);
+}
+
+void gelu_tanh_forward(float *x, size_t n) {
+    const double t0 = cd_prof_begin();
+    gelu_tanh_forward_run(x, n);
+    cd_prof_end(CD_PROF_ACT, t0);
+}
+
+void residual_forward(float *x, const float *y, size_t n) {
+    const double t0 = cd_prof_begin();
+    residual_forward_run(x, y, n);
+    cd_prof_end(CD_PROF_ELEMWISE, t0);
+}
+
+void attention_forward(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
+                       size_t mean_bstride, const float *qkv, int B, int N, int W, int H,
+                       int causal, float *scratch, int n_scratch) {
+    const double t0 = cd_prof_begin();
+    attention_forward_run(out, att_cls, cls_bstride, att_mean, mean_bstride, qkv, B, N, W, H,
+                          causal, scratch, n_scratch);
+    cd_prof_end(CD_PROF_ATTENTION, t0);
 }

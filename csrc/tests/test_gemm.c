@@ -113,15 +113,32 @@ static void check_bf16(int isa, const char *name, int many) {
     static const int mm[][3] = {   /* M, K, OC: odd depths, one pair, slices, edges */
         {1, 1, 1}, {1, 2, 5}, {3, 7, 17}, {13, 33, 47}, {12, 64, 64}, {25, 101, 70},
         {50, 517, 96}, {64, 1100, 24}, {97, 600, 129}, {150, 40, 33},
+        /* depths that are whole AMX tiles (multiples of 32): every edge of 32 x 32 C blocks */
+        {1, 32, 1}, {16, 32, 16}, {17, 64, 17}, {31, 96, 47}, {33, 160, 48}, {70, 768, 40},
+        {129, 1024, 33}, {100, 544, 40},
     };
-    for (size_t c = 0; c < sizeof mm / sizeof mm[0]; c++)
-        for (int v = 0; v < 4; v++)
-            for (int prec = CD_GEMM_BF16; prec <= CD_GEMM_BF16_EMULATED; prec++) {
-                int bias = v & 1, acc = (v >> 1) & 1;
-                check_matmul_p(mm[c][0], mm[c][1], mm[c][2], bias, acc, 1, isa, name, prec);
-                check_matmul_p(mm[c][0], mm[c][1], mm[c][2], bias, acc, many, isa, name, prec);
-            }
-    check_matmul_p(300, 1300, 200, 1, 1, many, isa, name, CD_GEMM_BF16);
+    /* on CPUs with AMX, the products run on AMX tiles and (turned off) on vdpbf16ps */
+    const int amx_states = cd_cpu_can_amx() ? 2 : 1;
+    for (int st = 0; st < amx_states; st++) {
+        char label[64];
+        if (amx_states == 2) cd_cpu_set_amx(st == 0);
+        snprintf(label, sizeof label, "%s bf16-kernel=%s", name, cd_bf16_kernel_name());
+        for (size_t c = 0; c < sizeof mm / sizeof mm[0]; c++)
+            for (int v = 0; v < 4; v++)
+                for (int prec = CD_GEMM_BF16; prec <= CD_GEMM_BF16_EMULATED; prec++) {
+                    /* AMX off: only the depths AMX would take (the others ran vdpbf16ps) */
+                    if (st == 1 && (mm[c][1] % 32 != 0 || prec != CD_GEMM_BF16)) continue;
+                    int bias = v & 1, acc = (v >> 1) & 1;
+                    check_matmul_p(mm[c][0], mm[c][1], mm[c][2], bias, acc, 1, isa, label, prec);
+                    if (c < 10 || (st == 0 && v == 3))   /* threads: fewer of the AMX shapes */
+                        check_matmul_p(mm[c][0], mm[c][1], mm[c][2], bias, acc, many, isa, label,
+                                       prec);
+                }
+        if (st == 0) check_matmul_p(300, 1300, 200, 1, 1, many, isa, label, CD_GEMM_BF16);
+        if (st == 0 && amx_states == 2)   /* AMX: many row blocks, two slices, threads */
+            check_matmul_p(700, 768, 48, 1, 0, many, isa, label, CD_GEMM_BF16);
+    }
+    if (amx_states == 2) cd_cpu_set_amx(1);
     /* conversion refusals: twice, or from bf16 to the other kind */
     float w[6] = {1, 2, 3, 4, 5, 6};
     cd_gemm_weight pw;
@@ -246,6 +263,8 @@ int main(int argc, char **argv) {
 #endif
     const int many = maxthr > 1 ? (maxthr < 4 ? maxthr : 4) : 3;   /* > cores is fine too */
     printf("best path on this CPU: %s\n", cd_cpu_isa_str(cd_cpu_best_isa()));
+    printf("bf16 products: %s (AMX %s)\n", cd_bf16_kernel_name(),
+           cd_cpu_can_amx() ? "available" : "not available");
     check_isa_api();
     static const int mm[][3] = {   /* M, K, OC */
         {1, 1, 1}, {1, 7, 5}, {1, 768, 33}, {2, 3, 17}, {5, 1, 16}, {6, 16, 16}, {7, 9, 31},

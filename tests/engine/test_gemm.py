@@ -222,7 +222,7 @@ def test_c_test_program(tmp_path, emulate_avx512):
     assert build.returncode == 0, build.stderr
     args = [str(exe), "avx512"] if emulate_avx512 else [str(exe)]
     run = subprocess.run(args, check=False, capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=300)
+                         env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " 0 failed" in run.stdout
     if emulate_avx512:

@@ -40,7 +40,9 @@ def bf16(a: np.ndarray) -> np.ndarray:
 # products
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 33, 17), (50, 517, 96), (13, 1100, 40)])
+# (the last two have depths of whole AMX tiles: on CPUs with AMX-BF16 they run on the tiles)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 33, 17), (50, 517, 96), (13, 1100, 40),
+                                   (40, 768, 48), (130, 1024, 33)])
 @pytest.mark.parametrize("precision", ["bf16-emulated", "bf16"])
 def test_matmul_matches_torch_bf16(requires_core, shape, precision):
     if precision == "bf16" and not requires_core.has_bf16():
