@@ -9,6 +9,7 @@
     clipdecomp segeval   --data gtsegs_ijcv.mat --model M   the ImageNet-segmentation benchmark
     clipdecomp info      [MODEL] [--precision P]            what a checkpoint holds, the CPU path
     clipdecomp pretrained                                   the known (model, pretrained) names
+    clipdecomp train-toy --out DIR ...                      train the embedded model (torch)
 
 Each command is a ``*_main(argv) -> int`` function (the exit status) that parses its arguments
 and calls the package's functions; the modules below know nothing of argparse.
@@ -649,6 +650,84 @@ def report_main(argv: Sequence[str] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# clipdecomp train-toy (python -m clipdecomp.toy.train)
+
+
+def train_toy_main(argv: Sequence[str] | None = None) -> int:
+    """``clipdecomp train-toy``: train the embedded shapes-world CLIP (needs ``pip install
+    .[train]``: torch). ``python -m clipdecomp.toy.train`` is the same command.
+
+    Examples
+    --------
+    >>> train_toy_main(["--out", "run1", "--pretrain-vision", "1200", "--bf16"])  # doctest: +SKIP
+    0
+    """
+    from clipdecomp.toy.world import STYLES
+
+    ap = argparse.ArgumentParser(prog="clipdecomp train-toy",
+                                 description="Train the embedded shapes-world CLIP (needs torch).")
+    ap.add_argument("--out", help="output folder (log, checkpoints, model/)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=50.0, help="time budget")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="schedule length in steps (default: fitted to --minutes)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    ap.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
+    ap.add_argument("--init", default=None,
+                    help="start from this state.pt or exported model folder (continuation)")
+    ap.add_argument("--hard-frac", type=float, default=0.0,
+                    help="share of each batch on one background with 3 colours")
+    ap.add_argument("--focus-frac", type=float, default=0.0,
+                    help="share of each batch of single objects of one colour on one background")
+    ap.add_argument("--flat-frac", type=float, default=0.0,
+                    help="share of the schedule trained on flattened backgrounds")
+    ap.add_argument("--ramp-frac", type=float, default=0.0,
+                    help="share of the schedule over which the textures fade back in")
+    ap.add_argument("--fresh-text", action="store_true",
+                    help="with --init: keep the vision tower, start the text tower anew")
+    ap.add_argument("--style", default="smooth", choices=sorted(STYLES),
+                    help="world style of the training and held-out scenes")
+    ap.add_argument("--attr-weight", type=float, default=0.0,
+                    help="weight of the attribute (zero-shot classification) loss")
+    ap.add_argument("--attr-weights", default=None,
+                    help="weights inside the attribute loss, e.g. shape=4 (others 1)")
+    ap.add_argument("--spurious-frac", type=float, default=0.0,
+                    help="share of each batch from the spurious split's training distribution")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its resume.pt")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pretrain-vision", type=int, default=0, metavar="STEPS",
+                    help="only warm-start the image tower with attribute labels for STEPS "
+                         "steps (into OUT/vision/; then train with --init OUT/vision/state.pt "
+                         "--fresh-text)")
+    ap.add_argument("--vision-init", default=None,
+                    help="with --pretrain-vision: continue from this warm-start resume.pt")
+    ap.add_argument("--vision-weights", default=None,
+                    help="with --pretrain-vision: attribute loss weights, e.g. "
+                         "shape=1,color=0.25")
+    ap.add_argument("--eval", metavar="MODEL_DIR", default=None,
+                    help="only print the zero-shot accuracy of an exported model folder")
+    a = ap.parse_args(None if argv is None else list(argv))
+    if a.eval is None and a.out is None:
+        ap.error("--out is required for training")
+    for name in ("attr_weights", "vision_weights"):
+        text = getattr(a, name)
+        try:
+            setattr(a, name, None if text is None else
+                    {k: float(v) for k, v in (kv.split("=") for kv in text.split(","))})
+        except ValueError:
+            ap.error(f"--{name.replace('_', '-')}: expected NAME=WEIGHT,..., got {text!r}")
+    from clipdecomp.toy import train  # torch is imported here, once the arguments are good
+
+    train.run_from_args(a)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # clipdecomp info / pretrained
 
 
@@ -685,6 +764,7 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "segeval": segeval_main,
     "info": info_main,
     "pretrained": pretrained_main,
+    "train-toy": train_toy_main,
 }
 
 

@@ -21,12 +21,12 @@ Shapes: B images, N = 65 tokens, W width, D = 128 embedding dim, T texts, C = 20
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -835,53 +835,16 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="output folder (log, checkpoints, model/)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minutes", type=float, default=50.0, help="time budget")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="schedule length in steps (default: fitted to --minutes)")
-    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    ap.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
-    ap.add_argument("--init", default=None,
-                    help="start from this state.pt or exported model folder (continuation)")
-    ap.add_argument("--hard-frac", type=float, default=0.0,
-                    help="share of each batch on one background with 3 colours")
-    ap.add_argument("--focus-frac", type=float, default=0.0,
-                    help="share of each batch of single objects of one colour on one background")
-    ap.add_argument("--flat-frac", type=float, default=0.0,
-                    help="share of the schedule trained on flattened backgrounds")
-    ap.add_argument("--ramp-frac", type=float, default=0.0,
-                    help="share of the schedule over which the textures fade back in")
-    ap.add_argument("--fresh-text", action="store_true",
-                    help="with --init: keep the vision tower, start the text tower anew")
-    ap.add_argument("--style", default="smooth", choices=sorted(world.STYLES),
-                    help="world style of the training and held-out scenes")
-    ap.add_argument("--attr-weight", type=float, default=0.0,
-                    help="weight of the attribute (zero-shot classification) loss")
-    ap.add_argument("--attr-weights", default=None,
-                    help="weights inside the attribute loss, e.g. shape=4 (others 1)")
-    ap.add_argument("--spurious-frac", type=float, default=0.0,
-                    help="share of each batch from the spurious split's training distribution")
-    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue the run in --out from its resume.pt")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--log-every", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--pretrain-vision", type=int, default=0, metavar="STEPS",
-                    help="only warm-start the image tower with attribute labels for STEPS "
-                         "steps (into OUT/vision/; then train with --init OUT/vision/state.pt "
-                         "--fresh-text)")
-    ap.add_argument("--vision-init", default=None,
-                    help="with --pretrain-vision: continue from this warm-start resume.pt")
-    ap.add_argument("--vision-weights", default=None,
-                    help="with --pretrain-vision: attribute loss weights, e.g. "
-                         "shape=1,color=0.25")
-    ap.add_argument("--eval", metavar="MODEL_DIR", default=None,
-                    help="only print the zero-shot accuracy of an exported model folder")
-    a = ap.parse_args(argv)
+    """``python -m clipdecomp.toy.train ARGS``, the same as ``clipdecomp train-toy ARGS`` (its
+    parser lives with every other in :mod:`clipdecomp.cli`)."""
+    from clipdecomp.cli import train_toy_main
+
+    raise SystemExit(train_toy_main(argv))
+
+
+def run_from_args(a: Any) -> None:
+    """Run what the parsed ``clipdecomp train-toy`` arguments ``a`` ask for (``a.out`` set
+    unless ``a.eval``; ``a.attr_weights`` and ``a.vision_weights`` as dicts or None)."""
     torch.set_num_threads(a.threads)
     if a.eval is not None:
         model, tok = load_exported(a.eval)
@@ -891,23 +854,16 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(zero_shot(model, tok, eval_sets(seed=2024, n=1024, style=style)),
                          indent=2))
         return
-    if a.out is None:
-        ap.error("--out is required for training")
-    def weights_of(text: str | None) -> dict[str, float] | None:
-        return None if text is None else {
-            k: float(v) for k, v in (kv.split("=") for kv in text.split(","))}
-
     if a.pretrain_vision:
-        weights = weights_of(a.vision_weights)
         pretrain_vision(a.out, a.seed, a.pretrain_vision, a.batch, a.lr, a.warmup, a.threads,
                         a.bf16, a.style, a.log_every, max_steps=a.max_steps, resume=a.resume,
-                        init=a.vision_init, weights=weights)
+                        init=a.vision_init, weights=a.vision_weights)
         return
     train(a.out, a.seed, a.minutes, a.steps, a.batch, a.lr, a.log_every, threads=a.threads,
           max_steps=a.max_steps, warmup=a.warmup, init=a.init, hard_frac=a.hard_frac,
           focus_frac=a.focus_frac, flat_frac=a.flat_frac, ramp_frac=a.ramp_frac,
           fresh_text=a.fresh_text, style=a.style, attr_weight=a.attr_weight, bf16=a.bf16,
-          resume=a.resume, spurious_frac=a.spurious_frac, attr_weights=weights_of(a.attr_weights))
+          resume=a.resume, spurious_frac=a.spurious_frac, attr_weights=a.attr_weights)
 
 
 if __name__ == "__main__":

@@ -562,8 +562,24 @@ def test_attribute_loss_matches_a_direct_computation():
             z = 10.0 * img.numpy()[rows] @ cls.T
             z = z - z.max(1, keepdims=True)
             logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-            want.append(-logp[np.arange(rows.sum()), t[rows]].mean())
-    assert abs(got - float(np.mean(want))) < 1e-5
+            want.append((attr, -logp[np.arange(rows.sum()), t[rows]].mean()))
+    assert abs(got - float(np.mean([v for _, v in want]))) < 1e-5
+    # weighted inside (--attr-weights shape=4): the weighted mean over the attributes present
+    w = {"shape": 4.0, "count": 0.5}
+    got_w = train.attribute_loss(img, emb, index, targets, torch.tensor(10.0), w).item()
+    ws = np.array([w.get(a, 1.0) for a, _ in want])
+    assert abs(got_w - float((ws * [v for _, v in want]).sum() / ws.sum())) < 1e-5
+
+
+def test_train_toy_command_line_checks_its_arguments(capsys):
+    from clipdecomp.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train-toy", "--out", "x", "--attr-weights", "shape"])
+    assert "--attr-weights: expected NAME=WEIGHT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train-toy", "--steps", "2"])
+    assert "--out is required" in capsys.readouterr().err
 
 
 def test_training_resumes_step_for_step(tmp_path, monkeypatch):
