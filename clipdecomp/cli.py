@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from clipdecomp.engine.config import MAX_THREADS, check_size
-from clipdecomp.engine.core import PRECISIONS, has_bf16, isa
+from clipdecomp.engine.core import PRECISIONS, bf16_kernel, has_bf16, isa
 from clipdecomp.engine.loading import list_pretrained, load
 
 ACTS = ("gelu", "quick_gelu")
@@ -742,7 +742,7 @@ def info_main(argv: Sequence[str] | None = None) -> int:
     model = load(args.model, pretrained=args.pretrained, act=args.act, precision=args.precision)
     print(model)
     bf16 = "yes" if has_bf16() else "no (precision='bf16' is emulated here)"
-    print(f"SIMD path: {isa()}; AVX512_BF16: {bf16}")
+    print(f"SIMD path: {isa()}; AVX512_BF16: {bf16}; bf16 products on: {bf16_kernel()}")
     return 0
 
 

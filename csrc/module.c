@@ -459,6 +459,22 @@ static int output_arrays(PyObject *out, int k, const char *const *names, const i
     return 0;
 }
 
+/* the options of one image call, as the Python keywords give them (no probe, no cancel) */
+static cd_vision_opts vision_opts(int heads, int mlps, int cls, int tokens, int attn, int tok_emb,
+                                  int pool_tokens, int threads) {
+    cd_vision_opts o;
+    memset(&o, 0, sizeof o);
+    o.heads = heads;
+    o.mlps = mlps;
+    o.cls_to_cls = cls;
+    o.tokens = tokens;
+    o.attn = attn;
+    o.token_embeddings = tok_emb;
+    o.pool_tokens = pool_tokens;
+    o.threads = threads > 0 ? threads : 0;
+    return o;
+}
+
 static PyObject *Model_encode_image(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"pixels", "heads", "mlps", "cls_to_cls", "tokens", "probe", "attn",
                              "threads", "token_embeddings", "pool_tokens", "out", NULL};
@@ -502,16 +518,7 @@ static PyObject *Model_encode_image(ModelObject *self, PyObject *args, PyObject 
             return NULL;
         }
     }
-    cd_vision_opts o;
-    memset(&o, 0, sizeof o);
-    o.heads = heads;
-    o.mlps = mlps;
-    o.cls_to_cls = cls;
-    o.tokens = tokens;
-    o.attn = attn;
-    o.token_embeddings = tok_emb;
-    o.pool_tokens = pool_tokens;
-    o.threads = threads > 0 ? threads : 0;
+    cd_vision_opts o = vision_opts(heads, mlps, cls, tokens, attn, tok_emb, pool_tokens, threads);
     if (probe) {
         o.probe = (const float *)PyArray_DATA(probe);
         o.n_probe = (int)PyArray_DIM(probe, 0);
@@ -822,6 +829,12 @@ static PyObject *mod_has_bf16(PyObject *mod, PyObject *noargs) {
     (void)mod;
     (void)noargs;
     return PyBool_FromLong(cd_has_bf16());
+}
+
+static PyObject *mod_bf16_kernel(PyObject *mod, PyObject *noargs) {
+    (void)mod;
+    (void)noargs;
+    return PyUnicode_FromString(cd_bf16_kernel_name());
 }
 
 static PyObject *mod_set_isa(PyObject *mod, PyObject *arg) {
@@ -1170,16 +1183,7 @@ static PyObject *mod_image_plan(PyObject *mod, PyObject *args, PyObject *kwds) {
     double ln_eps;
     if (parse_config(cfg_dict, &cfg, &ln_eps)) return NULL;
     static const float no_data = 0.0f;  /* the plan reads the probe's size only */
-    cd_vision_opts o;
-    memset(&o, 0, sizeof o);
-    o.heads = heads;
-    o.mlps = mlps;
-    o.cls_to_cls = cls;
-    o.tokens = tokens;
-    o.attn = attn;
-    o.token_embeddings = tok_emb;
-    o.pool_tokens = pool_tokens;
-    o.threads = threads > 0 ? threads : 0;
+    cd_vision_opts o = vision_opts(heads, mlps, cls, tokens, attn, tok_emb, pool_tokens, threads);
     o.probe = probe ? &no_data : NULL;
     o.n_probe = probe;
     cd_vision_plan p;
@@ -1268,6 +1272,9 @@ static PyMethodDef module_methods[] = {
      "(cd_config_check: ranges, divisibility, size limits)."},
     {"has_bf16", mod_has_bf16, METH_NOARGS,
      "has_bf16() -> bool: whether precision 'bf16' runs here (AVX512_BF16 on the avx512 path)."},
+    {"bf16_kernel", mod_bf16_kernel, METH_NOARGS,
+     "bf16_kernel() -> str: the kernel of native bf16 products: 'amx' (AMX tiles), "
+     "'avx512bf16' (vdpbf16ps) or 'none'."},
     {"set_isa", mod_set_isa, METH_O,
      "set_isa(name): force 'avx512', 'avx2' or 'generic' (ValueError if unavailable)."},
     {"_matmul", (PyCFunction)(void (*)(void))mod_matmul, METH_VARARGS | METH_KEYWORDS,

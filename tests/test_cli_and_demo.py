@@ -76,7 +76,7 @@ def test_cli_info_and_pretrained(tmp_path):
     p = _run("info", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "6 layers" in p.stdout or "layers" in p.stdout
-    assert "SIMD path" in p.stdout and "AVX512_BF16" in p.stdout
+    assert "SIMD path" in p.stdout and "AVX512_BF16" in p.stdout and "bf16 products on" in p.stdout
     p = _run("info", "--precision", "bf16-emulated", cwd=tmp_path)
     assert p.returncode == 0 and "precision bf16-emulated" in p.stdout, p.stderr[-2000:]
     p = _run("pretrained", cwd=tmp_path)

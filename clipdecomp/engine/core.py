@@ -44,6 +44,12 @@ def has_bf16() -> bool:
     return bool(extension().has_bf16())
 
 
+def bf16_kernel() -> str:
+    """The kernel of native bf16 products here: ``"amx"`` (AMX tiles), ``"avx512bf16"``
+    (``vdpbf16ps``) or ``"none"`` (bf16 is emulated). ``CLIPDECOMP_AMX=0`` turns AMX off."""
+    return str(extension().bf16_kernel())
+
+
 def isa() -> str:
     """The SIMD path the core chose on this CPU (e.g. ``"avx2"``)."""
     return str(extension().isa())

@@ -197,3 +197,22 @@ def test_generic_path_has_no_bf16(requires_core):
         assert requires_core.has_bf16() is False
     finally:
         requires_core.set_isa(isa)
+
+
+def test_bf16_kernel_names_the_path_and_amx_can_be_turned_off(requires_core):
+    import os
+    import subprocess
+    import sys
+
+    from clipdecomp.engine.core import bf16_kernel
+
+    k = bf16_kernel()
+    assert k in ("amx", "avx512bf16", "none")
+    if requires_core.has_bf16():
+        assert k != "none"
+    code = "from clipdecomp.engine.core import bf16_kernel; print(bf16_kernel())"
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "CLIPDECOMP_AMX": "0"}, check=False)
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.strip() in ("avx512bf16", "none")
+    assert (off.stdout.strip() == "avx512bf16") == requires_core.has_bf16()
