@@ -22,7 +22,7 @@ from clipdecomp.engine.decomposition import (
     Decomposition,
     check_identity,
 )
-from clipdecomp.engine.helpers import format_bytes, progress_bar
+from clipdecomp.engine.helpers import count_images, format_bytes, memory_budget, progress_bar
 from clipdecomp.engine.preprocess import (
     _check_pixel_shape,
     _check_pixels,
@@ -550,9 +550,6 @@ class CLIP:
     def memory_budget(self, value: int | str | None) -> None:
         self._memory_budget = None if value is None else _parse_bytes(value, "memory_budget")
 
-    def _budget(self) -> int:
-        return self._memory_budget if self._memory_budget is not None else get_memory_budget()
-
     def estimate_memory(self, images: int, spatial: bool = False, attn: bool = False,
                         probe: int = 0, keep_pixels: bool = True,
                         batch_size: int | None = None) -> MemoryPlan:
@@ -583,7 +580,7 @@ class CLIP:
         """
         bs = self._batch_arg(batch_size, self._spatial_batch() if spatial else _BATCH)
         images = check_size(images, "images")
-        return plan_memory(self.config, images, self._budget(), decompose=True,
+        return plan_memory(self.config, images, memory_budget(self), decompose=True,
                            tokens=spatial, attn=attn, probe=probe, keep_pixels=keep_pixels,
                            threads=self.threads, batch_size=bs)
 
@@ -652,13 +649,6 @@ class CLIP:
             yield s, preprocess_items(items[s:s + batch_size], c.image_size, c.mean, c.std,
                                       c.resize_mode, c.interpolation, start=s, listed=listed)
 
-    @staticmethod
-    def _count(images: Any) -> int:
-        if _is_float_array(images):
-            a = np.asarray(images)
-            return a.shape[0] if a.ndim == 4 else 1
-        return len(as_image_list(images))
-
     def _call_threads(self) -> int:
         """Threads for one core call: one in a forked child (see :func:`_fork_note`)."""
         global _core_used
@@ -699,8 +689,8 @@ class CLIP:
         bs = self._batch_arg(batch_size, _BATCH)
         if not _is_float_array(images):
             images = as_image_list(images)   # once: a generator can be read only once
-        n = self._count(images)
-        plan = plan_memory(self.config, n, self._budget(), decompose=False,
+        n = count_images(images)
+        plan = plan_memory(self.config, n, memory_budget(self), decompose=False,
                            threads=self.threads, batch_size=bs)
         if plan.batch_size < 1:
             raise _too_big(plan, "encode_image", "")
@@ -737,9 +727,9 @@ class CLIP:
         bs = self._batch_arg(batch_size, _BATCH)
         if not _is_float_array(images):
             images = as_image_list(images)
-        n = self._count(images)
+        n = count_images(images)
         c = self.config
-        plan = plan_memory(c, n, self._budget(), decompose=False, threads=self.threads,
+        plan = plan_memory(c, n, memory_budget(self), decompose=False, threads=self.threads,
                            batch_size=bs)
         if plan.batch_size < 1:
             raise _too_big(plan, "token_embeddings", "")
@@ -866,8 +856,8 @@ class CLIP:
         bs = self._batch_arg(batch_size, self._spatial_batch() if spatial else _BATCH)
         if not _is_float_array(images):
             images = as_image_list(images)   # once: a generator can be read only once
-        n = self._count(images)
-        plan = plan_memory(c, n, self._budget(), decompose=True, tokens=spatial, attn=attn,
+        n = count_images(images)
+        plan = plan_memory(c, n, memory_budget(self), decompose=True, tokens=spatial, attn=attn,
                            keep_pixels=keep_pixels, threads=self.threads, batch_size=bs)
         if plan.batch_size < 1:
             raise _too_big(plan, "decompose" + (" with spatial=True" if spatial else ""),
@@ -917,7 +907,7 @@ class CLIP:
         n = pixels.shape[0]
         per_image = c.layers * c.n_tokens * c.heads * t * 4
         default = max(1, min(_BATCH, _SPATIAL_BATCH_BYTES // max(per_image, 1)))
-        plan = plan_memory(c, n, self._budget(), decompose=False, probe=t,
+        plan = plan_memory(c, n, memory_budget(self), decompose=False, probe=t,
                            threads=self.threads, batch_size=self._batch_arg(batch_size, default))
         if plan.batch_size < 1:
             raise _too_big(plan, f"probe along {t} directions", "")
