@@ -693,6 +693,14 @@ def train_toy_main(argv: Sequence[str] | None = None) -> int:
                     help="weights inside the attribute loss, e.g. shape=4 (others 1)")
     ap.add_argument("--spurious-frac", type=float, default=0.0,
                     help="share of each batch from the spurious split's training distribution")
+    ap.add_argument("--vision-head-width", type=int, default=None,
+                    help="width of the image tower's attention heads (default: as --init has "
+                         "it, else 32; 16 splits each head in two)")
+    ap.add_argument("--spurious-p-major", type=float, default=0.93,
+                    help="share of the spurious scenes on their class's usual ground")
+    ap.add_argument("--spurious-captions", choices=("scene", "class"), default="scene",
+                    help="captions of the spurious scenes: the scene described, or only the "
+                         "class's own name ('a photo of a buoy.')")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its resume.pt")

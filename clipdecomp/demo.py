@@ -331,7 +331,10 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     # 5. spurious correlation: ablate the background heads
     train = toy.spurious_split(n, seed=seed + 5, train=True, style=style)
     test = toy.spurious_split(max(n, 64), seed=seed + 6, train=False, style=style)
-    cls_names = ["circle", "square"]
+    # the classes by their own names (a circle is a "buoy"), as Waterbirds asks for "a
+    # waterbird": words the model saw only beside their usual ground
+    shapes = ["circle", "square"]
+    cls_names = [toy.SPURIOUS_NAMES[c] for c in shapes]
     clf = zero_shot_classifier(model, cls_names, templates=toy.TEMPLATES["shape"])
     dtrain = model.decompose(list(train.images), progress=False)
     dtest = model.decompose(list(test.images), progress=False)
@@ -342,15 +345,17 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
     wg0, avg0, groups0 = worst_group(dtest.embedding, y, group, clf)
     rep = ablate(dtest, heads=bg_heads, means=tmeans)
     wg1, avg1, groups1 = worst_group(rep, y, group, clf)
-    group_names = [f"{c} on {b}" for c in cls_names for b in ("water", "grass")]
+    group_names = [f"{c} ({sh}) on {b}" for c, sh in zip(cls_names, shapes)
+                   for b in ("water", "grass")]
     spurious = {"background_heads": [list(h) for h in bg_heads], "worst_group_before": wg0,
                 "average_before": avg0, "worst_group_after": wg1, "average_after": avg1,
                 "groups": group_names, "groups_before": groups0, "groups_after": groups1}
-    say(f"\nspurious split (circle/square on water/grass), {len(bg_heads)} background heads "
+    say(f"\nspurious split ({cls_names[0]}/{cls_names[1]}, i.e. circle/square, on water/grass), "
+        f"{len(bg_heads)} background heads "
         f"ablated: worst-group {100 * wg0:.1f}% -> {100 * wg1:.1f}%, "
         f"average {100 * avg0:.1f}% -> {100 * avg1:.1f}%")
     for name, a0, a1 in zip(group_names, groups0, groups1):
-        say(f"  {name:<18s} {100 * a0:5.1f}% -> {100 * a1:5.1f}%")
+        say(f"  {name:<26s} {100 * a0:5.1f}% -> {100 * a1:5.1f}%")
 
     # 6. heat maps of a position head and a shape head: right text against a wrong one
     contrasts = []

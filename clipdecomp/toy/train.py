@@ -188,6 +188,7 @@ class CLIP(nn.Module):
 
     def __init__(self, vocab_size: int, cfg: dict = MODEL_CFG):
         super().__init__()
+        self.cfg = json.loads(json.dumps(cfg))
         v, t, d = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
         self.visual = Visual(v["image_size"], v["patch_size"], v["width"], v["layers"],
                              v["head_width"], v["mlp_ratio"], d)
@@ -245,7 +246,7 @@ def export(model: CLIP, tokenizer, out_dir: str | os.PathLike, info: dict | None
     tmp = out / "open_clip_model.safetensors.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, out / "open_clip_model.safetensors")
-    cfg = json.loads(json.dumps(MODEL_CFG))
+    cfg = json.loads(json.dumps(model.cfg))
     cfg["text_cfg"]["vocab_size"] = tokenizer.get_vocab_size()
     config = {"model_cfg": cfg,
               "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)}}
@@ -254,6 +255,26 @@ def export(model: CLIP, tokenizer, out_dir: str | os.PathLike, info: dict | None
     if info is not None:
         (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
+
+
+def model_config(model_dir: str | os.PathLike | None = None, head_width: int | None = None
+                 ) -> dict:
+    """The architecture of a toy model: an exported folder's (``open_clip_config.json``) or
+    :data:`MODEL_CFG`, with the image tower's ``head_width`` replaced when given.
+
+    Changing ``head_width`` keeps every weight's shape (width 192 in heads of 32 or of 16), so a
+    run can start from weights trained with the other head count.
+    """
+    cfg = json.loads(json.dumps(MODEL_CFG))
+    if model_dir is not None and (Path(model_dir) / "open_clip_config.json").exists():
+        saved = json.loads((Path(model_dir) / "open_clip_config.json").read_text())["model_cfg"]
+        cfg["vision_cfg"].update(saved["vision_cfg"])
+    if head_width is not None:
+        if cfg["vision_cfg"]["width"] % head_width:
+            raise ValueError(f"head_width {head_width} does not divide the width "
+                             f"{cfg['vision_cfg']['width']}")
+        cfg["vision_cfg"]["head_width"] = head_width
+    return cfg
 
 
 def load_exported(model_dir: str | os.PathLike) -> tuple[CLIP, object]:
@@ -273,7 +294,7 @@ def load_exported(model_dir: str | os.PathLike) -> tuple[CLIP, object]:
 
     d = Path(model_dir)
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    model = CLIP(tok.get_vocab_size())
+    model = CLIP(tok.get_vocab_size(), model_config(d))
     w = load_file(str(d / "open_clip_model.safetensors"))
     model.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in w.items()})
     return model.eval(), tok
@@ -286,7 +307,8 @@ def eval_sets(seed: int = 12345, n: int = 512, style: str = "smooth") -> dict:
     """Held-out scenes for the zero-shot check: single objects, and 1-3 objects for counts."""
     single = world.generate(n, seed=seed, n_objects=1, style=style)
     multi = world.generate(n, seed=seed + 1, n_objects=(1, 3), style=style)
-    return {"single": single, "multi": multi}
+    spur = world.spurious_split(n // 2, seed=seed + 2, train=False, style=style)
+    return {"single": single, "multi": multi, "spurious": spur}
 
 
 @torch.no_grad()
@@ -295,6 +317,8 @@ def zero_shot(model: CLIP, tok, sets: dict, batch: int = 256) -> dict[str, float
     model.eval()
     feats = {}
     for k, b in sets.items():
+        if k == "spurious":
+            continue
         fs = [model.encode_image(to_pixels(b.images[i : i + batch]))
               for i in range(0, len(b), batch)]
         feats[k] = F.normalize(torch.cat(fs), dim=-1)
@@ -317,6 +341,42 @@ def zero_shot(model: CLIP, tok, sets: dict, batch: int = 256) -> dict[str, float
         acc[attr] = float((pred == truth).mean())
     model.train()
     return acc
+
+
+@torch.no_grad()
+def spurious_groups(model: CLIP, tok, test: Any, batch: int = 256) -> list[float]:
+    """Zero-shot accuracy of the spurious split's class names per group (the balanced test
+    split; groups in :func:`clipdecomp.toy.world.spurious_split`'s order)."""
+    model.eval()
+    f = F.normalize(torch.cat([model.encode_image(to_pixels(test.images[i : i + batch]))
+                               for i in range(0, len(test), batch)]), dim=-1)
+    names = [world.SPURIOUS_NAMES[c] for c in ("circle", "square")]
+    flat = [t.format(c) for c in names for t in world.TEMPLATES["shape"]]
+    e = F.normalize(model.encode_text(torch.from_numpy(tokenize(tok, flat))), dim=-1)
+    e = F.normalize(e.view(len(names), -1, e.shape[-1]).mean(1), dim=-1)
+    right = ((f @ e.T).argmax(-1).numpy() == test.labels["y"])
+    model.train()
+    return [float(right[test.labels["group"] == g].mean()) for g in range(4)]
+
+
+def remap_vocabulary(state: dict[str, torch.Tensor], old_tok, new_tok, seed: int = 0
+                     ) -> dict[str, torch.Tensor]:
+    """A state dict's token embedding moved from one tokenizer's ids to another's, word by word.
+
+    Words both vocabularies hold keep their rows; new words get fresh rows (normal, std 0.02, as
+    at initialisation). Lets a continuation phase start from weights trained before the world
+    gained a word.
+    """
+    old, new = old_tok.get_vocab(), new_tok.get_vocab()
+    w = state["token_embedding.weight"]
+    if old == new:
+        return state
+    g = torch.Generator().manual_seed(seed)
+    out = 0.02 * torch.randn(len(new), w.shape[1], generator=g, dtype=w.dtype)
+    for word, i in new.items():
+        if word in old:
+            out[i] = w[old[word]]
+    return {**state, "token_embedding.weight": out}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +461,8 @@ def attribute_loss(img: torch.Tensor, prompt_emb: torch.Tensor, index: list, tar
 
 
 def make_batch(batch: int, seed: int, hard_frac: float = 0.0, focus_frac: float = 0.0,
-               style: str = "smooth", spurious_frac: float = 0.0
+               style: str = "smooth", spurious_frac: float = 0.0,
+               spurious_p_major: float = 0.93, spurious_captions: str = "scene"
                ) -> tuple[np.ndarray, list[str], np.ndarray, dict[str, np.ndarray]]:
     """One training batch: general scenes, plus shares of "hard" and "focus" scenes.
 
@@ -412,7 +473,8 @@ def make_batch(batch: int, seed: int, hard_frac: float = 0.0, focus_frac: float 
     balanced over the attributes it varies. The spurious scenes are the training split of
     :func:`clipdecomp.toy.world.spurious_split` (circles mostly on water, squares mostly on
     grass): a correlation in the training data, as web data carries one between waterbirds and
-    water, which the spurious-split experiment then finds and removes.
+    water, which the spurious-split experiment then finds and removes; ``spurious_p_major`` and
+    ``spurious_captions`` are its ``p_major`` and ``captions``.
 
     Returns
     -------
@@ -436,7 +498,8 @@ def make_batch(batch: int, seed: int, hard_frac: float = 0.0, focus_frac: float 
         parts.append(world.generate(n_focus, seed=seed + 2**43, n_objects=1, backgrounds=[bg],
                                     colors=[col], style=style))
     if n_spur:
-        parts.append(world.spurious_split(n_spur, seed=seed + 2**44, train=True, style=style))
+        parts.append(world.spurious_split(n_spur, seed=seed + 2**44, train=True, style=style,
+                                          p_major=spurious_p_major, captions=spurious_captions))
     keys = ("n_objects", "background", "shape", "color", "size", "position")
     labels = {k: np.concatenate([p.labels[k] for p in parts]) for k in keys}
     return (np.concatenate([p.images for p in parts]), [c for p in parts for c in p.captions],
@@ -624,7 +687,8 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
           flat_frac: float = 0.0, ramp_frac: float = 0.0, fresh_text: bool = False,
           style: str = "smooth", attr_weight: float = 0.0, bf16: bool = False,
           resume: bool = False, spurious_frac: float = 0.0,
-          attr_weights: dict[str, float] | None = None) -> CLIP:
+          attr_weights: dict[str, float] | None = None, spurious_p_major: float = 0.93,
+          spurious_captions: str = "scene", head_width: int | None = None) -> CLIP:
     """Contrastive training on freshly generated (image, caption) pairs.
 
     The learning rate warms up linearly over ``warmup`` steps, then follows a cosine to 0 at
@@ -645,6 +709,11 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
         ``clipdecomp/toy/model``), to start from (a continuation phase)
     hard_frac, focus_frac, spurious_frac : shares of each batch drawn as hard, focus and
         spurious scenes (see :func:`make_batch`)
+    spurious_p_major, spurious_captions : how the spurious scenes are drawn and captioned
+        (see :func:`make_batch`)
+    head_width : width of the image tower's attention heads (default: as ``init`` has it, or
+        :data:`MODEL_CFG`'s 32); 16 splits each head of ``init`` in two (see
+        :func:`model_config`)
     flat_frac, ramp_frac : background curriculum (see :func:`texture_schedule` and
         :func:`flatten_background`): flat grounds for the first ``flat_frac`` of the schedule,
         full textures after a further ``ramp_frac``
@@ -673,19 +742,29 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
     say = _printer(log)
 
     tok = build_tokenizer()
-    model = CLIP(tok.get_vocab_size())
+    init_dir = None if init is None else Path(init) if Path(init).is_dir() else \
+        Path(init).parent / "model"
+    cfg = model_config(init_dir, head_width)
+    model = CLIP(tok.get_vocab_size(), cfg)
     previous = None
     if init is not None:
         if Path(init).is_dir():  # an exported folder (F16 weights)
-            model.load_state_dict(load_exported(init)[0].state_dict())
+            prev_model, prev_tok = load_exported(init)
+            model.load_state_dict(remap_vocabulary(prev_model.state_dict(), prev_tok, tok))
             prev_info = Path(init) / "training_info.json"
         else:  # a state.pt beside its run's model/ export
-            model.load_state_dict(torch.load(init, map_location="cpu"))
-            prev_info = Path(init).parent / "model" / "training_info.json"
+            prev_dir = Path(init).parent / "model"
+            state = torch.load(init, map_location="cpu")
+            if (prev_dir / "tokenizer.json").exists():
+                from tokenizers import Tokenizer
+                state = remap_vocabulary(
+                    state, Tokenizer.from_file(str(prev_dir / "tokenizer.json")), tok)
+            model.load_state_dict(state)
+            prev_info = prev_dir / "training_info.json"
         if prev_info.exists():
             previous = json.loads(prev_info.read_text())
     if init is not None and fresh_text:
-        fresh = CLIP(tok.get_vocab_size()).state_dict()
+        fresh = CLIP(tok.get_vocab_size(), cfg).state_dict()
         model.load_state_dict({k: (v if k.startswith("visual.") else fresh[k])
                                for k, v in model.state_dict().items()})
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -705,6 +784,10 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
     args = {"seed": seed, "batch": batch, "lr": lr, "warmup": warmup, "hard_frac": hard_frac,
             "focus_frac": focus_frac, "flat_frac": flat_frac, "ramp_frac": ramp_frac,
             "style": style, "attr_weight": attr_weight, "spurious_frac": spurious_frac}
+    if spurious_p_major != 0.93 or spurious_captions != "scene":
+        args.update(spurious_p_major=spurious_p_major, spurious_captions=spurious_captions)
+    if head_width is not None:
+        args["head_width"] = head_width
     if attr_weights:
         args["attr_weights"] = dict(attr_weights)
     if resume and (outp / "resume.pt").exists():
@@ -742,12 +825,20 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
             cmd += " --attr-weights " + ",".join(f"{k}={v}" for k, v in attr_weights.items())
         if spurious_frac:
             cmd += f" --spurious-frac {spurious_frac}"
+        if spurious_p_major != 0.93:
+            cmd += f" --spurious-p-major {spurious_p_major}"
+        if spurious_captions != "scene":
+            cmd += f" --spurious-captions {spurious_captions}"
+        if head_width is not None:
+            cmd += f" --vision-head-width {head_width}"
         if bf16:
             cmd += " --bf16"
         d = {"seed": seed, "steps": step, "hard_frac": hard_frac, "focus_frac": focus_frac,
              "flat_frac": flat_frac, "ramp_frac": ramp_frac, "fresh_text": fresh_text,
              "style": style, "attr_weight": attr_weight, "bf16": bf16,
              "spurious_frac": spurious_frac, "attr_weights": attr_weights,
+             "spurious_p_major": spurious_p_major, "spurious_captions": spurious_captions,
+             "vision_head_width": cfg["vision_cfg"]["head_width"],
              "schedule_steps": total, "warmup": warm, "batch": batch, "lr": lr,
              "minutes": round((elapsed0 + time.time() - t0) / 60, 2),
              "final_loss": None if ema is None else round(ema, 4),
@@ -782,7 +873,8 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
             g["lr"] = cur
         images, captions, fg, labels = make_batch(batch, seed * 1_000_003 + 7919 * step + 1,
                                                   hard_frac, focus_frac, style,
-                                                  spurious_frac)
+                                                  spurious_frac, spurious_p_major,
+                                                  spurious_captions)
         texture = texture_schedule(step, total, flat_frac, ramp_frac)
         images = flatten_background(images, fg, texture)
         x = to_pixels(images)
@@ -814,8 +906,10 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
         if step % log_every == 0:
             acc = zero_shot(model, tok, sets)
             accs = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+            wg = spurious_groups(model, tok, sets["spurious"])
             say(f"step {step}/{total} lr={cur:.2e} tex={texture:.2f} loss={ema:.4f} "
-                f"scale={model.logit_scale.exp().item():.1f} {accs} "
+                f"scale={model.logit_scale.exp().item():.1f} {accs} spurious groups="
+                + "/".join(f"{g:.2f}" for g in wg) + " "
                 f"({(elapsed0 + time.time() - t0) / 60:.1f} min)")
             if best is None or _score(acc) > best["score"]:
                 best = {"step": step, "score": _score(acc), "zero_shot": acc}
@@ -863,7 +957,9 @@ def run_from_args(a: Any) -> None:
           max_steps=a.max_steps, warmup=a.warmup, init=a.init, hard_frac=a.hard_frac,
           focus_frac=a.focus_frac, flat_frac=a.flat_frac, ramp_frac=a.ramp_frac,
           fresh_text=a.fresh_text, style=a.style, attr_weight=a.attr_weight, bf16=a.bf16,
-          resume=a.resume, spurious_frac=a.spurious_frac, attr_weights=a.attr_weights)
+          resume=a.resume, spurious_frac=a.spurious_frac, attr_weights=a.attr_weights,
+          spurious_p_major=a.spurious_p_major, spurious_captions=a.spurious_captions,
+          head_width=a.vision_head_width)
 
 
 if __name__ == "__main__":

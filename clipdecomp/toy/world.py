@@ -65,6 +65,10 @@ TEMPLATES: dict[str, list[str]] = {
 }
 COUNT_PROMPT_NAMES = {"one": "one", "two": "two", "three": "three"}
 
+# Names of the spurious split's classes (see spurious_split): a word for a kind of object that
+# is defined by its shape but, in the captions, only ever seen on one ground.
+SPURIOUS_NAMES = {"circle": "buoy", "square": "crate"}
+
 # Caption vocabulary: phrasing variants used by the caption generator.
 _SIZE_WORDS = {"small": ["small", "little", "tiny"], "large": ["large", "big"]}
 _POSITION_WORDS = {p: [p] for p in POSITIONS}
@@ -152,6 +156,7 @@ def vocabulary() -> list[str]:
     """
     texts: list[str] = []
     texts += SHAPES + COLORS + SIZES + POSITIONS + BACKGROUNDS + COUNTS
+    texts += list(SPURIOUS_NAMES.values())
     for ws in list(_SIZE_WORDS.values()) + list(_POSITION_WORDS.values()):
         texts += ws
     for ws in _BACKGROUND_WORDS.values():
@@ -882,13 +887,18 @@ def _spread_cells(rng: np.random.Generator, k: int) -> np.ndarray:
 
 def spurious_split(n: int, seed: int = 0, train: bool = True, p_major: float = 0.93,
                    classes: tuple[str, str] = ("circle", "square"),
-                   backgrounds: tuple[str, str] = ("water", "grass"), style: str = "smooth"
-                   ) -> ShapesBatch:
+                   backgrounds: tuple[str, str] = ("water", "grass"), style: str = "smooth",
+                   captions: str = "scene") -> ShapesBatch:
     """A Waterbirds-like split: two shape classes, each mostly on its own background.
 
     Each image holds one object. Class ``y`` is 0 for ``classes[0]`` and 1 for ``classes[1]``;
     ``place`` is 0 for ``backgrounds[0]`` and 1 for ``backgrounds[1]``; class y's usual
     background is ``backgrounds[y]``. ``group = 2 * y + place``.
+
+    The classes also have names of their own, :data:`SPURIOUS_NAMES` (a circle is a "buoy", a
+    square a "crate"), as "waterbird" names a kind of bird. With ``captions="class"`` every
+    caption is a shape template with that name and nothing else ("a photo of a buoy."): a
+    class name seen only beside its usual ground, as web captions name waterbirds on water.
 
     Parameters
     ----------
@@ -901,6 +911,8 @@ def spurious_split(n: int, seed: int = 0, train: bool = True, p_major: float = 0
     classes : the two shape names
     backgrounds : the two background names
     style : a key of ``STYLES``
+    captions : "scene" (each scene described as :func:`generate` does) or "class" (the class
+        name in a shape template, see above; needs ``classes`` of :data:`SPURIOUS_NAMES`)
 
     Returns
     -------
@@ -912,6 +924,9 @@ def spurious_split(n: int, seed: int = 0, train: bool = True, p_major: float = 0
     >>> np.bincount(test.labels["group"], minlength=4).tolist()
     [2, 2, 2, 2]
     """
+    if captions == "class" and any(c not in SPURIOUS_NAMES for c in classes):
+        raise ValueError(f"captions='class' needs classes among {sorted(SPURIOUS_NAMES)}, "
+                         f"got {classes}")
     rng = np.random.default_rng(seed)
     c_idx = _index(list(classes), SHAPES, "classes")
     b_idx = _index(list(backgrounds), BACKGROUNDS, "backgrounds")
@@ -933,6 +948,13 @@ def spurious_split(n: int, seed: int = 0, train: bool = True, p_major: float = 0
     pos_idx[:, 0] = rng.integers(0, 9, n)
     batch = _render(rng, n, n_obj, b_idx[place], shape_idx, color_idx, size_idx, pos_idx,
                     IMAGE_SIZE, style=style)
+    if captions == "class":
+        names = [SPURIOUS_NAMES[c] for c in classes]
+        forms = TEMPLATES["shape"]
+        pick = rng.integers(0, len(forms), n)
+        batch.captions = [forms[f].format(names[c]) for c, f in zip(y, pick)]
+    elif captions != "scene":
+        raise ValueError(f"captions must be 'scene' or 'class', got {captions!r}")
     batch.labels["y"] = y.astype(np.int64)
     batch.labels["place"] = place.astype(np.int64)
     batch.labels["group"] = (2 * y + place).astype(np.int64)

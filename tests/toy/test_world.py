@@ -216,6 +216,28 @@ def test_spurious_split_proportions():
                                                 toy.SHAPES.index("heart")}
 
 
+
+def test_spurious_split_class_captions():
+    """captions="class": the same scenes, each captioned only by its class's own name."""
+    scene = toy.spurious_split(64, seed=4, train=True, p_major=1.0)
+    named = toy.spurious_split(64, seed=4, train=True, p_major=1.0, captions="class")
+    np.testing.assert_array_equal(scene.images, named.images)
+    for k in scene.labels:
+        np.testing.assert_array_equal(scene.labels[k], named.labels[k])
+    assert (named.labels["y"] == named.labels["place"]).all()  # p_major = 1: no minority
+    names = [toy.SPURIOUS_NAMES["circle"], toy.SPURIOUS_NAMES["square"]]
+    for cap, y in zip(named.captions, named.labels["y"]):
+        assert cap in [t.format(names[y]) for t in toy.TEMPLATES["shape"]], cap
+    assert len(set(named.captions)) == 2 * len(toy.TEMPLATES["shape"])
+    # the names are words of the world, and nothing else in the captions names the ground
+    assert set(names) <= set(toy.vocabulary())
+    assert not any(w in c for c in named.captions for w in ("water", "grass", "on "))
+    with pytest.raises(ValueError, match="'scene' or 'class'"):
+        toy.spurious_split(4, captions="names")
+    with pytest.raises(ValueError, match="needs classes among"):
+        toy.spurious_split(4, classes=("star", "heart"), captions="class")
+
+
 # ---------------------------------------------------------------------------------------------
 # Regression: the exact output for fixed seeds. The shipped model was trained on these images, so
 # a faster generator must draw the same ones. Backgrounds "grass", "sand", "brick" and the shapes
@@ -580,6 +602,94 @@ def test_train_toy_command_line_checks_its_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["train-toy", "--steps", "2"])
     assert "--out is required" in capsys.readouterr().err
+
+
+def test_make_batch_spurious_part_follows_its_options():
+    pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    images, caps, fg, labels = train.make_batch(16, seed=3, spurious_frac=0.5,
+                                                spurious_p_major=1.0, spurious_captions="class")
+    want = toy.spurious_split(8, seed=3 + 2**44, train=True, p_major=1.0, captions="class")
+    assert caps[8:] == want.captions
+    np.testing.assert_array_equal(images[8:], want.images)
+    np.testing.assert_array_equal(labels["background"][8:], want.labels["background"])
+    assert images.shape[0] == len(caps) == fg.shape[0] == 16
+
+
+def test_init_from_a_smaller_vocabulary_keeps_each_words_row(tmp_path, monkeypatch):
+    """A continuation phase may start from weights exported before the world gained a word:
+    every word keeps its embedding row, new words get fresh rows."""
+    torch = pytest.importorskip("torch")
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    from clipdecomp.toy import train
+
+    new_tok = train.build_tokenizer()
+    dropped = set(toy.SPURIOUS_NAMES.values())
+    words = [w for w in toy.vocabulary() if w not in dropped]
+    vocab = {train.PAD: 0, train.UNK: 1, **{w: i + 2 for i, w in enumerate(words)}}
+    vocab[train.SOT], vocab[train.EOT] = len(vocab), len(vocab) + 1
+    old_tok = Tokenizer(WordLevel(vocab, unk_token=train.UNK))
+    old_tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    old_tok.post_processor = processors.TemplateProcessing(
+        single=f"{train.SOT} $A {train.EOT}",
+        special_tokens=[(train.SOT, vocab[train.SOT]), (train.EOT, vocab[train.EOT])])
+    torch.manual_seed(0)
+    old = train.CLIP(len(vocab))
+    train.export(old, old_tok, tmp_path / "old")
+    old_rows = train.load_exported(tmp_path / "old")[0].token_embedding.weight.detach()
+
+    small = train.eval_sets(n=8, style="smooth")
+    monkeypatch.setattr(train, "eval_sets", lambda **kw: small)
+    model = train.train(str(tmp_path / "new"), steps=1, batch=8, lr=0.0, warmup=1,
+                        init=str(tmp_path / "old"), style="smooth", log_every=100)
+    rows = model.token_embedding.weight.detach()
+    new = new_tok.get_vocab()
+    assert rows.shape[0] == len(new) == len(vocab) + len(dropped)
+    for w, i in vocab.items():
+        torch.testing.assert_close(rows[new[w]], old_rows[i], msg=w, rtol=0, atol=0)
+    for w in dropped:
+        assert 0 < float(rows[new[w]].std()) < 0.05
+    # the same through state.pt beside its run's export
+    again = train.train(str(tmp_path / "again"), steps=1, batch=8, lr=0.0, warmup=1,
+                        init=str(tmp_path / "new" / "state.pt"), style="smooth", log_every=100)
+    torch.testing.assert_close(again.token_embedding.weight, model.token_embedding.weight)
+
+
+def test_head_width_splits_heads_and_keeps_weights(tmp_path, monkeypatch):
+    """--vision-head-width 16 starts from a 32-wide export with every weight as it was; the new
+    export says 16, and clipdecomp's forward of it matches the torch model's."""
+    torch = pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    assert train.model_config(head_width=16)["vision_cfg"]["head_width"] == 16
+    with pytest.raises(ValueError, match="does not divide"):
+        train.model_config(head_width=10)
+    tok = train.build_tokenizer()
+    torch.manual_seed(0)
+    train.export(train.CLIP(tok.get_vocab_size()), tok, tmp_path / "wide")
+    start = train.load_exported(tmp_path / "wide")[0]
+    small = train.eval_sets(n=8, style="smooth")
+    monkeypatch.setattr(train, "eval_sets", lambda **kw: small)
+    model = train.train(str(tmp_path / "narrow"), steps=1, batch=8, lr=0.0, warmup=1,
+                        init=str(tmp_path / "wide"), style="smooth", log_every=100,
+                        head_width=16)
+    for (k, v), w in zip(start.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(v, w, msg=k)
+    cfg = json.loads((tmp_path / "narrow" / "model" / "open_clip_config.json").read_text())
+    assert cfg["model_cfg"]["vision_cfg"]["head_width"] == 16
+    exported, _ = train.load_exported(tmp_path / "narrow" / "model")
+    assert exported.visual.transformer.resblocks[0].attn.heads == 12
+    x = train.to_pixels(small["single"].images[:4])
+    with torch.no_grad():
+        want = exported.encode_image(x).numpy()
+        other = start.encode_image(x).numpy()  # six heads of 32: another function
+    got = clipdecomp.load(tmp_path / "narrow" / "model").encode_image(
+        list(small["single"].images[:4]))
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+    assert np.abs(want - other).max() > 1e-3
 
 
 def test_training_resumes_step_for_step(tmp_path, monkeypatch):
