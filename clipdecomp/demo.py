@@ -150,6 +150,44 @@ def worst_group(emb: np.ndarray, y: np.ndarray, group: np.ndarray, classifier
     return min(accs), float((pred == y).mean()), accs
 
 
+def spurious_repair(model, roles: list[dict], n: int, seed: int, style: str
+                    ) -> tuple[dict[str, Any], Any]:
+    """The Waterbirds experiment on the spurious split: worst-group accuracy of the zero-shot
+    classifier for the classes' own names ("a buoy", "a crate", as Waterbirds asks for "a
+    waterbird": words the model saw only beside their usual ground), before and after
+    mean-ablating the heads whose TextSpan texts are mostly (at least 3 of 5) about the ground.
+
+    Means come from ``n`` scenes of the training distribution (seed ``seed + 5``); the balanced
+    test split has ``max(n, 64)`` scenes (seed ``seed + 6``).
+
+    Returns
+    -------
+    (report, means): the report dict (``classes``, ``background_heads``, ``worst_group_before``
+    / ``_after``, ``average_before`` / ``_after``, ``groups``, ``groups_before`` / ``_after``)
+    and the component means used for the ablation
+    """
+    train = toy.spurious_split(n, seed=seed + 5, train=True, style=style)
+    test = toy.spurious_split(max(n, 64), seed=seed + 6, train=False, style=style)
+    shapes = ["circle", "square"]
+    cls_names = [toy.SPURIOUS_NAMES[c] for c in shapes]
+    clf = zero_shot_classifier(model, cls_names, templates=toy.TEMPLATES["shape"])
+    dtrain = model.decompose(list(train.images), progress=False)
+    dtest = model.decompose(list(test.images), progress=False)
+    bg_heads = [(r["layer"], r["head"]) for r in roles if r["role"] == "background"
+                and r["share"] >= 0.6]
+    means = component_means(dtrain)
+    y, group = test.labels["y"], test.labels["group"]
+    wg0, avg0, groups0 = worst_group(dtest.embedding, y, group, clf)
+    wg1, avg1, groups1 = worst_group(ablate(dtest, heads=bg_heads, means=means), y, group, clf)
+    report = {"classes": cls_names, "background_heads": [list(h) for h in bg_heads],
+              "worst_group_before": wg0, "average_before": avg0, "worst_group_after": wg1,
+              "average_after": avg1,
+              "groups": [f"{c} ({sh}) on {b}" for c, sh in zip(cls_names, shapes)
+                         for b in ("water", "grass")],
+              "groups_before": groups0, "groups_after": groups1}
+    return report, means
+
+
 def probe_ground_truth(model, roles: list[dict], n: int, seed: int, style: str
                        ) -> dict[str, Any]:
     """Fit linear probes per head and attribute (:func:`clipdecomp.methods.probes.head_probes`) and
@@ -329,29 +367,15 @@ def run_demo(out: str | os.PathLike = "clipdecomp-demo", n_images: int = 128, se
             f"{100 * r['map']:5.1f}")
 
     # 5. spurious correlation: ablate the background heads
-    train = toy.spurious_split(n, seed=seed + 5, train=True, style=style)
-    test = toy.spurious_split(max(n, 64), seed=seed + 6, train=False, style=style)
-    # the classes by their own names (a circle is a "buoy"), as Waterbirds asks for "a
-    # waterbird": words the model saw only beside their usual ground
-    shapes = ["circle", "square"]
-    cls_names = [toy.SPURIOUS_NAMES[c] for c in shapes]
-    clf = zero_shot_classifier(model, cls_names, templates=toy.TEMPLATES["shape"])
-    dtrain = model.decompose(list(train.images), progress=False)
-    dtest = model.decompose(list(test.images), progress=False)
-    bg_heads = [(r["layer"], r["head"]) for r in roles if r["role"] == "background"
-                and r["share"] >= 0.6]
-    tmeans = component_means(dtrain)
-    y, group = test.labels["y"], test.labels["group"]
-    wg0, avg0, groups0 = worst_group(dtest.embedding, y, group, clf)
-    rep = ablate(dtest, heads=bg_heads, means=tmeans)
-    wg1, avg1, groups1 = worst_group(rep, y, group, clf)
-    group_names = [f"{c} ({sh}) on {b}" for c, sh in zip(cls_names, shapes)
-                   for b in ("water", "grass")]
-    spurious = {"background_heads": [list(h) for h in bg_heads], "worst_group_before": wg0,
-                "average_before": avg0, "worst_group_after": wg1, "average_after": avg1,
-                "groups": group_names, "groups_before": groups0, "groups_after": groups1}
+    spurious, tmeans = spurious_repair(model, roles, n, seed, style)
+    bg_heads = [tuple(h) for h in spurious["background_heads"]]
+    cls_names, wg0, wg1 = spurious["classes"], spurious["worst_group_before"], \
+        spurious["worst_group_after"]
+    avg0, avg1 = spurious["average_before"], spurious["average_after"]
+    group_names, groups0, groups1 = spurious["groups"], spurious["groups_before"], \
+        spurious["groups_after"]
     say(f"\nspurious split ({cls_names[0]}/{cls_names[1]}, i.e. circle/square, on water/grass), "
-        f"{len(bg_heads)} background heads "
+        f"{len(bg_heads)} background head{'' if len(bg_heads) == 1 else 's'} "
         f"ablated: worst-group {100 * wg0:.1f}% -> {100 * wg1:.1f}%, "
         f"average {100 * avg0:.1f}% -> {100 * avg1:.1f}%")
     for name, a0, a1 in zip(group_names, groups0, groups1):
