@@ -75,7 +75,8 @@ def run_dataset(
         spec or path is loaded with its image tower alone (:meth:`ModelSpec.image_tower`):
         the run never encodes text. The store records the model's identity without its text
         tower (``store.TEXT_TOWER_FIELDS``), so a store made by a model with both towers
-        resumes with one loaded image-only, and the other way round.
+        resumes with one loaded image-only, and the other way round; the spec it records
+        loads the whole model (for the commands that encode text later).
     source : str, PathLike, sequence of paths or ImageSource
         Image folder (recursive), class-per-folder layout, or list file (see
         :func:`open_source`).
