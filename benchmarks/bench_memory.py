@@ -166,10 +166,10 @@ def child(args: argparse.Namespace) -> None:
     out = {"base": base * 1024, "peak_load": _status_kib("VmHWM") * 1024,
            "steady": _status_kib("VmRSS") * 1024, "load_s": load_s,
            "precision": model.precision, "package": os.path.dirname(clipdecomp.__file__)}
+    out["nbytes"] = model.nbytes
     if not args.before:
         from clipdecomp.engine.model import load_memory
 
-        out["nbytes"] = model.nbytes
         out["predicted"] = load_memory(model.config, model.precision)[0]
         # parameters of what was loaded (no panel padding in these geometries)
         out["params"] = load_memory(model.config, "fp32")[0] // 4
@@ -211,6 +211,22 @@ def run_child(path: Path, precision: str, towers: str, decompose: int, budget: s
     return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:300]}
 
 
+def _before_row(name: str, dtype: str, size: int, precision: str, before: str,
+                params: int | None, timeout: int, path: Path) -> str:
+    """The row of one load by the package of an earlier tree (``--before``), beside the row
+    of the same load by this one; ``params`` is counted by this one."""
+    r = run_child(path, precision, "both", 0, "", timeout, before)
+    if "error" in r:
+        return f"| {name} | before | error: {r['error']} |"
+    w = r["nbytes"]
+    per = f"{w / (params * (2 if r['precision'] == 'bf16' else 4)):.3f}" if params else "-"
+    return (f"| {name} | {dtype} | both | {r['precision']}, before (`{before}`) | "
+            f"{_gib(size)} | {_gib(w)} | {per} | {_gib(r['base'])} | {_gib(r['peak_load'])} | "
+            f"{_gib(r['steady'])} | {r['peak_load'] / r['steady']:.3f} | "
+            f"{(r['steady'] - r['base']) / w:.3f} | {r['load_s']:.1f} | - | - | "
+            f"{_gib(r['peak_load'])} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="B16,L14,H14")
@@ -224,9 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--out", default=None, help="append the Markdown table to this file")
-    ap.add_argument("--before", default="", help="also load each checkpoint (fp32, both "
-                    "towers) with the package of this source tree (an earlier version, built "
-                    "in place), side by side")
+    ap.add_argument("--before", default="", help="also load each checkpoint (both towers, "
+                    "each precision) with the package of this source tree (an earlier "
+                    "version, built in place), side by side")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -284,15 +300,11 @@ def main(argv: list[str] | None = None) -> None:
                                    f"{_gib(r.get('peak_all', r['peak_load']))} |")
                         rows.append(row)
                         print(row + f"  <!-- load {os.getloadavg()[0]:.2f} -->", flush=True)
-                if args.before:
-                    r = run_child(path, "fp32", "both", 0, "", args.timeout, args.before)
-                    row = (f"| {name} | {dtype} | both | fp32, before (`{args.before}`) | "
-                           f"{_gib(size)} | - | - | {_gib(r['base'])} | {_gib(r['peak_load'])} | "
-                           f"{_gib(r['steady'])} | {r['peak_load'] / r['steady']:.3f} | - | "
-                           f"{r['load_s']:.1f} | - | - | {_gib(r['peak_load'])} |"
-                           if "error" not in r else f"| {name} | before | error: {r['error']} |")
-                    rows.append(row)
-                    print(row, flush=True)
+                        if args.before and towers == "both":
+                            row = _before_row(name, dtype, size, precision, args.before,
+                                              r.get("params"), args.timeout, path)
+                            rows.append(row)
+                            print(row, flush=True)
             finally:
                 if not args.keep:
                     shutil.rmtree(tmp, ignore_errors=True)

@@ -55,9 +55,8 @@ typedef struct {
     const float *ln1_w, *ln1_b;   /* (W) */
     cd_gemm_weight qkv;           /* (3W, W) packed: [q; k; v] */
     const float *qkv_b;           /* (3W) */
-    cd_gemm_weight out;           /* (W, W) packed */
-    const float *out_w;           /* (W, W) unpacked (out, in), SigLIP's vision blocks only (its
-                                   * deep decomposition); CLIP unpacks `out` when it needs it */
+    cd_gemm_weight out;           /* (W, W) packed; the decompositions unpack it into their
+                                   * scratch where they need the plain matrix */
     const float *out_b;           /* (W) */
     const float *ln2_w, *ln2_b;   /* (W) */
     cd_gemm_weight fc;            /* (F, W) packed */
@@ -76,7 +75,9 @@ typedef struct {
     const float *ln_post_w, *ln_post_b;  /* (W) gamma, beta of the decomposition */
     cd_gemm_weight proj;          /* (D, W) packed: proj^T */
     /* text (text_layers > 0) */
-    const float *tok_emb;         /* (V, Wt) */
+    const float *tok_emb;         /* (V, Wt) float32, in an fp32 model; NULL otherwise */
+    const uint16_t *tok_emb_bf16; /* (V, Wt) bf16, in a bf16 / bf16-emulated model (the rows
+                                   * are widened as they are looked up); NULL otherwise */
     const float *tpos;            /* (C, Wt) */
     cd_block *tblocks;            /* (text_layers) */
     const float *ln_final_w, *ln_final_b;  /* (Wt) */
@@ -87,9 +88,7 @@ typedef struct {
     const float *pool_q;          /* (W) the probe's query, probe @ W_Q^T + b_Q, once at load */
     cd_gemm_weight pool_kv;       /* (2W, W) packed: [W_K; W_V] of the pooling attention */
     const float *pool_kv_b;       /* (2W) */
-    const float *pool_v_w;        /* (W, W) W_V unpacked (the deep decomposition) */
     cd_gemm_weight pool_out;      /* (W, W) packed out-projection */
-    const float *pool_out_w;      /* (W, W) unpacked (out, in) */
     const float *pool_out_b;      /* (W) */
     const float *pool_ln_w, *pool_ln_b;  /* (W) the head's LayerNorm */
     cd_gemm_weight pool_fc;       /* (F, W) packed */
@@ -105,7 +104,7 @@ struct cd_model {
     cd_st_file file;              /* the mapping, during load only: closed once the model is
                                    * built, so that a file rewritten later cannot reach it */
     cd_weights w;
-    float **owned;                /* converted / assembled buffers the weights point into */
+    void **owned;                 /* converted / assembled buffers the weights point into */
     int n_owned, cap_owned;
     size_t owned_bytes;           /* their size */
     int has_logit_scale;
@@ -239,17 +238,43 @@ static const char *vision_key(const loader *ld, const char *name) {
     return name;
 }
 
-static int own(cd_model *m, float *buf, size_t n_floats) {
+/* hand buf (bytes long) to the model, which frees it; 0, or -1 when memory is short */
+static int own_bytes(cd_model *m, void *buf, size_t bytes) {
     if (m->n_owned == m->cap_owned) {
         int ncap = m->cap_owned ? 2 * m->cap_owned : 64;
-        float **no = (float **)realloc(m->owned, (size_t)ncap * sizeof(float *));
+        void **no = (void **)realloc(m->owned, (size_t)ncap * sizeof(void *));
         if (!no) return -1;
         m->owned = no;
         m->cap_owned = ncap;
     }
     m->owned[m->n_owned++] = buf;
-    m->owned_bytes += n_floats * sizeof(float);
+    m->owned_bytes += bytes;
     return 0;
+}
+
+static int own(cd_model *m, float *buf, size_t n_floats) {
+    return own_bytes(m, buf, n_floats * sizeof(float));
+}
+
+/* free an owned buffer (bytes long) before the model ends */
+static void disown(cd_model *m, const void *buf, size_t bytes) {
+    for (int i = 0; i < m->n_owned; i++)
+        if (m->owned[i] == buf) {
+            free(m->owned[i]);
+            m->owned[i] = m->owned[--m->n_owned];
+            m->owned_bytes -= bytes;
+            return;
+        }
+}
+
+/* n float32 values as bf16 (round to nearest even), in a new buffer; NULL when memory is short */
+static uint16_t *bf16_copy(const float *v, size_t n) {
+    size_t bytes;
+    if (mul_sz(&bytes, n ? n : 1, sizeof(uint16_t))) return NULL;
+    uint16_t *out = (uint16_t *)malloc(bytes);
+    if (out)
+        for (size_t i = 0; i < n; i++) out[i] = cd_bf16_from_f32(v[i]);
+    return out;
 }
 
 static void fmt_shape(char *buf, size_t cap, int ndim, const int64_t *dims) {
@@ -362,6 +387,28 @@ static cd_status keep(loader *ld, const float **out, const char *base, const cha
     return CD_OK;
 }
 
+/* The text token table (V, Wt): kept as keep() does in an fp32 model, as bf16 in a bf16 or
+ * bf16-emulated one (its float32 values are read, rounded, and not kept) */
+static cd_status keep_token_table(loader *ld, const char *key, const int64_t *dVW) {
+    cd_weights *w = &ld->m->w;
+    if (ld->precision == CD_PRECISION_FP32) return keep(ld, &w->tok_emb, "", key, 2, dVW);
+    const float *v;
+    float *tmp;
+    cd_status st = fetch(ld, "", key, 2, dVW, &v, &tmp);
+    if (st) return st;
+    const size_t n = (size_t)dVW[0] * (size_t)dVW[1];   /* == numel, checked by the parser */
+    uint16_t *t = bf16_copy(v, n);
+    free(tmp);
+    release_last(ld);
+    if (!t || own_bytes(ld->m, t, (n ? n : 1) * sizeof(uint16_t))) {
+        free(t);
+        set_err(ld->err, "%s: out of memory", ld->m->file.path);
+        return CD_ERR_NOMEM;
+    }
+    w->tok_emb_bf16 = t;
+    return CD_OK;
+}
+
 static cd_status pack_err(loader *ld, const char *what) {
     set_err(ld->err, "%s: out of memory packing '%s%s'", ld->m->file.path, ld->prefix, what);
     return CD_ERR_NOMEM;
@@ -442,8 +489,8 @@ static const char *leaf_name(char *buf, size_t cap, const char *name, const char
 }
 
 static cd_status load_fused_block(loader *ld, cd_block *blk, const char *base, int W, int F,
-                                  int keep_out, const fused_block_keys *k) {
-    const int64_t dW[1] = {W}, dF[1] = {F}, d3W[1] = {3 * (int64_t)W}, dWW[2] = {W, W};
+                                  const fused_block_keys *k) {
+    const int64_t dW[1] = {W}, dF[1] = {F}, d3W[1] = {3 * (int64_t)W};
     cd_status st;
     char b[96];
 #define TRY(x) do { if ((st = (x)) != CD_OK) return st; } while (0)
@@ -451,10 +498,6 @@ static cd_status load_fused_block(loader *ld, cd_block *blk, const char *base, i
     TRY(keep(ld, &blk->ln1_b, base, leaf_name(b, sizeof b, k->ln1, "bias"), 1, dW));
     TRY(pack_block(ld, &blk->qkv, base, k->qkv_w, 3 * W, W));
     TRY(keep(ld, &blk->qkv_b, base, k->qkv_b, 1, d3W));
-    /* SigLIP's deep decomposition keeps the plain matrix too, read before the packed copy is
-     * converted */
-    if (keep_out) TRY(keep(ld, &blk->out_w, base, leaf_name(b, sizeof b, k->out, "weight"), 2,
-                           dWW));
     TRY(pack_block(ld, &blk->out, base, leaf_name(b, sizeof b, k->out, "weight"), W, W));
     TRY(keep(ld, &blk->out_b, base, leaf_name(b, sizeof b, k->out, "bias"), 1, dW));
     TRY(keep(ld, &blk->ln2_w, base, leaf_name(b, sizeof b, k->ln2, "weight"), 1, dW));
@@ -467,13 +510,12 @@ static cd_status load_fused_block(loader *ld, cd_block *blk, const char *base, i
 }
 
 /* One residual block. base: e.g. "visual.transformer.resblocks.3." (open_clip) or
- * "vision_model.encoder.layers.3." (HF). keep_out: keep the unpacked out-projection. */
-static cd_status load_block(loader *ld, cd_block *blk, const char *base, int W, int F,
-                            int keep_out) {
+ * "vision_model.encoder.layers.3." (HF). */
+static cd_status load_block(loader *ld, cd_block *blk, const char *base, int W, int F) {
     const int64_t dW[1] = {W}, dF[1] = {F}, dWW[2] = {W, W};
     cd_status st;
     const int hf = ld->m->layout == CD_LAYOUT_HF;
-    if (!hf) return load_fused_block(ld, blk, base, W, F, keep_out, &OPEN_CLIP_BLOCK);
+    if (!hf) return load_fused_block(ld, blk, base, W, F, &OPEN_CLIP_BLOCK);
     TRY(keep(ld, &blk->ln1_w, base, "layer_norm1.weight", 1, dW));
     TRY(keep(ld, &blk->ln1_b, base, "layer_norm1.bias", 1, dW));
     /* q, k, v projections -> one (3W, W) weight and (3W) bias */
@@ -513,7 +555,6 @@ static cd_status load_block(loader *ld, cd_block *blk, const char *base, int W, 
         blk->qkv_b = bias;
         TRY(to_precision(ld, &blk->qkv, "self_attn"));
     }
-    if (keep_out) TRY(keep(ld, &blk->out_w, base, "self_attn.out_proj.weight", 2, dWW));
     TRY(pack_block(ld, &blk->out, base, "self_attn.out_proj.weight", W, W));
     TRY(keep(ld, &blk->out_b, base, "self_attn.out_proj.bias", 1, dW));
     TRY(keep(ld, &blk->ln2_w, base, "layer_norm2.weight", 1, dW));
@@ -558,7 +599,7 @@ static cd_status load_vision(loader *ld) {
         char base[96];
         snprintf(base, sizeof base,
                  hf ? "vision_model.encoder.layers.%d." : "visual.transformer.resblocks.%d.", l);
-        TRY(load_block(ld, &m->w.blocks[l], base, W, c->mlp_dim, 0));
+        TRY(load_block(ld, &m->w.blocks[l], base, W, c->mlp_dim));
     }
     TRY(keep(ld, &m->w.ln_post_w, "",
              hf ? "vision_model.post_layernorm.weight" : "visual.ln_post.weight", 1, dW));
@@ -585,7 +626,7 @@ static cd_status load_text(loader *ld) {
                 hf ? "HF transformers" : "open_clip");
         return CD_ERR_MISSING;
     }
-    TRY(keep(ld, &m->w.tok_emb, "", tok, 2, dVW));
+    TRY(keep_token_table(ld, tok, dVW));
     TRY(keep(ld, &m->w.tpos, "",
              hf ? "text_model.embeddings.position_embedding.weight" : "positional_embedding", 2,
              dCW));
@@ -595,7 +636,7 @@ static cd_status load_text(loader *ld) {
         char base[96];
         snprintf(base, sizeof base,
                  hf ? "text_model.encoder.layers.%d." : "transformer.resblocks.%d.", l);
-        TRY(load_block(ld, &m->w.tblocks[l], base, W, c->text_mlp_dim, 0));
+        TRY(load_block(ld, &m->w.tblocks[l], base, W, c->text_mlp_dim));
     }
     TRY(keep(ld, &m->w.ln_final_w, "",
              hf ? "text_model.final_layer_norm.weight" : "ln_final.weight", 1, dW));
@@ -611,19 +652,6 @@ static cd_status load_text(loader *ld) {
  * use it too; the encoder blocks share CLIP's HF keys), Siglip2Model's (NaFlex) at its native
  * grid, and open_clip's timm-based layout ("visual.trunk.*" with timm's block keys, "text.*"
  * with open_clip's).                                                                          */
-
-/* a copy of n floats of `src` that the model owns */
-static cd_status own_copy(loader *ld, const float **out, const float *src, size_t n) {
-    float *buf = (float *)malloc((n ? n : 1) * sizeof(float));
-    if (!buf || own(ld->m, buf, n ? n : 1)) {
-        free(buf);
-        set_err(ld->err, "%s: out of memory", ld->m->file.path);
-        return CD_ERR_NOMEM;
-    }
-    memcpy(buf, src, n * sizeof(float));
-    *out = buf;
-    return CD_OK;
-}
 
 /* the pooling head. HF: "vision_model.head." probe, attention (nn.MultiheadAttention:
  * in_proj_weight (3W, W) = [W_Q; W_K; W_V], in_proj_bias, out_proj), layernorm, mlp.fc1 / fc2.
@@ -687,42 +715,52 @@ static cd_status load_siglip_head(loader *ld) {
         q[o] = (float)acc;
     }
     w->pool_q = q;
+    w->pool_kv_b = in_b + W;
+    /* pool_const = W_O (W_V beta + b_V) + b_O, in double, from the plain matrices while they
+     * are at hand: the model keeps W_V and W_O packed only */
+    float *pc = (float *)malloc((size_t)W * sizeof(float));
+    double *vb = (double *)malloc((size_t)W * sizeof(double));
+    if (!pc || !vb || own(m, pc, (size_t)W)) {
+        free(pc);
+        free(vb);
+        free(tmp);
+        return pack_err(ld, "vision_model.head");
+    }
     int rc = cd_gemm_pack(&w->pool_kv, in_w + WW, 2 * W, W);
-    st = rc ? pack_err(ld, "attention.in_proj_weight") : own_copy(ld, &w->pool_v_w, in_w + 2 * WW, WW);
+    for (int o = 0; !rc && o < W; o++) {
+        double acc = w->pool_kv_b[W + o];
+        for (int j = 0; j < W; j++)
+            acc += (double)in_w[2 * WW + (size_t)o * W + j] * w->ln_post_b[j];
+        vb[o] = acc;
+    }
     free(tmp);
     release_last(ld);
-    if (st) return st;
-    w->pool_kv_b = in_b + W;
     char b[96];
-    TRY(pack(ld, &w->pool_out, base, leaf_name(b, sizeof b, out, "weight"), W, W));
-    TRY(keep(ld, &w->pool_out_w, base, b, 2, dWW));
-    TRY(keep(ld, &w->pool_out_b, base, leaf_name(b, sizeof b, out, "bias"), 1, dW));
+    const float *ow;
+    st = rc ? pack_err(ld, "attention.in_proj_weight")
+            : keep(ld, &w->pool_out_b, base, leaf_name(b, sizeof b, out, "bias"), 1, dW);
+    if (!st) st = fetch(ld, base, leaf_name(b, sizeof b, out, "weight"), 2, dWW, &ow, &tmp);
+    if (st) {
+        free(vb);
+        return st;
+    }
+    rc = cd_gemm_pack(&w->pool_out, ow, W, W);
+    for (int o = 0; !rc && o < W; o++) {
+        double acc = w->pool_out_b[o];
+        for (int j = 0; j < W; j++) acc += (double)ow[(size_t)o * W + j] * vb[j];
+        pc[o] = (float)acc;
+    }
+    free(vb);
+    free(tmp);
+    release_last(ld);
+    if (rc) return pack_err(ld, b);
+    w->pool_const = pc;
     TRY(keep(ld, &w->pool_ln_w, base, leaf_name(b, sizeof b, lnn, "weight"), 1, dW));
     TRY(keep(ld, &w->pool_ln_b, base, leaf_name(b, sizeof b, lnn, "bias"), 1, dW));
     TRY(pack(ld, &w->pool_fc, base, "mlp.fc1.weight", F, W));
     TRY(keep(ld, &w->pool_fc_b, base, "mlp.fc1.bias", 1, dF));
     TRY(pack(ld, &w->pool_proj, base, "mlp.fc2.weight", W, F));
     TRY(keep(ld, &w->pool_proj_b, base, "mlp.fc2.bias", 1, dW));
-    /* pool_const = W_O (W_V beta + b_V) + b_O, in double */
-    float *pc = (float *)malloc((size_t)W * sizeof(float));
-    double *vb = (double *)malloc((size_t)W * sizeof(double));
-    if (!pc || !vb || own(m, pc, (size_t)W)) {
-        free(pc);
-        free(vb);
-        return pack_err(ld, "vision_model.head");
-    }
-    for (int o = 0; o < W; o++) {
-        double acc = w->pool_kv_b[W + o];
-        for (int j = 0; j < W; j++) acc += (double)w->pool_v_w[(size_t)o * W + j] * w->ln_post_b[j];
-        vb[o] = acc;
-    }
-    for (int o = 0; o < W; o++) {
-        double acc = w->pool_out_b[o];
-        for (int j = 0; j < W; j++) acc += (double)w->pool_out_w[(size_t)o * W + j] * vb[j];
-        pc[o] = (float)acc;
-    }
-    free(vb);
-    w->pool_const = pc;
     return CD_OK;
 }
 
@@ -780,8 +818,8 @@ static cd_status load_siglip_vision(loader *ld) {
         char base[96];
         snprintf(base, sizeof base, oc ? "visual.trunk.blocks.%d." : "vision_model.encoder.layers.%d.",
                  l);
-        if (oc) TRY(load_fused_block(ld, &m->w.blocks[l], base, W, c->mlp_dim, 1, &TIMM_BLOCK));
-        else TRY(load_block(ld, &m->w.blocks[l], base, W, c->mlp_dim, 1));
+        if (oc) TRY(load_fused_block(ld, &m->w.blocks[l], base, W, c->mlp_dim, &TIMM_BLOCK));
+        else TRY(load_block(ld, &m->w.blocks[l], base, W, c->mlp_dim));
     }
     TRY(keep(ld, &m->w.ln_post_w, "", oc ? "visual.trunk.norm.weight"
                                          : "vision_model.post_layernorm.weight", 1, dW));
@@ -807,7 +845,7 @@ static cd_status load_siglip_text(loader *ld) {
                 "text_layers to 0 for an image-only model", m->file.path, probe);
         return CD_ERR_MISSING;
     }
-    TRY(keep(ld, &m->w.tok_emb, "", tok, 2, dVW));
+    TRY(keep_token_table(ld, tok, dVW));
     TRY(keep(ld, &m->w.tpos, "", oc ? "text.positional_embedding"
                                     : "text_model.embeddings.position_embedding.weight", 2, dCW));
     m->w.tblocks = (cd_block *)calloc((size_t)c->text_layers, sizeof(cd_block));
@@ -816,7 +854,7 @@ static cd_status load_siglip_text(loader *ld) {
         char base[96];
         snprintf(base, sizeof base, oc ? "text.transformer.resblocks.%d."
                                        : "text_model.encoder.layers.%d.", l);
-        TRY(load_block(ld, &m->w.tblocks[l], base, W, c->text_mlp_dim, 0));
+        TRY(load_block(ld, &m->w.tblocks[l], base, W, c->text_mlp_dim));
     }
     TRY(keep(ld, &m->w.ln_final_w, "", oc ? "text.ln_final.weight"
                                           : "text_model.final_layer_norm.weight", 1, dW));
@@ -1188,8 +1226,9 @@ int cd_model_logit_bias(const cd_model *m, float *bias) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* precision: the four packed weights of every block (both towers) converted to bf16; the
- * patch embedding, the projections and everything the decomposition folds stay float32       */
+/* precision: the four packed weights of every block (both towers) and the text token table
+ * converted to bf16; the patch embedding, the projections and everything the decomposition
+ * folds stay float32                                                                          */
 
 int cd_has_bf16(void) { return cd_cpu_has_bf16(); }
 
@@ -1211,6 +1250,18 @@ cd_status cd_model_set_precision(cd_model *m, cd_precision p, cd_error *err) {
         return CD_ERR_VALUE;
     }
     const int gp = p == CD_PRECISION_BF16 ? CD_GEMM_BF16 : CD_GEMM_BF16_EMULATED;
+    if (m->w.tok_emb) {   /* the text token table, as a bf16 load keeps it */
+        const size_t n = (size_t)m->cfg.vocab_size * (size_t)m->cfg.text_width;
+        uint16_t *t = bf16_copy(m->w.tok_emb, n);
+        if (!t || own_bytes(m, t, (n ? n : 1) * sizeof(uint16_t))) {
+            free(t);
+            set_err(err, "out of memory converting the weights to bf16");
+            return CD_ERR_NOMEM;
+        }
+        disown(m, m->w.tok_emb, (n ? n : 1) * sizeof(float));
+        m->w.tok_emb = NULL;
+        m->w.tok_emb_bf16 = t;
+    }
     for (int t = 0; t < 2; t++) {
         cd_block *blocks = t == 0 ? m->w.blocks : m->w.tblocks;
         const int L = t == 0 ? m->cfg.layers : m->cfg.text_layers;
@@ -1730,6 +1781,11 @@ typedef struct {
     float *vfold;      /* (L, W, W) vg @ W_O^l: column block h' maps head h' of layer l */
     float *vb;         /* (L, W) vg @ b_O^l / H */
     float *vsum;       /* (W) vg @ 1 */
+    /* per call, the plain matrices unpacked from the packed weights (the model keeps those
+     * only): */
+    float *pool_wo;    /* (W, W) W_O of the pooling head (out, in) */
+    float *pool_kvw;   /* (2W, W) [W_K; W_V] of the pooling attention, deep terms only */
+    float *wo;         /* (L, W, W) every block's out-projection (out, in), deep terms only */
 } siglip_scratch;
 
 /* one thread's share of the per-thread scratch */
@@ -1771,6 +1827,8 @@ static int siglip_scratch_specs(siglip_scratch *s, scratch_spec *sp, const cd_co
         {&s->tv, PER_WORKER, N * H, W, o->tokens},
         {&s->vg, PER_CALL, W, W, o->tokens}, {&s->vfold, PER_CALL, L * W, W, o->tokens},
         {&s->vb, PER_CALL, L, W, o->tokens}, {&s->vsum, PER_CALL, W, 1, o->tokens},
+        {&s->pool_wo, PER_CALL, W, W, 1}, {&s->pool_kvw, PER_CALL, 2 * W, W, deep},
+        {&s->wo, PER_CALL, L * W, W, deep},
     };
     _Static_assert(sizeof spec / sizeof spec[0] <= MAX_SCRATCH_SPECS, "too many arrays");
     memcpy(sp, spec, sizeof spec);
@@ -1822,12 +1880,12 @@ static void siglip_deep(const cd_model *m, const siglip_scratch *s, const siglip
      * - cmu[h] / (K H); zc = c @ z^l (H, W) lands in zu's first H rows as scratch */
     for (int l = 0; l < L; l++) {
         const cd_block *blk = &w->blocks[l];
+        const float *wo = s->wo + idx_bld(l, 0, W, W);   /* (W, W) W_O^l */
         float *zc = sc->zu;
         cd_sgemm_nn(H, W, N, 1.0f, sc->c, N, keep + (size_t)(L + 1 + l) * NW, W, zc, W, 0);
         for (int hp = 0; hp < H; hp++) {
             float *u = sc->u + (size_t)(L + 1 + l * H + hp) * HW;
-            cd_sgemm_nt(H, W, d, 1.0f, zc + (size_t)hp * d, W, blk->out_w + (size_t)hp * d, W,
-                        u, W, 0);
+            cd_sgemm_nt(H, W, d, 1.0f, zc + (size_t)hp * d, W, wo + (size_t)hp * d, W, u, W, 0);
             for (int h = 0; h < H; h++) {
                 const float cs = (float)(csum[h] / H), sh = (float)(cmu[h] / (K * H));
                 float *row = u + (size_t)h * W;
@@ -1839,9 +1897,10 @@ static void siglip_deep(const cd_model *m, const siglip_scratch *s, const siglip
     const float *gamma = w->ln_post_w;
     for (size_t r = 0; r < (size_t)R * H; r++)
         for (int j = 0; j < W; j++) sc->u[r * W + j] *= gamma[j];
+    const float *v_w = s->pool_kvw + (size_t)W * W;   /* (W, W) W_V */
     for (int h = 0; h < H; h++)
-        cd_sgemm_nt(R, d, W, 1.0f, sc->u + (size_t)h * W, H * W, w->pool_v_w + (size_t)h * d * W,
-                    W, sc->zu + (size_t)h * d, W, 0);
+        cd_sgemm_nt(R, d, W, 1.0f, sc->u + (size_t)h * W, H * W, v_w + (size_t)h * d * W, W,
+                    sc->zu + (size_t)h * d, W, 0);
     cd_matmul(sc->y, sc->zu, &w->pool_out, NULL, R, 0);
     for (int r = 0; r < R; r++) {
         const float kt = r <= L ? 1.0f / K : 1.0f / (K * H);
@@ -1859,11 +1918,11 @@ static void siglip_token_fold(const cd_model *m, siglip_scratch *s) {
     const cd_config *cf = &m->cfg;
     const cd_weights *w = &m->w;
     const int W = cf->width, H = cf->heads, L = cf->layers;
-    const float *gamma = w->ln_post_w;
+    const float *gamma = w->ln_post_w, *v_w = s->pool_kvw + (size_t)W * W;   /* W_V */
     for (int o = 0; o < W; o++) {
         double sum = 0.0;
         for (int j = 0; j < W; j++) {
-            const float v = w->pool_v_w[(size_t)o * W + j] * gamma[j];
+            const float v = v_w[(size_t)o * W + j] * gamma[j];
             s->vg[(size_t)o * W + j] = v;
             sum += v;
         }
@@ -1872,8 +1931,8 @@ static void siglip_token_fold(const cd_model *m, siglip_scratch *s) {
     const float inv_h = 1.0f / H;
     for (int l = 0; l < L; l++) {
         const cd_block *blk = &w->blocks[l];
-        cd_sgemm_nn(W, W, W, 1.0f, s->vg, W, blk->out_w, W, s->vfold + idx_bld(l, 0, W, W), W,
-                    0);
+        cd_sgemm_nn(W, W, W, 1.0f, s->vg, W, s->wo + idx_bld(l, 0, W, W), W,
+                    s->vfold + idx_bld(l, 0, W, W), W, 0);
         cd_sgemm_nt(1, W, W, inv_h, blk->out_b, W, s->vg, W, s->vb + (size_t)l * W, W, 0);
     }
 }
@@ -2009,7 +2068,7 @@ static cd_status siglip_forward_chunk(const cd_model *m, const cd_vision_opts *o
         float *ph = r->pool_heads + idx_bld(img, 0, H, W);
         for (int h = 0; h < H; h++)
             cd_sgemm_nt(1, W, d, inv, s->z + (size_t)b * W + (size_t)h * d, W,
-                        w->pool_out_w + (size_t)h * d, W, ph + (size_t)h * W, W, 0);
+                        s->pool_wo + (size_t)h * d, W, ph + (size_t)h * W, W, 0);
         for (int h = 0; h < H; h++)
             for (int j = 0; j < W; j++) ph[(size_t)h * W + j] += w->pool_out_b[j] * inv / H;
         if (o->pool_tokens) {
@@ -2020,7 +2079,7 @@ static cd_status siglip_forward_chunk(const cd_model *m, const cd_vision_opts *o
                 const float *v = kv + idx_bld(b, 0, N, ld) + W + (size_t)h * d;
                 for (int i = 0; i < N; i++)
                     for (int j = 0; j < d; j++) sc.av[(size_t)i * d + j] = p[i] * v[i * ld + j];
-                cd_sgemm_nt(N, W, d, inv, sc.av, d, w->pool_out_w + (size_t)h * d, W,
+                cd_sgemm_nt(N, W, d, inv, sc.av, d, s->pool_wo + (size_t)h * d, W,
                             pt + (size_t)h * W, H * W, 0);
             }
             const float sh = inv / ((float)N * H);
@@ -2252,7 +2311,14 @@ static cd_status clip_run(const cd_model *m, const float *images, int B, const c
 static cd_status siglip_run(const cd_model *m, const float *images, int B,
                             const cd_vision_opts *o, const cd_vision_result *r,
                             siglip_scratch *s) {
-    const int S = m->cfg.image_size, chunk = s->Bc;
+    const int S = m->cfg.image_size, W = m->cfg.width, chunk = s->Bc;
+    /* the plain matrices the decomposition multiplies by, once per call */
+    cd_gemm_unpack(&m->w.pool_out, s->pool_wo);
+    if (s->wo) {
+        cd_gemm_unpack(&m->w.pool_kv, s->pool_kvw);
+        for (int l = 0; l < m->cfg.layers; l++)
+            cd_gemm_unpack(&m->w.blocks[l].out, s->wo + idx_bld(l, 0, W, W));
+    }
     if (o->tokens) siglip_token_fold(m, s);
     for (int b0 = 0; b0 < B; b0 += chunk) {
         s->Bc = B - b0 < chunk ? B - b0 : chunk;
@@ -2476,7 +2542,10 @@ cd_status cd_encode_text(const cd_model *m, const int32_t *tokens, int T, float 
         for (int t0 = 0; block && t0 < T && !st; t0 += (int)Tc) {
             const int n = T - t0 < (int)Tc ? T - t0 : (int)Tc;
             const int32_t *ids = tokens + (size_t)t0 * C;
-            text_embed_forward(s.x, ids, w->tok_emb, w->tpos, n, C, W);
+            if (w->tok_emb_bf16)
+                text_embed_bf16_forward(s.x, ids, w->tok_emb_bf16, w->tpos, n, C, W);
+            else
+                text_embed_forward(s.x, ids, w->tok_emb, w->tpos, n, C, W);
             for (int l = 0; l < Lt; l++) {
                 if (cancel && cancel(cancel_ctx)) {
                     st = CD_ERR_INTERRUPTED;

@@ -72,6 +72,19 @@ void text_embed_forward(float *x, const int32_t *ids, const float *tok_emb, cons
     }
 }
 
+void text_embed_bf16_forward(float *x, const int32_t *ids, const uint16_t *tok_emb,
+                             const float *pos, int T, int C, int W) {
+    #pragma omp parallel for collapse(2) schedule(static) if ((size_t)T * C * W > PAR_MIN_ELEMS)
+    for (int t = 0; t < T; t++) {
+        for (int c = 0; c < C; c++) {
+            float *o = x + ((size_t)t * C + c) * W;
+            const uint16_t *e = tok_emb + (size_t)ids[(size_t)t * C + c] * W;
+            const float *p = pos + (size_t)c * W;
+            for (int w = 0; w < W; w++) o[w] = cd_bf16_to_f32(e[w]) + p[w];
+        }
+    }
+}
+
 /* one row of the layer norm, compiled for the baseline ISA and for AVX2 / AVX-512 (wider sums
  * in double: the statistics agree with the baseline's to double rounding) */
 #define LN_ROW(SUFFIX, ATTR)                                                                \

@@ -27,6 +27,10 @@ void vision_embed_forward(float *x, const float *patch_emb, const float *cls, co
 /* x (T, C, W) = tok_emb[ids[t, c]] + pos[c]; ids (T, C) already checked to be in [0, V). */
 void text_embed_forward(float *x, const int32_t *ids, const float *tok_emb, const float *pos,
                         int T, int C, int W);
+/* the same with the table held in bf16 (V, W) (a bf16 model's): each looked-up row is widened
+ * to float32 as it is added, so the numbers are those of a float32 table of the rounded values */
+void text_embed_bf16_forward(float *x, const int32_t *ids, const uint16_t *tok_emb,
+                             const float *pos, int T, int C, int W);
 
 /* out (R, W) = (inp - mean) / sqrt(var + eps) * weight + bias over each row (biased variance,
  * statistics in double). out may equal inp. mean, sigma (R) receive the row statistics

@@ -69,7 +69,10 @@ def model_identity(model: Any, spec: ModelSpec | None = None) -> dict:
         "checkpoint": checkpoint_fingerprint(path) if path else None,
     }
     if spec is not None:
-        out["spec"] = {"path": spec.path, "kwargs": _store.jsonable(spec.kwargs)}
+        # how to load the model for the commands that read the store later (report, zero-shot:
+        # they encode text), so without the towers this run loaded
+        kwargs = {k: v for k, v in spec.kwargs.items() if k != "towers"}
+        out["spec"] = {"path": spec.path, "kwargs": _store.jsonable(kwargs)}
     return out
 
 

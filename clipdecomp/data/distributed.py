@@ -208,8 +208,7 @@ def _run_on(client, spec, source, out, chunk_size, batch_size, dtype, layers, pr
     identity = client.submit(identity_task, spec, pure=False).result()
     if expected_config is not None:
         got = identity["config"]
-        diff = sorted(k for k in set(got) | set(expected_config)
-                      if k != "name" and got.get(k) != expected_config.get(k))
+        diff = _store.config_differences(got, expected_config)
         if diff:
             raise ValueError(
                 f"the workers' model, loaded from {spec.path}, differs from the model given "

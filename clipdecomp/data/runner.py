@@ -71,7 +71,12 @@ def run_dataset(
     Parameters
     ----------
     model : CLIP, ModelSpec or str
-        A loaded model, or how to load one (required for Dask: workers load their own).
+        A loaded model, or how to load one (required for Dask: workers load their own). A
+        spec or path is loaded with its image tower alone (:meth:`ModelSpec.image_tower`):
+        the run never encodes text. The store records the model's identity without its text
+        tower (``store.TEXT_TOWER_FIELDS``), so a store made by a model with both towers
+        resumes with one loaded image-only, and the other way round; the spec it records
+        loads the whole model (for the commands that encode text later).
     source : str, PathLike, sequence of paths or ImageSource
         Image folder (recursive), class-per-folder layout, or list file (see
         :func:`open_source`).
@@ -167,7 +172,7 @@ def run_dataset(
         if not isinstance(model, (ModelSpec, str, os.PathLike)):
             expected = _store.jsonable(model.config)
         return _dist.run_distributed(
-            spec_of(model), src, out, expected_config=expected, chunk_size=chunk_size,
+            spec_of(model).image_tower(), src, out, expected_config=expected, chunk_size=chunk_size,
             batch_size=batch_size, dtype=dtype, layers=layers, progress=progress, client=client,
             scheduler=scheduler, workers=workers, decode_threads=decode_threads,
             checkpoint_seconds=checkpoint_seconds, overwrite=overwrite,
@@ -177,7 +182,7 @@ def run_dataset(
         )
     spec = None
     if isinstance(model, (ModelSpec, str, os.PathLike)):
-        spec = spec_of(model)
+        spec = spec_of(model).image_tower()   # the run never encodes text
         model = spec.load()
     identity = model_identity(model, spec)
     if neurons is not None:

@@ -226,16 +226,39 @@ class Moments:
 # metadata
 
 
+#: the config fields of the text tower: a store holds image decompositions, so they are no part
+#: of its model's identity (a run loads the image tower alone; a store made by a model with
+#: both towers resumes with it, and the other way round)
+TEXT_TOWER_FIELDS = frozenset({"context_length", "vocab_size", "text_width", "text_layers",
+                               "text_heads", "text_mlp_dim", "text_act"})
+
+
+def config_differences(a: dict, b: dict) -> list[str]:
+    """The fields where two models' config records differ for a store, sorted: the name (a
+    label) and :data:`TEXT_TOWER_FIELDS` left out.
+
+    Examples
+    --------
+    >>> config_differences({"layers": 12, "text_layers": 12}, {"layers": 12, "text_layers": 0})
+    []
+    >>> config_differences({"layers": 12, "name": "a"}, {"layers": 24, "name": "b"})
+    ['layers']
+    """
+    keys = (set(a) | set(b)) - {"name"} - TEXT_TOWER_FIELDS
+    return sorted(k for k in keys if a.get(k) != b.get(k))
+
+
 def compare_metadata(stored: dict, wanted: dict, where: str) -> None:
     """Raise ValueError naming the first field where a store's metadata and a run disagree.
 
-    Checked: ``model.config.*`` (but its ``name``), ``model.precision``,
+    Checked: ``model.config.*`` (but its ``name`` and the text tower's fields, see
+    :func:`config_differences`), ``model.precision``,
     ``model.checkpoint.size`` / ``.fingerprint`` (when both sides know the checkpoint file),
     ``settings.*`` and ``source.*`` (layout, n, listing_sha256).
     """
     fields: list[tuple[str, Any, Any]] = []
     sc, wc = stored["model"]["config"], wanted["model"]["config"]
-    for k in sorted((set(sc) | set(wc)) - {"name"}):  # the name is a label, not the model
+    for k in config_differences(sc, wc):
         fields.append((f"model.config.{k}", sc.get(k), wc.get(k)))
     if "precision" in stored["model"]:  # stores made before it was recorded: not known
         fields.append(("model.precision", stored["model"]["precision"],

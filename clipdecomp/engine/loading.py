@@ -255,8 +255,9 @@ def load(path_or_name: str | os.PathLike | None = None, pretrained: str | None =
         sums on CPUs with AVX512_BF16 (:func:`clipdecomp.has_bf16`); elsewhere it falls back to
         ``"bf16-emulated"`` with a warning: the same roundings computed by the float32 kernels
         at float32 speed, within 1.7e-3 of the largest decomposition term of native bf16
-        (measured; the hardware sums and rounds in its own order). The patch
-        embedding, the projections, attention and the folds of the decomposition stay float32.
+        (measured; the hardware sums and rounds in its own order). Both keep the text token
+        table in bf16 (each looked-up row widened to float32). The patch embedding, the
+        projections, attention and the folds of the decomposition stay float32.
         Measured errors against fp32: ``benchmarks/PRECISION.md``. The weights are converted
         one by one as they are read, so loading in bf16 never holds the float32 model.
     towers : {"both", "image"}
@@ -447,6 +448,22 @@ class ModelSpec:
     def load(self) -> Any:
         """Load the model."""
         return self._loader()(self.path, **self.kwargs)
+
+    def image_tower(self) -> ModelSpec:
+        """This spec with ``towers="image"``, for a job that never encodes text (a data-set
+        run): the text tower is not loaded. A spec with its own loader, or that names its
+        towers, is returned as it is.
+
+        Examples
+        --------
+        >>> ModelSpec("ViT-B-16", {"precision": "bf16"}).image_tower().kwargs
+        {'precision': 'bf16', 'towers': 'image'}
+        >>> ModelSpec("ViT-B-16", {"towers": "both"}).image_tower().kwargs
+        {'towers': 'both'}
+        """
+        if self.loader is not None or "towers" in self.kwargs:
+            return self
+        return ModelSpec(self.path, {**self.kwargs, "towers": "image"})
 
     def key(self) -> str:
         """A string that identifies this spec (the per-worker cache key)."""

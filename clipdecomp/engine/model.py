@@ -227,8 +227,9 @@ def load_memory(config: ModelConfig, precision: str = "fp32") -> tuple[int, int]
 
     ``steady`` counts every weight the C core keeps, as it keeps it (its
     :attr:`CLIP.nbytes` right after loading): float32, except the four matrices of every
-    transformer block in ``precision="bf16"`` (2 bytes a value); packed matrices have their
-    output rows rounded up to a panel of 16. No tensor is kept twice. ``peak`` adds what the
+    transformer block in ``precision="bf16"`` (2 bytes a value) and the text token table in
+    ``"bf16"`` and ``"bf16-emulated"`` (2 bytes a value); packed matrices have their output
+    rows rounded up to a panel of 16. No tensor is kept twice. ``peak`` adds what the
     loader holds for one tensor at a time (its source pages and a float32 conversion) on top.
     A config with ``text_layers == 0`` counts the image tower alone.
 
@@ -237,7 +238,7 @@ def load_memory(config: ModelConfig, precision: str = "fp32") -> tuple[int, int]
     >>> cfg = ModelConfig(224, 16, 768, 12, 12, 3072, 512, "gelu")
     >>> steady, peak = load_memory(cfg)
     >>> round(steady / 2**20), round(load_memory(cfg, "bf16")[0] / 2**20)
-    (327, 165)
+    (329, 167)
     """
     def packed(oc: int, k: int, block: bool) -> int:
         rows = -(-oc // _PANEL) * _PANEL
@@ -260,7 +261,8 @@ def load_memory(config: ModelConfig, precision: str = "fp32") -> tuple[int, int]
     if c.has_text:
         tw = c.text_width
         tb, tl = blocks(c.text_layers, tw, c.text_mlp_dim)
-        steady += tb + (c.vocab_size * tw + c.context_length * tw + 2 * tw) * 4
+        table = 4 if precision == "fp32" else 2   # bytes a value of the token table
+        steady += tb + c.vocab_size * tw * table + (c.context_length * tw + 2 * tw) * 4
         steady += packed(c.embed_dim, tw, False)
         largest = max(largest, tl, c.vocab_size * tw * 4)
     return steady, steady + 2 * largest

@@ -24,6 +24,7 @@
  */
 #include "ops.h"
 #include "cpu.h"
+#include "gemm.h"
 #define TU_SEED 2024
 #include "tests/test_util.h"
 
@@ -431,6 +432,19 @@ static void check_small_ops(int isa) {
                     ok = ok && x[((size_t)t * N + c) * W + w] ==
                                    tok[(size_t)ids[t * N + c] * W + w] + pos[(size_t)c * W + w];
         report("text_embed", ok, isa);
+        /* the bf16 table: each row widened, then the same sum */
+        uint16_t *tok16 = (uint16_t *)malloc((size_t)V * W * sizeof(uint16_t));
+        for (size_t i = 0; i < (size_t)V * W; i++) tok16[i] = cd_bf16_from_f32(tok[i]);
+        text_embed_bf16_forward(x, ids, tok16, pos, B, N, W);
+        ok = 1;
+        for (int t = 0; t < B; t++)
+            for (int c = 0; c < N; c++)
+                for (int w = 0; w < W; w++)
+                    ok = ok && x[((size_t)t * N + c) * W + w] ==
+                                   cd_bf16_round(tok[(size_t)ids[t * N + c] * W + w]) +
+                                       pos[(size_t)c * W + w];
+        report("text_embed_bf16", ok, isa);
+        free(tok16);
         free(pe); free(cls); free(pos); free(x); free(tok);
     }
     /* decomp_ln_rows: gamma (x - mu k_inv) / sigma + beta k_inv, few float roundings */

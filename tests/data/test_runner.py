@@ -342,6 +342,50 @@ def test_interrupted_run_resumes_exactly(world, tmp_path):
         np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-12, atol=0)
 
 
+def test_a_path_loads_the_image_tower_alone_and_resumes_stores_of_both(world, tmp_path,
+                                                                        monkeypatch):
+    """A run given a path (or a spec) loads the image tower alone; the store's identity does
+    not depend on the towers, so a store made with both (as every store before) resumes with
+    it, keeping its finished chunks, and gives the numbers of the model with both towers."""
+    from clipdecomp.engine import loading
+
+    kw = {"chunk_size": 4, "batch_size": 3, "layers": "-2:", "progress": False}
+    full = run_dataset(world.model, world.imgs, tmp_path / "full.zarr", **kw)
+    assert full.metadata["model"]["config"]["text_layers"] == 2
+    out = tmp_path / "part.zarr"
+    with pytest.raises(KeyboardInterrupt):   # 2 chunks done by the model with both towers
+        run_dataset(Probe(world.model, stop_at=5), world.imgs, out, **kw)
+    assert StoreReader(out).included.sum() == 2
+    loads = []
+
+    def recording_load(path, **kwargs):
+        model = clipdecomp.load(path, **kwargs)
+        loads.append((kwargs, model))
+        return model
+
+    monkeypatch.setattr(loading, "load", recording_load)
+    r = run_dataset(world.model_path, world.imgs, out, **kw)
+    (kwargs, model), = loads
+    assert kwargs == {"towers": "image"} and model.towers == "image"
+    assert not model.config.has_text and model.nbytes < world.model.nbytes
+    assert r.complete and r.runs[-1]["images"] == 23 - 8   # the finished chunks were kept
+    for f in ("embedding", "heads", "mlps", "cls_to_cls", "ok"):
+        np.testing.assert_array_equal(getattr(r, f)[:], getattr(full, f)[:], err_msg=f)
+    # a store made image-only resumes with both towers, through a spec too
+    fresh = run_dataset(ModelSpec(world.model_path, {"threads": 1}), world.imgs,
+                        tmp_path / "image.zarr", **kw)
+    assert loads[-1][0] == {"threads": 1, "towers": "image"}
+    assert fresh.metadata["model"]["config"]["text_layers"] == 0
+    # the store records how to load the whole model (later commands encode text)
+    assert fresh.metadata["model"]["spec"]["kwargs"] == {"threads": 1}
+    again = run_dataset(world.model, world.imgs, tmp_path / "image.zarr", **kw)
+    assert again.runs[-1]["images"] == 0
+    # the image tower's fields still tell models apart
+    other = clipdecomp.load(world.model_path, act="quick_gelu", towers="image")
+    with pytest.raises(ValueError, match=r"model\.config\.act"):
+        run_dataset(other, world.imgs, tmp_path / "image.zarr", **kw)
+
+
 def test_model_spec_and_cli(world, tmp_path, capsys):
     out = tmp_path / "cli.zarr"
     argv = [str(world.imgs), "--model", world.model_path, "--threads", "1", "--out", str(out),

@@ -90,6 +90,101 @@ def test_one_copy_of_every_weight(b32):
     assert m.nbytes == 4 * params + 4 * c.layers * c.width * c.embed_dim
 
 
+_BLOCK_MATRICES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight",
+                   "mlp.c_proj.weight")
+
+
+@pytest.mark.parametrize("precision", ["bf16-emulated", "bf16"])
+def test_bf16_keeps_two_bytes_a_parameter(b32, precision):
+    """A bf16 model keeps the block matrices (bf16 only; bf16-emulated keeps float32 panels of
+    rounded values) and the text token table at 2 bytes a value, every other tensor at 4,
+    counted from the file's tensors (b32's widths are multiples of the GEMM panel)."""
+    if precision == "bf16" and not clipdecomp.has_bf16():
+        pytest.skip("this CPU has no AVX512_BF16: bf16-emulated counts the token table")
+    path = b32.file("open_clip", "F32")
+    tensors = SafetensorsFile(path).tensors
+    want = 0
+    for k, t in tensors.items():
+        half = k == "token_embedding.weight" or (precision == "bf16" and k.endswith(_BLOCK_MATRICES))
+        want += (2 if half else 4) * t.numel * (k != "logit_scale")
+    m = clipdecomp.load(path, precision=precision, threads=1)
+    assert m.nbytes == want == load_memory(m.config, precision)[0]
+    table = tensors["token_embedding.weight"].numel
+    assert clipdecomp.load(path, threads=1).nbytes - m.nbytes >= 2 * table
+
+
+_RSS_CHILD = """
+import json, sys
+import clipdecomp
+
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+base = rss()
+m = clipdecomp.load(sys.argv[1], precision=sys.argv[2], threads=1)
+print(json.dumps({"grow": rss() - base, "nbytes": m.nbytes}))
+"""
+
+
+@pytest.mark.parametrize("precision", ["bf16-emulated", "bf16"])
+def test_bf16_steady_memory_is_the_predicted_size(tmp_path, precision):
+    """The resident memory a bf16 load adds to a fresh process stays within the predicted
+    ``nbytes`` (plus a few MiB of interpreter objects): no float32 token table, no second copy
+    of a weight, no pages of the file left mapped. The model is mostly its token table
+    (49000 x 512: 96 MiB in float32, 48 MiB in bf16), so a float32 table would exceed the bound
+    by far."""
+    if precision == "bf16" and not clipdecomp.has_bf16():
+        pytest.skip("this CPU has no AVX512_BF16: bf16-emulated keeps the same token table")
+    import subprocess
+    import sys
+
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    w, f, tw, tf, v, ctx, d = 64, 128, 512, 1024, 49000, 16, 64
+
+    def rand(*shape):
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    def block(base, w, f):
+        return {base + "ln_1.weight": np.ones(w, np.float32), base + "ln_1.bias": rand(w),
+                base + "attn.in_proj_weight": rand(3 * w, w), base + "attn.in_proj_bias": rand(3 * w),
+                base + "attn.out_proj.weight": rand(w, w), base + "attn.out_proj.bias": rand(w),
+                base + "ln_2.weight": np.ones(w, np.float32), base + "ln_2.bias": rand(w),
+                base + "mlp.c_fc.weight": rand(f, w), base + "mlp.c_fc.bias": rand(f),
+                base + "mlp.c_proj.weight": rand(w, f), base + "mlp.c_proj.bias": rand(w)}
+
+    tensors = {"visual.conv1.weight": rand(w, 3, 16, 16), "visual.class_embedding": rand(w),
+               "visual.positional_embedding": rand(5, w), "visual.ln_pre.weight": rand(w),
+               "visual.ln_pre.bias": rand(w), "visual.ln_post.weight": rand(w),
+               "visual.ln_post.bias": rand(w), "visual.proj": rand(w, d),
+               "token_embedding.weight": rand(v, tw), "positional_embedding": rand(ctx, tw),
+               "ln_final.weight": rand(tw), "ln_final.bias": rand(tw),
+               "text_projection": rand(tw, d),
+               **block("visual.transformer.resblocks.0.", w, f),
+               **block("transformer.resblocks.0.", tw, tf)}
+    save_file(tensors, str(tmp_path / "open_clip_model.safetensors"))
+    cfg = {"model_cfg": {"embed_dim": d,
+                         "vision_cfg": {"image_size": 32, "patch_size": 16, "width": w,
+                                        "layers": 1, "head_width": 16, "mlp_ratio": f / w},
+                         "text_cfg": {"context_length": ctx, "vocab_size": v, "width": tw,
+                                      "heads": 8, "layers": 1, "mlp_ratio": tf / tw}}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD,
+                          str(tmp_path / "open_clip_model.safetensors"), precision],
+                         capture_output=True, text=True, check=False,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    steady = load_memory(clipdecomp.load(str(tmp_path), threads=1).config, precision)[0]
+    assert r["nbytes"] == steady
+    table = v * tw
+    assert 2 * table < steady < 2 * table + (16 << 20) < 4 * table
+    # the process grew by the weights (and a few MiB of objects), not by a float32 table
+    assert steady * 0.9 < r["grow"] <= steady + (8 << 20), (r, steady)
+
+
 def test_towers_image(b16):
     path = b16.file("open_clip", "F32")
     both = clipdecomp.load(path, threads=1)

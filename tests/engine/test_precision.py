@@ -3,8 +3,8 @@ running the same roundings, and the API around it.
 
 The oracle for a bf16 product is torch: ``x.bfloat16().float() @ w.bfloat16().float().T`` (torch
 rounds to nearest even, as the core does), summed in float64. The oracle for a bf16 model is
-transformers' CLIPModel with the weights of every block's linear layers rounded to bf16 and a
-pre-hook rounding each of their inputs: the numbers that AVX512_BF16 hardware computes (up to
+transformers' CLIPModel with the weights of every block's linear layers and the text token
+table rounded to bf16 and a pre-hook rounding each of the linear layers' inputs: the numbers that AVX512_BF16 hardware computes (up to
 the order of float32 sums). This machine may lack AVX512_BF16; "bf16-emulated" computes the
 same roundings with the float32 kernels, so the numerics are tested everywhere, and the
 hardware kernel itself is tested by the C program built on emulated intrinsics
@@ -81,9 +81,13 @@ BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 def bf16_reference(model):
     """A copy of a transformers CLIPModel whose blocks multiply in bf16: weights of every block
-    linear rounded, inputs rounded by a pre-hook; embeddings, projections, attention and
-    LayerNorms stay float32, as in the core."""
+    linear rounded, inputs rounded by a pre-hook; the text token table rounded (the core keeps
+    it in bf16); the other embeddings, projections, attention and LayerNorms stay float32, as
+    in the core."""
     ref = copy.deepcopy(model).eval()
+    table = ref.text_model.embeddings.token_embedding.weight
+    with torch.no_grad():
+        table.copy_(table.bfloat16().float())
     for name, mod in ref.named_modules():
         if ".layers." in name and name.rsplit(".", 1)[-1] in BLOCK_LINEARS:
             with torch.no_grad():

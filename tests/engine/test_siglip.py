@@ -455,6 +455,22 @@ def test_deep_terms(name, tmp_path_factory):
     assert np.abs(dec.mlps[:, -1] - pool.mlps[:, 0]).max() < 1e-6
 
 
+def test_one_copy_of_every_weight(tmp_path_factory):
+    """The core keeps each parameter once, at 4 bytes (w64h4's widths are multiples of the GEMM
+    panel): no plain copy of an out-projection or of the pooling head's W_V / W_O beside the
+    packed one (the deep decomposition unpacks them per call; test_deep_terms and
+    test_deep_token_terms check its numbers). The pooling head keeps its query (W) instead of
+    W_Q (W x W), and its constant (W)."""
+    from clipdecomp.engine.safetensors_io import SafetensorsFile
+
+    _, d = siglip_model("w64h4", tmp_path_factory)
+    model = load_siglip(d, threads=1)
+    tensors = SafetensorsFile(os.path.join(d, "model.safetensors")).tensors
+    params = sum(t.numel for k, t in tensors.items() if k not in ("logit_scale", "logit_bias"))
+    W = model.config.width
+    assert model._core.nbytes == 4 * (params - W * W + 2 * W)
+
+
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_deep_token_terms(name, tmp_path_factory):
     """Each encoder head's term at each token the pooling head reads: against the transcription
