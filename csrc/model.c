@@ -2485,6 +2485,16 @@ typedef struct {
     float *rows2;      /* (Tc, W) after ln_final */
 } text_scratch;
 
+/* the position whose output is a text's feature: CLIP's end-of-text token, the first position
+ * of the largest id in the row (open_clip's argmax); SigLIP's last position */
+static int eot_position(const int32_t *row, int C, int siglip) {
+    if (siglip) return C - 1;
+    int best = 0;
+    for (int j = 1; j < C; j++)
+        if (row[j] > row[best]) best = j;
+    return best;
+}
+
 cd_status cd_encode_text(const cd_model *m, const int32_t *tokens, int T, float *out, int threads,
                          cd_cancel_fn cancel, void *cancel_ctx, cd_error *err) {
     if (err) err->msg[0] = '\0';
@@ -2542,27 +2552,32 @@ cd_status cd_encode_text(const cd_model *m, const int32_t *tokens, int T, float 
         for (int t0 = 0; block && t0 < T && !st; t0 += (int)Tc) {
             const int n = T - t0 < (int)Tc ? T - t0 : (int)Tc;
             const int32_t *ids = tokens + (size_t)t0 * C;
+            /* a causal tower's end-of-text token never sees the tokens after it: run the chunk
+             * only up to its longest text (the same numbers as the full context, a fraction of
+             * the work for short texts). SigLIP attends to its padding: all C positions. */
+            int Ce = siglip ? C : 1;
+            for (int t = 0; !siglip && t < n; t++) {
+                const int e = eot_position(ids + (size_t)t * C, C, 0) + 1;
+                if (e > Ce) Ce = e;
+            }
             if (w->tok_emb_bf16)
-                text_embed_bf16_forward(s.x, ids, w->tok_emb_bf16, w->tpos, n, C, W);
+                text_embed_bf16_forward(s.x, ids, C, w->tok_emb_bf16, w->tpos, n, Ce, W);
             else
-                text_embed_forward(s.x, ids, w->tok_emb, w->tpos, n, C, W);
+                text_embed_forward(s.x, ids, C, w->tok_emb, w->tpos, n, Ce, W);
             for (int l = 0; l < Lt; l++) {
                 if (cancel && cancel(cancel_ctx)) {
                     st = CD_ERR_INTERRUPTED;
                     set_err(err, "interrupted");
                     break;
                 }
-                block_forward(s.x, &w->tblocks[l], &s.blk, NULL, !siglip, n, C, W, H, F,
+                block_forward(s.x, &w->tblocks[l], &s.blk, NULL, !siglip, n, Ce, W, H, F,
                               c->text_act, c->ln_eps);
             }
             if (st) break;
-            /* the end-of-text token: first position of the largest id (SigLIP: the last one) */
             for (int t = 0; t < n; t++) {
-                const int32_t *row = ids + (size_t)t * C;
-                int best = siglip ? C - 1 : 0;
-                for (int j = 1; !siglip && j < C; j++)
-                    if (row[j] > row[best]) best = j;
-                memcpy(s.rows + (size_t)t * W, s.x + idx_bld(t, best, Cs, Ws), Ws * sizeof(float));
+                const int e = eot_position(ids + (size_t)t * C, C, siglip);
+                memcpy(s.rows + (size_t)t * W, s.x + idx_bld(t, e, (size_t)Ce, Ws),
+                       Ws * sizeof(float));
             }
             layernorm_forward(s.rows2, NULL, NULL, s.rows, w->ln_final_w, w->ln_final_b, n, W,
                               c->ln_eps);

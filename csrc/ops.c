@@ -59,26 +59,26 @@ static void vision_embed_forward_run(float *x, const float *patch_emb, const flo
     }
 }
 
-void text_embed_forward(float *x, const int32_t *ids, const float *tok_emb, const float *pos,
-                        int T, int C, int W) {
+void text_embed_forward(float *x, const int32_t *ids, int ids_stride, const float *tok_emb,
+                        const float *pos, int T, int C, int W) {
     #pragma omp parallel for collapse(2) schedule(static) if ((size_t)T * C * W > PAR_MIN_ELEMS)
     for (int t = 0; t < T; t++) {
         for (int c = 0; c < C; c++) {
             float *o = x + ((size_t)t * C + c) * W;
-            const float *e = tok_emb + (size_t)ids[(size_t)t * C + c] * W;
+            const float *e = tok_emb + (size_t)ids[(size_t)t * ids_stride + c] * W;
             const float *p = pos + (size_t)c * W;
             for (int w = 0; w < W; w++) o[w] = e[w] + p[w];
         }
     }
 }
 
-void text_embed_bf16_forward(float *x, const int32_t *ids, const uint16_t *tok_emb,
-                             const float *pos, int T, int C, int W) {
+void text_embed_bf16_forward(float *x, const int32_t *ids, int ids_stride,
+                             const uint16_t *tok_emb, const float *pos, int T, int C, int W) {
     #pragma omp parallel for collapse(2) schedule(static) if ((size_t)T * C * W > PAR_MIN_ELEMS)
     for (int t = 0; t < T; t++) {
         for (int c = 0; c < C; c++) {
             float *o = x + ((size_t)t * C + c) * W;
-            const uint16_t *e = tok_emb + (size_t)ids[(size_t)t * C + c] * W;
+            const uint16_t *e = tok_emb + (size_t)ids[(size_t)t * ids_stride + c] * W;
             const float *p = pos + (size_t)c * W;
             for (int w = 0; w < W; w++) o[w] = cd_bf16_to_f32(e[w]) + p[w];
         }

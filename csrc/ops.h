@@ -24,13 +24,15 @@ void patches_forward(float *out, const float *images, int B, int S, int P);
 void vision_embed_forward(float *x, const float *patch_emb, const float *cls, const float *pos,
                           int B, int N, int W);
 
-/* x (T, C, W) = tok_emb[ids[t, c]] + pos[c]; ids (T, C) already checked to be in [0, V). */
-void text_embed_forward(float *x, const int32_t *ids, const float *tok_emb, const float *pos,
-                        int T, int C, int W);
+/* x (T, C, W) = tok_emb[ids[t, c]] + pos[c] for c < C; ids (T, ids_stride) with
+ * ids_stride >= C (a causal text tower reads only the first C tokens of each row), already
+ * checked to be in [0, V). */
+void text_embed_forward(float *x, const int32_t *ids, int ids_stride, const float *tok_emb,
+                        const float *pos, int T, int C, int W);
 /* the same with the table held in bf16 (V, W) (a bf16 model's): each looked-up row is widened
  * to float32 as it is added, so the numbers are those of a float32 table of the rounded values */
-void text_embed_bf16_forward(float *x, const int32_t *ids, const uint16_t *tok_emb,
-                             const float *pos, int T, int C, int W);
+void text_embed_bf16_forward(float *x, const int32_t *ids, int ids_stride,
+                             const uint16_t *tok_emb, const float *pos, int T, int C, int W);
 
 /* out (R, W) = (inp - mean) / sqrt(var + eps) * weight + bias over each row (biased variance,
  * statistics in double). out may equal inp. mean, sigma (R) receive the row statistics

@@ -424,7 +424,7 @@ static void check_small_ops(int isa) {
         report("vision_embed", ok, isa);
         float *tok = rand_buf((size_t)V * W, 1.0f);
         int32_t ids[2 * 5] = {0, 10, 3, 3, 7, 1, 2, 9, 0, 5};
-        text_embed_forward(x, ids, tok, pos, B, N, W);
+        text_embed_forward(x, ids, N, tok, pos, B, N, W);
         ok = 1;
         for (int t = 0; t < B; t++)
             for (int c = 0; c < N; c++)
@@ -435,7 +435,7 @@ static void check_small_ops(int isa) {
         /* the bf16 table: each row widened, then the same sum */
         uint16_t *tok16 = (uint16_t *)malloc((size_t)V * W * sizeof(uint16_t));
         for (size_t i = 0; i < (size_t)V * W; i++) tok16[i] = cd_bf16_from_f32(tok[i]);
-        text_embed_bf16_forward(x, ids, tok16, pos, B, N, W);
+        text_embed_bf16_forward(x, ids, N, tok16, pos, B, N, W);
         ok = 1;
         for (int t = 0; t < B; t++)
             for (int c = 0; c < N; c++)

@@ -99,6 +99,24 @@ def test_text_features_f32(ck, layout):
     assert rel(model.encode_text(ids), ref) < 1e-4   # open_clip's default: not normalised
 
 
+def test_short_texts_run_to_their_longest_only(ck):
+    """A batch of short texts (the causal tower runs only up to the longest end-of-text token)
+    gives transformers' features over the full context, and each text the same alone."""
+    model = loaded(ck, "open_clip")
+    ids = random_text_ids(ck, 7, seed=4)
+    v = ck.text_config.vocab_size
+    rng = np.random.default_rng(4)
+    ids[:] = 0
+    for i, k in enumerate([0, 1, 3, 5, 8, 2, 6]):
+        row = [v - 2] + list(rng.integers(1, v - 2, size=k)) + [v - 1]
+        ids[i, :len(row)] = row
+    ref = text_features(ck.model, ids)
+    ours = model.encode_text(ids)
+    assert rel(ours, ref) < 1e-4
+    alone = np.concatenate([model.encode_text(ids[i:i + 1]) for i in range(len(ids))])
+    np.testing.assert_allclose(alone, ours, rtol=0, atol=1e-5 * np.abs(ours).max())
+
+
 @pytest.mark.parametrize("dtype", ["F16", "BF16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_half_precision_files(ck, layout, dtype):
