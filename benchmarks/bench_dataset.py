@@ -19,7 +19,11 @@ are 320x240 JPEGs. Usage::
 ``run_dataset`` (``clipdecomp run``: decode, preprocess, decompose, statistics, compressed
 store writes) on N 500x375 JPEGs, against ``decompose`` on the same images already decoded and
 preprocessed (the same batches, the same model and threads), in alternation over ``--rounds``
-rounds (a fresh store each time); it prints both images/s, their ratio and the load average.
+rounds (a fresh store each time, deleted after the round untimed); it prints both images/s,
+their ratio, the CPU time per image of each (all threads of the process: on a machine with no
+idle core, what the run adds to the compute shows there first), the ISA path and the load
+average. ``--threads`` sets the model's threads
+(default: every CPU).
 """
 from __future__ import annotations
 
@@ -143,33 +147,46 @@ def pipeline_child(job: dict) -> dict:
         for i in range(0, len(pixels), bs):
             _decompose(model, pixels[i:i + bs])
 
-    def folder(k=[0]):  # noqa: B006 (a counter: a fresh store each call)
+    def folder(k=[0]) -> tuple[float, float]:  # noqa: B006 (a counter: a fresh store each call)
+        """Wall and CPU seconds (all threads) of one run into a fresh store (deleting the store
+        afterwards not counted)."""
         k[0] += 1
         out = os.path.join(job["out"], f"run{k[0]}.zarr")
+        t0, c0 = time.perf_counter(), time.process_time()
         run_dataset(model, job["images"], out, chunk_size=job["chunk_size"], batch_size=bs,
                     layers=None, progress=False)
+        seconds = time.perf_counter() - t0, time.process_time() - c0
         shutil.rmtree(out, ignore_errors=True)
+        return seconds
+
+    def timed(fn) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - t0, time.process_time() - c0
 
     load0 = os.getloadavg()
     arrays()  # warm-up
     t_run, t_arr = [], []
     for _ in range(job["rounds"]):
-        for fn, ts in ((folder, t_run), (arrays, t_arr)):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
+        t_run.append(folder())
+        t_arr.append(timed(arrays))
     n = len(paths)
-    run_s, arr_s = n / float(np.median(t_run)), n / float(np.median(t_arr))
-    return {"images": n, "threads": job["threads"], "batch_size": bs,
+    wall_run, cpu_run = np.median(np.asarray(t_run), axis=0)
+    wall_arr, cpu_arr = np.median(np.asarray(t_arr), axis=0)
+    run_s, arr_s = n / float(wall_run), n / float(wall_arr)
+    from clipdecomp.engine import core
+
+    return {"images": n, "threads": job["threads"], "batch_size": bs, "isa": core.isa(),
             "chunk_size": job["chunk_size"], "run_images_per_s": run_s,
             "arrays_images_per_s": arr_s, "ratio": run_s / arr_s, "load_before": load0,
+            "run_cpu_ms": 1e3 * float(cpu_run) / n, "arrays_cpu_ms": 1e3 * float(cpu_arr) / n,
             "load_after": os.getloadavg()}
 
 
 def pipeline(n: int, rounds: int = 3, chunk_size: int = 16, batch_size: int = 8,
-             quick: bool = False) -> dict:
+             quick: bool = False, threads: int | None = None) -> dict:
     """``clipdecomp run`` images/s against decompose on preprocessed arrays (one process)."""
-    cpus = os.cpu_count() or 1
+    cpus = threads or os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = _python(["--make-model", str(tmp), "--geometry", json.dumps(
@@ -183,12 +200,16 @@ def pipeline(n: int, rounds: int = 3, chunk_size: int = 16, batch_size: int = 8,
 def pipeline_markdown(r: dict, command: str) -> str:
     return "\n".join([
         f"Command: `{command}`  ",
+        f"ISA path: {r.get('isa', '?')}  ",
         (f"load average before {tuple(round(x, 2) for x in r['load_before'])}, after "
         f"{tuple(round(x, 2) for x in r['load_after'])}"), "",
         ("| images (500x375 JPEG) | threads | batch | chunk | `clipdecomp run` img/s "
-        "| decompose on arrays img/s | run / arrays |"), "|---|---|---|---|---|---|---|",
+        "| decompose on arrays img/s | run / arrays | CPU ms/img run | CPU ms/img arrays "
+        "| CPU arrays / run |"), "|---|---|---|---|---|---|---|---|---|---|",
         (f"| {r['images']} | {r['threads']} | {r['batch_size']} | {r['chunk_size']} | "
-        f"{r['run_images_per_s']:.2f} | {r['arrays_images_per_s']:.2f} | {r['ratio']:.2f} |")])
+        f"{r['run_images_per_s']:.2f} | {r['arrays_images_per_s']:.2f} | {r['ratio']:.2f} | "
+        f"{r['run_cpu_ms']:.1f} | {r['arrays_cpu_ms']:.1f} | "
+        f"{r['arrays_cpu_ms'] / r['run_cpu_ms']:.2f} |")])
 
 
 def _python(args: list, threads: int, timeout: float = 1800) -> str:
@@ -250,6 +271,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pipeline", type=int, default=0,
                     help="images: run_dataset on a folder against decompose on arrays")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="--pipeline: the model's threads (default: every CPU)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pipeline-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
@@ -262,7 +285,7 @@ def main(argv=None) -> int:
         print(json.dumps(pipeline_child(json.loads(a.pipeline_child))))
         return 0
     if a.pipeline:
-        r = pipeline(a.pipeline, a.rounds, a.chunk_size, a.batch_size, a.quick)
+        r = pipeline(a.pipeline, a.rounds, a.chunk_size, a.batch_size, a.quick, a.threads)
         cmd = "python benchmarks/bench_dataset.py " + " ".join(
             argv if argv is not None else sys.argv[1:])
         print(pipeline_markdown(r, cmd.strip()))

@@ -14,10 +14,13 @@
  * (z is row 0 of the attention output of head h), the MLP output and ln_pre's output, and maps
  * each raw term t through the final LayerNorm and projection with the reference convention
  *   (gamma * (t - mu / K_t) / sigma + beta / K_t) @ proj / ||emb||
- * (decomposition.md). Per-token terms are folded: F[l,h] = (W_O[:, h-slice]^T * gamma) @ proj
- * (d x D) is computed once per model, so the term of token i is
- *   a[l,h,0,i] v[l,h,i] @ F[l,h] / (sigma ||emb||) + const(l)
- * and never needs an N x N x H x W intermediate.
+ * (decomposition.md). The map is affine, so the out-projection, gamma and proj are folded:
+ * F[l,h] = (W_O[:, h-slice]^T * gamma) @ proj (d x D) is computed once per model, and with the
+ * layer's constant c[l] = (gamma * (b_O - mu / K) / sigma + beta / K) @ proj
+ *   head h:            z[l,h] @ F[l,h] / (sigma ||emb||) + c[l] / (H ||emb||)
+ *   token i of head h: a[l,h,0,i] v[l,h,i] @ F[l,h] / (sigma ||emb||) + c[l] / (N H ||emb||)
+ * so that no term is mapped through a W x W out-projection and then a W x D projection, and
+ * the per-token terms never need an N x N x H x W intermediate.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -112,7 +115,7 @@ struct cd_model {
     int has_logit_bias;
     float logit_bias;             /* SigLIP's, as stored */
     cd_precision precision;       /* of the blocks' matrix products (cd_model_set_precision) */
-    /* the fold F (L, W, D), built on first use by a call that needs per-token terms; the only
+    /* the fold F (L, W, D), built on first use by a call that decomposes; the only
      * state written after load, behind fold_lock */
     pthread_mutex_t fold_lock;
     atomic_int fold_ready;
@@ -1319,6 +1322,11 @@ static cd_status compute_fold(cd_model *m, cd_error *err) {
     return CD_OK;
 }
 
+/* whether a CLIP image call maps terms through the fold: every decomposition does */
+static int needs_fold(const cd_vision_opts *o) {
+    return o->heads || o->cls_to_cls || o->tokens || o->probe;
+}
+
 static cd_status ensure_fold(const cd_model *cm, cd_error *err) {
     /* the model is allocated non-const by cd_model_load: the lazily built fold is the one
      * field written after load, under the lock, published through fold_ready */
@@ -1463,16 +1471,14 @@ typedef struct {
     float *rows;       /* (Bc, W) gathered class rows */
     float *rows2;      /* (Bc, W) */
     float *stats;      /* (Bc, 3) mu, sigma, ||emb|| */
-    float *heads_raw;  /* (Bc, L, H, W) */
+    float *z;          /* (Bc, L, W) the heads' outputs at the class token, concatenated */
     float *mlps_raw;   /* (Bc, L+1, W) */
-    float *cls_raw;    /* (Bc, L, W) */
-    float *const_rows; /* (Bc, L, W) the constant of the per-token terms, before the projection */
-    float *tconst;     /* (Bc, L, D) ... after it */
-    float *pconst;     /* (Bc, L, T) ... probed */
+    float *t0;         /* (Bc, L, W) the class token's own share of z: [a[l,h,0,0] v[l,h,0]]_h */
+    float *const_rows; /* (Bc, L, W) the layers' constants c[l], before the projection */
+    float *tconst;     /* (Bc, L, D) ... after it, over ||emb|| */
+    float *pconst;     /* (Bc, L, T) ... probed, over N H */
     float *av;         /* (nthreads, N, d) attention-weighted values of one head */
     float *probe_fold; /* (L, W, T) = F[l] @ probe^T */
-    float *wo;         /* (W, W) the current layer's out-projection, unpacked from the one
-                        * (packed) copy the model keeps */
 } vision_scratch;
 
 /* the scratch of a CLIP image call (returns the number of specs) */
@@ -1483,21 +1489,21 @@ static int vision_scratch_specs(vision_scratch *s, scratch_spec *sp, const cd_co
     const size_t S = (size_t)c->image_size, G = S / (size_t)c->patch_size, N = 1 + G * G;
     const size_t d = W / H, rows = N < CD_ATT_ROW_BLOCK ? N : CD_ATT_ROW_BLOCK;
     const size_t fcw = F * N > 3 * S * S ? F * N : 3 * S * S;  /* MLP hidden, or the patches */
-    const int tok = o->tokens || o->probe, probe = o->probe != NULL;
+    const int folded = needs_fold(o);
+    const int probe = o->probe != NULL;
     const scratch_spec spec[] = {
         {&s->x, PER_IMAGE, N, W, 1},          {&s->blk.ln, PER_IMAGE, N, W, 1},
         {&s->blk.qkv, PER_IMAGE, N, 3 * W, 1}, {&s->blk.att, PER_IMAGE, N, W, 1},
         {&s->blk.fc, PER_IMAGE, fcw, 1, 1},   {&s->blk.mlp, PER_IMAGE, N, W, 1},
         {&s->a0, PER_IMAGE, H, N, 1},         {&s->rows, PER_IMAGE, W, 1, 1},
         {&s->rows2, PER_IMAGE, W, 1, 1},      {&s->stats, PER_IMAGE, 3, 1, 1},
-        {&s->heads_raw, PER_IMAGE, L * H, W, o->heads},
+        {&s->z, PER_IMAGE, L, W, o->heads},
         {&s->mlps_raw, PER_IMAGE, L + 1, W, o->mlps},
-        {&s->cls_raw, PER_IMAGE, L, W, o->cls_to_cls},
-        {&s->const_rows, PER_IMAGE, L, W, tok}, {&s->tconst, PER_IMAGE, L, D, tok},
+        {&s->t0, PER_IMAGE, L, W, o->cls_to_cls},
+        {&s->const_rows, PER_IMAGE, L, W, folded}, {&s->tconst, PER_IMAGE, L, D, folded},
         {&s->pconst, PER_IMAGE, L, T, probe},
         {&s->blk.tiles, PER_THREAD, rows, N, 1}, {&s->av, PER_THREAD, N, d, 1},
         {&s->probe_fold, PER_CALL, L * W, T, probe},
-        {&s->wo, PER_CALL, W, W, o->heads || o->cls_to_cls},
     };
     _Static_assert(sizeof spec / sizeof spec[0] <= MAX_SCRATCH_SPECS, "too many arrays");
     memcpy(sp, spec, sizeof spec);
@@ -1521,42 +1527,22 @@ static void decompose_layer(vision_ctx *vc, int l) {
     const int Bc = s->Bc, W = c->width, H = c->heads, d = W / H, L = c->layers;
     const int G = c->image_size / c->patch_size, N = 1 + G * G, D = c->embed_dim;
     const int T = o->n_probe;
-    const cd_block *blk = &m->w.blocks[l];
     const size_t ldq = (size_t)3 * W;
     const float *qkv = s->blk.qkv, *att = s->blk.att;
-    const float *out_w = s->wo;
-    if (o->heads || o->cls_to_cls) cd_gemm_unpack(&blk->out, s->wo);
 
-    if (o->heads) {
-        /* c[b,l,h] = W_O[:, h-slice] @ z[b,l,h] + b_O / H with z = att[b, 0, h-slice] */
-        for (int h = 0; h < H; h++)
-            cd_sgemm_nt(Bc, W, d, 1.0f, att + (size_t)h * d, N * W, out_w + (size_t)h * d,
-                        W, s->heads_raw + idx_blhd(0, l, h, L, H, W), L * H * W, 0);
-        const float inv_h = 1.0f / (float)H;
+    if (o->heads)  /* z[b,l] = the class token's row of the attention output */
         for (int b = 0; b < Bc; b++)
-            for (int h = 0; h < H; h++) {
-                float *row = s->heads_raw + idx_blhd(b, l, h, L, H, W);
-                for (int w = 0; w < W; w++) row[w] += blk->out_b[w] * inv_h;
-            }
-    }
-    if (o->cls_to_cls) {
-        /* sum over heads of the class token's own term: W_O @ [a[h,0,0] v[h,0]]_h + b_O / N */
+            memcpy(s->z + idx_bld(b, l, L, W), att + idx_bld(b, 0, N, W),
+                   (size_t)W * sizeof(float));
+    if (o->cls_to_cls)  /* t0[b,l] = [a[h,0,0] v[h,0]]_h, the class token's own share of z */
         for (int b = 0; b < Bc; b++) {
             const float *v0 = qkv + idx_bld(b, 0, N, ldq) + 2 * (size_t)W;
-            float *t = s->rows + (size_t)b * W;
+            float *t = s->t0 + idx_bld(b, l, L, W);
             for (int h = 0; h < H; h++) {
                 float a = s->a0[idx_bld(b, h, H, N)];
                 for (int j = 0; j < d; j++) t[h * d + j] = a * v0[h * d + j];
             }
         }
-        cd_sgemm_nt(Bc, W, W, 1.0f, s->rows, W, out_w, W, s->cls_raw + idx_bld(0, l, L, W),
-                    L * W, 0);
-        const float inv_n = 1.0f / (float)N;
-        for (int b = 0; b < Bc; b++) {
-            float *row = s->cls_raw + idx_bld(b, l, L, W);
-            for (int w = 0; w < W; w++) row[w] += blk->out_b[w] * inv_n;
-        }
-    }
     if (o->tokens || o->probe) {
         /* per (image, head): av[i] = a[h,0,i] v[h,i]; raw token terms av @ F[l,h] (and the
          * probe's av @ F[l,h] @ probe^T); scaled and shifted once sigma and ||emb|| are known */
@@ -1590,66 +1576,105 @@ static void decompose_layer(vision_ctx *vc, int l) {
                    s->a0 + idx_bld(b, 0, H, N), (size_t)H * N * sizeof(float));
 }
 
-/* map the raw terms of the chunk through ln_post and proj, reference convention */
+/* rows (R, C) at stride ld: x *= s, 0 <= i < R */
+static void scale_rows(float *x, size_t R, int C, size_t ld, float s) {
+    for (size_t i = 0; i < R; i++)
+        for (int j = 0; j < C; j++) x[i * ld + j] *= s;
+}
+
+/* 1 / x, or 0 for x <= 0 (a zero embedding or a constant row: its terms are 0) */
+static float inv_or_zero(float x) { return x > 0.0f ? 1.0f / x : 0.0f; }
+
+/* image b's 1 / ||emb|| and 1 / (sigma ||emb||) from stats (Bc, 3) = (mu, sigma, ||emb||) */
+static float emb_inv_norm(const float *stats, int b) {
+    return inv_or_zero(stats[3 * (size_t)b + 2]);
+}
+static float emb_inv_den(const float *stats, int b) {
+    return inv_or_zero(stats[3 * (size_t)b + 1] * stats[3 * (size_t)b + 2]);
+}
+
+/* map the terms of the chunk through ln_post and proj, reference convention: the MLPs' rows
+ * through both, the attention's through the fold F and the layers' constants c[l] */
 static void decompose_final(vision_ctx *vc) {
     const cd_model *m = vc->m;
     const cd_config *c = &m->cfg;
     const cd_vision_opts *o = vc->o;
     vision_scratch *s = vc->s;
     const cd_vision_result *r = vc->r;
-    const int Bc = s->Bc, W = c->width, H = c->heads, L = c->layers, D = c->embed_dim;
-    const int G = c->image_size / c->patch_size, N = 1 + G * G, T = o->n_probe;
-    const float K = (float)(2 * L + 1);
-    const float *gamma = m->w.ln_post_w, *beta = m->w.ln_post_b;
+    const int Bc = s->Bc, W = c->width, H = c->heads, d = W / H, L = c->layers;
+    const int D = c->embed_dim, G = c->image_size / c->patch_size, N = 1 + G * G;
+    const int T = o->n_probe;
+    const float k_inv = 1.0f / (float)(2 * L + 1);
+    const float *gamma = m->w.ln_post_w, *beta = m->w.ln_post_b, *fold = m->fold;
     const size_t b0 = (size_t)vc->b0;
 
-    struct { int want; float *raw; float *dst; int per_img; float k_inv; } maps[3] = {
-        {o->heads, s->heads_raw, r->heads, L * H, 1.0f / (K * H)},
-        {o->mlps, s->mlps_raw, r->mlps, L + 1, 1.0f / K},
-        {o->cls_to_cls, s->cls_raw, r->cls_to_cls, L, 1.0f / (K * N)},
-    };
-    for (int k = 0; k < 3; k++) {
-        if (!maps[k].want) continue;
-        const int R = maps[k].per_img;
+    if (o->mlps) {
+        const int R = L + 1;
         for (int b = 0; b < Bc; b++) {
             const float *st = s->stats + 3 * (size_t)b;
-            decomp_ln_rows(maps[k].raw + idx_bld(b, 0, R, W), (size_t)R, W, st[0], st[1], gamma,
-                           beta, maps[k].k_inv);
+            decomp_ln_rows(s->mlps_raw + idx_bld(b, 0, R, W), (size_t)R, W, st[0], st[1], gamma,
+                           beta, k_inv);
         }
-        float *dst = maps[k].dst + idx_bld(b0, 0, R, D);
-        cd_matmul(dst, maps[k].raw, &m->w.proj, NULL, Bc * R, 0);
-        for (int b = 0; b < Bc; b++) {
-            const float nrm = s->stats[3 * (size_t)b + 2];
-            const float inv = nrm > 0.0f ? 1.0f / nrm : 0.0f;
-            float *x = dst + idx_bld(b, 0, R, D);
-            for (size_t i = 0; i < (size_t)R * D; i++) x[i] *= inv;
-        }
+        float *dst = r->mlps + idx_bld(b0, 0, R, D);
+        cd_matmul(dst, s->mlps_raw, &m->w.proj, NULL, Bc * R, 0);
+        for (int b = 0; b < Bc; b++)
+            scale_rows(dst + idx_bld(b, 0, R, D), (size_t)R, D, D, emb_inv_norm(s->stats, b));
     }
-    if (!o->tokens && !o->probe) return;
-    /* const(b, l) = ((b_O / (N H) - mu / (K N H)) gamma / sigma + beta / (K N H)) @ proj / ||emb|| */
-    const float k_inv = 1.0f / (K * N * H), inv_nh = 1.0f / ((float)N * H);
+    if (!o->heads && !o->cls_to_cls && !o->tokens && !o->probe) return;
+
+    /* tconst[b, l] = c[l] / ||emb||, c[l] = (gamma (b_O - mu / K) / sigma + beta / K) @ proj */
     for (int b = 0; b < Bc; b++) {
         const float *st = s->stats + 3 * (size_t)b;
-        for (int l = 0; l < L; l++) {
-            float *row = s->const_rows + idx_bld(b, l, L, W);
-            const float *bo = m->w.blocks[l].out_b;
-            for (int w = 0; w < W; w++) row[w] = bo[w] * inv_nh;
-        }
+        for (int l = 0; l < L; l++)
+            memcpy(s->const_rows + idx_bld(b, l, L, W), m->w.blocks[l].out_b,
+                   (size_t)W * sizeof(float));
         decomp_ln_rows(s->const_rows + idx_bld(b, 0, L, W), (size_t)L, W, st[0], st[1], gamma,
                        beta, k_inv);
     }
     cd_matmul(s->tconst, s->const_rows, &m->w.proj, NULL, Bc * L, 0);
-    for (int b = 0; b < Bc; b++) {
-        const float nrm = s->stats[3 * (size_t)b + 2];
-        const float inv = nrm > 0.0f ? 1.0f / nrm : 0.0f;
-        for (size_t i = 0; i < (size_t)L * D; i++) s->tconst[idx_bld(b, 0, L, D) + i] *= inv;
+    for (int b = 0; b < Bc; b++)
+        scale_rows(s->tconst + idx_bld(b, 0, L, D), (size_t)L, D, D, emb_inv_norm(s->stats, b));
+
+    if (o->heads) {
+        /* heads[b,l,h] = tconst[b,l] / H + (z[b,l,h] / (sigma ||emb||)) @ F[l,h] */
+        for (int b = 0; b < Bc; b++) {
+            scale_rows(s->z + idx_bld(b, 0, L, W), (size_t)L, W, W, emb_inv_den(s->stats, b));
+            for (int l = 0; l < L; l++)
+                for (int h = 0; h < H; h++)
+                    for (int j = 0; j < D; j++)
+                        r->heads[idx_blhd(b0 + b, l, h, L, H, D) + j] =
+                            s->tconst[idx_bld(b, l, L, D) + j] / (float)H;
+        }
+        #pragma omp parallel for collapse(2) schedule(static) num_threads(s->nthreads)
+        for (int l = 0; l < L; l++)
+            for (int h = 0; h < H; h++)
+                cd_sgemm_nn(Bc, D, d, 1.0f, s->z + idx_bld(0, l, L, W) + (size_t)h * d, L * W,
+                            fold + idx_blhd(l, h, 0, H, d, D), D,
+                            r->heads + idx_blhd(b0, l, h, L, H, D), L * H * D, 1);
     }
+    if (o->cls_to_cls) {
+        /* cls_to_cls[b,l] = tconst[b,l] / N + (t0[b,l] / (sigma ||emb||)) @ F[l] */
+        for (int b = 0; b < Bc; b++) {
+            scale_rows(s->t0 + idx_bld(b, 0, L, W), (size_t)L, W, W, emb_inv_den(s->stats, b));
+            for (int l = 0; l < L; l++)
+                for (int j = 0; j < D; j++)
+                    r->cls_to_cls[idx_bld(b0 + b, l, L, D) + j] =
+                        s->tconst[idx_bld(b, l, L, D) + j] / (float)N;
+        }
+        #pragma omp parallel for schedule(static) num_threads(s->nthreads)
+        for (int l = 0; l < L; l++)
+            cd_sgemm_nn(Bc, D, W, 1.0f, s->t0 + idx_bld(0, l, L, W), L * W,
+                        fold + idx_bld(l, 0, W, D), D, r->cls_to_cls + idx_bld(b0, l, L, D),
+                        L * D, 1);
+    }
+    if (!o->tokens && !o->probe) return;
+
+    /* tokens[b,l,i,h] = tconst[b,l] / (N H) + raw / (sigma ||emb||) (raw: decompose_layer) */
+    scale_rows(s->tconst, (size_t)Bc * L, D, D, 1.0f / ((float)N * H));
     if (o->probe)
         cd_sgemm_nt(Bc * L, T, D, 1.0f, s->tconst, D, o->probe, D, s->pconst, T, 0);
     for (int b = 0; b < Bc; b++) {
-        const float *st = s->stats + 3 * (size_t)b;
-        const float den = st[1] * st[2];
-        const float scale = den > 0.0f ? 1.0f / den : 0.0f;
+        const float scale = emb_inv_den(s->stats, b);
         for (int l = 0; l < L; l++) {
             if (o->tokens)
                 scale_shift_rows(r->tokens + idx_blnhd(b0 + b, l, 0, 0, L, N, H, D),
@@ -2254,7 +2279,7 @@ static cd_status image_plan(const cd_config *c, const cd_vision_opts *o, int B, 
     p->threads = nthreads;
     p->scratch_per_image = per_image;
     p->scratch_fixed = fixed;
-    if (!siglip && (o->tokens || o->probe) &&
+    if (!siglip && needs_fold(o) &&
         mul3(&p->model_bytes, (size_t)c->layers * sizeof(float), (size_t)c->width,
              (size_t)c->embed_dim))
         goto too_big;
@@ -2342,7 +2367,7 @@ static cd_status image_call(const cd_model *m, const float *images, int B,
     void *block = NULL;
     cd_vision_plan plan;
     image_scratch s;
-    if (!siglip && (o->tokens || o->probe)) st = ensure_fold(m, err);
+    if (!siglip && needs_fold(o)) st = ensure_fold(m, err);
     if (!st) st = image_plan(c, o, B, budget, nthreads, &plan, err);
     if (!st) {
         image_scratch_specs(&s, c, o);

@@ -447,14 +447,16 @@ def is_unfinished_store(path: str | os.PathLike) -> bool:
 
 
 def _create_stat_arrays(g, L: int, H: int, D: int, Lk: int, n_chunks: int) -> None:
+    # the float64 sums are stored uncompressed: their mantissas are noise to a compressor
+    # (zstd saves a few percent on them), and every commit rewrites all of them, sum_outer
+    # (Lk * H * D * D * 8 bytes) included, in the writer thread beside the model's work
+    sums = {"dtype": "float64", "fill_value": 0, "compressors": None}
     g.create_array("n", shape=(), dtype="int64", fill_value=0)
-    g.create_array("embedding_sum", shape=(D,), dtype="float64", fill_value=0)
-    g.create_array("head_sum", shape=(L, H, D), dtype="float64", fill_value=0)
-    g.create_array("mlp_sum", shape=(L + 1, D), dtype="float64", fill_value=0)
-    g.create_array("cls_sum", shape=(L, D), dtype="float64", fill_value=0)
-    g.create_array(
-        "sum_outer", shape=(Lk, H, D, D), chunks=(1, 1, D, D), dtype="float64", fill_value=0
-    )
+    g.create_array("embedding_sum", shape=(D,), **sums)
+    g.create_array("head_sum", shape=(L, H, D), **sums)
+    g.create_array("mlp_sum", shape=(L + 1, D), **sums)
+    g.create_array("cls_sum", shape=(L, D), **sums)
+    g.create_array("sum_outer", shape=(Lk, H, D, D), chunks=(1, 1, D, D), **sums)
     g.create_array(
         "included", shape=(n_chunks,), chunks=(max(n_chunks, 1),), dtype=bool, fill_value=False
     )

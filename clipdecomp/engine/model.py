@@ -395,7 +395,8 @@ def plan_memory(config: ModelConfig, images: int, budget: int, *, decompose: boo
                                    tokens=tokens, attn=attn, probe=probe)
     res = core["result_per_image"]
     pix = 3 * c.image_size * c.image_size * _F32
-    # the per-token fold is built once per model and kept: counted with the call's scratch
+    # the fold of the decomposition is built once per model and kept: counted with the call's
+    # scratch
     fixed = core["scratch_fixed"] + core["model_bytes"]
     result_kept = (res + (pix if keep_pixels else 0)) if results else 0
     plan = MemoryPlan(images=images, result_per_image=result_kept,
@@ -517,7 +518,7 @@ class CLIP:
     @property
     def nbytes(self) -> int:
         """Bytes of weights the C core holds for this model, as it holds them (packed, in
-        :attr:`precision`), plus the per-token fold once a call has built it
+        :attr:`precision`), plus the decomposition's fold once a call has built it
         (:func:`load_memory` predicts it before loading)."""
         return int(getattr(self._core, "nbytes", 0))
 

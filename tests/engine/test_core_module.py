@@ -234,8 +234,9 @@ def test_image_plan(small):
         plan = core.image_plan(cfg, 3, threads=1, **opts)
         assert plan["result_per_image"] * 3 == got, opts
         assert plan["chunk"] == 3 and plan["threads"] == 1
+        # the fold F (L, W, D) that every decomposition maps its terms through
         assert plan["model_bytes"] == (4 * cfg["layers"] * cfg["width"] * cfg["embed_dim"]
-                                       if "tokens" in opts else 0)
+                                       if opts else 0)
         one = core.image_plan(cfg, 3, threads=1, budget=plan["scratch_per_image"], **opts)
         assert one["chunk"] == 1
         two = core.image_plan(cfg, 3, threads=1, budget=2 * plan["scratch_per_image"], **opts)

@@ -84,8 +84,10 @@ def test_one_copy_of_every_weight(b32):
     vision = sum(t.numel for k, t in SafetensorsFile(path).tensors.items()
                  if k.startswith("visual."))
     assert clipdecomp.load(path, towers="image", threads=1).nbytes == 4 * vision
-    # the per-token fold is built on the first call that needs it, and counted from then on
-    m.decompose(random_pixels(b32, 1, seed=0), spatial=True)
+    # the fold is built on the first call that decomposes, and counted from then on
+    m.encode_image(random_pixels(b32, 1, seed=0))
+    assert m.nbytes == 4 * params
+    m.decompose(random_pixels(b32, 1, seed=0))
     c = m.config
     assert m.nbytes == 4 * params + 4 * c.layers * c.width * c.embed_dim
 
