@@ -58,7 +58,7 @@ def isa() -> str:
 def check_config(core_dict: dict[str, Any]) -> None:
     """ValueError when the C core cannot run a model of this config (a dict as
     ``ModelConfig.to_core_dict()`` makes): the one validation of a model's geometry, the one
-    ``open_model`` runs too (``cd_config_check`` in csrc/model.c)."""
+    ``open_model`` runs too (``cd_config_check`` in csrc/load.c)."""
     extension()._check_config(core_dict)
 
 
