@@ -184,7 +184,10 @@ def test_bf16_steady_memory_is_the_predicted_size(tmp_path, precision):
     table = v * tw
     assert 2 * table < steady < 2 * table + (16 << 20) < 4 * table
     # the process grew by the weights (and a few MiB of objects), not by a float32 table
-    assert steady * 0.9 < r["grow"] <= steady + (8 << 20), (r, steady)
+    # (96 MiB more). Under AddressSanitizer (tests/sanitize.sh preloads it) every allocated
+    # byte also costs an eighth of a byte of shadow memory.
+    shadow = steady // 8 if "libasan" in os.environ.get("LD_PRELOAD", "") else 0
+    assert steady * 0.9 < r["grow"] <= steady + shadow + (8 << 20), (r, steady)
 
 
 def test_towers_image(b16):
