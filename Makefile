@@ -47,7 +47,7 @@ build/test_moments: csrc/moments.c csrc/gemm.c csrc/gemm_avx2.c csrc/gemm_avx512
 	mkdir -p build
 	$(CC) $(CFLAGS_CORE) -o $@ $^ -lm
 
-OPS_TEST_SRC := csrc/ops.c csrc/gemm.c csrc/gemm_avx2.c csrc/gemm_avx512.c csrc/cpu.c csrc/tests/test_ops.c
+OPS_TEST_SRC := csrc/ops.c csrc/attention_amx.c csrc/gemm.c csrc/gemm_avx2.c csrc/gemm_avx512.c csrc/cpu.c csrc/tests/test_ops.c
 build/test_ops: $(OPS_TEST_SRC)
 	mkdir -p build
 	$(CC) $(CFLAGS_CORE) -o $@ $^ -lm

@@ -44,6 +44,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 GEOMETRY = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
                 "num_attention_heads": 6, "image_size": 224, "patch_size": 16, "projection_dim": 256}
+#: ``--pipeline --model B16``: ViT-B/16's vision tower, the geometry users run most
+B16 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+       "num_attention_heads": 12, "image_size": 224, "patch_size": 16, "projection_dim": 512}
 QUICK = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
              "num_attention_heads": 4, "image_size": 96, "patch_size": 16, "projection_dim": 64}
 
@@ -184,32 +187,45 @@ def pipeline_child(job: dict) -> dict:
 
 
 def pipeline(n: int, rounds: int = 3, chunk_size: int = 16, batch_size: int = 8,
-             quick: bool = False, threads: int | None = None) -> dict:
-    """``clipdecomp run`` images/s against decompose on preprocessed arrays (one process)."""
+             quick: bool = False, threads: int | None = None, model: str = "S16-6") -> dict:
+    """``clipdecomp run`` images/s against decompose on preprocessed arrays (one process).
+
+    ``model``: ``"S16-6"`` (the ViT-S/16 geometry with 6 layers of :data:`GEOMETRY`) or
+    ``"B16"`` (:data:`B16`); the decoding and writing cost per image is the same for both, the
+    model's time is not."""
     cpus = threads or os.cpu_count() or 1
+    geometry = QUICK if quick else {"S16-6": GEOMETRY, "B16": B16}[model]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = _python(["--make-model", str(tmp), "--geometry", json.dumps(
-            QUICK if quick else GEOMETRY)], 1)
+        model_dir = _python(["--make-model", str(tmp), "--geometry", json.dumps(geometry)], 1)
         images = make_images(tmp, n, size=(500, 375))
-        job = {"model": model, "images": images, "out": str(tmp), "rounds": rounds,
+        job = {"model": model_dir, "images": images, "out": str(tmp), "rounds": rounds,
                "chunk_size": chunk_size, "batch_size": batch_size, "threads": cpus}
-        return json.loads(_python(["--pipeline-child", json.dumps(job)], cpus))
+        out = json.loads(_python(["--pipeline-child", json.dumps(job)], cpus))
+        out["model"] = "quick" if quick else model
+        return out
 
 
-def pipeline_markdown(r: dict, command: str) -> str:
-    return "\n".join([
+def pipeline_markdown(rows: dict | list[dict], command: str) -> str:
+    """The table of one or more :func:`pipeline` results (one row each)."""
+    rows = [rows] if isinstance(rows, dict) else rows
+    loads = "; ".join(
+        f"{r.get('model', 'S16-6')}: before {tuple(round(x, 2) for x in r['load_before'])}, "
+        f"after {tuple(round(x, 2) for x in r['load_after'])}" for r in rows)
+    lines = [
         f"Command: `{command}`  ",
-        f"ISA path: {r.get('isa', '?')}  ",
-        (f"load average before {tuple(round(x, 2) for x in r['load_before'])}, after "
-        f"{tuple(round(x, 2) for x in r['load_after'])}"), "",
-        ("| images (500x375 JPEG) | threads | batch | chunk | `clipdecomp run` img/s "
-        "| decompose on arrays img/s | run / arrays | CPU ms/img run | CPU ms/img arrays "
-        "| CPU arrays / run |"), "|---|---|---|---|---|---|---|---|---|---|",
-        (f"| {r['images']} | {r['threads']} | {r['batch_size']} | {r['chunk_size']} | "
-        f"{r['run_images_per_s']:.2f} | {r['arrays_images_per_s']:.2f} | {r['ratio']:.2f} | "
-        f"{r['run_cpu_ms']:.1f} | {r['arrays_cpu_ms']:.1f} | "
-        f"{r['arrays_cpu_ms'] / r['run_cpu_ms']:.2f} |")])
+        f"ISA path: {rows[0].get('isa', '?')}  ",
+        f"load average {loads}", "",
+        ("| model | images (500x375 JPEG) | threads | batch | chunk | `clipdecomp run` img/s "
+         "| decompose on arrays img/s | run / arrays | CPU ms/img run | CPU ms/img arrays "
+         "| CPU arrays / run |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r.get('model', 'S16-6')} | {r['images']} | {r['threads']} | {r['batch_size']} "
+            f"| {r['chunk_size']} | {r['run_images_per_s']:.2f} | "
+            f"{r['arrays_images_per_s']:.2f} | {r['ratio']:.2f} | {r['run_cpu_ms']:.1f} | "
+            f"{r['arrays_cpu_ms']:.1f} | {r['arrays_cpu_ms'] / r['run_cpu_ms']:.2f} |")
+    return "\n".join(lines)
 
 
 def _python(args: list, threads: int, timeout: float = 1800) -> str:
@@ -270,6 +286,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--pipeline", type=int, default=0,
                     help="images: run_dataset on a folder against decompose on arrays")
+    ap.add_argument("--model", choices=("S16-6", "B16"), default="S16-6",
+                    help="--pipeline: the vision tower's geometry (S16-6: ViT-S/16 with 6 "
+                         "layers; B16: ViT-B/16)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None,
                     help="--pipeline: the model's threads (default: every CPU)")
@@ -285,7 +304,8 @@ def main(argv=None) -> int:
         print(json.dumps(pipeline_child(json.loads(a.pipeline_child))))
         return 0
     if a.pipeline:
-        r = pipeline(a.pipeline, a.rounds, a.chunk_size, a.batch_size, a.quick, a.threads)
+        r = pipeline(a.pipeline, a.rounds, a.chunk_size, a.batch_size, a.quick, a.threads,
+                     a.model)
         cmd = "python benchmarks/bench_dataset.py " + " ".join(
             argv if argv is not None else sys.argv[1:])
         print(pipeline_markdown(r, cmd.strip()))

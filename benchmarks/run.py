@@ -14,7 +14,8 @@ Measures, in one process per model, on random-weight CLIP vision towers of real 
 5. bf16 against fp32 and PyTorch bf16 at batch 8, decompose against the bf16 forward, the
    profile of where the time goes, and the fp32 forward against the GEMM (``bench_bf16.py``);
 6. ``encode_text`` against PyTorch at batch 256 on the description pool (``bench_text.py``);
-7. ``clipdecomp run`` on a folder of JPEGs against ``decompose`` on the same images as arrays
+7. ``clipdecomp run`` on a folder of JPEGs against ``decompose`` on the same images as arrays,
+   for a small tower (ViT-S/16 geometry, 6 layers) and ViT-B/16
    (``bench_dataset.py --pipeline``).
 
 Every table is printed as it is measured, with its command, the ISA path and the load average.
@@ -290,7 +291,8 @@ def main(argv=None) -> None:
         extra += ["## 6. encode_text against PyTorch, batch 256", "", md, ""]
     if "7" in sections:
         import bench_dataset
-        r = bench_dataset.pipeline(args.pipeline_images, max(2, args.reps))
+        r = [bench_dataset.pipeline(args.pipeline_images, max(2, args.reps), model=m)
+             for m in ("S16-6", "B16")]
         md = bench_dataset.pipeline_markdown(
             r, command.strip() + "  (section 7: benchmarks/bench_dataset.py --pipeline)")
         print(md, flush=True)

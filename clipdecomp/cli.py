@@ -701,6 +701,14 @@ def train_toy_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--spurious-captions", choices=("scene", "class"), default="scene",
                     help="captions of the spurious scenes: the scene described, or only the "
                          "class's own name ('a photo of a buoy.')")
+    ap.add_argument("--head-attrs", default=None, metavar="L.H=ATTR,...",
+                    help="image-tower heads with a read-out of their own for one attribute, "
+                         "e.g. 4.3=color,5.5=background")
+    ap.add_argument("--head-weight", type=float, default=1.0,
+                    help="weight of the heads' read-out loss (with --head-attrs)")
+    ap.add_argument("--head-purity", type=float, default=0.0,
+                    help="with --head-attrs: weight of the share of each such head's variance "
+                         "outside its attribute's class embeddings")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its resume.pt")
@@ -730,6 +738,12 @@ def train_toy_main(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             ap.error(f"--{name.replace('_', '-')}: expected NAME=WEIGHT,..., got {text!r}")
     from clipdecomp.toy import train  # torch is imported here, once the arguments are good
+
+    if a.head_attrs is not None:
+        try:
+            a.head_attrs = train.parse_head_attrs(a.head_attrs)
+        except ValueError:
+            ap.error(f"--head-attrs: expected LAYER.HEAD=ATTRIBUTE,..., got {a.head_attrs!r}")
 
     train.run_from_args(a)
     return 0

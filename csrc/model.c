@@ -130,9 +130,15 @@ static void block_forward(float *x, const cd_block *blk, const block_scratch *s,
     const int R = Bn * N;
     layernorm_forward(s->ln, NULL, NULL, x, blk->ln1_w, blk->ln1_b, R, W, eps);
     cd_matmul(s->qkv, s->ln, &blk->qkv, blk->qkv_b, R, 0);
-    attention_forward(s->att, rec ? rec->cls : NULL, rec ? rec->cls_bstride : 0,
-                      rec ? rec->mean : NULL, rec ? rec->mean_bstride : 0, s->qkv, Bn, N, W, H,
-                      causal, s->tiles, s->n_tiles);
+    /* a tower in bf16 rounds q, k, v and the probabilities too (on AMX tiles where it can) */
+    if (blk->qkv.precision != CD_GEMM_FP32)
+        attention_forward_bf16(s->att, rec ? rec->cls : NULL, rec ? rec->cls_bstride : 0,
+                               rec ? rec->mean : NULL, rec ? rec->mean_bstride : 0, s->qkv, Bn,
+                               N, W, H, causal, s->tiles, s->n_tiles);
+    else
+        attention_forward(s->att, rec ? rec->cls : NULL, rec ? rec->cls_bstride : 0,
+                          rec ? rec->mean : NULL, rec ? rec->mean_bstride : 0, s->qkv, Bn, N,
+                          W, H, causal, s->tiles, s->n_tiles);
     cd_matmul(x, s->att, &blk->out, blk->out_b, R, 1);
     layernorm_forward(s->ln, NULL, NULL, x, blk->ln2_w, blk->ln2_b, R, W, eps);
     cd_matmul(s->fc, s->ln, &blk->fc, blk->fc_b, R, 0);

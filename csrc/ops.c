@@ -403,18 +403,60 @@ void softmax_forward_naive(float *row, int valid, int n) {
 /* One head of one sequence, query rows [r0, r1).
  *   q, k, v  (N, d) at row stride ld: this head's slices
  *   out      (N, d) at row stride ldo
- *   P        (r1 - r0, N) scratch: the softmax rows on return
+ *   P        (r1 - r0, N) scratch
+ *   cls      (N) or NULL: query 0's probabilities (when r0 == 0)
+ *   mean     (r1 - r0, N) or NULL: the probabilities are added to it
+ *   round_p  != 0: the probabilities are rounded to bf16 before they weight the values (after
+ *            cls and mean have them)
  * Under a causal mask the keys past r1 - 1 are never visible to this block, so neither the
  * scores nor the weighted sum touch them. */
-static void attention_rows(float *out, int ldo, float *P, const float *q, const float *k,
-                           const float *v, int ld, int N, int d, int r0, int r1, int causal,
-                           float scale) {
+static void attention_rows(float *out, int ldo, float *P, float *cls, float *mean,
+                           const float *q, const float *k, const float *v, int ld, int N, int d,
+                           int r0, int r1, int causal, float scale, int round_p) {
     const int R = r1 - r0;
     const int ncols = causal ? r1 : N;
     cd_sgemm_nt(R, ncols, d, scale, q + (size_t)r0 * ld, ld, k, ld, P, N, 0);
     for (int i = 0; i < R; i++)
         softmax_forward(P + (size_t)i * N, causal ? r0 + i + 1 : N, N);
+    if (cls && r0 == 0) memcpy(cls, P, (size_t)N * sizeof(float));
+    if (mean)
+        for (size_t i = 0; i < (size_t)R * N; i++) mean[i] += P[i];
+    if (round_p) bf16_round_inplace(P, (size_t)R * N);
     cd_sgemm_nn(R, d, ncols, 1.0f, P, N, v, ld, out + (size_t)r0 * ldo, ldo, 0);
+}
+
+/* x (n) <- bf16(x), to nearest even (NaN stays NaN), without branches so that it vectorises */
+static void bf16_round_span(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, sizeof u);
+        const uint32_t nan = ((u & 0x7F800000u) == 0x7F800000u) & ((u & 0x007FFFFFu) != 0u);
+        const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+        u = nan ? ((u | 0x00400000u) & 0xFFFF0000u) : r;
+        memcpy(x + i, &u, sizeof u);
+    }
+}
+
+static void bf16_round_run(float *x, size_t n) {
+    const size_t nchunk = (n + ELEM_CHUNK - 1) / ELEM_CHUNK;
+    #pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMS)
+    for (size_t c = 0; c < nchunk; c++)
+        bf16_round_span(x + c * ELEM_CHUNK, n - c * ELEM_CHUNK < ELEM_CHUNK ? n - c * ELEM_CHUNK
+                                                                          : ELEM_CHUNK);
+}
+
+void bf16_round_inplace(float *x, size_t n) {
+    const double t0 = cd_prof_begin();
+    bf16_round_run(x, n);
+    cd_prof_end(CD_PROF_PACK_BF16, t0);
+}
+
+/* columns [c0, c0 + width) of rows (rows, ld) <- bf16 */
+static void bf16_round_columns(float *x, size_t rows, size_t ld, size_t c0, size_t width) {
+    const double t0 = cd_prof_begin();
+    #pragma omp parallel for schedule(static) if (rows * width > PAR_MIN_ELEMS)
+    for (size_t r = 0; r < rows; r++) bf16_round_span(x + r * ld + c0, width);
+    cd_prof_end(CD_PROF_PACK_BF16, t0);
 }
 
 /* One fused pass per (sequence, head, block of CD_ATT_ROW_BLOCK query rows): the block's scores
@@ -427,7 +469,7 @@ static void attention_rows(float *out, int ldo, float *P, const float *q, const 
 static void attention_forward_run(float *out, float *att_cls, size_t cls_bstride,
                                   float *att_mean, size_t mean_bstride, const float *qkv, int B,
                                   int N, int W, int H, int causal, float *scratch,
-                                  int n_scratch) {
+                                  int n_scratch, int round_p) {
     const int d = W / H;
     const int ld = 3 * W;
     const float scale = 1.0f / sqrtf((float)d);
@@ -443,11 +485,10 @@ static void attention_forward_run(float *out, float *att_cls, size_t cls_bstride
                     const int r1 = r0 + CD_ATT_ROW_BLOCK < N ? r0 + CD_ATT_ROW_BLOCK : N;
                     float *P = scratch + (size_t)thread_id() * tile;
                     const float *base = qkv + (size_t)b * N * ld + (size_t)h * d;
-                    attention_rows(out + (size_t)b * N * W + (size_t)h * d, W, P, base, base + W,
-                                   base + 2 * W, ld, N, d, r0, r1, causal, scale);
-                    if (att_cls && r0 == 0)
-                        memcpy(att_cls + b * cls_bstride + (size_t)h * N, P,
-                               (size_t)N * sizeof(float));
+                    attention_rows(out + (size_t)b * N * W + (size_t)h * d, W, P,
+                                   att_cls ? att_cls + b * cls_bstride + (size_t)h * N : NULL,
+                                   NULL, base, base + W, base + 2 * W, ld, N, d, r0, r1, causal,
+                                   scale, round_p);
                 }
             }
         }
@@ -465,11 +506,10 @@ static void attention_forward_run(float *out, float *att_cls, size_t cls_bstride
             memset(mean, 0, cnt * sizeof(float));
             for (int h = 0; h < H; h++) {
                 const float *base = qkv + (size_t)b * N * ld + (size_t)h * d;
-                attention_rows(out + (size_t)b * N * W + (size_t)h * d, W, P, base, base + W,
-                               base + 2 * W, ld, N, d, r0, r1, causal, scale);
-                for (size_t i = 0; i < cnt; i++) mean[i] += P[i];
-                if (att_cls && r0 == 0)
-                    memcpy(att_cls + b * cls_bstride + (size_t)h * N, P, (size_t)N * sizeof(float));
+                attention_rows(out + (size_t)b * N * W + (size_t)h * d, W, P,
+                               att_cls ? att_cls + b * cls_bstride + (size_t)h * N : NULL, mean,
+                               base, base + W, base + 2 * W, ld, N, d, r0, r1, causal, scale,
+                               round_p);
             }
             for (size_t i = 0; i < cnt; i++) mean[i] *= inv_h;
         }
@@ -604,6 +644,26 @@ void attention_forward(float *out, float *att_cls, size_t cls_bstride, float *at
                        int causal, float *scratch, int n_scratch) {
     const double t0 = cd_prof_begin();
     attention_forward_run(out, att_cls, cls_bstride, att_mean, mean_bstride, qkv, B, N, W, H,
-                          causal, scratch, n_scratch);
+                          causal, scratch, n_scratch, 0);
+    cd_prof_end(CD_PROF_ATTENTION, t0);
+}
+
+void attention_forward_bf16(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
+                            size_t mean_bstride, float *qkv, int B, int N, int W, int H,
+                            int causal, float *scratch, int n_scratch) {
+    const size_t rows = (size_t)B * N;
+    if (!causal && attention_amx_applies(N, W, H)) {
+        /* the tiles round q and k as they load them; v is rounded here for the decomposition */
+        bf16_round_columns(qkv, rows, (size_t)3 * W, (size_t)2 * W, (size_t)W);
+        if (attention_forward_amx(out, att_cls, cls_bstride, att_mean, mean_bstride, qkv, B, N,
+                                  W, H, n_scratch))
+            return;
+        bf16_round_columns(qkv, rows, (size_t)3 * W, 0, (size_t)2 * W);
+    } else {
+        bf16_round_inplace(qkv, rows * 3 * W);
+    }
+    const double t0 = cd_prof_begin();
+    attention_forward_run(out, att_cls, cls_bstride, att_mean, mean_bstride, qkv, B, N, W, H,
+                          causal, scratch, n_scratch, 1);
     cd_prof_end(CD_PROF_ATTENTION, t0);
 }

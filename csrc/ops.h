@@ -90,6 +90,29 @@ void softmax_forward_naive(float *row, int valid, int n);
 void attention_forward(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
                        size_t mean_bstride, const float *qkv, int B, int N, int W, int H,
                        int causal, float *scratch, int n_scratch);
+/* The attention of a tower in bf16 (every bf16 precision, so that the emulated one gives the
+ * numbers of the native ones): q, k and v rounded to bf16 in place in qkv (what the
+ * decomposition reads afterwards), the probabilities rounded to bf16 before they weight the
+ * values (att_cls and att_mean get them unrounded), float32 sums and softmax. On AMX tiles
+ * where attention_forward_amx applies, else attention_forward's kernel. Arguments as
+ * attention_forward's. */
+void attention_forward_bf16(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
+                            size_t mean_bstride, float *qkv, int B, int N, int W, int H,
+                            int causal, float *scratch, int n_scratch);
+/* x (n) <- bf16(x) as float32 (round to nearest even, NaN kept quiet) */
+void bf16_round_inplace(float *x, size_t n);
+/* The same attention (no causal mask) with bf16 products on AMX tiles (attention_amx.c): q, k,
+ * v and the probabilities rounded to bf16, float32 sums and softmax; att_cls and att_mean as
+ * attention_forward's, from the float32 probabilities. Returns 0 without touching anything
+ * where it does not apply (no AMX, d not a multiple of 32 or above 256, no memory for its
+ * buffers): then run attention_forward. Parallel over (sequence, head), or over sequences when
+ * att_mean is wanted. */
+int attention_forward_amx(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
+                          size_t mean_bstride, const float *qkv, int B, int N, int W, int H,
+                          int n_threads);
+/* 1 where attention_forward_amx can run this geometry (AMX usable, d = W / H a multiple of 32,
+ * at most 256) */
+int attention_amx_applies(int N, int W, int H);
 /* the reference: the same outputs from triple loops in double (scores recomputed in each pass
  * rather than stored), one thread, no scratch, no GEMM */
 void attention_forward_naive(float *out, float *att_cls, size_t cls_bstride, float *att_mean,

@@ -42,6 +42,16 @@ SPECS = {
                   "num_attention_heads": 5, "max_position_embeddings": 12, "hidden_act": "gelu"},
         "projection_dim": 40},
 }
+#: geometries built only by the tests that need them: ``b16_d32``, heads of width 32 (the
+#: smallest the core's attention on AMX tiles takes)
+EXTRA_SPECS = {
+    "b16_d32": {
+        "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                    "num_attention_heads": 2, "image_size": 64, "patch_size": 16, "hidden_act": "gelu"},
+        "text": {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "max_position_embeddings": 12, "hidden_act": "gelu"},
+        "projection_dim": 32},
+}
 DTYPES = ("F32", "F16", "BF16")
 _TORCH_DTYPE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -224,10 +234,10 @@ def _save(tensors: dict, path: str, dtype: str) -> None:
 
 
 def build(name: str, root: str, seed: int = 0) -> Checkpoint:
-    """Build checkpoint ``name`` of :data:`SPECS` under directory ``root``."""
+    """Build checkpoint ``name`` of :data:`SPECS` (or :data:`EXTRA_SPECS`) under ``root``."""
     from transformers import CLIPModel
 
-    spec = SPECS[name]
+    spec = {**SPECS, **EXTRA_SPECS}[name]
     torch.manual_seed(seed)
     model = CLIPModel(_clip_config(spec)).eval()
     perturb(model, seed)

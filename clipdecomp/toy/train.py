@@ -125,11 +125,16 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
+        self.keep_cls = False
+        self.cls_heads: torch.Tensor | None = None
+
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         b, n, w = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        if self.keep_cls:  # each head's output at the class token, [B, H, d]
+            self.cls_heads = o[:, :, 0]
         return self.out_proj(o.transpose(1, 2).reshape(b, n, w))
 
 
@@ -174,12 +179,41 @@ class Visual(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, heads: list[tuple[int, int]] | None = None):
+        """Image embeddings [B, D]; with ``heads`` (layer, head) pairs also each head's direct
+        term in the embedding, [B, len(heads), D]: the decomposition's head term summed over
+        tokens, in its default (the reference's) convention, times the embedding's norm (the
+        head's out-projected class-token output plus its share of the out-projection's bias,
+        through ``ln_post`` linearised at the image's own final norm, and ``proj``)."""
+        layers = sorted({layer for layer, _ in heads or []})
+        for layer in layers:
+            self.transformer.resblocks[layer].attn.keep_cls = True
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, G*G, W]
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], 1) + self.positional_embedding
         x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
+        emb = self.ln_post(x[:, 0]) @ self.proj
+        if not heads:
+            return emb
+        r = x[:, 0].float()
+        mu = r.mean(-1, keepdim=True)
+        std = (r.var(-1, unbiased=False, keepdim=True) + self.ln_post.eps).sqrt()  # [B, 1]
+        kh = (2 * len(self.transformer.resblocks) + 1) * self.transformer.resblocks[0].attn.heads
+        terms = []
+        for layer, h in heads:
+            attn = self.transformer.resblocks[layer].attn
+            d = attn.out_proj.weight.shape[1] // attn.heads
+            o = attn.cls_heads[:, h].float()  # [B, d]
+            c = o @ attn.out_proj.weight[:, h * d:(h + 1) * d].float().T \
+                + attn.out_proj.bias.float() / attn.heads  # [B, W]
+            # the reference's convention (docs/decomposition.md): a share of the total mean and
+            # of beta for each of the K * H head terms
+            c = (c - mu / kh) / std * self.ln_post.weight.float() + self.ln_post.bias.float() / kh
+            terms.append(c @ self.proj.float())
+        for layer in layers:
+            attn = self.transformer.resblocks[layer].attn
+            attn.keep_cls, attn.cls_heads = False, None
+        return emb, torch.stack(terms, 1)
 
 
 class CLIP(nn.Module):
@@ -201,8 +235,8 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        return self.visual(x)
+    def encode_image(self, x: torch.Tensor, heads: list[tuple[int, int]] | None = None):
+        return self.visual(x, heads)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
@@ -446,18 +480,67 @@ def attribute_loss(img: torch.Tensor, prompt_emb: torch.Tensor, index: list, tar
     scale : the logit scale (exp of the parameter)
     weights : optional weight per attribute name (default 1 each); the average is weighted
     """
-    losses, ws, o = [], [], 0
-    for attr, n_cls, n_forms in index:
-        e = prompt_emb[o : o + n_cls * n_forms].view(n_cls, n_forms, -1).mean(1)
-        o += n_cls * n_forms
+    losses, ws = [], []
+    for attr, cls in class_embeddings(prompt_emb, index).items():
         t = torch.from_numpy(targets[attr])
         keep = t >= 0
         if keep.any():
-            logits = scale * img[keep] @ F.normalize(e, dim=-1).T
+            logits = scale * img[keep] @ cls.T
             losses.append(F.cross_entropy(logits, t[keep]))
             ws.append(1.0 if weights is None else weights.get(attr, 1.0))
     w = torch.tensor(ws)
     return (torch.stack(losses) * w).sum() / w.sum()
+
+
+def class_embeddings(prompt_emb: torch.Tensor, index: list) -> dict[str, torch.Tensor]:
+    """Unit class embeddings per attribute, [n_classes, D] each: the normalised mean of each
+    class's prompts in :func:`attribute_prompts` order."""
+    out, o = {}, 0
+    for attr, n_cls, n_forms in index:
+        e = prompt_emb[o : o + n_cls * n_forms].view(n_cls, n_forms, -1).mean(1)
+        o += n_cls * n_forms
+        out[attr] = F.normalize(e, dim=-1)
+    return out
+
+
+def head_attribute_loss(terms: torch.Tensor, prompt_emb: torch.Tensor, index: list,
+                        targets: dict, scale: torch.Tensor, attrs: list[str],
+                        purity: float = 0.0) -> torch.Tensor:
+    """Zero-shot classification loss of single heads' direct terms, each for one attribute.
+
+    Head ``k``'s term (``terms[:, k]``, see :meth:`Visual.forward`), normalised, is classified
+    against the classes of ``attrs[k]`` as an image embedding would be: a read-out that pulls
+    the direction of that head's contribution towards its attribute's texts.
+
+    Parameters
+    ----------
+    terms : float [B, K, D] direct terms of K heads
+    prompt_emb, index, targets, scale : as in :func:`attribute_loss`
+    attrs : K attribute names
+    purity : weight of a second term per head: the share of the variance of its terms over the
+        batch that lies outside the span of its attribute's (centred) class embeddings, the
+        variance TextSpan would explain with texts about other things
+
+    Returns
+    -------
+    the mean loss over the heads whose attribute is defined for some image of the batch
+    """
+    cls = class_embeddings(prompt_emb, index)
+    losses = []
+    for k, attr in enumerate(attrs):
+        t = torch.from_numpy(targets[attr])
+        keep = t >= 0
+        if keep.any():
+            logits = scale * F.normalize(terms[keep, k], dim=-1) @ cls[attr].T
+            loss = F.cross_entropy(logits, t[keep])
+            if purity:
+                c = terms[:, k] - terms[:, k].mean(0)
+                # the centred classes span n - 1 dimensions: any n - 1 of them
+                u, _ = torch.linalg.qr((cls[attr] - cls[attr].mean(0))[:-1].detach().T)
+                outside = c - (c @ u) @ u.T
+                loss = loss + purity * outside.pow(2).sum() / (c.pow(2).sum() + 1e-12)
+            losses.append(loss)
+    return torch.stack(losses).mean() if losses else terms.sum() * 0.0
 
 
 def make_batch(batch: int, seed: int, hard_frac: float = 0.0, focus_frac: float = 0.0,
@@ -688,7 +771,9 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
           style: str = "smooth", attr_weight: float = 0.0, bf16: bool = False,
           resume: bool = False, spurious_frac: float = 0.0,
           attr_weights: dict[str, float] | None = None, spurious_p_major: float = 0.93,
-          spurious_captions: str = "scene", head_width: int | None = None) -> CLIP:
+          spurious_captions: str = "scene", head_width: int | None = None,
+          head_attrs: dict[tuple[int, int], str] | None = None, head_weight: float = 1.0,
+          head_purity: float = 0.0) -> CLIP:
     """Contrastive training on freshly generated (image, caption) pairs.
 
     The learning rate warms up linearly over ``warmup`` steps, then follows a cosine to 0 at
@@ -728,6 +813,10 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
         has AVX512_BF16; the weights and the optimiser stay float32)
     resume : continue the run in ``out`` from its resume.pt, step for step (the data of each
         step depends only on the seed and the step), with the same arguments
+    head_attrs : optional (layer, head) -> attribute: those heads of the image tower get a
+        read-out of their own (:func:`head_attribute_loss`, weight ``head_weight``), which makes
+        them carry that attribute; the rest of the model is left to learn as before;
+        ``head_purity`` weighs the share of their variance outside it
 
     Returns
     -------
@@ -788,6 +877,10 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
         args.update(spurious_p_major=spurious_p_major, spurious_captions=spurious_captions)
     if head_width is not None:
         args["head_width"] = head_width
+    head_list = sorted(head_attrs or {})
+    if head_list:
+        args.update(head_attrs=format_head_attrs(head_attrs), head_weight=head_weight,
+                    head_purity=head_purity)
     if attr_weights:
         args["attr_weights"] = dict(attr_weights)
     if resume and (outp / "resume.pt").exists():
@@ -831,6 +924,10 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
             cmd += f" --spurious-captions {spurious_captions}"
         if head_width is not None:
             cmd += f" --vision-head-width {head_width}"
+        if head_list:
+            cmd += f" --head-attrs {format_head_attrs(head_attrs)} --head-weight {head_weight}"
+            if head_purity:
+                cmd += f" --head-purity {head_purity}"
         if bf16:
             cmd += " --bf16"
         d = {"seed": seed, "steps": step, "hard_frac": hard_frac, "focus_frac": focus_frac,
@@ -839,6 +936,9 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
              "spurious_frac": spurious_frac, "attr_weights": attr_weights,
              "spurious_p_major": spurious_p_major, "spurious_captions": spurious_captions,
              "vision_head_width": cfg["vision_cfg"]["head_width"],
+             "head_attrs": format_head_attrs(head_attrs) if head_list else None,
+             "head_weight": head_weight if head_list else None,
+             "head_purity": head_purity if head_list else None,
              "schedule_steps": total, "warmup": warm, "batch": batch, "lr": lr,
              "minutes": round((elapsed0 + time.time() - t0) / 60, 2),
              "final_loss": None if ema is None else round(ema, 4),
@@ -880,9 +980,13 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
         x = to_pixels(images)
         ids = torch.from_numpy(tokenize(tok, captions))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            img = F.normalize(model.encode_image(x).float(), dim=-1)
+            if head_list:
+                emb, terms = model.encode_image(x, head_list)
+            else:
+                emb, terms = model.encode_image(x), None
+            img = F.normalize(emb.float(), dim=-1)
             n_cap = len(captions)
-            if attr_weight:
+            if attr_weight or head_list:
                 ids = torch.cat([ids, prompt_ids])
             txt_all = F.normalize(model.encode_text(ids).float(), dim=-1)
             txt = txt_all[:n_cap]
@@ -894,6 +998,10 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
                 loss = loss + attr_weight * attribute_loss(
                     img, txt_all[n_cap:], prompt_index, attribute_targets(labels), scale,
                     attr_weights)
+            if terms is not None:
+                loss = loss + head_weight * head_attribute_loss(
+                    terms, txt_all[n_cap:], prompt_index, attribute_targets(labels), scale,
+                    [head_attrs[k] for k in head_list], head_purity)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -928,6 +1036,23 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
     return model
 
 
+def parse_head_attrs(text: str) -> dict[tuple[int, int], str]:
+    """``"4.3=color,5.5=background"`` -> ``{(4, 3): "color", (5, 5): "background"}``."""
+    out = {}
+    for item in text.split(","):
+        key, attr = item.split("=")
+        layer, head = key.strip().upper().lstrip("L").split(".")
+        if attr not in world.ATTRIBUTES:
+            raise ValueError(f"unknown attribute {attr!r}")
+        out[(int(layer), int(head.lstrip("H")))] = attr
+    return out
+
+
+def format_head_attrs(head_attrs: dict[tuple[int, int], str]) -> str:
+    """The inverse of :func:`parse_head_attrs`."""
+    return ",".join(f"{layer}.{head}={a}" for (layer, head), a in sorted(head_attrs.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m clipdecomp.toy.train ARGS``, the same as ``clipdecomp train-toy ARGS`` (its
     parser lives with every other in :mod:`clipdecomp.cli`)."""
@@ -959,7 +1084,8 @@ def run_from_args(a: Any) -> None:
           fresh_text=a.fresh_text, style=a.style, attr_weight=a.attr_weight, bf16=a.bf16,
           resume=a.resume, spurious_frac=a.spurious_frac, attr_weights=a.attr_weights,
           spurious_p_major=a.spurious_p_major, spurious_captions=a.spurious_captions,
-          head_width=a.vision_head_width)
+          head_width=a.vision_head_width, head_attrs=a.head_attrs, head_weight=a.head_weight,
+          head_purity=a.head_purity)
 
 
 if __name__ == "__main__":

@@ -729,6 +729,148 @@ static void check_attention(const int *isas, int nisa) {
 
 /* ------------------------------------------------------------------------------------------ */
 
+/* ---- attention on AMX tiles (bf16) --------------------------------------------------------- */
+
+/* The reference of attention_forward_amx in double: q, k, v rounded to bf16 as the kernel
+ * rounds them, p = softmax(q.k / sqrt d) in double, then rounded to bf16. The kernel's
+ * probabilities come from float32 sums and a float32 softmax, so a few may round to the
+ * neighbouring bf16 value: each output may differ by up to 2^-8 sum_j p_j |v_j|, and on average
+ * by far less; a wrong tile layout (keys, value pairs or columns swapped) by O(|v|). */
+static void check_attention_amx_case(int B, int N, int W, int H, float qamp, int threads,
+                                     int want_mean, int dispatch) {
+    const int d = W / H, ld = 3 * W;
+    float *qkv = rand_buf((size_t)B * N * ld, 1.0f);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < N; t++)
+            for (int c = 0; c < W; c++) qkv[((size_t)b * N + t) * ld + c] *= qamp;
+    float *out = alloc_f((size_t)B * N * W);
+    float *cls = alloc_f((size_t)B * H * N);
+    float *mean = alloc_f((size_t)B * N * N);
+    double *ref_mean = (double *)xmalloc((size_t)B * N * N * sizeof(double));
+    for (size_t i = 0; i < (size_t)B * N * W; i++) out[i] = NAN;
+    for (size_t i = 0; i < (size_t)B * N * N; i++) ref_mean[i] = 0.0;
+    float *given = copy_buf(qkv, (size_t)B * N * 3 * W);
+    set_threads(threads);
+    int ran = 1;
+    if (dispatch) {   /* attention_forward_bf16: AMX where it applies, else the float32 kernel */
+        const size_t tile = (size_t)(N < CD_ATT_ROW_BLOCK ? N : CD_ATT_ROW_BLOCK) * N;
+        float *scratch = alloc_f((size_t)threads * tile);
+        attention_forward_bf16(out, cls, (size_t)H * N, want_mean ? mean : NULL, (size_t)N * N,
+                               qkv, B, N, W, H, 0, scratch, threads);
+        free(scratch);
+    } else {
+        ran = attention_forward_amx(out, cls, (size_t)H * N, want_mean ? mean : NULL,
+                                    (size_t)N * N, qkv, B, N, W, H, threads);
+    }
+    set_threads(1);
+    char what[128];
+    snprintf(what, sizeof what, "attention %s, B %d N %d W %d H %d, %d threads%s",
+             dispatch ? "in bf16" : "on AMX", B, N, W, H, threads,
+             want_mean ? ", mean map" : "");
+    /* attention_forward_bf16 leaves v rounded in qkv (q and k too where it is not on AMX);
+     * attention_forward_amx leaves qkv alone */
+    for (size_t r = 0; r < (size_t)B * N; r++)
+        for (int c = 0; c < 3 * W; c++) {
+            const float g = given[r * 3 * W + c], now = qkv[r * 3 * W + c];
+            const int rounded = dispatch && (c >= 2 * W || !attention_amx_applies(N, W, H));
+            if (now != (rounded ? cd_bf16_round(g) : g)) {
+                if (ran) printf("  %s: qkv[%zu, %d] %.9g, given %.9g\n", what, r, c, now, g);
+                ran = 0;
+            }
+        }
+    memcpy(qkv, given, (size_t)B * N * 3 * W * sizeof(float));
+    free(given);
+    int ok = ran;
+    double *p = (double *)xmalloc((size_t)N * sizeof(double));
+    double sum_err = 0.0, sum_v = 0.0, worst = 0.0;
+    size_t n_err = 0;
+    const double scale = 1.0 / sqrt((double)d);
+    for (int b = 0; ok && b < B; b++)
+        for (int h = 0; ok && h < H; h++)
+            for (int i = 0; ok && i < N; i++) {
+                const float *q = qkv + ((size_t)b * N + i) * ld + (size_t)h * d;
+                double mx = -INFINITY, z = 0.0;
+                for (int j = 0; j < N; j++) {
+                    const float *k = qkv + ((size_t)b * N + j) * ld + W + (size_t)h * d;
+                    double s = 0.0;
+                    for (int e = 0; e < d; e++)
+                        s += (double)cd_bf16_round(q[e]) * (double)cd_bf16_round(k[e]);
+                    p[j] = s * scale;
+                    mx = p[j] > mx ? p[j] : mx;
+                }
+                for (int j = 0; j < N; j++) z += (p[j] = exp(p[j] - mx));
+                for (int j = 0; j < N; j++) {
+                    p[j] /= z;
+                    ref_mean[((size_t)b * N + i) * N + j] += p[j] / H;
+                    if (i == 0 && !close_to(cls[((size_t)b * H + h) * N + j], (float)p[j],
+                                            1e-5 * p[j] + 1e-7)) {
+                        printf("  %s: att_cls[%d, %d, %d] got %.9g want %.9g\n", what, b, h, j,
+                               cls[((size_t)b * H + h) * N + j], p[j]);
+                        ok = 0;
+                    }
+                }
+                for (int e = 0; ok && e < d; e++) {
+                    double want = 0.0, bound = 0.0;
+                    for (int j = 0; j < N; j++) {
+                        const double v = cd_bf16_round(qkv[((size_t)b * N + j) * ld + 2 * W +
+                                                           (size_t)h * d + e]);
+                        want += (double)cd_bf16_round((float)p[j]) * v;
+                        bound += p[j] * fabs(v);
+                    }
+                    const double got = out[((size_t)b * N + i) * W + (size_t)h * d + e];
+                    const double err = fabs(got - want);
+                    if (!(err <= bound / 256.0 + 1e-5 * bound + 1e-6)) {
+                        printf("  %s: out[%d, %d, head %d, %d] got %.9g want %.9g\n", what, b,
+                               i, h, e, got, want);
+                        ok = 0;
+                    }
+                    sum_err += err;
+                    sum_v += bound;
+                    worst = err > worst ? err : worst;
+                    n_err++;
+                }
+            }
+    /* on average, far below one bf16 step of the probabilities */
+    if (ok && n_err && sum_err > sum_v / 4096.0) {
+        printf("  %s: mean error %.3g against mean |v| weight %.3g\n", what, sum_err / n_err,
+               sum_v / n_err);
+        ok = 0;
+    }
+    for (size_t e = 0; ok && want_mean && e < (size_t)B * N * N; e++)
+        if (!close_to(mean[e], (float)ref_mean[e], 1e-5 * ref_mean[e] + 1e-7)) {
+            printf("  %s: att_mean[%zu] got %.9g want %.9g\n", what, e, mean[e], ref_mean[e]);
+            ok = 0;
+        }
+    report(what, ok, CD_ISA_AVX512);
+    free(p);
+    free(mean);
+    free(ref_mean);
+    free(qkv);
+    free(out);
+    free(cls);
+}
+
+static void check_attention_amx(void) {
+    /* bf16 attention in the float32 kernel (heads of width 16): on every CPU */
+    check_attention_amx_case(2, 50, 64, 4, 2.0f, 2, 1, 1);
+    if (!cd_cpu_has_amx()) {
+        printf("attention on AMX: not on this CPU, skipped\n");
+        return;
+    }
+    check_attention_amx_case(2, 197, 128, 2, 2.0f, 1, 0, 0);     /* ViT-B/16's sequence, d 64 */
+    check_attention_amx_case(3, 50, 192, 3, 3.0f, g_many, 0, 0); /* d 64, last block: 2 rows */
+    check_attention_amx_case(3, 50, 192, 3, 3.0f, g_many, 1, 0); /* ... and the mean map */
+    check_attention_amx_case(1, 33, 256, 2, 1.0f, 2, 1, 0);      /* d 128: 2 groups of 4 panels */
+    check_attention_amx_case(2, 17, 96, 3, 4.0f, 1, 0, 0);       /* d 32: one depth tile */
+    check_attention_amx_case(1, 1, 64, 1, 1.0f, 1, 1, 0);        /* one token */
+    /* the dispatcher on AMX (d 64) */
+    check_attention_amx_case(2, 50, 128, 2, 2.0f, 2, 1, 1);
+    /* where it does not apply it must say so and write nothing */
+    float out[4 * 48] = {0}, qkv[4 * 144] = {0};
+    report("attention on AMX refuses d = 24", !attention_forward_amx(out, NULL, 0, NULL, 0, qkv, 1, 4,
+                                                                      48, 2, 1), CD_ISA_AVX512);
+}
+
 int main(int argc, char **argv) {
     int maxthr = 1;
 #ifdef _OPENMP
@@ -756,6 +898,7 @@ int main(int argc, char **argv) {
         check_small_ops(isa);
     }
     check_attention(isas, nisa);   /* the reference once per shape, every path against it */
+    check_attention_amx();
     for (int k = 0; k < nisa; k++)
         printf("path %s: %s\n", cd_cpu_isa_str(isas[k]), g_fail_isa[isas[k]] ? "FAILED" : "ok");
     printf("%d checks, %d failed\n", g_checks, g_fail);

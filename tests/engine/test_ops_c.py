@@ -28,7 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "csrc"
-SOURCES = ("ops.c", "gemm.c", "gemm_avx2.c", "gemm_avx512.c", "cpu.c", "tests/test_ops.c")
+SOURCES = ("ops.c", "attention_amx.c", "gemm.c", "gemm_avx2.c", "gemm_avx512.c", "cpu.c", "tests/test_ops.c")
 SANITIZE = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
             "-fno-sanitize-recover=undefined"]
 

@@ -79,12 +79,34 @@ def test_matmul_precision_errors(requires_core):
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
-def bf16_reference(model):
+def rounded_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **_kw):
+    """transformers' eager attention with the core's bf16 roundings: q, k, v and the
+    probabilities rounded to bf16; float32 sums of products and softmax."""
+    def r(t):
+        return t.bfloat16().float()
+
+    w = torch.matmul(r(query), r(key).transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        w = w + attention_mask
+    w = torch.softmax(w, dim=-1, dtype=torch.float32)
+    return torch.matmul(r(w), r(value)).transpose(1, 2).contiguous(), w
+
+
+def bf16_reference(model, attention: str = "rounded"):
     """A copy of a transformers CLIPModel whose blocks multiply in bf16: weights of every block
     linear rounded, inputs rounded by a pre-hook; the text token table rounded (the core keeps
-    it in bf16); the other embeddings, projections, attention and LayerNorms stay float32, as
-    in the core."""
+    it in bf16); q, k, v and the attention probabilities rounded (:func:`rounded_attention`;
+    ``attention="float32"`` leaves the attention in float32); the other embeddings,
+    projections and LayerNorms stay float32, as in the core."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
     ref = copy.deepcopy(model).eval()
+    if attention == "rounded":   # with eager attention's additive (causal) masks
+        AttentionInterface.register("bf16_rounded", rounded_attention)
+        AttentionMaskInterface.register("bf16_rounded", eager_mask)
+        for cfg in (ref.vision_model.config, ref.text_model.config):
+            cfg._attn_implementation = "bf16_rounded"
     table = ref.text_model.embeddings.token_embedding.weight
     with torch.no_grad():
         table.copy_(table.bfloat16().float())
@@ -153,6 +175,52 @@ def test_decomposition_in_bf16(bf16_models, name):
         m16.decompose(px[:1])
     finally:
         clipdecomp.set_debug(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention in bf16: on AMX tiles (heads of width 32 and more, no causal mask) or rounded
+
+@pytest.fixture(scope="module")
+def d32(tmp_path_factory):
+    import checkpoints as ckpts
+
+    torch.set_num_threads(1)
+    ck = ckpts.build("b16_d32", str(tmp_path_factory.mktemp("d32")), seed=5)
+    return ck, clipdecomp.load(ck.dirs[("open_clip", "F32")], threads=1, precision="bf16")
+
+
+def test_bf16_attention_rounds_q_k_v_and_probabilities(d32):
+    """Heads of width 32: on AMX tiles where the CPU has them (else the float32 kernel on
+    rounded values); the same numbers as the rounded reference either way."""
+    ck, m16 = d32
+    px = random_pixels(ck, 16, seed=3)
+    ours = m16.encode_image(px, normalize=False)
+    err = {}
+    for attention in ("rounded", "float32"):
+        theirs = image_features(bf16_reference(ck.model, attention), px)
+        err[attention] = np.linalg.norm(ours - theirs, axis=1) / np.linalg.norm(theirs, axis=1)
+    assert np.mean(err["rounded"] < 1e-5) >= 0.25, np.round(err["rounded"], 7)
+    assert err["rounded"].max() < 1e-2, err["rounded"].max()
+    # the float32 attention is visibly further: the agreement above is the roundings'
+    assert np.median(err["float32"]) > 10 * np.median(err["rounded"]), err
+
+
+def test_decomposition_with_bf16_attention(d32):
+    ck, m16 = d32
+    px = random_pixels(ck, 4, seed=4)
+    d16 = m16.decompose(px, attn=True)
+    total = d16.heads.sum((1, 2), dtype=np.float64) + d16.mlps.sum(1, dtype=np.float64)
+    unit = d16.embedding / np.linalg.norm(d16.embedding, axis=1, keepdims=True)
+    assert np.abs(total - unit).max() < clipdecomp.engine.decomposition.IDENTITY_TOL_BF16
+    # the class token's attention rows it records: the reference's float32 probabilities of
+    # the scores of bf16 q and k, row for row
+    ref = bf16_reference(ck.model)
+    with torch.no_grad():
+        att = ref.vision_model(pixel_values=torch.from_numpy(px), output_attentions=True).attentions
+    want = np.stack([a[:, :, 0, :].numpy() for a in att], 1)   # [B, L, H, N]
+    assert d16.attn_cls.shape == want.shape
+    assert np.abs(d16.attn_cls - want).max() < 1e-3 * want.max(), np.abs(d16.attn_cls - want).max()
+    assert np.allclose(d16.attn_cls.sum(-1), 1.0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -738,3 +738,83 @@ def test_vision_warm_start_resumes_and_feeds_train(tmp_path, monkeypatch):
     for k, v in model.state_dict().items():
         if k.startswith("visual."):
             torch.testing.assert_close(v, whole.state_dict()[k], msg=k)
+
+
+def test_head_terms_equal_the_decomposition(requires_core):
+    """The training's per-head terms are the decomposition's head terms (times the embedding's
+    norm): the read-out of --head-attrs pulls on exactly what TextSpan later reads."""
+    torch = pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    model, _ = train.load_exported(clipdecomp.toy.MODEL_DIR)
+    model.eval()
+    scenes = toy.generate(6, seed=11, style="smooth")
+    heads = [(5, 2), (0, 1), (4, 3)]
+    with torch.no_grad():
+        emb, terms = model.encode_image(train.to_pixels(scenes.images), heads)
+    dec = clipdecomp.load().decompose(list(scenes.images))
+    norm = np.linalg.norm(dec.embedding, axis=1)[:, None]
+    assert np.abs(emb.numpy() - dec.embedding).max() < 1e-4
+    for k, (layer, h) in enumerate(heads):
+        want = dec.heads[:, layer, h] * norm
+        assert np.abs(terms[:, k].numpy() - want).max() < 1e-4 * np.abs(want).max() + 1e-6
+
+
+def test_head_attribute_loss_against_numpy():
+    torch = pytest.importorskip("torch")
+    from clipdecomp.toy import train
+
+    texts, index = train.attribute_prompts()
+    g = torch.Generator().manual_seed(1)
+    emb = torch.nn.functional.normalize(torch.randn(len(texts), 16, generator=g), dim=-1)
+    b = toy.generate(10, seed=4)
+    targets = train.attribute_targets(b.labels)
+    cls = {a: c.numpy() for a, c in train.class_embeddings(emb, index).items()}
+    terms = torch.randn(10, 2, 16, generator=g)
+    attrs = ["color", "background"]
+    scale = torch.tensor(7.0)
+
+    def ce(x, c, t):
+        rows = t >= 0
+        z = 7.0 * (x[rows] / np.linalg.norm(x[rows], axis=1, keepdims=True)) @ c.T
+        z = z - z.max(1, keepdims=True)
+        return -(z - np.log(np.exp(z).sum(1, keepdims=True)))[np.arange(rows.sum()), t[rows]].mean()
+
+    def outside(x, c):   # share of the centred terms' energy outside span(centred classes)
+        xc, cc = x - x.mean(0), c - c.mean(0)
+        u, s, _ = np.linalg.svd(cc.T, full_matrices=False)
+        u = u[:, s > 1e-6 * s[0]]
+        r = xc - xc @ u @ u.T
+        return (r ** 2).sum() / (xc ** 2).sum()
+
+    x = terms.numpy()
+    want = np.mean([ce(x[:, k], cls[a], targets[a]) for k, a in enumerate(attrs)])
+    got = train.head_attribute_loss(terms, emb, index, targets, scale, attrs).item()
+    assert abs(got - want) < 1e-5
+    want_p = np.mean([ce(x[:, k], cls[a], targets[a]) + 0.5 * outside(x[:, k], cls[a])
+                      for k, a in enumerate(attrs)])
+    got_p = train.head_attribute_loss(terms, emb, index, targets, scale, attrs, 0.5).item()
+    assert abs(got_p - want_p) < 1e-5
+    # terms that vary only inside their attribute's (centred) span are pure: only the
+    # classification part remains, whatever their constant offset
+    inside = torch.from_numpy(np.stack([
+        np.random.default_rng(k).normal(size=(10, len(cls[a]))) @ (cls[a] - cls[a].mean(0))
+        + 3.0 * cls[a][0] for k, a in enumerate(attrs)], 1)).float()
+    z = inside.numpy()
+    got_in = train.head_attribute_loss(inside, emb, index, targets, scale, attrs, 1.0).item()
+    assert abs(got_in - np.mean([ce(z[:, k], cls[a], targets[a])
+                                 for k, a in enumerate(attrs)])) < 1e-4
+
+
+def test_head_attrs_option_round_trip_and_errors(capsys):
+    pytest.importorskip("torch")
+    from clipdecomp.cli import main
+    from clipdecomp.toy import train
+
+    spec = train.parse_head_attrs("L4.H3=color,5.5=background")
+    assert spec == {(4, 3): "color", (5, 5): "background"}
+    assert train.parse_head_attrs(train.format_head_attrs(spec)) == spec
+    for bad in ("4.3=colour", "4=color", "a.b=color"):
+        with pytest.raises(SystemExit):
+            main(["train-toy", "--out", "x", "--head-attrs", bad])
+        assert "--head-attrs" in capsys.readouterr().err
