@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "cpu.h"
+#include "gemm_kernels.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -31,13 +32,6 @@
 #include <immintrin.h>
 
 #define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
-
-typedef struct {
-    uint8_t palette, start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
 
 /* one thread's buffers for one head; Np = N rounded up to 16 (score columns), Nk = N rounded
  * up to 32 (the depth of P v) */
@@ -124,53 +118,39 @@ AMX_TARGET static void pack_v(const head_buffers *hb, const float *v, int ld, in
     }
 }
 
-/* S (16, np) = qb kp over depth d, four 16-column panels at a time in tiles 0-3 */
-AMX_TARGET static void scores_block(const head_buffers *hb, int np, int d) {
-    const int dw = d / 2;
-    const long lda = (long)d * 2, lds = (long)np * 4;
-    for (int j = 0; j < np / 16; j += 4) {
-        const int g = np / 16 - j < 4 ? np / 16 - j : 4;
-        const uint32_t *b = hb->kp + (size_t)j * dw * 16;
-        const size_t pan = (size_t)dw * 16;   /* words per panel */
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int s = 0; s < dw; s += 16) {
-            _tile_loadd(4, hb->qb + 2 * s, lda);
-            _tile_loadd(6, b + (size_t)s * 16, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            if (g > 1) { _tile_loadd(7, b + pan + (size_t)s * 16, 64); _tile_dpbf16ps(1, 4, 7); }
-            if (g > 2) { _tile_loadd(6, b + 2 * pan + (size_t)s * 16, 64); _tile_dpbf16ps(2, 4, 6); }
-            if (g > 3) { _tile_loadd(7, b + 3 * pan + (size_t)s * 16, 64); _tile_dpbf16ps(3, 4, 7); }
-        }
-        float *out = hb->s + (size_t)16 * j;
-        _tile_stored(0, out, lds);
-        if (g > 1) _tile_stored(1, out + 16, lds);
-        if (g > 2) _tile_stored(2, out + 32, lds);
-        if (g > 3) _tile_stored(3, out + 48, lds);
+/* C (16, 16 g) = A (16, 2 depth bf16, row stride lda bytes) B, for g <= 4 panels of B (depth
+ * word rows of 16 words each, panel p at b + p * pan words), into C at row stride ldc bytes;
+ * depth a multiple of 16 words. C in tiles 0-3, A in 4, B in 6 and 7. */
+AMX_TARGET static void product_16xg(const uint16_t *a, long lda, const uint32_t *b, size_t pan,
+                                    int depth, int g, float *c, long ldc) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int s = 0; s < depth; s += 16) {
+        _tile_loadd(4, a + 2 * s, lda);
+        _tile_loadd(6, b + (size_t)s * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (g > 1) { _tile_loadd(7, b + pan + (size_t)s * 16, 64); _tile_dpbf16ps(1, 4, 7); }
+        if (g > 2) { _tile_loadd(6, b + 2 * pan + (size_t)s * 16, 64); _tile_dpbf16ps(2, 4, 6); }
+        if (g > 3) { _tile_loadd(7, b + 3 * pan + (size_t)s * 16, 64); _tile_dpbf16ps(3, 4, 7); }
     }
+    _tile_stored(0, c, ldc);
+    if (g > 1) _tile_stored(1, c + 16, ldc);
+    if (g > 2) _tile_stored(2, c + 32, ldc);
+    if (g > 3) _tile_stored(3, c + 48, ldc);
 }
 
-/* o (16, d) = pb vp over depth nk, four 16-column panels at a time in tiles 0-3 */
+/* S (16, np) = qb kp over depth d, and o (16, d) = pb vp over depth nk, four panels at a time */
+AMX_TARGET static void scores_block(const head_buffers *hb, int np, int d) {
+    const size_t pan = (size_t)(d / 2) * 16;   /* words per panel of kp */
+    for (int j = 0; j < np / 16; j += 4)
+        product_16xg(hb->qb, (long)d * 2, hb->kp + j * pan, pan, d / 2,
+                     np / 16 - j < 4 ? np / 16 - j : 4, hb->s + (size_t)16 * j, (long)np * 4);
+}
+
 AMX_TARGET static void values_block(const head_buffers *hb, int nk, int d) {
-    const long lda = (long)nk * 2, ldo = (long)d * 4;
     const size_t pan = (size_t)(nk / 2) * 16;   /* words per panel of vp */
-    for (int c = 0; c < d / 16; c += 4) {
-        const int g = d / 16 - c < 4 ? d / 16 - c : 4;
-        const uint32_t *b = hb->vp + (size_t)c * pan;
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int s = 0; s < nk / 2; s += 16) {
-            _tile_loadd(4, hb->pb + 2 * s, lda);
-            _tile_loadd(6, b + (size_t)s * 16, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            if (g > 1) { _tile_loadd(7, b + pan + (size_t)s * 16, 64); _tile_dpbf16ps(1, 4, 7); }
-            if (g > 2) { _tile_loadd(6, b + 2 * pan + (size_t)s * 16, 64); _tile_dpbf16ps(2, 4, 6); }
-            if (g > 3) { _tile_loadd(7, b + 3 * pan + (size_t)s * 16, 64); _tile_dpbf16ps(3, 4, 7); }
-        }
-        float *out = hb->o + (size_t)16 * c;
-        _tile_stored(0, out, ldo);
-        if (g > 1) _tile_stored(1, out + 16, ldo);
-        if (g > 2) _tile_stored(2, out + 32, ldo);
-        if (g > 3) _tile_stored(3, out + 48, ldo);
-    }
+    for (int c = 0; c < d / 16; c += 4)
+        product_16xg(hb->pb, (long)nk * 2, hb->vp + c * pan, pan, nk / 2,
+                     d / 16 - c < 4 ? d / 16 - c : 4, hb->o + (size_t)16 * c, (long)d * 4);
 }
 
 /* one head of one sequence: q, k, v (N, d) at row stride ld; out (N, d) at row stride ldo;
@@ -224,14 +204,7 @@ AMX_TARGET static void team_member(unsigned char *mem, size_t per, float *out, f
     const int d = W / H, ld = 3 * W;
     const float scale = 1.0f / sqrtf((float)d);
     const head_buffers hb = carve(mem + per * (size_t)t, N, d);
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.colsb[i] = 64;
-        cfg.rows[i] = 16;
-    }
-    _tile_loadconfig(&cfg);
+    cd_amx_config_16x64();
     if (!att_mean) {
         #pragma omp for collapse(2) schedule(dynamic, 1)
         for (int b = 0; b < B; b++) {

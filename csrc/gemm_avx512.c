@@ -190,17 +190,21 @@ CD_AMX_TARGET static void amx_epilogue(const float *t, float *c, ptrdiff_t ldc, 
         }                                                                               \
     } while (0)
 
+/* a constant in memory: GCC 12 does not count ldtilecfg as a read of its operand, and at -O2
+ * drops the stores that fill a configuration on the stack */
+static const cd_amx_cfg amx_16x64 = {
+    .palette = 1,
+    .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+    .rows = {16, 16, 16, 16, 16, 16, 16, 16},
+};
+
+CD_AMX_TARGET
+void cd_amx_config_16x64(void) { _tile_loadconfig(&amx_16x64); }
+
 CD_AMX_TARGET
 void cd_gemm_block_bf16_amx(const cd_gemm_block *blk) {
     _Alignas(64) float tbuf[256];
-    cd_amx_cfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.colsb[i] = 64;
-        cfg.rows[i] = 16;
-    }
-    _tile_loadconfig(&cfg);
+    cd_amx_config_16x64();
     const uint32_t *A = (const uint32_t *)(const void *)blk->a;
     const uint32_t *Bw = (const uint32_t *)(const void *)blk->b;
     const ptrdiff_t ldc = blk->ldc, ldcb = ldc * (ptrdiff_t)sizeof(float);
@@ -291,6 +295,7 @@ void cd_gemm_pack_rows_bf16_rm(uint32_t *dst, const float *a, ptrdiff_t lda, int
     for (int i = mc; i < mpad; i++) memset(dst + (size_t)i * kw, 0, (size_t)kw * sizeof(uint32_t));
 }
 #else   /* the emulated build has no AMX (cpu.c never reports it there): never called */
+void cd_amx_config_16x64(void) {}
 void cd_gemm_block_bf16_amx(const cd_gemm_block *blk) { (void)blk; }
 void cd_gemm_pack_rows_bf16_rm(uint32_t *dst, const float *a, ptrdiff_t lda, int mc, int kc,
                                int mpad) {

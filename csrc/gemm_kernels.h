@@ -64,6 +64,8 @@ void cd_gemm_block_bf16_avx512(const cd_gemm_block *blk);    /* bf16 pairs, AVX5
 /* bf16 pairs on AMX tiles: A row-major (word (i, kp) at a[i * rsa + kp], 16-row tiles at pa,
  * rows zero up to a multiple of 32), kc a multiple of 16 pairs; only where cd_cpu_has_amx() */
 void cd_gemm_block_bf16_amx(const cd_gemm_block *blk);
+/* this thread's tile configuration: palette 1, tiles 0-7 of 16 rows x 64 bytes (AMX only) */
+void cd_amx_config_16x64(void);
 /* a (mc, kc) at row stride lda into that row-major bf16 layout, kc a multiple of 32, rows
  * mc .. mpad - 1 zero (AVX-512F/BW; only where cd_cpu_has_amx()) */
 void cd_gemm_pack_rows_bf16_rm(uint32_t *dst, const float *a, ptrdiff_t lda, int mc, int kc,

@@ -121,10 +121,45 @@ def test_head_contrast_against_direct_token_sums():
     assert toy.POSITIONS[batch.labels["position"][0, 0]] in right[0]
 
 
+def test_shipped_model_has_specific_heads_for_each_property():
+    """TextSpan on the shipped model (the demo's seeds, 512 scenes): at least two heads whose
+    first 4 of 5 texts are about one property, for each of shape, position, colour and
+    background (measured: shape L1.H3 L2.H2 L5.H2, position L0.H3 L2.H3, colour L3.H3 L4.H3
+    L5.H3, background L0.H1 L4.H5 L5.H5); the read-out heads of the last training phase
+    (training_info.json) among them, with the property they were trained to carry."""
+    import json
+
+    import clipdecomp
+    from clipdecomp.demo import description_pool, head_roles
+
+    model, style = clipdecomp.load(), toy.MODEL_STYLE
+    dec = model.decompose(list(toy.generate(512, seed=2, style=style).images))
+    texts, about = description_pool()
+    df = clipdecomp.textspan_heads(dec, model.encode_text(texts, normalize=True), texts,
+                                   layers=list(range(model.config.layers)), n_texts=5, rank=80)
+    roles = head_roles(df, about, texts)
+    spec = {a: [(r["layer"], r["head"]) for r in roles if r["specific"] and r["role"] == a]
+            for a in ("shape", "position", "color", "background")}
+    print(spec)
+    for attr, heads in spec.items():
+        assert len(heads) >= 2, (attr, heads)
+    # (recomputed: "specific" is 4 of the first 5 texts tagged with one attribute)
+    tag = dict(zip(texts, about))
+    for r in roles:
+        kinds = [tag[t] for t in r["texts"]]
+        assert r["specific"] == (kinds.count(r["role"]) >= 4)
+    info = json.loads((toy.MODEL_DIR / "training_info.json").read_text())
+    planted = info["phases"][-1].get("head_attrs") or ""
+    for item in filter(None, planted.split(",")):
+        key, attr = item.split("=")
+        layer, head = (int(x) for x in key.split("."))
+        assert (layer, head) in spec[attr], (item, spec)
+
+
 def test_shipped_model_spurious_repair():
     """The Waterbirds effect on the shipped model (the demo's seeds, 512 scenes): the classes'
     own names lean on the ground, and mean-ablating the heads TextSpan calls background raises
-    worst-group accuracy by at least 15 points (measured 43.0% -> 67.2%). Recomputed here from
+    worst-group accuracy by at least 15 points (measured 58.6% -> 96.9%, 5 heads). Recomputed here from
     the per-head terms in NumPy."""
     import clipdecomp
     from clipdecomp.demo import description_pool, head_roles, spurious_repair
@@ -157,6 +192,6 @@ def test_shipped_model_spurious_repair():
     before, after = groups(d_test.embedding), groups(x)
     assert rep["groups_before"] == pytest.approx(before)
     assert rep["groups_after"] == pytest.approx(after)
-    assert min(before) < 0.6  # the names lean on the ground (balanced chance is 0.5)
+    assert min(before) < 0.7  # the names lean on the ground: measured 0.586, majority groups 1.0
     assert min(after) - min(before) >= 0.15
     assert min(before[0], before[3]) > 0.95  # majority groups

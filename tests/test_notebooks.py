@@ -118,7 +118,7 @@ def test_heads(tmp_path, monkeypatch):
     assert k["worst_after"] == pytest.approx(k["worst_after_direct"])
     # the buoy/crate names lean on the ground, and the repair lifts the worst group
     assert k["worst_before"] < 0.6                            # measured 0.44
-    assert k["worst_after"] - k["worst_before"] >= 0.15       # measured 0.72
+    assert k["worst_after"] - k["worst_before"] >= 0.15       # measured 0.94
     assert k["saved_repair_diff"] < 1e-6                      # saved and loaded: the same model
 
 
