@@ -47,23 +47,31 @@ typedef struct {
 
 static size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 
-static size_t buffer_bytes(int N, int d) {
-    const size_t np = round_up((size_t)N, 16), nk = round_up((size_t)N, 32);
-    const size_t bytes = np * d * 2 + np * d * 2 + nk * d * 2 + 16 * (size_t)d * 2 +
-                         16 * np * 4 + 16 * nk * 2 + 16 * (size_t)d * 4;
-    return round_up(bytes + 7 * 64, 64);
+/* byte offsets of kb, kp, vp, qb, s, pb, o in one thread's block (each 64-byte aligned);
+ * returns the block's size */
+static size_t layout(int N, int d, size_t off[7]) {
+    const size_t np = round_up((size_t)N, 16), nk = round_up((size_t)N, 32), dd = (size_t)d;
+    const size_t sizes[7] = {np * dd * 2, np * dd * 2, nk * dd * 2, 16 * dd * 2, 16 * np * 4,
+                             16 * nk * 2, 16 * dd * 4};
+    size_t at = 0;
+    for (int i = 0; i < 7; i++) {
+        off[i] = at;
+        at += round_up(sizes[i], 64);
+    }
+    return at;
 }
 
 static head_buffers carve(unsigned char *p, int N, int d) {
-    const size_t np = round_up((size_t)N, 16), nk = round_up((size_t)N, 32);
+    size_t off[7];
+    (void)layout(N, d, off);
     head_buffers h;
-    h.kb = (uint16_t *)(void *)p; p += round_up(np * d * 2, 64);
-    h.kp = (uint32_t *)(void *)p; p += round_up(np * d * 2, 64);
-    h.vp = (uint32_t *)(void *)p; p += round_up(nk * d * 2, 64);
-    h.qb = (uint16_t *)(void *)p; p += round_up(16 * (size_t)d * 2, 64);
-    h.s = (float *)(void *)p;     p += round_up(16 * np * 4, 64);
-    h.pb = (uint16_t *)(void *)p; p += round_up(16 * nk * 2, 64);
-    h.o = (float *)(void *)p;
+    h.kb = (uint16_t *)(void *)(p + off[0]);
+    h.kp = (uint32_t *)(void *)(p + off[1]);
+    h.vp = (uint32_t *)(void *)(p + off[2]);
+    h.qb = (uint16_t *)(void *)(p + off[3]);
+    h.s = (float *)(void *)(p + off[4]);
+    h.pb = (uint16_t *)(void *)(p + off[5]);
+    h.o = (float *)(void *)(p + off[6]);
     return h;
 }
 
@@ -242,7 +250,8 @@ int attention_forward_amx(float *out, float *att_cls, size_t cls_bstride, float 
     if (B <= 0 || !attention_amx_applies(N, W, H)) return 0;
     const int d = W / H;
     if (n_threads < 1) n_threads = 1;
-    const size_t per = buffer_bytes(N, d);
+    size_t off[7];
+    const size_t per = layout(N, d, off);
     unsigned char *mem = (unsigned char *)aligned_alloc(64, per * (size_t)n_threads);
     if (!mem) return 0;
     const double t0 = cd_prof_begin();

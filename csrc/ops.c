@@ -400,6 +400,18 @@ void softmax_forward_naive(float *row, int valid, int n) {
     for (int j = valid; j < n; j++) row[j] = 0.0f;
 }
 
+/* x (n) <- bf16(x), to nearest even (NaN stays NaN), without branches so that it vectorises */
+static void bf16_round_span(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, sizeof u);
+        const uint32_t nan = ((u & 0x7F800000u) == 0x7F800000u) & ((u & 0x007FFFFFu) != 0u);
+        const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+        u = nan ? ((u | 0x00400000u) & 0xFFFF0000u) : r;
+        memcpy(x + i, &u, sizeof u);
+    }
+}
+
 /* One head of one sequence, query rows [r0, r1).
  *   q, k, v  (N, d) at row stride ld: this head's slices
  *   out      (N, d) at row stride ldo
@@ -421,34 +433,8 @@ static void attention_rows(float *out, int ldo, float *P, float *cls, float *mea
     if (cls && r0 == 0) memcpy(cls, P, (size_t)N * sizeof(float));
     if (mean)
         for (size_t i = 0; i < (size_t)R * N; i++) mean[i] += P[i];
-    if (round_p) bf16_round_inplace(P, (size_t)R * N);
+    if (round_p) bf16_round_span(P, (size_t)R * N);
     cd_sgemm_nn(R, d, ncols, 1.0f, P, N, v, ld, out + (size_t)r0 * ldo, ldo, 0);
-}
-
-/* x (n) <- bf16(x), to nearest even (NaN stays NaN), without branches so that it vectorises */
-static void bf16_round_span(float *x, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, x + i, sizeof u);
-        const uint32_t nan = ((u & 0x7F800000u) == 0x7F800000u) & ((u & 0x007FFFFFu) != 0u);
-        const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-        u = nan ? ((u | 0x00400000u) & 0xFFFF0000u) : r;
-        memcpy(x + i, &u, sizeof u);
-    }
-}
-
-static void bf16_round_run(float *x, size_t n) {
-    const size_t nchunk = (n + ELEM_CHUNK - 1) / ELEM_CHUNK;
-    #pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMS)
-    for (size_t c = 0; c < nchunk; c++)
-        bf16_round_span(x + c * ELEM_CHUNK, n - c * ELEM_CHUNK < ELEM_CHUNK ? n - c * ELEM_CHUNK
-                                                                          : ELEM_CHUNK);
-}
-
-void bf16_round_inplace(float *x, size_t n) {
-    const double t0 = cd_prof_begin();
-    bf16_round_run(x, n);
-    cd_prof_end(CD_PROF_PACK_BF16, t0);
 }
 
 /* columns [c0, c0 + width) of rows (rows, ld) <- bf16 */
@@ -660,7 +646,7 @@ void attention_forward_bf16(float *out, float *att_cls, size_t cls_bstride, floa
             return;
         bf16_round_columns(qkv, rows, (size_t)3 * W, 0, (size_t)2 * W);
     } else {
-        bf16_round_inplace(qkv, rows * 3 * W);
+        bf16_round_columns(qkv, rows, (size_t)3 * W, 0, (size_t)3 * W);
     }
     const double t0 = cd_prof_begin();
     attention_forward_run(out, att_cls, cls_bstride, att_mean, mean_bstride, qkv, B, N, W, H,

@@ -99,8 +99,6 @@ void attention_forward(float *out, float *att_cls, size_t cls_bstride, float *at
 void attention_forward_bf16(float *out, float *att_cls, size_t cls_bstride, float *att_mean,
                             size_t mean_bstride, float *qkv, int B, int N, int W, int H,
                             int causal, float *scratch, int n_scratch);
-/* x (n) <- bf16(x) as float32 (round to nearest even, NaN kept quiet) */
-void bf16_round_inplace(float *x, size_t n);
 /* The same attention (no causal mask) with bf16 products on AMX tiles (attention_amx.c): q, k,
  * v and the probabilities rounded to bf16, float32 sums and softmax; att_cls and att_mean as
  * attention_forward's, from the float32 probabilities. Returns 0 without touching anything
