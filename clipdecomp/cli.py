@@ -709,6 +709,13 @@ def train_toy_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--head-purity", type=float, default=0.0,
                     help="with --head-attrs: weight of the share of each such head's variance "
                          "outside its attribute's class embeddings")
+    ap.add_argument("--head-mask-weight", type=float, default=0.0,
+                    help="with --head-attrs: weight of a second read-out of those heads on "
+                         "their terms from the object's patches (the ground's for background "
+                         "heads)")
+    ap.add_argument("--seg-weight", type=float, default=0.0,
+                    help="weight of a loss that correlates each one-object scene's heat map "
+                         "along its colour with the patches its object covers at least half of")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its resume.pt")

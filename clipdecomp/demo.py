@@ -258,10 +258,10 @@ def head_contrast(model, dec, batch, layer: int, head: int, attribute: str) -> d
     g = round((model.config.n_tokens - 1) ** 0.5)
     patch = model.config.image_size // g
     fg = batch.foreground.reshape(len(batch), g, patch, g, patch).mean((2, 4)) > 0.25
+    maps = {t: head_map(dec, layer, head, emb[t]) for t in names}  # each [B, G, G]
     vals = np.zeros(len(batch))
     for i in range(len(batch)):
-        m = (head_map(dec, layer, head, emb[right[i]])[i]
-             - head_map(dec, layer, head, emb[wrong[i]])[i])
+        m = maps[right[i]][i] - maps[wrong[i]][i]
         vals[i] = float(m[fg[i]].mean()) if fg[i].any() else 0.0
     return {"layer": layer, "head": head, "attribute": attribute, "contrast": float(vals.mean()),
             "share": float((vals > 0).mean()), "texts": [right[0], wrong[0]]}

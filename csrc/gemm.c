@@ -211,8 +211,8 @@ static gemm_path path_for_bf16_dp(void) {
 }
 
 /* On AMX (where the CPU has it and the depth K is a multiple of 32, so that every depth block
- * is whole A and B tiles): 16-row tiles, blocks of 128 rows by a whole 512-deep slice (128 KiB
- * of bf16 A in L2; a pair of panels of the slice, 32 KiB, in L1). */
+ * is whole A and B tiles): 16-row tiles, the kernel called per 512-deep slice (a pair of
+ * panels of the slice, 32 KiB, in L1); jobs as matmul_part_amx walks them (mc unused). */
 static gemm_path path_for_bf16(int K) {
 #if defined(__x86_64__) || defined(_M_X64)
     if (K % 32 == 0 && cd_cpu_has_amx()) {
@@ -489,6 +489,64 @@ static void pack_rows(const gemm_path *P, float *dst, const float *a, size_t lda
 
 #define BF16_STACK_WORDS (96 * 128 + CD_GEMM_PACK_SLACK)
 
+/* AMX: the rows of a job are packed once over the whole depth (row-major bf16, rows to a
+ * multiple of 32), at most AMX_A_BYTES of them, so a job has 128 rows up to K = 3072. The
+ * columns are walked in blocks of AMX_NB, each over every depth slice before the next: the
+ * job's C block (rows x AMX_NB floats) and one slice of the block's weights (512 x AMX_NB
+ * bf16) stay in L2 while the slices add into C, where a walk over all columns per slice sends
+ * C out to L3 and back (ViT-B/16's MLP: 1.5 MiB of C per 128 rows). */
+#define AMX_A_BYTES (768 * 1024)
+#define AMX_NB 768
+
+static int amx_rows(int K) {
+    int mc = (int)(AMX_A_BYTES / ((size_t)K * 2)) / 32 * 32;
+    return mc < 32 ? 32 : (mc > 128 ? 128 : mc);
+}
+
+/* bytes of the packed rows of an AMX job (amx_rows(K) rows, padded) */
+static size_t amx_abytes(int K) {
+    const size_t words = (size_t)amx_rows(K) * (size_t)(K / 2) + CD_GEMM_PACK_SLACK;
+    return (words * sizeof(uint32_t) + 63) / 64 * 64;
+}
+
+static void matmul_part_amx(const gemm_path *P, float *out, const float *inp,
+                            const cd_gemm_weight *w, const float *bias, int accumulate,
+                            int i0, int i1, int p0, int p1, uint32_t *abuf) {
+    const int K = w->K, OC = w->OC, kw = K / 2, mcmax = amx_rows(K);
+    const size_t np = ((size_t)OC + CD_GEMM_NR - 1) / CD_GEMM_NR;
+    const int prof = cd_prof_on();
+    const uint32_t *packed = w->packed_bf16;
+    for (int ib = i0; ib < i1; ib += mcmax) {
+        const int mc = i1 - ib < mcmax ? i1 - ib : mcmax;
+        const double t0 = prof ? cd_prof_now() : 0.0;
+#if defined(__x86_64__) || defined(_M_X64)
+        cd_gemm_pack_rows_bf16_rm(abuf, inp + (size_t)ib * K, (ptrdiff_t)K, mc, K,
+                                  (mc + 31) / 32 * 32);
+#endif
+        if (prof) cd_prof_add(CD_PROF_PACK_BF16, cd_prof_now() - t0);
+        for (int q0 = p0; q0 < p1; q0 += AMX_NB / CD_GEMM_NR) {
+            const int q1 = p1 - q0 < AMX_NB / CD_GEMM_NR ? p1 : q0 + AMX_NB / CD_GEMM_NR;
+            const int jb0 = q0 * CD_GEMM_NR;
+            const int jb1 = q1 * CD_GEMM_NR < OC ? q1 * CD_GEMM_NR : OC;
+            for (int s0 = 0; s0 < K; s0 += CD_GEMM_KS) {   /* one kernel call per slice */
+                const int ksw = (K - s0 < CD_GEMM_KS ? K - s0 : CD_GEMM_KS) / 2;
+                const uint32_t *slice = packed + (size_t)(s0 / 2) * CD_GEMM_NR * np;
+                cd_gemm_block blk;
+                blk.mc = mc; blk.nc = jb1 - jb0; blk.kc = ksw;
+                blk.a = (const float *)(const void *)(abuf + s0 / 2);
+                blk.pa = (ptrdiff_t)16 * kw; blk.rsa = kw; blk.csa = 1;
+                blk.b = (const float *)(const void *)(slice + (size_t)q0 * ksw * CD_GEMM_NR);
+                blk.psb = (ptrdiff_t)ksw * CD_GEMM_NR; blk.ldbk = CD_GEMM_NR;
+                blk.c = out + (size_t)ib * OC + jb0; blk.ldc = OC;
+                blk.bias = (bias && s0 == 0) ? bias + jb0 : NULL;
+                blk.alpha = 1.0f;
+                blk.load_c = accumulate || s0 > 0;
+                P->fn(&blk);
+            }
+        }
+    }
+}
+
 /* rows [i0, i1) x panels [p0, p1) of out, on the calling thread; abuf: mc x kc floats or NULL.
  * On a CD_GEMM_BF16 weight (P->bf16) the same walk runs over the pair layout, counted in
  * 32-bit words of two depth rows, with A always packed into pairs (into abuf, or a buffer on
@@ -496,9 +554,14 @@ static void pack_rows(const gemm_path *P, float *dst, const float *a, size_t lda
 static void matmul_part(const gemm_path *P, float *out, const float *inp,
                         const cd_gemm_weight *w, const float *bias, int accumulate,
                         int i0, int i1, int p0, int p1, float *abuf) {
-    if (P->amx && !abuf) {   /* no scratch for the row-major A: the vdpbf16ps kernel */
-        const gemm_path Q = path_for_bf16_dp();
-        matmul_part(&Q, out, inp, w, bias, accumulate, i0, i1, p0, p1, abuf);
+    if (P->amx) {
+        if (abuf) {
+            matmul_part_amx(P, out, inp, w, bias, accumulate, i0, i1, p0, p1,
+                            (uint32_t *)(void *)abuf);
+        } else {   /* no scratch for the row-major A: the vdpbf16ps kernel */
+            const gemm_path Q = path_for_bf16_dp();
+            matmul_part(&Q, out, inp, w, bias, accumulate, i0, i1, p0, p1, abuf);
+        }
         return;
     }
     const int K = w->K, OC = w->OC;
@@ -526,16 +589,7 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
                 const int kcw = (kc + pairs) >> pairs;
                 cd_gemm_block blk;
                 blk.mc = mc; blk.nc = j1 - j0; blk.kc = kcw;
-                if (P->amx) {   /* rows to a multiple of 32: whole pairs of row tiles */
-                    const double t0 = prof ? cd_prof_now() : 0.0;
-#if defined(__x86_64__) || defined(_M_X64)
-                    cd_gemm_pack_rows_bf16_rm(apairs, arows + k0, (ptrdiff_t)K, mc, kc,
-                                              (mc + 31) / 32 * 32);
-#endif
-                    if (prof) cd_prof_add(CD_PROF_PACK_BF16, cd_prof_now() - t0);
-                    blk.a = (const float *)(const void *)apairs;
-                    blk.pa = (ptrdiff_t)16 * kcw; blk.rsa = kcw; blk.csa = 1;
-                } else if (pairs) {
+                if (pairs) {
                     const double t0 = prof ? cd_prof_now() : 0.0;
                     pack_rows_bf16(apairs, arows + k0, (ptrdiff_t)K, mc, kc, P->mr);
                     if (prof) cd_prof_add(CD_PROF_PACK_BF16, cd_prof_now() - t0);
@@ -587,7 +641,7 @@ void cd_matmul(float *out, const float *inp, const cd_gemm_weight *w, const floa
     const int by_rows = mt >= 8 * nt;
     if (!by_rows && nt > np) nt = np;
     const int kcb = P.kc < CD_GEMM_KS ? P.kc : CD_GEMM_KS;
-    const size_t abytes =
+    const size_t abytes = P.amx ? amx_abytes(w->K) :
         (((size_t)P.mc * kcb + CD_GEMM_PACK_SLACK) * sizeof(float) + 63) / 64 * 64;
     int next = 0;   /* by rows: the first row tile nobody has taken yet */
     #pragma omp parallel num_threads(nt) if (nt > 1)

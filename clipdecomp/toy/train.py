@@ -127,6 +127,8 @@ class Attention(nn.Module):
 
         self.keep_cls = False
         self.cls_heads: torch.Tensor | None = None
+        self.cls_probs: torch.Tensor | None = None  # the class token's attention row [B, H, N]
+        self.values: torch.Tensor | None = None  # [B, H, N, d]
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         b, n, w = x.shape
@@ -135,6 +137,8 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         if self.keep_cls:  # each head's output at the class token, [B, H, d]
             self.cls_heads = o[:, :, 0]
+            scores = (q[:, :, :1] @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+            self.cls_probs, self.values = scores.softmax(-1)[:, :, 0], v
         return self.out_proj(o.transpose(1, 2).reshape(b, n, w))
 
 
@@ -179,13 +183,28 @@ class Visual(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 
-    def forward(self, x: torch.Tensor, heads: list[tuple[int, int]] | None = None):
+    def forward(self, x: torch.Tensor, heads: list[tuple[int, int]] | None = None,
+                token_weights: torch.Tensor | None = None,
+                directions: torch.Tensor | None = None):
         """Image embeddings [B, D]; with ``heads`` (layer, head) pairs also each head's direct
         term in the embedding, [B, len(heads), D]: the decomposition's head term summed over
         tokens, in its default (the reference's) convention, times the embedding's norm (the
         head's out-projected class-token output plus its share of the out-projection's bias,
-        through ``ln_post`` linearised at the image's own final norm, and ``proj``)."""
+        through ``ln_post`` linearised at the image's own final norm, and ``proj``).
+
+        With ``token_weights`` (float [B, len(heads), G*G]) a third result: each head's
+        per-patch terms (the decomposition's (token, head) terms, which heat maps and
+        segmentation read, times the embedding's norm) summed with those weights,
+        [B, len(heads), D]: the part of the head's term that comes from the object's patches,
+        say.
+
+        With ``directions`` (float [B, D], one per image) a last result, the image's heat map
+        along its direction, [B, G*G]: every head's (token, head) terms of the patches, summed
+        over layers and heads, dotted with the direction (as ``clipdecomp``'s ``heatmap``
+        computes it, less a constant per image and the factor 1 / std of ``ln_post``)."""
         layers = sorted({layer for layer, _ in heads or []})
+        if directions is not None:
+            layers = list(range(len(self.transformer.resblocks)))
         for layer in layers:
             self.transformer.resblocks[layer].attn.keep_cls = True
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, G*G, W]
@@ -193,27 +212,54 @@ class Visual(nn.Module):
         x = torch.cat([cls, x], 1) + self.positional_embedding
         x = self.transformer(self.ln_pre(x))
         emb = self.ln_post(x[:, 0]) @ self.proj
+        maps = None
+        if directions is not None:
+            u = (directions.float() @ self.proj.float().T) * self.ln_post.weight.float()  # [B, W]
+            maps = 0.0
+            for blk in self.transformer.resblocks:
+                attn = blk.attn
+                d = attn.out_proj.weight.shape[1] // attn.heads
+                g = (u @ attn.out_proj.weight.float()).view(-1, attn.heads, d)  # [B, H, d]
+                vg = (attn.values[:, :, 1:].float() @ g.unsqueeze(-1))[..., 0]  # [B, H, G*G]
+                maps = maps + (attn.cls_probs[:, :, 1:] * vg).sum(1)
         if not heads:
-            return emb
+            for layer in layers:
+                attn = self.transformer.resblocks[layer].attn
+                attn.keep_cls, attn.cls_heads, attn.cls_probs, attn.values = False, None, None, None
+            return emb if maps is None else (emb, maps)
         r = x[:, 0].float()
         mu = r.mean(-1, keepdim=True)
         std = (r.var(-1, unbiased=False, keepdim=True) + self.ln_post.eps).sqrt()  # [B, 1]
         kh = (2 * len(self.transformer.resblocks) + 1) * self.transformer.resblocks[0].attn.heads
-        terms = []
-        for layer, h in heads:
+        knh = kh * x.shape[1]  # (token, head) terms share the mean and beta K * N * H ways
+        terms, masked = [], []
+        for i, (layer, h) in enumerate(heads):
             attn = self.transformer.resblocks[layer].attn
             d = attn.out_proj.weight.shape[1] // attn.heads
+            w_o = attn.out_proj.weight[:, h * d:(h + 1) * d].float()  # [W, d]
             o = attn.cls_heads[:, h].float()  # [B, d]
-            c = o @ attn.out_proj.weight[:, h * d:(h + 1) * d].float().T \
-                + attn.out_proj.bias.float() / attn.heads  # [B, W]
+            c = o @ w_o.T + attn.out_proj.bias.float() / attn.heads  # [B, W]
             # the reference's convention (docs/decomposition.md): a share of the total mean and
             # of beta for each of the K * H head terms
             c = (c - mu / kh) / std * self.ln_post.weight.float() + self.ln_post.bias.float() / kh
             terms.append(c @ self.proj.float())
+            if token_weights is not None:
+                wt = token_weights[:, i]  # [B, G*G]
+                a = attn.cls_probs[:, h, 1:] * wt
+                m = (a.unsqueeze(1) @ attn.values[:, h, 1:].float())[:, 0] @ w_o.T \
+                    + attn.out_proj.bias.float() * wt.sum(-1, keepdim=True) / knh * kh \
+                    / attn.heads  # [B, W]; b_O spread over the N * H (token, head) terms
+                share = wt.sum(-1, keepdim=True) / knh
+                m = (m - mu * share) / std * self.ln_post.weight.float() \
+                    + self.ln_post.bias.float() * share
+                masked.append(m @ self.proj.float())
         for layer in layers:
             attn = self.transformer.resblocks[layer].attn
-            attn.keep_cls, attn.cls_heads = False, None
-        return emb, torch.stack(terms, 1)
+            attn.keep_cls, attn.cls_heads, attn.cls_probs, attn.values = False, None, None, None
+        out = (emb, torch.stack(terms, 1))
+        if token_weights is not None:
+            out += (torch.stack(masked, 1),)
+        return out if maps is None else out + (maps,)
 
 
 class CLIP(nn.Module):
@@ -235,8 +281,10 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
-    def encode_image(self, x: torch.Tensor, heads: list[tuple[int, int]] | None = None):
-        return self.visual(x, heads)
+    def encode_image(self, x: torch.Tensor, heads: list[tuple[int, int]] | None = None,
+                     token_weights: torch.Tensor | None = None,
+                     directions: torch.Tensor | None = None):
+        return self.visual(x, heads, token_weights, directions)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
@@ -543,6 +591,44 @@ def head_attribute_loss(terms: torch.Tensor, prompt_emb: torch.Tensor, index: li
     return torch.stack(losses).mean() if losses else terms.sum() * 0.0
 
 
+def patch_weights(foreground: np.ndarray, patch: int, attrs: list[str]) -> torch.Tensor:
+    """Per head, a weight per patch for :meth:`Visual.forward`'s ``token_weights``: the share of
+    the patch's pixels that belong to the objects, or to the ground for "background" heads.
+
+    Parameters
+    ----------
+    foreground : bool [B, S, S] object pixels
+    patch : the tower's patch side (S a multiple of it)
+    attrs : the attribute of each of K heads
+
+    Returns
+    -------
+    float32 [B, K, (S / patch)**2], patches in row-major order as the tower's tokens
+    """
+    b, s, _ = foreground.shape
+    g = s // patch
+    frac = foreground.reshape(b, g, patch, g, patch).mean(axis=(2, 4)).reshape(b, g * g)
+    w = np.stack([1.0 - frac if a == "background" else frac for a in attrs], 1)
+    return torch.from_numpy(w.astype(np.float32))
+
+
+def segmentation_loss(maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One minus the correlation, over each image's patches, between its heat map and a target
+    map, averaged over the images. Zero-shot segmentation min-max normalises a map and keeps
+    what lies above its mean, so a map that is an affine function of a target segments as the
+    target does.
+
+    Parameters
+    ----------
+    maps : float [B, G*G] (:meth:`Visual.forward` with ``directions``)
+    weights : float [B, G*G] target per patch, e.g. from :func:`patch_weights`
+    """
+    m = maps - maps.mean(-1, keepdim=True)
+    w = weights - weights.mean(-1, keepdim=True)
+    corr = (m * w).sum(-1) / (m.norm(dim=-1) * w.norm(dim=-1) + 1e-12)
+    return (1.0 - corr).mean()
+
+
 def make_batch(batch: int, seed: int, hard_frac: float = 0.0, focus_frac: float = 0.0,
                style: str = "smooth", spurious_frac: float = 0.0,
                spurious_p_major: float = 0.93, spurious_captions: str = "scene"
@@ -773,7 +859,8 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
           attr_weights: dict[str, float] | None = None, spurious_p_major: float = 0.93,
           spurious_captions: str = "scene", head_width: int | None = None,
           head_attrs: dict[tuple[int, int], str] | None = None, head_weight: float = 1.0,
-          head_purity: float = 0.0) -> CLIP:
+          head_purity: float = 0.0, head_mask_weight: float = 0.0,
+          seg_weight: float = 0.0) -> CLIP:
     """Contrastive training on freshly generated (image, caption) pairs.
 
     The learning rate warms up linearly over ``warmup`` steps, then follows a cosine to 0 at
@@ -816,7 +903,14 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
     head_attrs : optional (layer, head) -> attribute: those heads of the image tower get a
         read-out of their own (:func:`head_attribute_loss`, weight ``head_weight``), which makes
         them carry that attribute; the rest of the model is left to learn as before;
-        ``head_purity`` weighs the share of their variance outside it
+        ``head_purity`` weighs the share of their variance outside it; ``head_mask_weight``
+        weighs a second read-out of the same heads on their terms from the object's patches
+        alone (the ground's for "background" heads; :func:`patch_weights`), which makes the
+        heads take their attribute from the patches that show it, so their heat maps light
+        the object
+    seg_weight : weight of :func:`segmentation_loss` on the scenes of one object: each one's
+        heat map along its colour's direction (its class embedding less the colours' mean, as
+        zero-shot segmentation takes it) against the patches its object covers at least half of
 
     Returns
     -------
@@ -881,6 +975,10 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
     if head_list:
         args.update(head_attrs=format_head_attrs(head_attrs), head_weight=head_weight,
                     head_purity=head_purity)
+        if head_mask_weight:
+            args["head_mask_weight"] = head_mask_weight
+    if seg_weight:
+        args["seg_weight"] = seg_weight
     if attr_weights:
         args["attr_weights"] = dict(attr_weights)
     if resume and (outp / "resume.pt").exists():
@@ -928,6 +1026,10 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
             cmd += f" --head-attrs {format_head_attrs(head_attrs)} --head-weight {head_weight}"
             if head_purity:
                 cmd += f" --head-purity {head_purity}"
+            if head_mask_weight:
+                cmd += f" --head-mask-weight {head_mask_weight}"
+        if seg_weight:
+            cmd += f" --seg-weight {seg_weight}"
         if bf16:
             cmd += " --bf16"
         d = {"seed": seed, "steps": step, "hard_frac": hard_frac, "focus_frac": focus_frac,
@@ -939,6 +1041,8 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
              "head_attrs": format_head_attrs(head_attrs) if head_list else None,
              "head_weight": head_weight if head_list else None,
              "head_purity": head_purity if head_list else None,
+             "head_mask_weight": head_mask_weight if head_list else None,
+             "seg_weight": seg_weight,
              "schedule_steps": total, "warmup": warm, "batch": batch, "lr": lr,
              "minutes": round((elapsed0 + time.time() - t0) / 60, 2),
              "final_loss": None if ema is None else round(ema, 4),
@@ -980,10 +1084,25 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
         x = to_pixels(images)
         ids = torch.from_numpy(tokenize(tok, captions))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if head_list:
-                emb, terms = model.encode_image(x, head_list)
-            else:
-                emb, terms = model.encode_image(x), None
+            single = labels["n_objects"] == 1
+            dirs = weights = None
+            if seg_weight and single.any():
+                # each one-object scene's colour direction, from the text tower (held fixed)
+                with torch.no_grad():
+                    col = F.normalize(model.encode_text(prompt_ids).float(), dim=-1)
+                    col = class_embeddings(col, prompt_index)["color"]
+                    dirs = (col - col.mean(0))[torch.from_numpy(np.where(
+                        single, labels["color"][:, 0], 0))]
+            if head_list and head_mask_weight:
+                weights = patch_weights(fg, cfg["vision_cfg"]["patch_size"],
+                                        [head_attrs[k] for k in head_list])
+            out = model.encode_image(x, head_list or None, weights, dirs)
+            if not isinstance(out, tuple):
+                out = (out,)
+            emb, rest = out[0], list(out[1:])
+            terms = rest.pop(0) if head_list else None
+            masked = rest.pop(0) if weights is not None else None
+            maps = rest.pop(0) if dirs is not None else None
             img = F.normalize(emb.float(), dim=-1)
             n_cap = len(captions)
             if attr_weight or head_list:
@@ -1002,6 +1121,17 @@ def train(out: str, seed: int = 0, minutes: float = 50.0, steps: int | None = No
                 loss = loss + head_weight * head_attribute_loss(
                     terms, txt_all[n_cap:], prompt_index, attribute_targets(labels), scale,
                     [head_attrs[k] for k in head_list], head_purity)
+            if maps is not None:
+                keep = torch.from_numpy(single)
+                # the patches the object covers at least half of: the map that the mean
+                # threshold of zero-shot segmentation turns into the best mask (one linear in
+                # the covered share scores no better than the maps the model already makes)
+                core = patch_weights(fg, cfg["vision_cfg"]["patch_size"], ["shape"])[:, 0] >= 0.5
+                loss = loss + seg_weight * segmentation_loss(maps[keep], core[keep].float())
+            if masked is not None:
+                loss = loss + head_mask_weight * head_attribute_loss(
+                    masked, txt_all[n_cap:], prompt_index, attribute_targets(labels), scale,
+                    [head_attrs[k] for k in head_list])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1085,7 +1215,8 @@ def run_from_args(a: Any) -> None:
           resume=a.resume, spurious_frac=a.spurious_frac, attr_weights=a.attr_weights,
           spurious_p_major=a.spurious_p_major, spurious_captions=a.spurious_captions,
           head_width=a.vision_head_width, head_attrs=a.head_attrs, head_weight=a.head_weight,
-          head_purity=a.head_purity)
+          head_purity=a.head_purity, head_mask_weight=a.head_mask_weight,
+          seg_weight=a.seg_weight)
 
 
 if __name__ == "__main__":

@@ -135,8 +135,15 @@ static void check_bf16(int isa, const char *name, int many) {
                                        prec);
                 }
         if (st == 0) check_matmul_p(300, 1300, 200, 1, 1, many, isa, label, CD_GEMM_BF16);
-        if (st == 0 && amx_states == 2)   /* AMX: many row blocks, two slices, threads */
+        if (st == 0 && amx_states == 2) {   /* AMX: many row blocks, two slices, threads */
             check_matmul_p(700, 768, 48, 1, 0, many, isa, label, CD_GEMM_BF16);
+            /* more columns than one block of 768, with C accumulated over two slices */
+            check_matmul_p(200, 1024, 800, 1, 1, many, isa, label, CD_GEMM_BF16);
+            check_matmul_p(45, 544, 1570, 1, 0, 1, isa, label, CD_GEMM_BF16);
+            /* a depth of 4096 packs 96 rows a job (eight slices) */
+            check_matmul_p(140, 4096, 40, 1, 1, 1, isa, label, CD_GEMM_BF16);
+            check_matmul_p(140, 4096, 40, 0, 0, many, isa, label, CD_GEMM_BF16);
+        }
     }
     if (amx_states == 2) cd_cpu_set_amx(1);
     /* conversion refusals: twice, or from bf16 to the other kind */

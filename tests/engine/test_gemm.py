@@ -227,3 +227,22 @@ def test_c_test_program(tmp_path, emulate_avx512):
     assert " 0 failed" in run.stdout
     if emulate_avx512:
         assert "path avx512: ok" in run.stdout
+
+
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("gcc", "ld", "nm", "objcopy", "git"))
+                    or not (ROOT / ".git").exists(), reason="needs gcc, binutils and a checkout")
+def test_gemm_ab_benchmark_links_two_revisions_and_agrees():
+    """benchmarks/bench_gemm_ab.py: the base revision's GEMM, renamed, beside the tree's in one
+    binary. Both compute the same products: their outputs may differ only by the rounding of
+    sums taken in another order (float32 on a product of unit-scaled inputs)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_gemm_ab
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    shapes = [("a", 40, 96, 50), ("b", 300, 1100, 800)]
+    rows = bench_gemm_ab.run("HEAD", "fp32", rounds=1, threads=1, shapes=shapes)
+    assert [(r["op"], r["M"], r["K"], r["N"]) for r in rows] == shapes
+    for r in rows:
+        assert r["base_gflops"] > 0 and r["this_gflops"] > 0 and r["ratio"] > 0
+        assert r["max_diff"] < 1e-3, r
