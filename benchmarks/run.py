@@ -16,13 +16,15 @@ Measures, in one process per model, on random-weight CLIP vision towers of real 
 6. ``encode_text`` against PyTorch at batch 256 on the description pool (``bench_text.py``);
 7. ``clipdecomp run`` on a folder of JPEGs against ``decompose`` on the same images as arrays,
    for a small tower (ViT-S/16 geometry, 6 layers) and ViT-B/16
-   (``bench_dataset.py --pipeline``).
+   (``bench_dataset.py --pipeline``);
+8. fp32 with both clipdecomp and PyTorch held to AVX2 (``bench_avx2.py``);
+9. each GEMM kernel against the peak rate of its instruction on one core (``bench_peak.py``).
 
 Every table is printed as it is measured, with its command, the ISA path and the load average.
 Writes ``benchmarks/RESULTS.md``. Usage::
 
     python benchmarks/run.py [--models B32,B16,L14] [--batches 1,8] [--threads N]
-                             [--sections 1,3,4,5,6,7] [--bf16-models B16,L14]
+                             [--sections 1,3,4,5,6,7,8,9] [--bf16-models B16,L14]
 """
 from __future__ import annotations
 
@@ -240,9 +242,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
-    ap.add_argument("--sections", default="1,3,4,5,6,7",
+    ap.add_argument("--sections", default="1,3,4,5,6,7,8,9",
                     help="1 (with 2): forward, 3: per-token terms, 4: GEMM, 5: bf16, 6: text, "
-                         "7: folders")
+                         "7: folders, 8: AVX2, 9: instruction peaks")
     ap.add_argument("--bf16-models", default="B16,L14")
     ap.add_argument("--text-texts", type=int, default=1024)
     ap.add_argument("--pipeline-images", type=int, default=96)
@@ -297,6 +299,29 @@ def main(argv=None) -> None:
             r, command.strip() + "  (section 7: benchmarks/bench_dataset.py --pipeline)")
         print(md, flush=True)
         extra += ["## 7. Whole folders: `clipdecomp run` against decompose on arrays", "", md, ""]
+    if "8" in sections and core.isa() in ("avx512", "avx2"):
+        import bench_avx2
+        r = bench_avx2.run(args.bf16_models.split(","), max(3, args.reps), args.threads)
+        md = bench_avx2.markdown(r, command.strip() + "  (section 8: benchmarks/bench_avx2.py)")
+        print(md, flush=True)
+        extra += ["## 8. fp32 on the AVX2 paths: clipdecomp and PyTorch both held to AVX2", "",
+                  ("On this AVX-512 machine, in a child process: clipdecomp under "
+                   "`CLIPDECOMP_ISA=avx2`, PyTorch under `ATEN_CPU_CAPABILITY=avx2`, "
+                   "`MKL_ENABLE_INSTRUCTIONS=AVX2` and `ONEDNN_MAX_CPU_ISA=AVX2`. The same "
+                   "core, caches and clock as the other sections: this measures the AVX2 code "
+                   "of both, not an AVX2-only CPU. Batch 8, medians of interleaved rounds."),
+                  "", md, ""]
+    if "9" in sections and core.isa() in ("avx512", "avx2"):
+        import bench_peak
+        r = bench_peak.run(rounds=7)
+        md = bench_peak.markdown(r, command.strip() + "  (section 9: benchmarks/bench_peak.py)")
+        print(md, flush=True)
+        extra += ["## 9. Each GEMM kernel against the peak of its instruction", "",
+                  ("Peaks: independent multiply-adds on registers (`benchmarks/isa_peak.c`); "
+                   "GEMM: the core's kernels on ViT-B/16's four linear layers at batch 8, one "
+                   "thread; medians over rounds that measure both, and of their per-round "
+                   "ratio. The bf16 AMX peak leaves out the tile loads the GEMM must do."),
+                  "", md, ""]
 
     lines = [
         "# Benchmark results",

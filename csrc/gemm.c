@@ -489,6 +489,21 @@ static void pack_rows(const gemm_path *P, float *dst, const float *a, size_t lda
 
 #define BF16_STACK_WORDS (96 * 128 + CD_GEMM_PACK_SLACK)
 
+/* the right-hand side and the output of a block: panels of a packed weight slice (ksw depth
+ * rows, or words of pairs, per panel) from b; C at c (row stride ldc), the bias added by the
+ * first depth block (depth k0 == 0) and C's values kept by the later ones or when accumulating */
+static void block_bc(cd_gemm_block *blk, const float *b, int ksw, float *c, int ldc,
+                     const float *bias, int k0, int accumulate) {
+    blk->b = b;
+    blk->psb = (ptrdiff_t)ksw * CD_GEMM_NR;
+    blk->ldbk = CD_GEMM_NR;
+    blk->c = c;
+    blk->ldc = ldc;
+    blk->bias = k0 == 0 ? bias : NULL;
+    blk->alpha = 1.0f;
+    blk->load_c = accumulate || k0 > 0;
+}
+
 /* AMX: the rows of a job are packed once over the whole depth (row-major bf16, rows to a
  * multiple of 32), at most AMX_A_BYTES of them, so a job has 128 rows up to K = 3072. The
  * columns are walked in blocks of AMX_NB, each over every depth slice before the next: the
@@ -535,12 +550,9 @@ static void matmul_part_amx(const gemm_path *P, float *out, const float *inp,
                 blk.mc = mc; blk.nc = jb1 - jb0; blk.kc = ksw;
                 blk.a = (const float *)(const void *)(abuf + s0 / 2);
                 blk.pa = (ptrdiff_t)16 * kw; blk.rsa = kw; blk.csa = 1;
-                blk.b = (const float *)(const void *)(slice + (size_t)q0 * ksw * CD_GEMM_NR);
-                blk.psb = (ptrdiff_t)ksw * CD_GEMM_NR; blk.ldbk = CD_GEMM_NR;
-                blk.c = out + (size_t)ib * OC + jb0; blk.ldc = OC;
-                blk.bias = (bias && s0 == 0) ? bias + jb0 : NULL;
-                blk.alpha = 1.0f;
-                blk.load_c = accumulate || s0 > 0;
+                block_bc(&blk, (const float *)(const void *)(slice + (size_t)q0 * ksw * CD_GEMM_NR),
+                         ksw, out + (size_t)ib * OC + jb0, OC, bias ? bias + jb0 : NULL, s0,
+                         accumulate);
                 P->fn(&blk);
             }
         }
@@ -606,13 +618,10 @@ static void matmul_part(const gemm_path *P, float *out, const float *inp,
                             * emulating bf16, the left operand then goes unrounded) */
                     blk.a = arows + k0; blk.pa = (ptrdiff_t)P->mr * K; blk.rsa = K; blk.csa = 1;
                 }
-                blk.b = slice + (size_t)p0 * ksw * CD_GEMM_NR +
-                        (size_t)((k0 - s0) >> pairs) * CD_GEMM_NR;
-                blk.psb = (ptrdiff_t)ksw * CD_GEMM_NR; blk.ldbk = CD_GEMM_NR;
-                blk.c = out + (size_t)ib * OC + j0; blk.ldc = OC;
-                blk.bias = (bias && k0 == 0) ? bias + j0 : NULL;
-                blk.alpha = 1.0f;
-                blk.load_c = accumulate || k0 > 0;
+                block_bc(&blk, slice + (size_t)p0 * ksw * CD_GEMM_NR +
+                                   (size_t)((k0 - s0) >> pairs) * CD_GEMM_NR,
+                         ksw, out + (size_t)ib * OC + j0, OC, bias ? bias + j0 : NULL, k0,
+                         accumulate);
                 P->fn(&blk);
             }
         }

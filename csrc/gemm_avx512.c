@@ -210,8 +210,17 @@ void cd_gemm_block_bf16_amx(const cd_gemm_block *blk) {
     const ptrdiff_t ldc = blk->ldc, ldcb = ldc * (ptrdiff_t)sizeof(float);
     const ptrdiff_t rsb = blk->rsa * (ptrdiff_t)sizeof(uint32_t);   /* A row stride, bytes */
     const int kc = blk->kc;
+    const int npanels = (blk->nc + 15) / 16;
     for (int j0 = 0, p = 0; j0 < blk->nc; j0 += 32, p += 2) {
         const uint32_t *b0 = Bw + p * blk->psb, *b1 = b0 + blk->psb;
+        /* the next pair of panels (or the last lone one) is fetched into L2 while this pair
+         * is multiplied, a few lines per depth step: from L3 it would stall the tile loads of
+         * the first row tiles (up to 19% per layer, benchmarks/bench_gemm_ab.py) */
+        const int pnext = p + 2 >= npanels ? 0 : (npanels - p - 2 < 2 ? npanels - p - 2 : 2);
+        const char *pf = pnext ? (const char *)(const void *)(b0 + 2 * blk->psb) : NULL;
+        ptrdiff_t pf_left = (ptrdiff_t)pnext * blk->psb * (ptrdiff_t)sizeof(uint32_t) / 64;
+        const int steps = (blk->mc + 31) / 32 * (kc / 16);
+        const ptrdiff_t pf_per_step = (pf_left + steps - 1) / steps;   /* lines */
         const int n0 = blk->nc - j0 < 16 ? blk->nc - j0 : 16;
         const int n1 = blk->nc - j0 - 16 < 16 ? blk->nc - j0 - 16 : 16;   /* <= 0: no panel */
         const float *bias0 = blk->bias ? blk->bias + j0 : NULL;
@@ -233,6 +242,10 @@ void cd_gemm_block_bf16_amx(const cd_gemm_block *blk) {
             }
             if (n1 > 0 && m1 > 0) {
                 for (int k = 0; k < kc; k += 16) {
+                    for (ptrdiff_t l = 0; l < pf_per_step && pf_left > 0; l++, pf_left--) {
+                        _mm_prefetch(pf, _MM_HINT_T1);
+                        pf += 64;
+                    }
                     _tile_loadd(4, a0 + k, rsb);
                     _tile_loadd(6, b0 + (ptrdiff_t)k * 16, 64);
                     _tile_loadd(7, b1 + (ptrdiff_t)k * 16, 64);

@@ -246,3 +246,41 @@ def test_gemm_ab_benchmark_links_two_revisions_and_agrees():
     for r in rows:
         assert r["base_gflops"] > 0 and r["this_gflops"] > 0 and r["ratio"] > 0
         assert r["max_diff"] < 1e-3, r
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_peak_benchmark_bounds_every_kernel_by_its_instruction(requires_core):
+    """benchmarks/bench_peak.py: a GEMM kernel cannot multiply-add faster than the instruction it
+    is built on, so GEMM / peak lies in (0, 1] on every path. A peak that merged its chains or
+    miscounted its FLOP per round would push a ratio out of that range (well below the 0.05
+    floor here, or above 1)."""
+    if not _has(requires_core, "avx2"):
+        pytest.skip("the peak kernels are x86-64 AVX2 and wider")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_peak
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    res = bench_peak.run(rounds=1)
+    paths = {r["path"] for r in res["rows"]}
+    assert "fp32 avx2" in paths
+    assert ("fp32 avx512" in paths) == _has(requires_core, "avx512")
+    assert ("bf16 vdpbf16ps" in paths) == bool(requires_core.has_bf16())
+    for r in res["rows"]:
+        assert r["peak"] > 0 and r["gemm"] > 0, r
+        assert 0.05 < r["ratio"] <= 1.1, r
+
+
+def test_avx2_benchmark_holds_both_sides_to_avx2(requires_core):
+    """benchmarks/bench_avx2.py measures PyTorch with MKL held to AVX2 on a wider CPU: the
+    environment it sets must reach MKL (its verbose mode names the instruction set)."""
+    torch = pytest.importorskip("torch")
+    if not torch.backends.mkl.is_available() or not _has(requires_core, "avx2"):
+        pytest.skip("needs PyTorch built with MKL on an x86-64 CPU with AVX2")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_avx2
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    free = {k: v for k, v in os.environ.items() if k not in bench_avx2.AVX2_ENV}
+    assert bench_avx2.mkl_isa(dict(free, **bench_avx2.AVX2_ENV)) == "AVX2"
