@@ -246,7 +246,7 @@ def main(argv=None) -> None:
                     help="1 (with 2): forward, 3: per-token terms, 4: GEMM, 5: bf16, 6: text, "
                          "7: folders, 8: AVX2, 9: instruction peaks")
     ap.add_argument("--bf16-models", default="B16,L14")
-    ap.add_argument("--text-texts", type=int, default=1024)
+    ap.add_argument("--text-texts", type=int, default=4800)
     ap.add_argument("--pipeline-images", type=int, default=96)
     args = ap.parse_args(argv)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
