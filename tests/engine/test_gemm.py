@@ -266,9 +266,14 @@ def test_peak_benchmark_bounds_every_kernel_by_its_instruction(requires_core):
     assert "fp32 avx2" in paths
     assert ("fp32 avx512" in paths) == _has(requires_core, "avx512")
     assert ("bf16 vdpbf16ps" in paths) == bool(requires_core.has_bf16())
+    # under ASan/UBSan (tests/sanitize.sh) the instrumented GEMM runs far below any peak, so
+    # there only the upper bound holds
+    instrumented = "libasan" in os.environ.get("LD_PRELOAD", "")
     for r in res["rows"]:
         assert r["peak"] > 0 and r["gemm"] > 0, r
-        assert 0.05 < r["ratio"] <= 1.1, r
+        assert r["ratio"] <= 1.1, r
+        if not instrumented:
+            assert r["ratio"] > 0.05, r
 
 
 def test_avx2_benchmark_holds_both_sides_to_avx2(requires_core):
